@@ -1,0 +1,1 @@
+"""Loader for the custom-op library (C++/CUDA kernels registered in onnxruntime)."""

@@ -1,0 +1,1 @@
+"""Calibration: streams token batches through onnxruntime and reduces per-activation statistics."""

@@ -1,0 +1,1 @@
+"""Rounding methods: each turns a float weight (+ calibration statistics) into a QuantizedWeight."""

@@ -1,0 +1,71 @@
+"""The rounding-method registry and the statistics record methods consume.
+
+A method is a small class registered under a name (``rtn``, ``gptq``, ``adaround``, ...). It declares
+which calibration statistics it needs (``needs``); the pipeline gathers exactly those (nothing for RTN,
+``H = X^T X`` for the others) and calls ``quantize`` once per weight site, one weight in memory at a time.
+Dispatch is by registry lookup, never by string ``if``s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+
+from ..errors import UnsupportedSchemeError
+from ..records import QuantizedWeight
+from ..scheme import QuantScheme
+
+__all__ = ["METHODS", "RoundingMethod", "SiteStats", "get_method", "register_method"]
+
+
+@dataclasses.dataclass
+class SiteStats:
+    """Calibration statistics of the activation ``X[tokens, K]`` that feeds one or more weight sites.
+
+    ``hessian`` is the *sum* ``X^T X`` over all ``n_tokens`` calibration tokens, float64 ``[K, K]``
+    (divide by ``n_tokens`` for the mean). Sites fed by the same activation share one SiteStats object.
+    """
+
+    hessian: np.ndarray | None = None
+    n_tokens: int = 0
+    extra: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+
+
+class RoundingMethod(Protocol):
+    """What every registered method provides."""
+
+    name: ClassVar[str]
+    needs: ClassVar[frozenset[str]]
+    """Statistics required, e.g. ``frozenset({"hessian"})``; empty for data-free methods."""
+
+    def quantize(
+        self, weight: np.ndarray, scheme: QuantScheme, stats: SiteStats | None = None
+    ) -> QuantizedWeight:
+        """Quantize ``weight[N, K]`` (float32, not modified) and return codes/scales/zero points.
+
+        ``QuantizedWeight.metrics`` should carry at least ``sqnr_db`` and, when a Hessian is given,
+        ``proxy_loss`` = ``tr(dW H dW^T) / n_tokens`` for the returned rounding.
+        """
+        ...
+
+
+METHODS: dict[str, Callable[..., RoundingMethod]] = {}
+
+
+def register_method(cls: type) -> type:
+    """Class decorator: ``@register_method class GPTQ: name = "gptq" ...``."""
+    name = cls.name  # type: ignore[attr-defined]
+    if name in METHODS:
+        raise ValueError(f"rounding method {name!r} registered twice")
+    METHODS[name] = cls
+    return cls
+
+
+def get_method(name: str, **options: Any) -> RoundingMethod:
+    """Instantiate a registered method by name with its options; clear error for unknown names."""
+    if name not in METHODS:
+        raise UnsupportedSchemeError(f"unknown rounding method {name!r}; choose one of {sorted(METHODS)}")
+    return METHODS[name](**options)

@@ -1,0 +1,33 @@
+"""optimum-adaround: calibrated adaptive rounding for ONNX LLMs exported with Optimum.
+
+Public API (see ``__all__``). Layering: this package (API, CLI, Optimum integration, model card)
+-> ``optimum.adaround.graph_passes`` -> onnx-ir. ``optimum.adaround.custom_ops`` stands alone.
+"""
+
+from .graph_passes.errors import (
+    AdaroundError,
+    CalibrationError,
+    InvalidModelError,
+    NoQuantizableWeightsError,
+    OutputPathError,
+    UnsupportedSchemeError,
+    UserError,
+)
+from .graph_passes.scheme import PER_CHANNEL, DataType, QuantScheme, WeightFormat
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PER_CHANNEL",
+    "AdaroundError",
+    "CalibrationError",
+    "DataType",
+    "InvalidModelError",
+    "NoQuantizableWeightsError",
+    "OutputPathError",
+    "QuantScheme",
+    "UnsupportedSchemeError",
+    "UserError",
+    "WeightFormat",
+    "__version__",
+]

@@ -1,0 +1,69 @@
+"""The ``optimum-adaround`` console script.
+
+Each subcommand lives in ``commands/<name>.py`` and exposes ``add_parser(subparsers)`` (which sets
+``func`` on its parser) ; this module only dispatches and maps errors to exit codes:
+0 ok, 2 user error (one line on stderr, no traceback unless ``--debug``), 1 internal error, 130 Ctrl-C.
+Running ``optimum-adaround`` with no subcommand runs the default job (``run``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from .graph_passes.errors import AdaroundError, UserError
+
+# Subcommand modules under optimum.adaround.commands, in help order.
+COMMANDS = ("run", "quantize", "eval")
+DEFAULT_COMMAND = "run"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="optimum-adaround",
+        description="Calibrated adaptive rounding (GPTQ / AdaRound / learned scales) for ONNX LLMs.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f".commands.{name}", __package__)
+        except ModuleNotFoundError as e:  # a subcommand still being written: leave it out of the CLI
+            if e.name != f"{__package__}.commands.{name}":
+                raise
+            continue
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if not any(a in parser._subparsers._group_actions[0].choices for a in argv if not a.startswith("-")):  # type: ignore[union-attr]
+        if "-h" not in argv and "--help" not in argv:
+            argv = [*[a for a in argv if a == "--debug"], DEFAULT_COMMAND, *[a for a in argv if a != "--debug"]]
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("optimum-adaround: interrupted; no output was left behind", file=sys.stderr)
+        return 130
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"optimum-adaround: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except AdaroundError as e:
+        if args.debug:
+            raise
+        print(f"optimum-adaround: internal error: {e} (rerun with --debug for a traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
