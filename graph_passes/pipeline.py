@@ -1,0 +1,311 @@
+"""The quantize pipeline: sites -> (calibration) -> rounding -> packing -> rewrite, one weight at a time.
+
+Memory stays bounded by about one weight: each site's float weight is read through the mmap, quantized,
+packed, and its packed arrays are spilled to memory-mapped ``.npy`` files in a scratch folder before the
+next site is read. The rewrite pass then references those mmaps, and a streamed save writes them out.
+The scratch folder must outlive the save: :class:`QuantizationResult` owns it (``close()`` removes it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes.common import LiftConstantsToInitializersPass
+from tqdm.auto import tqdm
+
+from . import packing, rounding  # noqa: F401  (importing the packages registers packers and methods)
+from .errors import CalibrationError, InvalidModelError, NoQuantizableWeightsError, UnsupportedSchemeError
+from .model_io import read_weight
+from .packing.base import PackedWeight, Packer, get_packer
+from .records import QuantizedWeight, SiteReport, SkippedSite, WeightSite
+from .rewrite import ReplaceWeightSitesPass, SiteRewrite
+from .rounding.base import RoundingMethod, SiteStats, get_method
+from .scheme import QuantScheme
+from .sites import ALREADY_QUANTIZED, find_weight_sites
+
+__all__ = ["QuantizationResult", "SiteResult", "check_sites", "prepare_sites", "quantize_model"]
+
+
+@dataclasses.dataclass
+class SiteResult:
+    """What happened to one site: its shape, the rounding metrics, bytes before/after and time taken."""
+
+    name: str
+    node_name: str
+    kind: str
+    k: int
+    n: int
+    float_bytes: int
+    packed_bytes: int
+    seconds: float
+    metrics: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class QuantizationResult:
+    """The rewritten model plus per-site metrics, skipped sites and timings.
+
+    ``model`` references packed arrays memory-mapped from ``spill_dir``: save it before ``close()``.
+    """
+
+    model: ir.Model
+    scheme: QuantScheme
+    method: str
+    method_options: dict[str, Any]
+    sites: list[SiteResult]
+    skipped: list[SkippedSite]
+    timings: dict[str, float]
+    spill_dir: Path | None = None
+    _tmp: tempfile.TemporaryDirectory[str] | None = dataclasses.field(default=None, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "scheme": self.scheme.to_dict(),
+            "method": {"name": self.method, "options": _jsonable(self.method_options)},
+            "sites": [s.to_dict() for s in self.sites],
+            "skipped": [dataclasses.asdict(s) for s in self.skipped],
+            "timings": dict(self.timings),
+        }
+
+    def close(self) -> None:
+        """Remove the scratch folder of spilled arrays (the model must have been saved already)."""
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self) -> QuantizationResult:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _jsonable(options: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        k: v if isinstance(v, (int, float, str, bool, type(None), list)) else repr(v)
+        for k, v in options.items()
+    }
+
+
+def prepare_sites(
+    model: ir.Model,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    quantize_lm_head: bool = False,
+) -> SiteReport:
+    """Lift Constant-node weights to initializers, find the sites, refuse already-quantized or empty models."""
+    LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=1024)(model)
+    report = find_weight_sites(model, include, exclude, quantize_lm_head)
+    done = [s for s in report.skipped if s.reason.startswith(ALREADY_QUANTIZED)]
+    if done:
+        raise InvalidModelError(
+            f"the model is already quantized ({len(done)} weights, e.g. {done[0].node_name}: {done[0].reason}); "
+            "quantize the float model instead"
+        )
+    if not report.sites:
+        why = (
+            "; ".join(sorted({s.reason for s in report.skipped})[:3])
+            or "no MatMul/Gemm with a constant weight"
+        )
+        raise NoQuantizableWeightsError(
+            f"no quantizable weight selected ({len(report.skipped)} skipped: {why})"
+        )
+    return report
+
+
+def check_sites(packer: Packer, scheme: QuantScheme, sites: Sequence[WeightSite]) -> None:
+    """Fail before any work if the packer cannot store one of the sites under ``scheme``."""
+    for site in sites:
+        reason = packer.supports(scheme, site.k, site.n)
+        if reason is not None:
+            raise UnsupportedSchemeError(
+                f"{site.name} ({site.n}x{site.k}) cannot use {scheme.label} in format {scheme.format.value}: {reason}"
+            )
+
+
+def _spill(packed: PackedWeight, folder: Path, stem: str) -> PackedWeight:
+    """Write the packed arrays to files and reopen them read-only memory-mapped (no copy stays in RAM)."""
+    tensors: dict[str, np.ndarray] = {}
+    for role, array in packed.tensors.items():
+        arr = np.ascontiguousarray(array)
+        if arr.size == 0:
+            tensors[role] = arr
+            continue
+        file = folder / f"{stem}.{role}.bin"
+        out = np.memmap(file, dtype=arr.dtype, mode="w+", shape=arr.shape)
+        out[...] = arr
+        out.flush()
+        del out
+        tensors[role] = np.memmap(file, dtype=arr.dtype, mode="r", shape=arr.shape)
+    return dataclasses.replace(packed, tensors=tensors)
+
+
+class _SiteQuantizer:
+    """Quantize -> pack -> spill for one site at a time, collecting results."""
+
+    def __init__(
+        self, model: ir.Model, scheme: QuantScheme, method: RoundingMethod, packer: Packer, folder: Path
+    ):
+        self.model, self.scheme, self.method, self.packer, self.folder = model, scheme, method, packer, folder
+        self.rewrites: list[SiteRewrite] = []
+        self.results: list[SiteResult] = []
+
+    def __call__(self, site: WeightSite, stats: SiteStats | None) -> QuantizedWeight:
+        t0 = time.perf_counter()
+        weight = read_weight(self.model, site)
+        qw = self.method.quantize(weight, self.scheme, stats)
+        packed = _spill(self.packer.pack(qw), self.folder, f"{len(self.rewrites):05d}")
+        self.rewrites.append(SiteRewrite(site, packed))
+        float_bytes = int(site.k * site.n * weight.itemsize)
+        self.results.append(
+            SiteResult(
+                name=site.name,
+                node_name=site.node_name,
+                kind=site.kind,
+                k=site.k,
+                n=site.n,
+                float_bytes=float_bytes,
+                packed_bytes=packed.nbytes,
+                seconds=time.perf_counter() - t0,
+                metrics={k: float(v) for k, v in qw.metrics.items()},
+            )
+        )
+        return qw
+
+
+def quantize_model(
+    model: ir.Model,
+    scheme: QuantScheme,
+    method: str = "rtn",
+    method_options: Mapping[str, Any] | None = None,
+    sites: SiteReport | None = None,
+    token_ids: np.ndarray | None = None,
+    sequential: bool = True,
+    progress: bool = True,
+    packer_options: Mapping[str, Any] | None = None,
+    calibration_options: Mapping[str, Any] | None = None,
+    spill_dir: str | Path | None = None,
+    on_site: Callable[[SiteResult], None] | None = None,
+) -> QuantizationResult:
+    """Quantize every site of ``model`` in place and return the rewritten model with its report.
+
+    ``sites``: a :func:`find_weight_sites` report (default: all sites, lm_head excluded). Data-free
+    methods loop over sites; methods that need statistics run the calibration engine on ``token_ids``
+    (int64 ``[n, T]``), which calls back once per decoder block. The packed arrays live in ``spill_dir``
+    (default: a fresh temporary folder owned by the result) until the model is saved.
+    """
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    report = sites if sites is not None else prepare_sites(model)
+    timings["find_sites"] = time.perf_counter() - t0
+    packer = get_packer(scheme.format, **dict(packer_options or {}))
+    check_sites(packer, scheme, report.sites)
+    options = dict(method_options or {})
+    rounding_method = get_method(method, **options)
+    if rounding_method.needs and token_ids is None:
+        raise CalibrationError(
+            f"method {method!r} needs calibration data ({', '.join(sorted(rounding_method.needs))}); "
+            "pass token ids / --calib-data, or use method='rtn'"
+        )
+
+    tmp = None
+    if spill_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="adaround-spill-")
+        folder = Path(tmp.name)
+    else:
+        folder = Path(spill_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+    try:
+        quantizer = _SiteQuantizer(model, scheme, rounding_method, packer, folder)
+        bar = tqdm(
+            total=len(report.sites), desc=f"{method} {scheme.label}", unit="site", disable=not progress
+        )
+
+        def quantize_one(site: WeightSite, stats: SiteStats | None) -> QuantizedWeight:
+            bar.set_postfix_str(site.name, refresh=False)
+            qw = quantizer(site, stats)
+            bar.update()
+            if on_site is not None:
+                on_site(quantizer.results[-1])
+            return qw
+
+        t1 = time.perf_counter()
+        with bar:
+            if rounding_method.needs:
+                _calibrated(model, report, token_ids, quantize_one, sequential, progress, calibration_options)
+            else:
+                for site in report.sites:
+                    quantize_one(site, None)
+        timings["quantize"] = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        ReplaceWeightSitesPass(packer, quantizer.rewrites)(model)
+        timings["rewrite"] = time.perf_counter() - t2
+    except BaseException:
+        if tmp is not None:
+            tmp.cleanup()
+        raise
+    timings["total"] = time.perf_counter() - t0
+    return QuantizationResult(
+        model=model,
+        scheme=scheme,
+        method=method,
+        method_options=options,
+        sites=quantizer.results,
+        skipped=list(report.skipped),
+        timings=timings,
+        spill_dir=folder,
+        _tmp=tmp,
+    )
+
+
+def _calibrated(
+    model: ir.Model,
+    report: SiteReport,
+    token_ids: np.ndarray | None,
+    quantize_one: Callable[[WeightSite, SiteStats | None], QuantizedWeight],
+    sequential: bool,
+    progress: bool,
+    calibration_options: Mapping[str, Any] | None,
+) -> None:
+    """Run the calibration engine, quantizing each block's sites with the statistics it hands over."""
+    from .calibration.engine import run_calibration
+
+    ids = np.asarray(token_ids)
+    if ids.ndim != 2 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
+        raise CalibrationError(
+            f"token ids must be a non-empty integer array [n, seq_len], got {ids.dtype}{list(ids.shape)}"
+        )
+    done: set[str] = set()
+
+    def on_block(block: list[WeightSite], stats: dict[str, SiteStats]) -> dict[str, QuantizedWeight]:
+        out = {}
+        for site in block:
+            if site.name in stats:
+                out[site.name] = quantize_one(site, stats[site.name])
+                done.add(site.name)
+        return out
+
+    run_calibration(
+        model,
+        report.sites,
+        ids.astype(np.int64),
+        on_block,
+        sequential=sequential,
+        progress=progress,
+        **dict(calibration_options or {}),
+    )
+    missing = [s.name for s in report.sites if s.name not in done]
+    if missing:
+        raise CalibrationError(
+            f"calibration produced no statistics for {len(missing)} sites, e.g. {missing[0]}"
+        )
