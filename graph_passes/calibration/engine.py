@@ -1,0 +1,379 @@
+"""The calibration engine: streams token batches through onnxruntime and hands per-site statistics to a
+rounding callback, either in one pass over the whole model or decoder block by decoder block.
+
+Sequential mode (what GPTQ / AdaRound want): the graph is cut into prologue, one part per decoder block and
+epilogue (``blocks.py``). The prologue runs once per batch; the tensors that later parts read (hidden state,
+mask, rotary tables) are cached for the whole calibration set. Each block then runs over all batches with
+its sites' activations as extra outputs, ``H = sum X^T X`` is reduced per activation as batches arrive, the
+callback returns quantized weights, those replace the block's weights, and the block runs again so the next
+block sees the outputs of the *quantized* block. Peak memory: one block's weights plus the cached boundary
+tensors of the calibration set (``CalibrationReport.peak_cache_bytes``).
+
+The model passed in is never modified: each part is a clone sharing the weight tensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+from tqdm.auto import tqdm
+
+from ..errors import CalibrationError, InternalError
+from ..records import QuantizedWeight, WeightSite
+from ..rounding.base import SiteStats
+from .blocks import Part, extract_part, plan_parts
+from .feeds import check_token_ids, feed_specs, make_feeds
+from .stats import HessianAccumulator
+
+__all__ = ["BlockCallback", "CalibrationReport", "PartReport", "resolve_providers", "run_calibration"]
+
+logger = logging.getLogger(__name__)
+
+BlockCallback = Callable[[list[WeightSite], dict[str, SiteStats]], dict[str, QuantizedWeight]]
+
+# Above this, a part is handed to onnxruntime through a temporary file with external data (protobuf's
+# 2 GiB message limit).
+_INLINE_LIMIT = 1 << 30
+
+
+@dataclasses.dataclass
+class PartReport:
+    """Timings of one part (prologue, block, epilogue, or the whole model in one-pass mode)."""
+
+    label: str
+    n_sites: int
+    n_activations: int
+    weight_bytes: int
+    forward_s: float = 0.0
+    """onnxruntime time of the statistics pass (incl. session creation)."""
+    stats_s: float = 0.0
+    """Time spent reducing activations into H."""
+    callback_s: float = 0.0
+    """Time inside ``on_block`` (the rounding method)."""
+    requant_s: float = 0.0
+    """Time of the second pass with the quantized weights (0 when nothing was substituted)."""
+
+
+@dataclasses.dataclass
+class CalibrationReport:
+    """What a calibration run did and what it cost."""
+
+    sequential: bool
+    n_sequences: int
+    seq_len: int
+    n_tokens: int
+    batch_size: int
+    providers: list[str]
+    parts: list[PartReport]
+    n_activations: int
+    n_quantized: int
+    """QuantizedWeights returned by ``on_block`` (in sequential mode also substituted downstream)."""
+    peak_cache_bytes: int
+    """Largest total size of cached boundary tensors (whole calibration set) at any point."""
+    peak_part_weight_bytes: int
+    """Largest weight footprint of one part handed to onnxruntime."""
+    seconds: float
+
+    def summary(self) -> str:
+        fwd = sum(p.forward_s + p.requant_s for p in self.parts)
+        st = sum(p.stats_s for p in self.parts)
+        cb = sum(p.callback_s for p in self.parts)
+        mode = "sequential" if self.sequential else "one-pass"
+        return (
+            f"calibration ({mode}, {self.n_sequences}x{self.seq_len} tokens, {len(self.parts)} parts, "
+            f"{self.n_activations} activations): {self.seconds:.1f} s total = onnxruntime {fwd:.1f} s + "
+            f"X^T X {st:.1f} s + rounding {cb:.1f} s; cache peak {self.peak_cache_bytes / 2**20:.0f} MiB, "
+            f"largest part {self.peak_part_weight_bytes / 2**20:.0f} MiB of weights"
+        )
+
+
+def resolve_providers(providers: Sequence[str]) -> list[str]:
+    """Keep the requested execution providers onnxruntime has; fall back to CPU with a warning."""
+    available = set(ort.get_available_providers())
+    chosen = [p for p in providers if p in available]
+    missing = [p for p in providers if p not in available]
+    if missing:
+        logger.warning(
+            "onnxruntime lacks %s (available: %s); calibrating with %s",
+            ", ".join(missing),
+            ", ".join(sorted(available)),
+            ", ".join(chosen or ["CPUExecutionProvider"]),
+        )
+    if "CPUExecutionProvider" not in chosen:
+        chosen.append("CPUExecutionProvider")
+    return chosen
+
+
+def _weight_bytes(model: ir.Model) -> int:
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+def _session(model: ir.Model, providers: Sequence[str]) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if _weight_bytes(model) < _INLINE_LIMIT:
+        return ort.InferenceSession(ir.to_proto(model).SerializeToString(), opts, providers=list(providers))
+    with tempfile.TemporaryDirectory(prefix="adaround-calib-") as tmp:
+        path = Path(tmp) / "part.onnx"
+        ir.save(model, path, external_data="part.onnx.data")
+        return ort.InferenceSession(str(path), opts, providers=list(providers))
+
+
+def _substitute(part_model: ir.Model, sites: dict[str, WeightSite], qws: dict[str, QuantizedWeight]) -> int:
+    """Replace the part's copies of the sites' weights by the dequantized codes; returns the count."""
+    unknown = sorted(set(qws) - set(sites))
+    if unknown:
+        raise InternalError(f"on_block returned weights for sites not in this block: {unknown}")
+    inits = part_model.graph.initializers
+    for name, qw in qws.items():
+        site = sites[name]
+        value = inits.get(site.weight_name)
+        if value is None or value.const_value is None:
+            raise InternalError(
+                f"weight {site.weight_name!r} of site {name!r} is not an initializer of its block"
+            )
+        w = qw.dequantize()
+        if w.shape != (site.n, site.k):
+            raise InternalError(
+                f"site {name!r}: quantized weight has shape {w.shape}, expected {(site.n, site.k)}"
+            )
+        old = value.const_value
+        arr = w if site.transposed else w.T
+        arr = np.ascontiguousarray(arr, dtype=old.dtype.numpy())
+        if tuple(old.shape) != arr.shape:
+            raise InternalError(f"site {name!r}: graph weight has shape {tuple(old.shape)}, got {arr.shape}")
+        value.const_value = ir.tensor(arr, name=old.name)
+    return len(qws)
+
+
+def _batches(n: int, batch_size: int) -> list[slice]:
+    return [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+
+
+def run_calibration(
+    model: ir.Model,
+    sites: Sequence[WeightSite],
+    token_ids: np.ndarray,
+    on_block: BlockCallback,
+    *,
+    sequential: bool = True,
+    batch_size: int = 8,
+    providers: Sequence[str] = ("CPUExecutionProvider",),
+    progress: bool = True,
+) -> CalibrationReport:
+    """Gather ``H = sum X^T X`` per activation of ``sites`` on ``token_ids`` and call ``on_block``.
+
+    Sequential (default): ``on_block(block_sites, stats)`` once per part that holds sites, in execution
+    order; the returned weights (dequantized) replace that block's weights before the next block's inputs
+    are computed. One-pass (``sequential=False``): one run of the full fp model, then a single
+    ``on_block(all_sites, stats)``. ``stats`` is keyed by site name; sites sharing an activation share one
+    ``SiteStats``. ``model`` is not modified.
+    """
+    t_start = time.perf_counter()
+    ids = check_token_ids(token_ids)
+    if batch_size < 1:
+        raise CalibrationError(f"batch_size must be >= 1, got {batch_size}")
+    if not sites:
+        raise CalibrationError("no weight sites to calibrate")
+    names = [s.name for s in sites]
+    if len(set(names)) != len(names):
+        raise InternalError("weight sites have duplicate names")
+    specs = feed_specs(model.graph.inputs)
+    provs = resolve_providers(providers)
+    batches = _batches(ids.shape[0], batch_size)
+    n, t = ids.shape
+    run = _Run(model, list(sites), ids, specs, batches, provs, on_block, progress)
+    parts = run.sequential() if sequential else run.one_pass()
+    return CalibrationReport(
+        sequential=sequential,
+        n_sequences=n,
+        seq_len=t,
+        n_tokens=n * t,
+        batch_size=batch_size,
+        providers=provs,
+        parts=parts,
+        n_activations=len({s.activation for s in sites}),
+        n_quantized=run.n_quantized,
+        peak_cache_bytes=run.peak_cache_bytes,
+        peak_part_weight_bytes=run.peak_part_weight_bytes,
+        seconds=time.perf_counter() - t_start,
+    )
+
+
+class _Run:
+    """State of one calibration run (kept out of the public signature)."""
+
+    def __init__(self, model, sites, ids, specs, batches, providers, on_block, progress) -> None:
+        self.model: ir.Model = model
+        self.sites: list[WeightSite] = sites
+        self.ids: np.ndarray = ids
+        self.specs = specs
+        self.batches: list[slice] = batches
+        self.providers: list[str] = providers
+        self.on_block: BlockCallback = on_block
+        self.progress: bool = progress
+        self.n_quantized = 0
+        self.peak_cache_bytes = 0
+        self.peak_part_weight_bytes = 0
+
+    def _feeds(self, b: slice) -> dict[str, np.ndarray]:
+        return make_feeds(self.specs, self.ids[b])
+
+    def _bar(self, total: int, desc: str):
+        return tqdm(
+            total=total, desc=desc, unit="part", disable=not self.progress, file=sys.stderr, leave=False
+        )
+
+    # -- one pass over the full model ----------------------------------------------------------------
+    def one_pass(self) -> list[PartReport]:
+        acc = HessianAccumulator(self.sites)
+        graph_inputs = [v.name for v in self.model.graph.inputs if v.name]
+        produced = [a for a in acc.activations if a not in graph_inputs]
+        sub = extract_part(self.model, graph_inputs, produced, name="calibration")
+        rep = PartReport("model", len(self.sites), len(acc.activations), _weight_bytes(sub))
+        self.peak_part_weight_bytes = rep.weight_bytes
+        t0 = time.perf_counter()
+        sess = _session(sub, self.providers)
+        wanted = {i.name for i in sess.get_inputs()}
+        del sub
+        for b in tqdm(
+            self.batches, desc="calibration", unit="batch", disable=not self.progress, file=sys.stderr
+        ):
+            feeds = self._feeds(b)
+            outs = dict(
+                zip(
+                    produced, sess.run(produced, {k: v for k, v in feeds.items() if k in wanted}), strict=True
+                )
+            )
+            t1 = time.perf_counter()
+            for a in acc.activations:
+                acc.add(a, outs[a] if a in outs else feeds[a])
+            rep.stats_s += time.perf_counter() - t1
+        rep.forward_s = time.perf_counter() - t0 - rep.stats_s
+        del sess
+        t2 = time.perf_counter()
+        qws = self._call(self.sites, acc)
+        rep.callback_s = time.perf_counter() - t2
+        self.n_quantized = len(qws)
+        return [rep]
+
+    def _call(self, sites: list[WeightSite], acc: HessianAccumulator) -> dict[str, QuantizedWeight]:
+        out = self.on_block(list(sites), acc.by_site(sites))
+        return dict(out or {})
+
+    # -- block by block ------------------------------------------------------------------------------
+    def sequential(self) -> list[PartReport]:
+        plan = plan_parts(self.model.graph)
+        by_part: dict[int, list[WeightSite]] = {}
+        for s in self.sites:
+            part = plan.part_of_node(s.node_name)
+            if part is None:
+                raise CalibrationError(f"weight site {s.name!r}: node {s.node_name!r} is not in the model")
+            by_part.setdefault(part.index, []).append(s)
+        last = max(by_part)  # parts after the last one holding sites need not run
+        cache: dict[str, list[np.ndarray]] = {}
+        reports: list[PartReport] = []
+        with self._bar(last + 1, "calibration") as bar:
+            for part in plan.parts[: last + 1]:
+                bar.set_postfix_str(part.label)
+                reports.append(self._run_part(part, by_part.get(part.index, []), cache))
+                for name in [k for k in cache if plan.last_reader.get(k, -1) <= part.index]:
+                    del cache[name]
+                bar.update(1)
+        return reports
+
+    def _run_part(
+        self, part: Part, sites: list[WeightSite], cache: dict[str, list[np.ndarray]]
+    ) -> PartReport:
+        acc = HessianAccumulator(sites)
+        from_inputs = [a for a in acc.activations if a in part.inputs]
+        produced = [a for a in acc.activations if a not in part.inputs]
+        outputs = list(part.outputs)
+        if not outputs and not produced:
+            return PartReport(part.label, 0, 0, 0)  # nothing downstream reads it
+        examples = {k: v[0] for k, v in cache.items()}
+        sub = extract_part(self.model, part.inputs, outputs + produced, examples, name=part.label)
+        rep = PartReport(part.label, len(sites), len(acc.activations), _weight_bytes(sub))
+        self.peak_part_weight_bytes = max(self.peak_part_weight_bytes, rep.weight_bytes)
+
+        # Pass 1: fp weights of this part; activations -> H, boundary outputs kept in case nothing changes.
+        t0 = time.perf_counter()
+        sess = _session(sub, self.providers)
+        fp_outputs = self._forward(sess, part, cache, outputs, produced, acc, from_inputs, rep)
+        rep.forward_s = time.perf_counter() - t0 - rep.stats_s
+        if not sites:
+            self._store(cache, outputs, fp_outputs)
+            return rep
+
+        t1 = time.perf_counter()
+        qws = self._call(sites, acc)
+        rep.callback_s = time.perf_counter() - t1
+        if qws and outputs:
+            # Pass 2: the next part must see what the quantized block computes.
+            t2 = time.perf_counter()
+            del fp_outputs
+            self.n_quantized += _substitute(sub, {s.name: s for s in sites}, qws)
+            sess = _session(sub, self.providers)
+            q_outputs = self._forward(sess, part, cache, outputs, [], None, [], rep)
+            self._store(cache, outputs, q_outputs)
+            rep.requant_s = time.perf_counter() - t2
+        else:
+            self.n_quantized += len(qws)
+            self._store(cache, outputs, fp_outputs)
+        return rep
+
+    def _forward(
+        self,
+        sess: ort.InferenceSession,
+        part: Part,
+        cache: dict[str, list[np.ndarray]],
+        outputs: list[str],
+        produced: list[str],
+        acc: HessianAccumulator | None,
+        from_inputs: list[str],
+        rep: PartReport,
+    ) -> list[list[np.ndarray]]:
+        """Run ``sess`` over every batch; returns the boundary outputs per output name, per batch."""
+        wanted = [i.name for i in sess.get_inputs()]
+        fetch = outputs + produced
+        kept: list[list[np.ndarray]] = [[] for _ in outputs]
+        for bi, b in enumerate(self.batches):
+            graph_feeds = self._feeds(b)
+            feeds = {}
+            for name in wanted:
+                if name in cache:
+                    feeds[name] = cache[name][bi]
+                elif name in graph_feeds:
+                    feeds[name] = graph_feeds[name]
+                else:
+                    raise InternalError(f"{part.label}: no feed for input {name!r}")
+            if not fetch:
+                continue
+            res = sess.run(fetch, feeds)
+            for j in range(len(outputs)):
+                kept[j].append(res[j])
+            if acc is not None:
+                t0 = time.perf_counter()
+                for a, x in zip(produced, res[len(outputs) :], strict=True):
+                    acc.add(a, x)
+                for a in from_inputs:
+                    acc.add(a, feeds[a] if a in feeds else cache[a][bi])
+                rep.stats_s += time.perf_counter() - t0
+        return kept
+
+    def _store(
+        self, cache: dict[str, list[np.ndarray]], outputs: list[str], values: list[list[np.ndarray]]
+    ) -> None:
+        for name, per_batch in zip(outputs, values, strict=True):
+            cache[name] = per_batch
+        size = sum(a.nbytes for v in cache.values() for a in v)
+        self.peak_cache_bytes = max(self.peak_cache_bytes, size)
