@@ -4,6 +4,7 @@ Public API (see ``__all__``). Layering: this package (API, CLI, Optimum integrat
 -> ``optimum.adaround.graph_passes`` -> onnx-ir. ``optimum.adaround.custom_ops`` stands alone.
 """
 
+from .export import export
 from .graph_passes.errors import (
     AdaroundError,
     CalibrationError,
@@ -14,6 +15,8 @@ from .graph_passes.errors import (
     UserError,
 )
 from .graph_passes.scheme import PER_CHANNEL, DataType, QuantScheme, WeightFormat
+from .loading import load, session_options
+from .recipes import Recipe
 
 __version__ = "0.1.0"
 
@@ -26,8 +29,12 @@ __all__ = [
     "NoQuantizableWeightsError",
     "OutputPathError",
     "QuantScheme",
+    "Recipe",
     "UnsupportedSchemeError",
     "UserError",
     "WeightFormat",
     "__version__",
+    "export",
+    "load",
+    "session_options",
 ]

@@ -1,0 +1,414 @@
+"""One-line export: a Hugging Face model (local folder or Hub id) -> quantized ONNX folder ready to publish.
+
+``export`` = Optimum's ``main_export`` into a temporary folder -> ``api.quantize`` (once per recipe override
+group, then once for the rest) -> recipe, evaluation, extended ``quantization_config.json`` and model card ->
+one rename into place. Nothing is left behind on error or Ctrl-C: all work happens in temporary siblings of
+the output folder, and an existing output folder is replaced only after the new one is complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.metadata
+import json
+import os
+import shutil
+import socket
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from .graph_passes.errors import InvalidModelError, NoQuantizableWeightsError, OutputPathError
+from .graph_passes.scheme import QuantScheme
+from .model_card import EVAL_FILE_NAME, folder_size_bytes, source_license, write_model_card
+from .recipes import RECIPE_FILE_NAME, Recipe, RecipeError, resolve_recipe, save_recipe
+
+__all__ = ["DEFAULT_TASK", "export", "resolve_source"]
+
+DEFAULT_TASK = "text-generation-with-past"
+_QDQ_MIN_OPSET = 21  # blockwise DequantizeLinear (block_size attribute) needs opset >= 21
+_VERSIONED = (
+    "optimum-adaround",
+    "optimum",
+    "optimum-onnx",
+    "transformers",
+    "torch",
+    "onnx",
+    "onnx-ir",
+    "onnxruntime",
+    "onnxruntime-gpu",
+)
+
+
+# -- model source -------------------------------------------------------------------------------------------
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def resolve_source(model_id_or_path: str | Path, *, trust_remote_code: bool = False) -> tuple[str, bool]:
+    """Return ``(model, local_files_only)`` for Optimum, or raise a one-line UserError.
+
+    Local folders are used as they are; a Hub id must already be in the local cache or the Hub must be
+    reachable (checked up front: huggingface_hub would otherwise retry for ~25 s and print tracebacks).
+    """
+    text = str(model_id_or_path)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return str(path), True
+    if path.exists():
+        raise InvalidModelError(
+            f"{text} is a file: pass the model folder (with config.json), or a Hub model id"
+        )
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    looks_like_path = text.startswith((".", "/", "~")) or text.count("/") > 1
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        looks_like_path = True
+    if looks_like_path:
+        raise InvalidModelError(f"{text}: no such folder, and it is not a Hugging Face Hub model id either")
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(text, local_files_only=True, trust_remote_code=trust_remote_code)
+        return text, True  # in the local Hub cache: export works offline
+    except Exception:  # any failure here only means "not cached"
+        pass
+    if not _hub_reachable():
+        raise InvalidModelError(
+            f"{text!r} is not a local folder nor in the Hugging Face cache, and the Hub cannot be reached "
+            "(offline or HF_HUB_OFFLINE=1): download the model elsewhere and pass its folder"
+        )
+    return text, False
+
+
+def _check_config(model: str, *, local_files_only: bool, trust_remote_code: bool) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(
+            model, local_files_only=local_files_only, trust_remote_code=trust_remote_code
+        )
+    except Exception as e:  # transformers raises ValueError/OSError/KeyError with long multi-line texts
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise InvalidModelError(f"{model}: cannot read the model config ({first})") from None
+
+
+def _is_onnx_folder(path: Path) -> bool:
+    return path.is_dir() and (path / "model.onnx").is_file()
+
+
+# -- output folder handling ------------------------------------------------------------------------------------
+def _check_output(output: Path, source: Path | None, overwrite: bool) -> None:
+    if output.exists() and not output.is_dir():
+        raise OutputPathError(f"output {output} exists and is not a folder")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise OutputPathError(
+            f"output folder {output} is not empty: pass overwrite=True (--overwrite) to replace it"
+        )
+    if source is not None:
+        out, src = output.resolve(), source.resolve()
+        if out == src or src in out.parents or out in src.parents:
+            raise OutputPathError(
+                f"output {output} must not be the model folder {source}, inside it, or contain it"
+            )
+
+
+@contextlib.contextmanager
+def _temp_sibling(output: Path, tag: str) -> Iterator[Path]:
+    """A temporary folder next to ``output`` (same filesystem, so the final rename is atomic), always removed."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.{tag}-", dir=output.parent))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _replace_folder(new: Path, output: Path) -> None:
+    """Move the finished ``new`` folder to ``output``, replacing an existing one only at the very end."""
+    if output.exists():
+        trash = output.with_name(f".{output.name}.old-{os.getpid()}")
+        os.replace(output, trash)
+        os.replace(new, output)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(new, output)
+
+
+# -- optimum export ---------------------------------------------------------------------------------------------
+def _optimum_export(
+    model: str, dest: Path, *, task: str, opset: int | None, local_files_only: bool, **kw: Any
+) -> None:
+    from optimum.exporters.onnx import main_export
+
+    try:
+        main_export(model, dest, task=task, opset=opset, local_files_only=local_files_only, **kw)
+    except (ValueError, KeyError, NotImplementedError, OSError) as e:
+        # Optimum reports unsupported architectures / tasks as ValueError or KeyError with a long text.
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise InvalidModelError(f"Optimum cannot export {model} for task {task}: {first}") from None
+    if not (dest / "model.onnx").is_file():
+        made = ", ".join(sorted(p.name for p in dest.glob("*.onnx"))) or "no ONNX file"
+        raise InvalidModelError(
+            f"Optimum exported {made} for {model}, expected a single model.onnx (task {task})"
+        )
+
+
+# -- quantization -----------------------------------------------------------------------------------------------
+def _merge_recipe(
+    recipe: Recipe | None, scheme: str | QuantScheme | None, method: str | None, kw: dict[str, Any]
+) -> Recipe:
+    base = recipe or Recipe()
+    changes: dict[str, Any] = {}
+    if scheme is not None:
+        if isinstance(scheme, QuantScheme):
+            changes["scheme"] = scheme.label
+            kw.setdefault("format", scheme.format.value)
+        else:
+            changes["scheme"] = str(scheme)
+    if method is not None:
+        changes["method"] = method
+    recipe_keys = set(Recipe().to_dict()) - {"version", "name", "overrides"}
+    for key in list(kw):
+        if key in recipe_keys and kw[key] is not None:
+            value = kw.pop(key)
+            changes[key] = tuple(value) if key in ("include", "exclude") else value
+        elif key in recipe_keys:
+            kw.pop(key)
+    if changes and recipe is not None and recipe.name:
+        changes["name"] = f"{recipe.name} (modified)"
+    try:
+        return base.replace(**changes)
+    except TypeError as e:
+        raise RecipeError(str(e)) from None
+
+
+def _run_quantize(src: Path, dest: Path, recipe: Recipe, extra: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Quantize ``src`` into ``dest`` (must not exist), one pass per override then one for the rest.
+
+    Each pass reads the previous pass's output; already-quantized layers are no longer MatMul/Gemm with a
+    float weight, so later passes leave them alone. Returns the quantization_config of every pass.
+    """
+    from .api import quantize
+
+    base = recipe.quantize_kwargs()
+    passes: list[tuple[str | None, dict[str, Any]]] = []
+    taken: list[str] = []
+    for o in recipe.overrides:
+        passes.append(
+            (
+                o.pattern,
+                {**base, "scheme": o.scheme, "include": (o.pattern,), "exclude": (*recipe.exclude, *taken)},
+            )
+        )
+        taken.append(o.pattern)
+    passes.append((None, {**base, "exclude": (*recipe.exclude, *taken)}))
+
+    configs: list[dict[str, Any]] = []
+    current = src
+    with contextlib.ExitStack() as stack:
+        for i, (pattern, kw) in enumerate(passes):
+            last = i == len(passes) - 1
+            out = dest if last else stack.enter_context(_temp_sibling(dest, f"pass{i}")) / "out"
+            try:
+                quantize(current, out, **kw, **extra)
+            except NoQuantizableWeightsError as e:
+                if pattern is not None:
+                    raise NoQuantizableWeightsError(
+                        f"recipe override {pattern!r} matches no quantizable layer ({e})"
+                    ) from None
+                if not taken:
+                    raise
+                # every layer was taken by an override: the last pass has nothing left, just copy through
+                shutil.copytree(current, out)
+            configs.append(_read_json(out / "quantization_config.json"))
+            current = out
+    return configs
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return data if isinstance(data, dict) else {}
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for dist in _VERSIONED:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            out[dist] = importlib.metadata.version(dist)
+    return out
+
+
+def _calib_tokens_hash(recipe: Recipe, model_dir: Path) -> str | None:
+    """sha256 of the calibration token ids (same sampler as quantize); None for data-free methods."""
+    from .graph_passes.rounding import base
+
+    factory = base.METHODS.get(recipe.method)
+    if factory is None or not getattr(factory, "needs", frozenset()):
+        return None
+    import numpy as np
+
+    from .data.text import calibration_token_ids
+
+    tokens = calibration_token_ids(
+        model_dir, recipe.calib_data, n_samples=recipe.calib_samples, seq_len=recipe.seq_len, seed=recipe.seed
+    )
+    return hashlib.sha256(np.ascontiguousarray(tokens, dtype=np.int64).tobytes()).hexdigest()
+
+
+def _extend_qconfig(
+    folder: Path,
+    *,
+    source: str,
+    recipe: Recipe,
+    passes: list[dict[str, Any]],
+    original_size: int,
+    tokens_sha: str | None,
+) -> None:
+    """Add what quantize does not record (source, calibration hash, versions, override passes); keep its keys."""
+    path = folder / "quantization_config.json"
+    qconfig = _read_json(path)
+    qconfig.setdefault("source_model", source)
+    qconfig.setdefault("calib_data", recipe.calib_data or "default")
+    if tokens_sha is not None:
+        qconfig.setdefault("calib_tokens_sha256", tokens_sha)
+    qconfig.setdefault("original_onnx_bytes", original_size)
+    versions = qconfig.get("versions") if isinstance(qconfig.get("versions"), dict) else {}
+    qconfig["versions"] = {**_versions(), **versions}
+    qconfig.setdefault("recipe", recipe.to_dict())
+    if len(passes) > 1:
+        qconfig["override_passes"] = [
+            {"pattern": o.pattern, "quantization_config": cfg}
+            for o, cfg in zip(recipe.overrides, passes[:-1], strict=False)
+        ]
+    path.write_text(json.dumps(qconfig, indent=2, default=str) + "\n", encoding="utf-8")
+
+
+# -- evaluation -------------------------------------------------------------------------------------------------
+def _evaluate(original: Path, quantized: Path, eval_options: Mapping[str, Any]) -> dict[str, Any]:
+    from . import evaluation
+
+    before = evaluation.evaluate(original, **eval_options)
+    after = evaluation.evaluate(quantized, **eval_options)
+    return _eval_record(before, after)
+
+
+def _eval_record(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, Any]:
+    shared = {k: after.get(k) for k in ("dataset", "seq_len", "n_tokens") if after.get(k) is not None}
+    return {
+        "metric": "perplexity",
+        **shared,
+        "perplexity": {"original": before.get("perplexity"), "quantized": after.get("perplexity")},
+        "original": dict(before),
+        "quantized": dict(after),
+    }
+
+
+# -- the one-liner ----------------------------------------------------------------------------------------------
+def export(
+    model_id_or_path: str | Path,
+    output_dir: str | Path,
+    scheme: str | QuantScheme | None = None,
+    method: str | None = None,
+    *,
+    task: str = DEFAULT_TASK,
+    opset: int | None = None,
+    recipe: str | Path | Mapping[str, Any] | Recipe | None = None,
+    eval: bool = False,
+    overwrite: bool = False,
+    push_to_hub: str | None = None,
+    trust_remote_code: bool = False,
+    export_options: Mapping[str, Any] | None = None,
+    eval_options: Mapping[str, Any] | None = None,
+    **quantize_kwargs: Any,
+) -> Path:
+    """Export ``model_id_or_path`` with Optimum and quantize it into ``output_dir``; returns the folder.
+
+    ``scheme`` (default ``w4-g128``) and ``method`` (default ``adaround``) override the recipe's, as do
+    ``quantize_kwargs`` (``calib_data``, ``calib_samples``, ``exclude``, ``format``, ``device``...). ``recipe``
+    is a preset name (``w4-g128-gptq``...), a YAML/JSON file, a mapping or a Recipe. A folder that already
+    holds ``model.onnx`` is quantized directly (no Optimum export). ``eval=True`` measures perplexity before and
+    after and puts it in the model card; ``push_to_hub="user/name"`` uploads the finished folder.
+    """
+    output = Path(output_dir).expanduser()
+    merged = _merge_recipe(resolve_recipe(recipe), scheme, method, dict(quantize_kwargs))
+    extra = {k: v for k, v in quantize_kwargs.items() if k not in set(Recipe().to_dict())}
+    extra.pop("overwrite", None)
+    model, local_only = resolve_source(model_id_or_path, trust_remote_code=trust_remote_code)
+    local = Path(model) if Path(model).is_dir() else None
+    _check_output(output, local, overwrite)
+    onnx_input = local is not None and _is_onnx_folder(local)
+    if not onnx_input:
+        _check_config(model, local_files_only=local_only, trust_remote_code=trust_remote_code)
+    if opset is None and merged.format == "qdq":
+        opset = _QDQ_MIN_OPSET
+
+    with _temp_sibling(output, "export") as work:
+        if onnx_input:
+            exported = local
+        else:
+            exported = work / "onnx"
+            _optimum_export(
+                model, exported, task=task, opset=opset, local_files_only=local_only,
+                trust_remote_code=trust_remote_code, **dict(export_options or {}),
+            )  # fmt: skip
+        staged = work / "quantized"
+        passes = _run_quantize(exported, staged, merged, extra)
+        save_recipe(merged, staged / RECIPE_FILE_NAME)
+        qconf = _read_json(staged / "quantization_config.json")
+        tokens_sha = None if "calib_tokens_sha256" in qconf else _calib_tokens_hash(merged, exported)
+        _extend_qconfig(
+            staged, source=str(model_id_or_path), recipe=merged, passes=passes,
+            original_size=folder_size_bytes(exported), tokens_sha=tokens_sha,
+        )  # fmt: skip
+        if eval:
+            record = _evaluate(exported, staged, dict(eval_options or {}))
+            (staged / EVAL_FILE_NAME).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        write_model_card(
+            staged,
+            base_model=str(model_id_or_path) if local is None else local.name,
+            license=source_license(local),
+            original_size_bytes=folder_size_bytes(exported),
+            command=_command_line(model_id_or_path, output, merged, task=task, eval=eval),
+        )
+        _replace_folder(staged, output)
+    if push_to_hub:
+        from .hub import push_to_hub as _push
+
+        _push(output, push_to_hub)
+    return output
+
+
+def _command_line(model: Any, output: Path, recipe: Recipe, *, task: str, eval: bool) -> str:
+    s = QuantScheme.parse(recipe.scheme)
+    parts = [
+        "optimum-cli export onnx-quant",
+        f"--model {model}",
+        f"--task {task}" if task != DEFAULT_TASK else "",
+        f"--weight-bits {s.bits} --group-size {s.group_size} {'--sym' if s.symmetric else '--asym'}",
+        f"--method {recipe.method}",
+        f"--format {recipe.format}" if recipe.format else "",
+        f"--calib-data {recipe.calib_data}" if recipe.calib_data else "",
+        f"--calib-samples {recipe.calib_samples} --seq-len {recipe.seq_len}",
+        *(f"--exclude '{x}'" for x in recipe.exclude),
+        "--recipe quantization_recipe.yaml" if recipe.overrides else "",
+        "--eval" if eval else "",
+        output.name,
+    ]
+    return " ".join(p for p in parts if p)
