@@ -1,0 +1,128 @@
+"""Pure functions for the layer Hessian ``H = X^T X`` that the calibrated rounding methods consume.
+
+``H`` is kept as a float64 *sum* over calibration tokens (``SiteStats.hessian``); the mean is ``H / n``.
+
+Robustness policy (documented here once, used by every method):
+
+1. NaN/Inf anywhere in ``H`` (or a shape that does not match the weight) is bad calibration data:
+   :class:`CalibrationError` naming the site, never a silent fallback.
+2. Dead inputs (``H_ii == 0``: the feature was always zero) get ``H_ii = 1`` so the matrix stays invertible;
+   the weight's column does not influence the output and the methods set it to zero.
+3. A Hessian that is not positive definite after the usual dampening (``percdamp`` x mean diagonal) is
+   retried with 10x more dampening, up to ``max_tries`` times in total.
+4. If it still fails, :func:`inverse_cholesky` returns None; the caller falls back to round-to-nearest for that
+   site, logs a warning, and records ``fallback = 1`` in the site's metrics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import torch
+
+from ..errors import CalibrationError
+
+__all__ = [
+    "PreparedHessian",
+    "accumulate",
+    "check_hessian",
+    "dampen",
+    "empty_hessian",
+    "inverse_cholesky",
+    "prepare",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def empty_hessian(k: int) -> np.ndarray:
+    """A zero ``[k, k]`` float64 accumulator."""
+    return np.zeros((k, k), dtype=np.float64)
+
+
+def accumulate(h: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Add ``x^T x`` to ``h`` in place (float64 sum) and return ``h``.
+
+    ``x`` is ``[..., K]`` activations (any float dtype); leading dimensions are flattened into tokens.
+    The product is formed in float64 so long calibration runs do not lose the small eigen-directions.
+    """
+    k = h.shape[0]
+    x2 = np.asarray(x).reshape(-1, k)
+    if x2.shape[0]:
+        x64 = torch.from_numpy(np.ascontiguousarray(x2, dtype=np.float64))
+        torch.from_numpy(h).add_(x64.T @ x64)
+    return h
+
+
+def check_hessian(h: np.ndarray | None, k: int, site: str) -> None:
+    """Raise :class:`CalibrationError` naming ``site`` if ``h`` is missing, mis-shaped or non-finite."""
+    if h is None:
+        raise CalibrationError(
+            f"site {site}: this method needs calibration statistics (a Hessian), none given"
+        )
+    if h.shape != (k, k):
+        raise CalibrationError(f"site {site}: Hessian shape {tuple(h.shape)} does not match K={k}")
+    if not np.isfinite(h).all():
+        raise CalibrationError(
+            f"site {site}: the calibration Hessian contains NaN/Inf (overflowing activations?); "
+            "check the calibration data or run the model in float32"
+        )
+
+
+def dampen(h: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """``H + percdamp * mean(diag H) * I`` (a new tensor); an all-zero diagonal gets ``percdamp * I``."""
+    diag = torch.diagonal(h)
+    mean = float(diag.mean()) if diag.numel() else 0.0
+    damp = percdamp * (mean if mean > 0 else 1.0)
+    return h + damp * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedHessian:
+    """A finite float64 Hessian with dead inputs patched (``H_ii = 1``) and the dead-column mask."""
+
+    h: torch.Tensor
+    dead: torch.Tensor
+
+
+def prepare(h: np.ndarray | None, k: int, site: str) -> PreparedHessian:
+    """Validate (see module policy 1) and patch dead inputs (policy 2); returns a float64 torch copy."""
+    check_hessian(h, k, site)
+    assert h is not None
+    t = torch.from_numpy(np.array(h, dtype=np.float64, copy=True))
+    dead = torch.diagonal(t) == 0
+    if bool(dead.any()):
+        t[dead, :] = 0
+        t[:, dead] = 0
+        t[dead, dead] = 1
+    return PreparedHessian(t, dead)
+
+
+def inverse_cholesky(
+    h: torch.Tensor, percdamp: float = 0.01, max_tries: int = 4, site: str = "?"
+) -> tuple[torch.Tensor, float] | None:
+    """Upper Cholesky factor ``U`` of ``(H + damp I)^-1`` (``U^T U = H^-1``), in float64.
+
+    Tries ``percdamp, 10 percdamp, ...`` (``max_tries`` values); returns ``(U, percdamp_used)``, or None
+    when every try fails (the caller then falls back to round-to-nearest, policy 4).
+    """
+    damp = percdamp
+    for attempt in range(max_tries):
+        hd = dampen(h, damp)
+        lower, info = torch.linalg.cholesky_ex(hd)
+        if int(info) == 0:
+            hinv = torch.cholesky_inverse(lower)
+            upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            if int(info) == 0 and bool(torch.isfinite(upper).all()):
+                if attempt:
+                    logger.info("site %s: Hessian needed percdamp=%g to be positive definite", site, damp)
+                return upper, damp
+        damp *= 10.0
+    logger.warning(
+        "site %s: Hessian is not positive definite even with percdamp=%g; falling back to round-to-nearest",
+        site,
+        damp / 10.0,
+    )
+    return None
