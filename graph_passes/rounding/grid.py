@@ -6,22 +6,37 @@ block may be short (K need not be a multiple of the block size).
 Symmetric grid: unsigned codes ``q in [0, 2**b - 1]`` with implied zero point ``z = 2**(b-1)``, value
 ``(q - z) * s``. The scale is ``s = absmax / 2**(b-1)`` by default (``-absmax`` lands exactly on code 0).
 Asymmetric grid: ``s = (max - min) / (2**b - 1)``, ``z = round(-min / s)`` clamped to the code range.
+When the scheme stores float16 scales, ``grid_params`` rounds them to float16 *before* codes are chosen,
+so the codes fit the scale that is actually stored and packing is exact.
+
+``ort_grid_params`` / ``ort_codes`` reproduce onnxruntime's own blockwise RTN (MLAS, 1.31) bit for bit:
+its symmetric scale keeps the sign of the extreme value (``s = extreme / -2**(b-1)``, so the extreme
+always lands exactly on code 0, and ``s`` is negative when the extreme is positive), and it rounds
+``w * (1/s) + z`` half away from zero instead of ``w / s`` half to even.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from ..errors import InvalidModelError
 from ..scheme import QuantScheme
 
 __all__ = [
     "blockwise_minmax",
+    "check_finite",
     "codes_from_weight",
+    "dequantize_blocks",
     "grid_params",
+    "ort_codes",
+    "ort_grid_params",
     "pad_blocks",
+    "quantize_blocks",
+    "round_scales",
 ]
 
 _TINY = np.float32(1e-12)
+_FP16_MAX = np.float32(65504.0)
 
 
 def pad_blocks(w: np.ndarray, block: int) -> np.ndarray:
@@ -37,10 +52,29 @@ def pad_blocks(w: np.ndarray, block: int) -> np.ndarray:
     return w.reshape(n, nb, block)
 
 
+def check_finite(w: np.ndarray, what: str = "weight") -> None:
+    """Raise a one-line UserError naming the first NaN/Inf entry of ``w``."""
+    bad = ~np.isfinite(w)
+    if bad.any():
+        r, c = (int(i) for i in np.argwhere(bad)[0])
+        raise InvalidModelError(
+            f"{what} {list(w.shape)} has {int(bad.sum())} NaN/Inf value(s) (first at [{r}, {c}]): "
+            "cannot quantize a non-finite weight; fix or skip this layer"
+        )
+
+
 def blockwise_minmax(w: np.ndarray, scheme: QuantScheme) -> tuple[np.ndarray, np.ndarray]:
     """Per-block (min, max) of ``w[N, K]``, each ``[N, n_blocks]`` float32."""
     blocks = pad_blocks(np.asarray(w, dtype=np.float32), scheme.block_size(w.shape[1]))
     return blocks.min(axis=2), blocks.max(axis=2)
+
+
+def round_scales(scales: np.ndarray, scheme: QuantScheme) -> np.ndarray:
+    """Scales as they will be stored (float16-rounded for ``scale_dtype="float16"``), as float32."""
+    scales = np.asarray(scales, np.float32)
+    if scheme.scale_dtype == "float16":
+        scales = np.clip(scales, -_FP16_MAX, _FP16_MAX).astype(np.float16).astype(np.float32)
+    return scales
 
 
 def grid_params(
@@ -51,17 +85,46 @@ def grid_params(
     Returns ``(scales[N, nb] float32, zero_points[N, nb] uint8 | None)``. All-zero blocks get scale 0
     (exactly representable: every code is the zero point) so they dequantize to exact zeros.
     """
-    wmin = np.minimum(np.asarray(wmin, np.float32), 0) * clip
-    wmax = np.maximum(np.asarray(wmax, np.float32), 0) * clip
+    c = np.asarray(clip, np.float32)
+    wmin = np.minimum(np.asarray(wmin, np.float32), 0) * c
+    wmax = np.maximum(np.asarray(wmax, np.float32), 0) * c
     if scheme.symmetric:
         absmax = np.maximum(-wmin, wmax)
-        scales = (absmax / np.float32(scheme.implied_zero_point)).astype(np.float32)
+        scales = round_scales(absmax / np.float32(scheme.implied_zero_point), scheme)
         return scales, None
-    scales = ((wmax - wmin) / np.float32(scheme.qmax)).astype(np.float32)
+    scales = round_scales((wmax - wmin) / np.float32(scheme.qmax), scheme)
     safe = np.where(scales > _TINY, scales, np.float32(1))
     zp = np.clip(np.rint(-wmin / safe), 0, scheme.qmax)
     zp = np.where(scales > _TINY, zp, 0)
     return scales, zp.astype(np.uint8)
+
+
+def quantize_blocks(
+    blocks: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, scheme: QuantScheme
+) -> np.ndarray:
+    """Round-to-nearest codes of ``blocks[N, nb, B]`` on per-block grids ``[N, nb]`` (float32 codes)."""
+    s = np.asarray(scales, np.float32)[..., None]
+    z = (
+        np.float32(scheme.implied_zero_point)
+        if zero_points is None
+        else np.asarray(zero_points, np.float32)[..., None]
+    )
+    live = np.abs(s) > _TINY
+    q = np.rint(blocks / np.where(live, s, np.float32(1))) + z
+    q = np.where(live, q, z)
+    return np.clip(q, scheme.qmin, scheme.qmax)
+
+
+def dequantize_blocks(
+    q: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, scheme: QuantScheme
+) -> np.ndarray:
+    """``(q - z) * s`` for block-shaped codes ``[N, nb, B]`` (same arithmetic as ``QuantizedWeight``)."""
+    z = (
+        np.float32(scheme.implied_zero_point)
+        if zero_points is None
+        else np.asarray(zero_points, np.float32)[..., None]
+    )
+    return (q - z) * np.asarray(scales, np.float32)[..., None]
 
 
 def codes_from_weight(
@@ -69,13 +132,49 @@ def codes_from_weight(
 ) -> np.ndarray:
     """Round-to-nearest codes ``uint8[N, K]`` of ``w`` on a given grid (ties to even, clamped)."""
     n, k = w.shape
-    block = scheme.block_size(k)
-    s = np.repeat(np.asarray(scales, np.float32), block, axis=1)[:, :k]
-    if zero_points is None:
-        z = np.float32(scheme.implied_zero_point)
-    else:
-        z = np.repeat(zero_points.astype(np.float32), block, axis=1)[:, :k]
-    safe = np.where(np.abs(s) > _TINY, s, np.float32(1))
-    q = np.rint(np.asarray(w, np.float32) / safe) + z
-    q = np.where(np.abs(s) > _TINY, q, z)
-    return np.clip(q, scheme.qmin, scheme.qmax).astype(np.uint8)
+    blocks = pad_blocks(np.asarray(w, np.float32), scheme.block_size(k))
+    q = quantize_blocks(blocks, scales, zero_points, scheme)
+    return q.reshape(n, -1)[:, :k].astype(np.uint8)
+
+
+# -- onnxruntime's convention (for byte-exact peer checks and interop) ---------------------------------
+
+
+def _roundf(x: np.ndarray) -> np.ndarray:
+    """C ``roundf``: nearest integer, halves away from zero (exact, no ``x + 0.5`` double rounding)."""
+    t = np.trunc(x)
+    return np.where(np.abs(x - t) >= np.float32(0.5), t + np.sign(x), t)
+
+
+def ort_grid_params(
+    wmin: np.ndarray, wmax: np.ndarray, scheme: QuantScheme
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """onnxruntime's blockwise scales/zero points (``range2scale`` / ``range2scalezp`` in MLAS)."""
+    wmin = np.asarray(wmin, np.float32)
+    wmax = np.asarray(wmax, np.float32)
+    if scheme.symmetric:
+        extreme = np.where(np.abs(wmax) > np.abs(wmin), wmax, wmin)
+        return round_scales(extreme / np.float32(-scheme.implied_zero_point), scheme), None
+    lo, hi = np.minimum(wmin, 0), np.maximum(wmax, 0)
+    scales = round_scales((hi - lo) / np.float32(scheme.qmax), scheme)
+    live = scales != 0
+    zp_fp = np.where(live, np.float32(0) - lo / np.where(live, scales, np.float32(1)), lo)
+    zp = np.clip(_roundf(zp_fp), 0, scheme.qmax)
+    return scales, zp.astype(np.uint8)
+
+
+def ort_codes(
+    w: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, scheme: QuantScheme
+) -> np.ndarray:
+    """onnxruntime's codes: ``clamp(roundf(w * (1/s) + z))`` in float32, ``1/0`` taken as 0."""
+    n, k = w.shape
+    blocks = pad_blocks(np.asarray(w, np.float32), scheme.block_size(k))
+    s = np.asarray(scales, np.float32)[..., None]
+    recip = np.where(s != 0, np.float32(1) / np.where(s != 0, s, np.float32(1)), np.float32(0))
+    z = (
+        np.float32(scheme.implied_zero_point)
+        if zero_points is None
+        else np.asarray(zero_points, np.float32)[..., None]
+    )
+    q = np.clip(_roundf((blocks * recip + z).astype(np.float32)), scheme.qmin, scheme.qmax)
+    return q.reshape(n, -1)[:, :k].astype(np.uint8)

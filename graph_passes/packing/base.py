@@ -1,0 +1,229 @@
+"""The packer interface: how a :class:`QuantizedWeight` becomes tensors and nodes of one output format.
+
+A packer is pure. ``pack``/``unpack`` convert between the package's ``[N, K]`` records and the arrays a
+format stores (NumPy only, exact both ways); ``build`` constructs the replacement nodes and initializer
+values for one weight site but never touches a graph: the rewrite pass (``graph_passes/rewrite.py``)
+inserts what it returns and reroutes the old MatMul/Gemm output to ``ReplacementNodes.output``.
+
+Packers are registered per :class:`WeightFormat` (``@register_packer``) and instantiated with their
+options through :func:`get_packer`; dispatch is by registry lookup, never by string ``if``s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+import onnx_ir as ir
+
+from ..errors import InternalError, UnsupportedSchemeError
+from ..records import QuantizedWeight, WeightSite
+from ..scheme import QuantScheme, WeightFormat
+
+__all__ = [
+    "PACKERS",
+    "PackedWeight",
+    "Packer",
+    "ReplacementNodes",
+    "activation_dtype",
+    "get_packer",
+    "initializer",
+    "pack_lsb",
+    "register_packer",
+    "unpack_lsb",
+]
+
+
+@dataclasses.dataclass
+class PackedWeight:
+    """What goes into the graph for one site: named arrays (by role) and node attributes."""
+
+    tensors: dict[str, np.ndarray]
+    """Role -> array, e.g. ``{"B": ..., "scales": ..., "zero_points": ...}`` (roles are format-specific)."""
+    attributes: dict[str, int | float | str]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(a.nbytes) for a in self.tensors.values())
+
+
+@dataclasses.dataclass
+class ReplacementNodes:
+    """The subgraph that replaces one MatMul/Gemm, not yet inserted anywhere.
+
+    ``initializers`` are values with ``const_value`` set, to register as graph initializers. ``output``
+    is the value that takes the place of the old node's output. ``opset_imports`` lists the domains and
+    minimum versions the nodes need (``{"com.microsoft": 1}``, ``{"": 21}``).
+    """
+
+    nodes: list[ir.Node]
+    initializers: list[ir.Value]
+    output: ir.Value
+    opset_imports: dict[str, int]
+
+
+class Packer(Protocol):
+    """What every output format provides (see module docstring)."""
+
+    format: ClassVar[WeightFormat]
+
+    def supports(self, scheme: QuantScheme, k: int, n: int) -> str | None:
+        """None when this format can store a ``[n, k]`` weight under ``scheme``, else the reason why not."""
+        ...
+
+    def pack(self, qw: QuantizedWeight) -> PackedWeight: ...
+
+    def unpack(self, packed: PackedWeight, scheme: QuantScheme, k: int, n: int) -> QuantizedWeight: ...
+
+    def build(
+        self, site: WeightSite, x: ir.Value, packed: PackedWeight, bias: ir.Value | None, name: str
+    ) -> ReplacementNodes:
+        """Nodes computing ``x @ W^T (+ bias)`` from ``packed``; names start with ``name``."""
+        ...
+
+
+PACKERS: dict[WeightFormat, Callable[..., Packer]] = {}
+
+
+def register_packer(cls: type) -> type:
+    """Class decorator: ``@register_packer class MatMulNBitsPacker: format = WeightFormat.MATMULNBITS``."""
+    fmt = WeightFormat(cls.format)  # type: ignore[attr-defined]
+    if fmt in PACKERS:
+        raise ValueError(f"packer for format {fmt.value!r} registered twice")
+    PACKERS[fmt] = cls
+    return cls
+
+
+# Modules holding the built-in packers; imported on first lookup so that importing one packer never
+# drags in the others (lowbit belongs to the custom-op side and may be absent in a partial checkout).
+_BUILTIN_MODULES = ("matmulnbits", "qdq", "lowbit")
+
+
+def _load_builtin_packers() -> None:
+    for mod in _BUILTIN_MODULES:
+        try:
+            importlib.import_module(f"{__package__}.{mod}")
+        except ModuleNotFoundError as e:
+            if e.name != f"{__package__}.{mod}":
+                raise
+
+
+def get_packer(format: WeightFormat | str, **options: Any) -> Packer:
+    """Instantiate the packer of ``format`` with its options (e.g. ``accuracy_level=4``)."""
+    _load_builtin_packers()
+    try:
+        fmt = WeightFormat(format)
+    except ValueError:
+        raise UnsupportedSchemeError(
+            f"unknown weight format {format!r}; choose one of {[f.value for f in WeightFormat]}"
+        ) from None
+    if fmt not in PACKERS:
+        raise UnsupportedSchemeError(
+            f"no packer registered for format {fmt.value!r} (registered: {sorted(f.value for f in PACKERS)})"
+        )
+    return PACKERS[fmt](**options)
+
+
+# -- helpers shared by the packers ---------------------------------------------------------------------
+
+
+def pack_lsb(values: np.ndarray, bits: int) -> np.ndarray:
+    """Pack unsigned ``bits``-wide integers along the last axis into bytes, LSB first.
+
+    ``uint8[..., L] -> uint8[..., ceil(L * bits / 8)]``; the unused high bits of the last byte are 0.
+    Any width 1..8 works (a continuous bit stream); 1/2/4/8 take a fast path.
+    """
+    v = np.asarray(values, dtype=np.uint8)
+    length = v.shape[-1]
+    n_bytes = (length * bits + 7) // 8
+    if bits == 8:
+        return v.copy()
+    if 8 % bits == 0:
+        per = 8 // bits
+        pad = (-length) % per
+        if pad:
+            v = np.concatenate([v, np.zeros((*v.shape[:-1], pad), np.uint8)], axis=-1)
+        v = v.reshape(*v.shape[:-1], -1, per)
+        shifts = (np.arange(per, dtype=np.uint8) * bits).astype(np.uint8)
+        return np.bitwise_or.reduce(v << shifts, axis=-1).astype(np.uint8)
+    # Generic bit stream: explode to bits (little end first), then let packbits regroup them.
+    bit_planes = (v[..., None] >> np.arange(bits, dtype=np.uint8)) & 1
+    stream = bit_planes.reshape(*v.shape[:-1], length * bits)
+    return np.packbits(stream, axis=-1, bitorder="little")[..., :n_bytes]
+
+
+def unpack_lsb(packed: np.ndarray, bits: int, length: int) -> np.ndarray:
+    """Inverse of :func:`pack_lsb`: ``uint8[..., n_bytes] -> uint8[..., length]``."""
+    p = np.asarray(packed, dtype=np.uint8)
+    if bits == 8:
+        return p[..., :length].copy()
+    if 8 % bits == 0:
+        per = 8 // bits
+        shifts = (np.arange(per, dtype=np.uint8) * bits).astype(np.uint8)
+        mask = np.uint8((1 << bits) - 1)
+        v = (p[..., None] >> shifts) & mask
+        return v.reshape(*p.shape[:-1], -1)[..., :length].astype(np.uint8)
+    stream = np.unpackbits(p, axis=-1, bitorder="little")[..., : length * bits]
+    planes = stream.reshape(*p.shape[:-1], length, bits).astype(np.uint8)
+    return np.bitwise_or.reduce(planes << np.arange(bits, dtype=np.uint8), axis=-1).astype(np.uint8)
+
+
+def initializer(name: str, array: np.ndarray) -> ir.Value:
+    """A graph-free initializer value (``const_value`` set, type and shape taken from the array).
+
+    ml_dtypes ``int4``/``uint4`` arrays become ONNX INT4/UINT4 tensors (packed two per byte on save).
+    """
+    tensor = ir.Tensor(np.ascontiguousarray(array), name=name)
+    return ir.Value(
+        name=name, type=ir.TensorType(tensor.dtype), shape=ir.Shape(tensor.shape), const_value=tensor
+    )
+
+
+_NP_FLOAT = {ir.DataType.FLOAT: np.float32, ir.DataType.FLOAT16: np.float16}
+
+
+def activation_dtype(x: ir.Value) -> ir.DataType:
+    """Element type of the activation feeding a site (float32 when the graph does not say)."""
+    dtype = x.dtype if x.dtype is not None else ir.DataType.FLOAT
+    if dtype not in _NP_FLOAT:
+        raise UnsupportedSchemeError(
+            f"activation {x.name!r} has element type {dtype.name}: packers handle float32 and float16 only"
+        )
+    return dtype
+
+
+def numpy_float(dtype: ir.DataType) -> type[np.floating]:
+    return _NP_FLOAT[dtype]
+
+
+def output_value(x: ir.Value, n: int, name: str, dtype: ir.DataType) -> ir.Value:
+    """The replacement output: ``x.shape[:-1] + [n]`` when x's shape is known."""
+    shape = ir.Shape([*list(x.shape)[:-1], n]) if x.shape is not None else None
+    return ir.Value(name=name, type=ir.TensorType(dtype), shape=shape)
+
+
+def check_record(qw: QuantizedWeight) -> None:
+    """Turn a broken record (a bug upstream, not user input) into an InternalError."""
+    try:
+        qw.check()
+    except AssertionError as e:
+        raise InternalError(f"malformed QuantizedWeight handed to a packer: {e}") from e
+
+
+def stored_scales(qw: QuantizedWeight) -> np.ndarray:
+    """``qw.scales`` in the scheme's storage dtype; refuses a lossy float16 cast.
+
+    Rounding methods choose codes for the scale that is actually stored (``grid.grid_params`` rounds
+    scales to float16 when ``scale_dtype == "float16"``), so the cast must be exact; if it is not, the
+    packed model would not reproduce ``qw.dequantize()``.
+    """
+    scales = qw.scales.astype(qw.scheme.scale_dtype)
+    if not np.array_equal(scales.astype(np.float32), qw.scales.astype(np.float32)):
+        raise InternalError(
+            f"scales of a {qw.scheme.scale_dtype} scheme are not representable in {qw.scheme.scale_dtype}: "
+            "the rounding method must round them before choosing codes"
+        )
+    return scales

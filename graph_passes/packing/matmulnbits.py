@@ -1,0 +1,162 @@
+"""``com.microsoft::MatMulNBits``: packed uint8 codes that onnxruntime multiplies directly.
+
+Layout (onnxruntime 1.31, checked by the tests against the CPU kernel):
+
+- ``B``: uint8 ``[N, k_blocks, block_size * bits / 8]``; within a block the codes along K are packed
+  LSB first (for 4 bits: element 2i in the low nibble, 2i+1 in the high nibble). The tail of the last
+  block (K not a multiple of the block) is padded with the block's zero point, so it dequantizes to 0.
+- ``scales``: ``[N * k_blocks]``, row-major ``[N, k_blocks]`` flattened.
+- ``zero_points`` (asymmetric only): uint8 ``[N, ceil(k_blocks * bits / 8)]``, packed LSB first per row.
+  Without it the kernel implies ``2**(bits-1)``, which is exactly our symmetric convention.
+- Attributes ``K``, ``N``, ``bits`` (2/4/8 run on CPU), ``block_size`` (16..256), ``accuracy_level``
+  (0 = compute in the activation type, exact; 4 = int8 activations, fast but approximate).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+import onnx_ir as ir
+
+from ..errors import UnsupportedSchemeError
+from ..records import QuantizedWeight, WeightSite
+from ..scheme import DataType, QuantScheme, WeightFormat
+from .base import (
+    PackedWeight,
+    ReplacementNodes,
+    activation_dtype,
+    check_record,
+    initializer,
+    numpy_float,
+    output_value,
+    pack_lsb,
+    register_packer,
+    stored_scales,
+    unpack_lsb,
+)
+
+__all__ = ["MatMulNBitsPacker"]
+
+_BITS = (2, 4, 8)
+_BLOCKS = (16, 32, 64, 128, 256)
+
+
+@register_packer
+class MatMulNBitsPacker:
+    """Packs codes for ``MatMulNBits``; ``accuracy_level`` is written as the node attribute."""
+
+    format: ClassVar[WeightFormat] = WeightFormat.MATMULNBITS
+
+    def __init__(self, accuracy_level: int = 0) -> None:
+        if accuracy_level not in (0, 1, 2, 3, 4):
+            raise UnsupportedSchemeError(f"accuracy_level={accuracy_level!r}: MatMulNBits accepts 0..4")
+        self.accuracy_level = accuracy_level
+
+    def supports(self, scheme: QuantScheme, k: int, n: int) -> str | None:
+        if scheme.data_type is not DataType.INT:
+            return f"MatMulNBits stores uniform integer grids only, not data_type={scheme.data_type.value}"
+        if scheme.bits not in _BITS:
+            return f"MatMulNBits runs bits {'/'.join(map(str, _BITS))} only, not {scheme.bits} (use format=lowbit)"
+        block = scheme.block_size(k)
+        if block not in _BLOCKS:
+            if scheme.per_channel:
+                return (
+                    f"per-channel needs one block of K={k}, but MatMulNBits blocks are "
+                    f"{'/'.join(map(str, _BLOCKS))} only (use a group size, or format=qdq)"
+                )
+            return f"MatMulNBits block sizes are {'/'.join(map(str, _BLOCKS))} only, not {block}"
+        return None
+
+    def _check(self, scheme: QuantScheme, k: int, n: int) -> None:
+        reason = self.supports(scheme, k, n)
+        if reason is not None:
+            raise UnsupportedSchemeError(f"{scheme.label}, weight [{n}, {k}]: {reason}")
+
+    def pack(self, qw: QuantizedWeight) -> PackedWeight:
+        check_record(qw)
+        scheme, n, k = qw.scheme, qw.n, qw.k
+        self._check(scheme, k, n)
+        block, nb, bits = qw.block_size, scheme.n_blocks(k), scheme.bits
+        codes = qw.codes
+        pad = nb * block - k
+        if pad:
+            # Pad with the zero point so the padding dequantizes to exactly 0 (onnxruntime's own
+            # quantizer does the same: it pads the float weight with zeros).
+            fill = (
+                np.full((n, pad), scheme.implied_zero_point, np.uint8)
+                if qw.zero_points is None
+                else np.repeat(qw.zero_points[:, -1:], pad, axis=1)
+            )
+            codes = np.concatenate([codes, fill], axis=1)
+        b = pack_lsb(codes.reshape(n, nb, block), bits)
+        tensors = {"B": b, "scales": stored_scales(qw).reshape(n * nb)}
+        if qw.zero_points is not None:
+            tensors["zero_points"] = pack_lsb(qw.zero_points, bits)
+        attributes: dict[str, int | float | str] = {
+            "K": k,
+            "N": n,
+            "bits": bits,
+            "block_size": block,
+            "accuracy_level": self.accuracy_level,
+        }
+        return PackedWeight(tensors, attributes)
+
+    def unpack(self, packed: PackedWeight, scheme: QuantScheme, k: int, n: int) -> QuantizedWeight:
+        self._check(scheme, k, n)
+        block, nb, bits = scheme.block_size(k), scheme.n_blocks(k), scheme.bits
+        b = packed.tensors["B"]
+        if b.shape != (n, nb, block * bits // 8):
+            raise UnsupportedSchemeError(f"MatMulNBits B has shape {b.shape}, expected {(n, nb, block * bits // 8)}")
+        codes = unpack_lsb(b, bits, block).reshape(n, nb * block)[:, :k]
+        scales = packed.tensors["scales"].astype(np.float32).reshape(n, nb)
+        zp = packed.tensors.get("zero_points")
+        zero_points = None if zp is None else unpack_lsb(zp, bits, nb)
+        if (zero_points is None) != scheme.symmetric:
+            raise UnsupportedSchemeError(
+                f"MatMulNBits weight {'lacks' if zero_points is None else 'has'} zero points but the scheme "
+                f"is {'asymmetric' if zero_points is None else 'symmetric'}"
+            )
+        return QuantizedWeight(np.ascontiguousarray(codes), scales, zero_points, scheme)
+
+    def build(
+        self, site: WeightSite, x: ir.Value, packed: PackedWeight, bias: ir.Value | None, name: str
+    ) -> ReplacementNodes:
+        """One ``MatMulNBits`` node; a Gemm's 1-D ``[N]`` bias becomes its ``bias`` input, any other bias
+        shape (``[1, N]``, ``[M, N]``, unknown) an ``Add`` after it.
+
+        Assumes a Gemm site has ``alpha = beta = 1`` and ``transA = 0`` (site discovery's job).
+        """
+        dtype = activation_dtype(x)
+        # MatMulNBits ties `scales` to A's element type (type constraint T1 covers A, scales and bias):
+        # float16 scales with float32 activations are rejected at session creation. float16 -> float32
+        # is exact, so fp16-rounded scales are stored as float32 for float32 graphs (a few % more
+        # bytes, the same numbers); a float16 graph gets float16 scales.
+        scales = packed.tensors["scales"].astype(numpy_float(dtype))
+        inits = [initializer(f"{name}.B", packed.tensors["B"]), initializer(f"{name}.scales", scales)]
+        inputs: list[ir.Value | None] = [x, *inits]
+        if "zero_points" in packed.tensors:
+            zp = initializer(f"{name}.zero_points", packed.tensors["zero_points"])
+            inits.append(zp)
+            inputs.append(zp)
+        add_bias = None
+        if bias is not None:
+            if bias.shape is not None and list(bias.shape) == [site.n] and bias.dtype in (None, dtype):
+                inputs += [None] * (4 - len(inputs)) + [None, bias]  # zero_points?, g_idx, bias
+            else:
+                add_bias = bias
+        out = output_value(x, site.n, f"{name}/MatMulNBits_output" if add_bias else f"{name}/output", dtype)
+        node = ir.node(
+            "MatMulNBits",
+            inputs,
+            {k: v for k, v in packed.attributes.items()},
+            domain="com.microsoft",
+            outputs=[out],
+            name=f"{name}/MatMulNBits",
+        )
+        nodes = [node]
+        if add_bias is not None:
+            final = output_value(x, site.n, f"{name}/output", dtype)
+            nodes.append(ir.node("Add", [out, add_bias], outputs=[final], name=f"{name}/Add"))
+            out = final
+        return ReplacementNodes(nodes, inits, out, {"com.microsoft": 1})

@@ -1,0 +1,151 @@
+"""Round-to-nearest, with an optional per-block clip-ratio search (data-free baseline).
+
+``search="minmax"`` uses each block's full range. ``search="mse"`` (default) shrinks the range by each
+ratio of a grid (1.0 down to ``min_clip``) and keeps, per block, the ratio whose rounding has the least
+squared error: a few outliers then no longer stretch the grid of the whole block. Ratio 1.0 is tried
+first and only a strictly smaller error replaces it, so weights that already lie on a min-max grid keep
+their exact codes.
+
+``grid="ort"`` reproduces onnxruntime's own RTN quantizer bit for bit (its sign-keeping symmetric scale and
+``roundf`` rounding, see ``grid.py``); it is a min-max method, so it requires ``search="minmax"``.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..errors import UnsupportedSchemeError
+from ..records import QuantizedWeight
+from ..scheme import DataType, QuantScheme
+from .base import SiteStats, register_method
+from .grid import (
+    blockwise_minmax,
+    check_finite,
+    codes_from_weight,
+    dequantize_blocks,
+    grid_params,
+    ort_codes,
+    ort_grid_params,
+    pad_blocks,
+    quantize_blocks,
+)
+from .metrics import proxy_loss, sqnr_db
+
+__all__ = ["RTN", "clip_ratios"]
+
+_SEARCHES = ("minmax", "mse")
+_GRIDS = ("default", "ort")
+
+
+def clip_ratios(n_grid: int, min_clip: float) -> np.ndarray:
+    """The ratios tried by the MSE search, 1.0 first, float32."""
+    return np.linspace(1.0, min_clip, n_grid, dtype=np.float32)
+
+
+def mse_clip_search(
+    w: np.ndarray, scheme: QuantScheme, ratios: np.ndarray
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray]:
+    """Per-block best clip ratio of ``w[N, K]``: returns ``(scales, zero_points, codes[N, K], clip[N, nb])``."""
+    n, k = w.shape
+    block = scheme.block_size(k)
+    blocks = pad_blocks(w, block)
+    # Padding repeats the edge value: mask it out of the error so the last column is not over-weighted.
+    mask = None
+    if k % block:
+        mask = np.ones(blocks.shape[1:], np.float32)
+        mask[-1, k % block :] = 0
+    bmin, bmax = blocks.min(axis=2), blocks.max(axis=2)
+    best_err = np.full(bmin.shape, np.inf, np.float32)
+    best_clip = np.ones(bmin.shape, np.float32)
+    for c in ratios:
+        s, z = grid_params(bmin, bmax, scheme, clip=c)
+        d = dequantize_blocks(quantize_blocks(blocks, s, z, scheme), s, z, scheme) - blocks
+        if mask is not None:
+            d *= mask
+        err = np.einsum("ijk,ijk->ij", d, d)
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best_clip = np.where(better, c, best_clip)
+    scales, zp = grid_params(bmin, bmax, scheme, clip=best_clip)
+    codes = quantize_blocks(blocks, scales, zp, scheme).reshape(n, -1)[:, :k].astype(np.uint8)
+    return scales, zp, codes, best_clip
+
+
+@register_method
+class RTN:
+    """Round-to-nearest on a uniform grid; per-block MSE clip search by default."""
+
+    name: ClassVar[str] = "rtn"
+    needs: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(
+        self,
+        search: str = "mse",
+        grid: str = "default",
+        n_grid: int = 16,
+        min_clip: float = 0.5,
+        chunk_rows: int = 4096,
+        progress: bool = False,
+    ) -> None:
+        if search not in _SEARCHES:
+            raise UnsupportedSchemeError(f"rtn: search={search!r}; choose one of {list(_SEARCHES)}")
+        if grid not in _GRIDS:
+            raise UnsupportedSchemeError(f"rtn: grid={grid!r}; choose one of {list(_GRIDS)}")
+        if grid == "ort" and search != "minmax":
+            raise UnsupportedSchemeError("rtn: grid='ort' reproduces onnxruntime's min-max RTN; use search='minmax'")
+        if not (isinstance(n_grid, int) and n_grid >= 1):
+            raise UnsupportedSchemeError(f"rtn: n_grid={n_grid!r}; use an integer >= 1")
+        if not 0.0 < min_clip <= 1.0:
+            raise UnsupportedSchemeError(f"rtn: min_clip={min_clip!r}; use a ratio in (0, 1]")
+        self.search = search
+        self.grid = grid
+        self.ratios = clip_ratios(n_grid, min_clip)
+        self.chunk_rows = max(1, int(chunk_rows))
+        self.progress = progress
+
+    def quantize(
+        self, weight: np.ndarray, scheme: QuantScheme, stats: SiteStats | None = None
+    ) -> QuantizedWeight:
+        if scheme.data_type is not DataType.INT:
+            raise UnsupportedSchemeError(
+                f"rtn quantizes to uniform integer grids; data_type={scheme.data_type.value} is not one"
+            )
+        w = np.asarray(weight, dtype=np.float32)
+        if w.ndim != 2:
+            raise UnsupportedSchemeError(f"rtn expects a 2-D weight [N, K], got shape {list(w.shape)}")
+        check_finite(w)
+        n, k = w.shape
+        if self.search == "minmax":
+            wmin, wmax = blockwise_minmax(w, scheme)
+            if self.grid == "ort":
+                scales, zp = ort_grid_params(wmin, wmax, scheme)
+                codes = ort_codes(w, scales, zp, scheme)
+            else:
+                scales, zp = grid_params(wmin, wmax, scheme)
+                codes = codes_from_weight(w, scales, zp, scheme)
+            clip_mean = 1.0
+        else:
+            nb = scheme.n_blocks(k)
+            scales = np.empty((n, nb), np.float32)
+            zp = None if scheme.symmetric else np.empty((n, nb), np.uint8)
+            codes = np.empty((n, k), np.uint8)
+            clip_sum = 0.0
+            starts = range(0, n, self.chunk_rows)
+            for r0 in tqdm(starts, desc="rtn clip search", disable=not self.progress, leave=False):
+                r1 = min(r0 + self.chunk_rows, n)
+                s, z, q, c = mse_clip_search(w[r0:r1], scheme, self.ratios)
+                scales[r0:r1], codes[r0:r1] = s, q
+                if zp is not None and z is not None:
+                    zp[r0:r1] = z
+                clip_sum += float(c.sum(dtype=np.float64))
+            clip_mean = clip_sum / max(n * nb, 1)
+        qw = QuantizedWeight(codes, scales, zp, scheme)
+        w_hat = qw.dequantize()
+        qw.metrics["sqnr_db"] = sqnr_db(w, w_hat)
+        qw.metrics["clip_mean"] = clip_mean
+        if stats is not None and stats.hessian is not None:
+            qw.metrics["proxy_loss"] = proxy_loss(w, w_hat, stats.hessian, stats.n_tokens)
+        return qw
