@@ -21,7 +21,7 @@ from onnx_ir.passes.common import LiftConstantsToInitializersPass
 from tqdm.auto import tqdm
 
 from . import packing, rounding  # noqa: F401  (importing the packages registers packers and methods)
-from .errors import CalibrationError, InvalidModelError, NoQuantizableWeightsError, UnsupportedSchemeError
+from .errors import CalibrationError, NoQuantizableWeightsError, UnsupportedSchemeError
 from .model_io import read_weight
 from .packing.base import PackedWeight, Packer, get_packer
 from .records import QuantizedWeight, SiteReport, SkippedSite, WeightSite
@@ -103,24 +103,23 @@ def prepare_sites(
     exclude: Sequence[str] = (),
     quantize_lm_head: bool = False,
 ) -> SiteReport:
-    """Lift Constant-node weights to initializers, find the sites, refuse already-quantized or empty models."""
+    """Lift Constant-node weights to initializers and find the sites; refuse a model with none selected.
+
+    Weights that are already quantized (MatMulNBits, DequantizeLinear) are never touched again: they are
+    listed in ``skipped``, and a model with no float weight left is refused with a message saying so.
+    """
     LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=1024)(model)
     report = find_weight_sites(model, include, exclude, quantize_lm_head)
+    if report.sites:
+        return report
     done = [s for s in report.skipped if s.reason.startswith(ALREADY_QUANTIZED)]
     if done:
-        raise InvalidModelError(
-            f"the model is already quantized ({len(done)} weights, e.g. {done[0].node_name}: {done[0].reason}); "
-            "quantize the float model instead"
-        )
-    if not report.sites:
-        why = (
-            "; ".join(sorted({s.reason for s in report.skipped})[:3])
-            or "no MatMul/Gemm with a constant weight"
-        )
         raise NoQuantizableWeightsError(
-            f"no quantizable weight selected ({len(report.skipped)} skipped: {why})"
+            f"the model is already quantized ({len(done)} weights, e.g. {done[0].node_name}: {done[0].reason}) "
+            "and no selected float weight is left; quantize the float model instead"
         )
-    return report
+    why = "; ".join(sorted({s.reason for s in report.skipped})[:3]) or "no MatMul/Gemm with a constant weight"
+    raise NoQuantizableWeightsError(f"no quantizable weight selected ({len(report.skipped)} skipped: {why})")
 
 
 def check_sites(packer: Packer, scheme: QuantScheme, sites: Sequence[WeightSite]) -> None:

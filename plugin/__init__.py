@@ -4,6 +4,7 @@ Public API (see ``__all__``). Layering: this package (API, CLI, Optimum integrat
 -> ``optimum.adaround.graph_passes`` -> onnx-ir. ``optimum.adaround.custom_ops`` stands alone.
 """
 
+from .api import quantize
 from .export import export
 from .graph_passes.errors import (
     AdaroundError,
@@ -36,5 +37,6 @@ __all__ = [
     "__version__",
     "export",
     "load",
+    "quantize",
     "session_options",
 ]

@@ -1,0 +1,159 @@
+"""Atomic output folders and ``quantization_config.json``.
+
+Everything is written into a temporary sibling of the output folder and renamed into place at the very
+end, so a failure or Ctrl-C leaves nothing where the output should be (and an existing output, replaced
+with ``overwrite``, stays intact until the new one is complete). The input is never written to.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from .graph_passes.errors import OutputPathError
+
+__all__ = [
+    "CONFIG_NAME",
+    "CONFIG_VERSION",
+    "COPIED_FILES",
+    "atomic_output",
+    "check_output_path",
+    "copy_side_files",
+    "library_versions",
+    "write_quantization_config",
+]
+
+CONFIG_NAME = "quantization_config.json"
+CONFIG_VERSION = 1
+
+# Files of an exported folder that a quantized copy needs besides the model (tokenizer and configs).
+COPIED_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+)
+
+
+def _is_within(path: Path, folder: Path) -> bool:
+    try:
+        path.relative_to(folder)
+    except ValueError:
+        return False
+    return True
+
+
+def check_output_path(
+    output: str | os.PathLike, inputs: Sequence[str | os.PathLike] = (), overwrite: bool = False
+) -> Path:
+    """Validate ``output`` against the inputs; return it resolved.
+
+    Refuses: an output equal to or inside an input folder (or equal to an input file or its folder),
+    an input inside the output when overwriting (it would be deleted), an existing file, and an
+    existing non-empty folder unless ``overwrite``.
+    """
+    out = Path(output).expanduser().resolve()
+    for item in inputs:
+        src = Path(item).expanduser().resolve()
+        if src.is_dir() and _is_within(out, src):
+            raise OutputPathError(
+                f"output {output} is the input folder {src} or inside it: choose a folder outside it"
+            )
+        if not src.is_dir() and out in (src, src.parent):
+            raise OutputPathError(f"output {output} is the input {src} or its folder: choose another folder")
+        if overwrite and _is_within(src, out):
+            raise OutputPathError(
+                f"output {output} contains the input {item}: overwriting it would delete the input"
+            )
+    if out.exists() and not out.is_dir():
+        raise OutputPathError(f"output {output} exists and is a file: give a folder path")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise OutputPathError(
+            f"output {output} exists and is not empty: pass overwrite=True / --overwrite to replace it"
+        )
+    return out
+
+
+@contextlib.contextmanager
+def atomic_output(
+    output: str | os.PathLike, inputs: Sequence[str | os.PathLike] = (), overwrite: bool = False
+) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it becomes ``output``, on any failure it is removed."""
+    out = check_output_path(output, inputs, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = out.parent / f".{out.name}.tmp-{tag}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.exists():
+            # Move the old output aside first so that at every instant either it or the new one is in place.
+            old = out.parent / f".{out.name}.old-{tag}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def copy_side_files(src_folder: Path, dst_folder: Path) -> list[str]:
+    """Copy config, generation config and tokenizer files of an exported folder; return their names."""
+    copied = []
+    for name in COPIED_FILES:
+        f = src_folder / name
+        if f.is_file():
+            shutil.copy2(f, dst_folder / name)
+            copied.append(name)
+    return copied
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the tool and the libraries that shaped the output (missing ones are left out)."""
+    versions = {"python": platform.python_version()}
+    for dist in (
+        "optimum-adaround",
+        "onnx",
+        "onnx-ir",
+        "onnxruntime",
+        "onnxruntime-gpu",
+        "numpy",
+        "optimum",
+        "optimum-onnx",
+        "transformers",
+        "torch",
+    ):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            versions[dist] = importlib.metadata.version(dist)
+    return versions
+
+
+def write_quantization_config(folder: Path, report: dict[str, Any]) -> Path:
+    """Write ``quantization_config.json`` (versioned) with ``report`` plus tool/library versions and a date."""
+    record = {
+        "type": "optimum-adaround.QuantizationConfig",
+        "version": CONFIG_VERSION,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": library_versions(),
+        **report,
+    }
+    path = folder / CONFIG_NAME
+    path.write_text(json.dumps(record, indent=2, sort_keys=False) + "\n")
+    return path
