@@ -1,0 +1,101 @@
+"""Shared test fixtures. Add your section; do not rewrite others'."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+# ---- tiny random-init Hugging Face models (Optimum integration tests; owner: export/recipes/loading) ----
+# Hidden 64, 2 layers, GQA (4 heads, 2 KV heads), a 320-entry byte-level BPE tokenizer trained on the fly:
+# nothing is downloaded. `tiny_hf_model(arch)` saves one per session; `tiny_hf_onnx(arch)` exports it with
+# Optimum (task text-generation-with-past, 2-4 s each).
+TINY_ARCHS: dict[str, dict] = {
+    "llama": {"model_type": "llama"},
+    "qwen2": {"model_type": "qwen2"},
+    "mistral": {"model_type": "mistral", "sliding_window": None},
+    "phi3": {"model_type": "phi3", "pad_token_id": 0},
+    "gemma3_text": {"model_type": "gemma3_text", "head_dim": 16, "sliding_window": 64},
+    "gpt2": {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 256},
+}
+_TINY_COMMON = {
+    "vocab_size": 320,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+}
+
+
+def _tiny_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(
+        ["The quick brown fox jumps over the lazy dog.", "Hello world, a tiny tokenizer."], trainer
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        model_input_names=["input_ids", "attention_mask"],
+    )
+
+
+def build_tiny_hf_model(arch: str, out: Path, *, license: str | None = "apache-2.0") -> Path:
+    """Save a random-init causal LM of ``arch`` (a TINY_ARCHS key) with its tokenizer into ``out``."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kw = dict(TINY_ARCHS[arch])
+    model_type = kw.pop("model_type")
+    if model_type != "gpt2":
+        kw = {**_TINY_COMMON, **kw}
+    else:
+        kw["vocab_size"] = _TINY_COMMON["vocab_size"]
+    config = AutoConfig.for_model(model_type, **kw)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    _tiny_tokenizer().save_pretrained(out)
+    if license:
+        (out / "README.md").write_text(f"---\nlicense: {license}\n---\n# tiny {arch}\n", encoding="utf-8")
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_model(tmp_path_factory):
+    """Factory fixture: ``tiny_hf_model("llama") -> Path`` of a saved tiny model (built once per session)."""
+    cache: dict[str, Path] = {}
+
+    def get(arch: str) -> Path:
+        if arch not in cache:
+            cache[arch] = build_tiny_hf_model(arch, tmp_path_factory.mktemp(f"tiny-{arch}"))
+        return cache[arch]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_onnx(tiny_hf_model, tmp_path_factory):
+    """Factory fixture: ``tiny_hf_onnx("llama") -> Path`` of the Optimum export of ``tiny_hf_model(arch)``."""
+    cache: dict[str, Path] = {}
+
+    def get(arch: str) -> Path:
+        if arch not in cache:
+            from optimum.exporters.onnx import main_export
+
+            out = tmp_path_factory.mktemp(f"tiny-{arch}-onnx")
+            main_export(str(tiny_hf_model(arch)), out, task="text-generation-with-past")
+            cache[arch] = out
+        return cache[arch]
+
+    return get
