@@ -1,0 +1,140 @@
+"""MatMulNBits packer: exact against onnxruntime's CPU kernel, byte-exact pack/unpack round trips."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from packing_helpers import (
+    assert_close,
+    exact_session,
+    one_site_model,
+    random_qweight,
+    reference,
+    replace_site,
+)
+
+from optimum.adaround.graph_passes.errors import UnsupportedSchemeError
+from optimum.adaround.graph_passes.packing.base import get_packer
+from optimum.adaround.graph_passes.packing.matmulnbits import MatMulNBitsPacker
+from optimum.adaround.graph_passes.scheme import PER_CHANNEL, QuantScheme, WeightFormat
+
+N = 24
+BLOCKS = (16, 32, 64, 128, 256)
+
+
+def _cases() -> list[tuple]:
+    """(bits, group, symmetric, scale_dtype, K, site kind): the full bits x block x symmetry x scale dtype
+    cross with a K that is *not* a multiple of the block (576 with 128 as in SmolLM2), then K a multiple
+    of the block, per-channel, and the Gemm / Transpose-fed sites over bits x symmetry."""
+    cases = []
+    for bits in (2, 4, 8):
+        for g in BLOCKS:
+            for sym in (True, False):
+                for sd in ("float32", "float16"):
+                    k = 576 if g == 128 else 2 * g + g // 2 + 3
+                    cases.append((bits, g, sym, sd, k, "matmul"))
+        for g in (16, 256):
+            cases.append((bits, g, bits != 4, "float32", 2 * g, "matmul"))
+        for sym in (True, False):
+            cases.append((bits, PER_CHANNEL, sym, "float32", 64, "matmul"))
+            cases.append((bits, 32, sym, "float32", 100, "gemm"))
+            cases.append((bits, 64, sym, "float16", 130, "transpose"))
+    return cases
+
+
+@pytest.mark.parametrize(("bits", "group", "sym", "scale_dtype", "k", "kind"), _cases())
+def test_matches_dequantize_in_onnxruntime(bits, group, sym, scale_dtype, k, kind):
+    rng = np.random.default_rng(bits * 1000 + k)
+    scheme = QuantScheme(bits=bits, group_size=group, symmetric=sym, scale_dtype=scale_dtype)
+    qw = random_qweight(rng, scheme, N, k)
+    bias = rng.standard_normal(N).astype(np.float32) if kind == "gemm" else None
+    m = one_site_model(kind, rng.standard_normal((N, k)).astype(np.float32), bias)
+    packer = MatMulNBitsPacker()
+    assert packer.supports(scheme, k, N) is None
+    sess = exact_session(replace_site(m, packer, packer.pack(qw)))
+    assert [n.op_type for n in m.model.graph] == ["MatMulNBits"]
+    for mrows in (1, 5):
+        x = rng.standard_normal((mrows, k)).astype(np.float32)
+        (y,) = sess.run(None, {"x": x})
+        assert y.shape == (mrows, N)
+        assert_close(y, reference(x, qw, bias))
+
+
+def test_packed_layout_by_hand():
+    """4-bit, K=20, block 16: element 2i in the low nibble; the tail of block 2 padded with its zero point."""
+    scheme = QuantScheme(bits=4, group_size=16, symmetric=False)
+    codes = np.arange(40, dtype=np.uint8).reshape(2, 20) % 16
+    zp = np.array([[3, 9], [10, 1]], np.uint8)
+    qw = random_qweight(np.random.default_rng(0), scheme, 2, 20)
+    qw.codes, qw.zero_points = codes, zp
+    p = MatMulNBitsPacker().pack(qw)
+    b = p.tensors["B"]
+    assert b.shape == (2, 2, 8)
+    assert b[0, 0, 0] == (codes[0, 0] | codes[0, 1] << 4)
+    assert b[0, 1, 1] == (codes[0, 18] | codes[0, 19] << 4)
+    assert b[0, 1, 2] == (9 | 9 << 4)  # padding = zero point of the last block
+    assert p.tensors["zero_points"].tolist() == [[3 | 9 << 4], [10 | 1 << 4]]
+    assert p.tensors["scales"].shape == (4,)
+    assert p.attributes == {"K": 20, "N": 2, "bits": 4, "block_size": 16, "accuracy_level": 0}
+
+
+def test_gemm_bias_goes_into_bias_input():
+    rng = np.random.default_rng(3)
+    scheme = QuantScheme(bits=4, group_size=32)
+    qw = random_qweight(rng, scheme, N, 64)
+    m = one_site_model("gemm", np.zeros((N, 64), np.float32), np.ones(N, np.float32))
+    packer = MatMulNBitsPacker(accuracy_level=4)
+    replace_site(m, packer, packer.pack(qw))
+    (node,) = list(m.model.graph)
+    assert len(node.inputs) == 6 and node.inputs[5].name == "bias" and node.inputs[3] is None
+    assert node.attributes["accuracy_level"].value == 4
+
+
+@pytest.mark.parametrize(
+    ("scheme", "k", "needle"),
+    [
+        (QuantScheme(bits=3, group_size=64), 128, "bits 2/4/8"),
+        (QuantScheme(bits=4, group_size=512), 1024, "block sizes"),
+        (QuantScheme(bits=4, group_size=PER_CHANNEL), 576, "per-channel"),
+    ],
+)
+def test_unsupported_schemes_give_reasons(scheme, k, needle):
+    packer = MatMulNBitsPacker()
+    reason = packer.supports(scheme, k, 8)
+    assert reason is not None and needle in reason
+    qw = random_qweight(np.random.default_rng(0), scheme, 8, k)
+    with pytest.raises(UnsupportedSchemeError, match=needle):
+        packer.pack(qw)
+
+
+def test_registry():
+    assert isinstance(get_packer("matmulnbits", accuracy_level=4), MatMulNBitsPacker)
+    assert get_packer(WeightFormat.MATMULNBITS).accuracy_level == 0
+    with pytest.raises(UnsupportedSchemeError, match="unknown weight format"):
+        get_packer("int3")
+    with pytest.raises(UnsupportedSchemeError, match="accuracy_level"):
+        get_packer("matmulnbits", accuracy_level=7)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 9),
+    k=st.integers(16, 700),
+    bits=st.sampled_from([2, 4, 8]),
+    group=st.sampled_from([16, 32, 64, 128, 256]),
+    sym=st.booleans(),
+    scale_dtype=st.sampled_from(["float32", "float16"]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_pack_unpack_round_trip(n, k, bits, group, sym, scale_dtype, seed):
+    scheme = QuantScheme(bits=bits, group_size=group, symmetric=sym, scale_dtype=scale_dtype)
+    qw = random_qweight(np.random.default_rng(seed), scheme, n, k)
+    packer = MatMulNBitsPacker()
+    back = packer.unpack(packer.pack(qw), scheme, k, n)
+    assert back.codes.tobytes() == qw.codes.tobytes()
+    assert back.scales.tobytes() == qw.scales.tobytes()
+    assert (back.zero_points is None) == sym
+    if not sym:
+        assert back.zero_points.tobytes() == qw.zero_points.tobytes()
