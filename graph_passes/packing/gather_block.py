@@ -50,6 +50,9 @@ class GatherBlockQuantizedPacker:
             return f"GatherBlockQuantized runs bits 2/4/8 only, not {scheme.bits}"
         if scheme.per_channel:
             return "GatherBlockQuantized needs a block size (power of two >= 16), not per-channel"
+        if (k * scheme.bits) % 8:
+            # the kernel infers the row length from the packed byte count
+            return f"hidden size {k} x {scheme.bits} bits does not fill whole bytes"
         return None
 
     def _check(self, scheme: QuantScheme, k: int, n: int) -> None:
