@@ -1,0 +1,137 @@
+// Portable kernels: the fallback for CPUs without AVX2, and the dispatcher.
+// Dequantize-then-dot with plain loops (the same numbers as QuantizedWeight.dequantize()).
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "lowbit.h"
+
+namespace oa {
+
+void scalar_rows(const CpuProblem& p, int64_t n0, int64_t n1) {
+  const GemmShape& sh = p.shape;
+  const int64_t kpad = sh.n_chunks() * kChunk;
+  const int64_t nb = sh.n_blocks();
+  std::vector<float> w(static_cast<size_t>(kpad), 0.0f);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = p.b + n * sh.row_bytes();
+    for (int64_t k = 0; k < sh.K; ++k) {
+      const uint8_t q = decode_one(row + (k / kChunk) * sh.chunk_bytes(), sh.bits, static_cast<int>(k % kChunk));
+      const int64_t blk = k / sh.block_size;
+      const float s = p.scales[n * nb + blk];
+      w[k] = p.codebook ? p.codebook[q] * s : (static_cast<float>(q) - p.zp[n * nb + blk]) * s;
+    }
+    for (int64_t m = 0; m < sh.M; ++m) {
+      const float* x = p.x + m * kpad;
+      float acc = 0.0f;
+      for (int64_t k = 0; k < sh.K; ++k) acc += x[k] * w[k];
+      p.y[m * sh.N + n] = acc + (p.bias ? p.bias[n] : 0.0f);
+    }
+  }
+}
+
+bool cpu_has_avx2() {
+#if defined(OA_HAVE_AVX2) && (defined(__x86_64__) || defined(__i386__))
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                         __builtin_cpu_supports("f16c");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+namespace {
+
+float half_bits_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1Fu, man = h & 0x3FFu;
+  float f;
+  if (exp == 0) {
+    f = std::ldexp(static_cast<float>(man), -24);
+  } else if (exp == 31) {
+    f = man ? std::numeric_limits<float>::quiet_NaN() : std::numeric_limits<float>::infinity();
+  } else {
+    f = std::ldexp(static_cast<float>(man | 0x400u), static_cast<int>(exp) - 25);
+  }
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  bits |= sign;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+uint16_t float_to_half_bits(float f) {
+  // Round to nearest even through the exponent/mantissa fields; overflow saturates to inf.
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
+  const uint32_t ax = x & 0x7FFFFFFFu;
+  if (ax >= 0x7F800000u) return static_cast<uint16_t>(sign | 0x7C00u | (ax > 0x7F800000u ? 0x200u : 0u));
+  if (ax >= 0x477FF000u) return static_cast<uint16_t>(sign | 0x7C00u);
+  if (ax < 0x38800000u) {  // subnormal or zero in fp16
+    float a;
+    std::memcpy(&a, &ax, 4);
+    return static_cast<uint16_t>(sign | static_cast<uint16_t>(std::nearbyint(a * 16777216.0f)));
+  }
+  const uint32_t mant = ax + 0xC8000FFFu + ((ax >> 13) & 1u);  // rebias exponent (-112 << 23) and round
+  return static_cast<uint16_t>(sign | (mant >> 13));
+}
+
+}  // namespace
+
+void half_to_float(const uint16_t* src, float* dst, size_t n) {
+#if defined(OA_HAVE_AVX2)
+  if (cpu_has_avx2()) return avx2_half_to_float(src, dst, n);
+#endif
+  for (size_t i = 0; i < n; ++i) dst[i] = half_bits_to_float(src[i]);
+}
+
+void float_to_half(const float* src, uint16_t* dst, size_t n) {
+#if defined(OA_HAVE_AVX2)
+  if (cpu_has_avx2()) return avx2_float_to_half(src, dst, n);
+#endif
+  for (size_t i = 0; i < n; ++i) dst[i] = float_to_half_bits(src[i]);
+}
+
+namespace {
+
+struct Task {
+  const CpuProblem* p;
+  const void* prep;
+  int64_t rows_per_task;
+  bool avx2;
+};
+
+void run_task(void* ctx, size_t i) {
+  const Task& t = *static_cast<const Task*>(ctx);
+  const int64_t n0 = static_cast<int64_t>(i) * t.rows_per_task;
+  const int64_t n1 = std::min(t.p->shape.N, n0 + t.rows_per_task);
+#if defined(OA_HAVE_AVX2)
+  if (t.avx2) {
+    avx2_rows(*t.p, n0, n1, t.prep);
+    return;
+  }
+#endif
+  scalar_rows(*t.p, n0, n1);
+}
+
+}  // namespace
+
+void cpu_gemm(const CpuProblem& p, ParallelFor pfor, void* runner) {
+  Task t{&p, nullptr, 0, cpu_has_avx2()};
+#if defined(OA_HAVE_AVX2)
+  if (t.avx2) t.prep = avx2_prepare(p);
+#endif
+  // ~64 tasks give the pool room to balance; multiples of 4 rows keep the GEMM tiles full.
+  const int64_t N = p.shape.N;
+  t.rows_per_task = std::max<int64_t>(4, ((N + 63) / 64 + 3) / 4 * 4);
+  const size_t total = static_cast<size_t>((N + t.rows_per_task - 1) / t.rows_per_task);
+  pfor(runner, run_task, total, &t);
+#if defined(OA_HAVE_AVX2)
+  if (t.avx2) avx2_release(const_cast<void*>(t.prep));
+#endif
+}
+
+}  // namespace oa
