@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.metadata
 import json
 import os
 import shutil
@@ -30,17 +29,6 @@ __all__ = ["DEFAULT_TASK", "export", "resolve_source"]
 
 DEFAULT_TASK = "text-generation-with-past"
 _QDQ_MIN_OPSET = 21  # blockwise DequantizeLinear (block_size attribute) needs opset >= 21
-_VERSIONED = (
-    "optimum-adaround",
-    "optimum",
-    "optimum-onnx",
-    "transformers",
-    "torch",
-    "onnx",
-    "onnx-ir",
-    "onnxruntime",
-    "onnxruntime-gpu",
-)
 
 
 # -- model source -------------------------------------------------------------------------------------------
@@ -247,16 +235,8 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _versions() -> dict[str, str]:
-    out = {}
-    for dist in _VERSIONED:
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            out[dist] = importlib.metadata.version(dist)
-    return out
-
-
 def _calib_tokens_hash(recipe: Recipe, model_dir: Path) -> str | None:
-    """sha256 of the calibration token ids (same sampler as quantize); None for data-free methods."""
+    """sha256 of the calibration token ids (same sampler and arguments as quantize); None for data-free methods."""
     from .graph_passes.rounding import base
 
     factory = base.METHODS.get(recipe.method)
@@ -267,7 +247,7 @@ def _calib_tokens_hash(recipe: Recipe, model_dir: Path) -> str | None:
     from .data.text import calibration_token_ids
 
     tokens = calibration_token_ids(
-        model_dir, recipe.calib_data, n_samples=recipe.calib_samples, seq_len=recipe.seq_len, seed=recipe.seed
+        model_dir, recipe.calib_data, recipe.calib_samples, recipe.seq_len, seed=recipe.seed
     )
     return hashlib.sha256(np.ascontiguousarray(tokens, dtype=np.int64).tobytes()).hexdigest()
 
@@ -276,25 +256,27 @@ def _extend_qconfig(
     folder: Path,
     *,
     source: str,
+    task: str | None,
     recipe: Recipe,
     passes: list[dict[str, Any]],
-    original_size: int,
     tokens_sha: str | None,
 ) -> None:
-    """Add what quantize does not record (source, calibration hash, versions, override passes); keep its keys."""
+    """Add what quantize cannot know (the model it came from, calibration hash, override passes); keep the rest."""
     path = folder / "quantization_config.json"
     qconfig = _read_json(path)
-    qconfig.setdefault("source_model", source)
-    qconfig.setdefault("calib_data", recipe.calib_data or "default")
-    if tokens_sha is not None:
-        qconfig.setdefault("calib_tokens_sha256", tokens_sha)
-    qconfig.setdefault("original_onnx_bytes", original_size)
-    versions = qconfig.get("versions") if isinstance(qconfig.get("versions"), dict) else {}
-    qconfig["versions"] = {**_versions(), **versions}
-    qconfig.setdefault("recipe", recipe.to_dict())
+    src = dict(qconfig.get("source") or {})
+    if task is not None:  # quantize saw only our temporary export folder: record the real source instead
+        src.update(model=source, path=None, exported_by="optimum main_export", task=task)
+    else:
+        src.setdefault("model", source)
+    qconfig["source"] = src
+    calib = qconfig.get("calibration")
+    if isinstance(calib, dict) and tokens_sha is not None:
+        calib.setdefault("tokens_sha256", tokens_sha)
+    qconfig["recipe_file"] = RECIPE_FILE_NAME
     if len(passes) > 1:
         qconfig["override_passes"] = [
-            {"pattern": o.pattern, "quantization_config": cfg}
+            {"pattern": o.pattern, "scheme": o.scheme, "sites": [s.get("name") for s in cfg.get("sites", [])]}
             for o, cfg in zip(recipe.overrides, passes[:-1], strict=False)
         ]
     path.write_text(json.dumps(qconfig, indent=2, default=str) + "\n", encoding="utf-8")
@@ -302,21 +284,22 @@ def _extend_qconfig(
 
 # -- evaluation -------------------------------------------------------------------------------------------------
 def _evaluate(original: Path, quantized: Path, eval_options: Mapping[str, Any]) -> dict[str, Any]:
-    from . import evaluation
+    """Perplexity of both models on the same text (the evaluation module's protocol) + size/bpw/SQNR."""
+    from .evaluation import evaluate
 
-    before = evaluation.evaluate(original, **eval_options)
-    after = evaluation.evaluate(quantized, **eval_options)
-    return _eval_record(before, after)
+    opts = dict(eval_options)
+    dataset = opts.pop("dataset", None)
+    sqnr = bool(opts.pop("sqnr", False))  # per-site weight SQNR against the fp32 export (slower)
+    if dataset is not None:
+        from .data.text import evaluation_text
 
-
-def _eval_record(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, Any]:
-    shared = {k: after.get(k) for k in ("dataset", "seq_len", "n_tokens") if after.get(k) is not None}
+        opts["text"] = evaluation_text(dataset)
+    before = evaluate(original, **opts).to_dict()
+    after = evaluate(quantized, reference=original if sqnr else None, **opts).to_dict()
     return {
-        "metric": "perplexity",
-        **shared,
-        "perplexity": {"original": before.get("perplexity"), "quantized": after.get("perplexity")},
-        "original": dict(before),
-        "quantized": dict(after),
+        "dataset": str(dataset) if dataset is not None else "wikipedia (embedded evaluation split)",
+        "original": before,
+        "quantized": after,
     }
 
 
@@ -371,11 +354,9 @@ def export(
         staged = work / "quantized"
         passes = _run_quantize(exported, staged, merged, extra)
         save_recipe(merged, staged / RECIPE_FILE_NAME)
-        qconf = _read_json(staged / "quantization_config.json")
-        tokens_sha = None if "calib_tokens_sha256" in qconf else _calib_tokens_hash(merged, exported)
         _extend_qconfig(
-            staged, source=str(model_id_or_path), recipe=merged, passes=passes,
-            original_size=folder_size_bytes(exported), tokens_sha=tokens_sha,
+            staged, source=str(model_id_or_path), task=None if onnx_input else task, recipe=merged,
+            passes=passes, tokens_sha=_calib_tokens_hash(merged, exported),
         )  # fmt: skip
         if eval:
             record = _evaluate(exported, staged, dict(eval_options or {}))

@@ -1,13 +1,12 @@
 """Model card (README.md with YAML front matter) for a quantized output folder.
 
-Every number in the card is read from files in the folder or measured on the graph: file sizes, bits per
-weight of the quantized layers (counted from the packed initializers), and the perplexities of
+Every number in the card is measured: model size and bits per weight of the quantized layers (codes +
+scales + zero points counted on the graph by the evaluation module), and the perplexities of
 ``eval_results.json`` when the export ran with ``--eval``. Nothing is estimated from the scheme alone.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 from collections.abc import Mapping
@@ -16,10 +15,12 @@ from typing import Any
 
 __all__ = [
     "EVAL_FILE_NAME",
-    "WeightStats",
     "build_model_card",
+    "fmt_mb",
+    "fmt_num",
     "folder_size_bytes",
-    "measure_weight_stats",
+    "measure",
+    "perplexity_of",
     "read_front_matter",
     "source_license",
     "write_model_card",
@@ -27,63 +28,6 @@ __all__ = [
 
 EVAL_FILE_NAME = "eval_results.json"
 _MODEL_FILE_SUFFIXES = (".onnx", ".onnx_data", ".onnx.data")
-
-
-@dataclasses.dataclass(frozen=True)
-class WeightStats:
-    """Counted on the graph: how many weights are stored quantized and how many bits they take in all."""
-
-    quantized_layers: int
-    quantized_params: int
-    quantized_bits: int
-    """Codes + scales + zero points of the quantized layers, in bits."""
-    float_params: int
-    """Parameters left in floating point (embeddings, norms, layers excluded from quantization...)."""
-
-    @property
-    def bits_per_weight(self) -> float | None:
-        return self.quantized_bits / self.quantized_params if self.quantized_params else None
-
-
-def _const_bits(value: Any) -> int:
-    tensor = value.const_value if value is not None else None
-    if tensor is None:
-        return 0
-    return int(tensor.size) * int(tensor.dtype.bitwidth)
-
-
-def measure_weight_stats(model_path: str | Path) -> WeightStats:
-    """Count quantized weights and their storage in an ONNX file (weights stay memory-mapped)."""
-    import onnx_ir as ir
-
-    model = ir.load(str(model_path))
-    layers = params = bits = 0
-    counted: set[str] = set()
-    for node in model.graph.all_nodes():
-        consts = [v for v in node.inputs if v is not None and v.const_value is not None]
-        if node.op_type == "MatMulNBits" or (
-            node.domain.startswith("com.optimum") and "K" in node.attributes
-        ):
-            k, n = node.attributes["K"].as_int(), node.attributes["N"].as_int()
-            layers, params = layers + 1, params + k * n
-            bits += sum(_const_bits(v) for v in consts[:3] if v.name not in counted)
-            counted.update(v.name for v in consts if v.name)
-        elif node.op_type == "DequantizeLinear" and consts and consts[0] is node.inputs[0]:
-            x = node.inputs[0]
-            if x.const_value is not None and x.const_value.dtype.is_integer() and x.const_value.ndim == 2:
-                layers, params = layers + 1, params + int(x.const_value.size)
-                bits += sum(_const_bits(v) for v in consts if v.name not in counted)
-                counted.update(v.name for v in consts if v.name)
-    float_params = sum(
-        int(v.const_value.size)
-        for v in model.graph.initializers.values()
-        if v.name not in counted
-        and v.const_value is not None
-        and v.const_value.dtype.is_floating_point()
-        and v.const_value.ndim >= 1
-        and v.const_value.size > 1
-    )
-    return WeightStats(layers, params, bits, float_params)
 
 
 def folder_size_bytes(folder: str | Path) -> int:
@@ -149,12 +93,67 @@ def _scheme_of(qconfig: Mapping[str, Any]) -> dict[str, Any]:
     return dict(scheme) if isinstance(scheme, Mapping) else {}
 
 
-def _fmt_mb(n: int | None) -> str:
-    return "-" if n is None else f"{n / 1e6:,.1f} MB"
+def _method_of(qconfig: Mapping[str, Any]) -> str:
+    method = qconfig.get("method", "unknown")
+    if isinstance(method, Mapping):  # {"name": ..., "options": ...}
+        method = method.get("name", "unknown")
+    return str(method)
 
 
-def _fmt_num(x: Any, digits: int = 2) -> str:
+def fmt_mb(n: Any) -> str:
+    """How sizes appear in the card (tests compare the card with eval_results.json through this)."""
+    return f"{n / 1e6:,.2f} MB" if isinstance(n, (int, float)) else "-"
+
+
+def fmt_num(x: Any, digits: int = 3) -> str:
     return f"{x:.{digits}f}" if isinstance(x, (int, float)) else "-"
+
+
+def perplexity_of(report: Mapping[str, Any]) -> float | None:
+    """The perplexity value of an ``EvalReport.to_dict()`` (None when it was not measured)."""
+    ppl = report.get("perplexity")
+    return ppl.get("perplexity") if isinstance(ppl, Mapping) else None
+
+
+def measure(folder: str | Path) -> dict[str, Any]:
+    """Size and bits per weight of the model in ``folder`` (no perplexity), from the evaluation module."""
+    from .evaluation import evaluate
+
+    return evaluate(folder, skip_perplexity=True, progress=False).to_dict()
+
+
+def _group(scheme: Mapping[str, Any]) -> str | None:
+    g = scheme.get("group_size")
+    if g is None:
+        return None
+    return "pc" if g == -1 else f"g{g}"
+
+
+def _results_table(
+    evaluation: Mapping[str, Any], after: Mapping[str, Any], original_size: int | None
+) -> list[str]:
+    before = evaluation.get("original") or {}
+    lines = [
+        "| | original | quantized |",
+        "|---|---|---|",
+        f"| ONNX model size | {fmt_mb(before.get('model_bytes', original_size))} | {fmt_mb(after.get('model_bytes'))} |",
+    ]
+    if after.get("bits_per_weight") is not None:
+        lines.append(
+            f"| bits per weight, quantized layers ({after.get('sites')} layers, "
+            f"{after.get('quantized_weights', 0) / 1e6:.3f}M weights) | 32 | {fmt_num(after['bits_per_weight'])} |"
+        )
+    if after.get("mean_weight_sqnr_db") is not None:
+        lines.append(f"| mean weight SQNR (dB) | - | {fmt_num(after['mean_weight_sqnr_db'], 2)} |")
+    if perplexity_of(after) is not None:
+        p = after["perplexity"]
+        where = f"{evaluation.get('dataset', 'text')}, context {p.get('context_length')}, {p.get('tokens')} tokens"
+        lines.append(
+            f"| perplexity ({where}) | {fmt_num(perplexity_of(before))} | {fmt_num(perplexity_of(after))} |"
+        )
+    else:
+        lines += ["", "Perplexity was not measured for this folder (export with `--eval` to measure it)."]
+    return lines
 
 
 def build_model_card(
@@ -165,7 +164,11 @@ def build_model_card(
     original_size_bytes: int | None = None,
     command: str | None = None,
 ) -> str:
-    """README.md text for ``folder`` (model.onnx, quantization_config.json, optional eval_results.json)."""
+    """README.md text for ``folder`` (model.onnx, quantization_config.json, optional eval_results.json).
+
+    Numbers come from ``eval_results.json`` when the export ran with ``--eval``; otherwise size and bits
+    per weight are measured here on the graph and perplexity is reported as not measured.
+    """
     import yaml
 
     folder = Path(folder)
@@ -173,12 +176,11 @@ def build_model_card(
     evaluation = _read_json(folder / EVAL_FILE_NAME)
     scheme = _scheme_of(qconfig)
     bits = scheme.get("bits")
-    method = str(qconfig.get("method", "unknown"))
-    fmt = scheme.get("format") or qconfig.get("format")
-    model_file = folder / "model.onnx"
-    stats = measure_weight_stats(model_file) if model_file.is_file() else None
-    size = folder_size_bytes(folder)
-    base = base_model or qconfig.get("source_model") or qconfig.get("base_model")
+    method = _method_of(qconfig)
+    fmt = qconfig.get("format") or scheme.get("format")
+    after = evaluation.get("quantized") or measure(folder)
+    source = qconfig.get("source") if isinstance(qconfig.get("source"), Mapping) else {}
+    base = base_model or source.get("model")
 
     tags = ["onnx", "optimum", "onnxruntime", "quantized", "optimum-adaround", "text-generation"]
     if isinstance(bits, int):
@@ -187,52 +189,35 @@ def build_model_card(
     front: dict[str, Any] = {"library_name": "onnx", "pipeline_tag": "text-generation", "tags": tags}
     if base:
         front["base_model"] = str(base)
-    lic = license or qconfig.get("license")
-    if lic:
-        front["license"] = lic
+    if license:
+        front["license"] = license
 
     label = "-".join(x for x in (f"w{bits}" if bits else None, _group(scheme), method) if x)
     title = f"{Path(str(base)).name if base else folder.name} ({label}, ONNX)"
+    symmetric = "symmetric" if scheme.get("symmetric", True) else "asymmetric"
     lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "", f"# {title}", ""]
     lines += [
-        f"Weight-only {bits}-bit quantization of "
-        + (f"`{base}`" if base else "this model")
-        + f" for ONNX Runtime, codes chosen by **{method}** rounding "
-        + f"(scheme `{scheme.get('bits', '?')}` bits, group size `{scheme.get('group_size', '?')}`, "
-        + f"{'symmetric' if scheme.get('symmetric', True) else 'asymmetric'}), stored as `{fmt}`. "
-        + "Made with [optimum-adaround](https://github.com/optimum-adaround/optimum-adaround).",
+        f"Weight-only {bits}-bit quantization of {f'`{base}`' if base else 'this model'} for ONNX Runtime. "
+        f"The integer codes were chosen by **{method}** rounding (group size {scheme.get('group_size', '?')}, "
+        f"{symmetric}) and are stored as `{fmt}`. Made with "
+        "[optimum-adaround](https://github.com/optimum-adaround/optimum-adaround).",
         "",
         "## Measured results",
         "",
-        "| | original | quantized |",
-        "|---|---|---|",
-        f"| ONNX file size | {_fmt_mb(original_size_bytes)} | {_fmt_mb(size)} |",
+        *_results_table(evaluation, after, original_size_bytes),
+        "",
+        "## Quantization",
+        "",
+        "| option | value |",
+        "|---|---|",
+        f"| method | `{method}` |",
+        *(f"| scheme.{k} | `{v}` |" for k, v in scheme.items()),
     ]
-    if stats is not None and stats.bits_per_weight is not None:
-        lines.append(
-            f"| bits per weight, quantized layers ({stats.quantized_layers} layers, "
-            f"{stats.quantized_params / 1e6:.2f}M weights) | 32 | {stats.bits_per_weight:.3f} |"
-        )
-    ppl = evaluation.get("perplexity", {}) if evaluation else {}
-    if ppl:
-        where = ", ".join(
-            f"{k}={evaluation[k]}"
-            for k in ("dataset", "seq_len", "n_tokens")
-            if evaluation.get(k) is not None
-        )
-        lines.append(
-            f"| perplexity ({where}) | {_fmt_num(ppl.get('original'))} | {_fmt_num(ppl.get('quantized'))} |"
-        )
+    calib = qconfig.get("calibration")
+    if isinstance(calib, Mapping):
+        lines += [f"| calibration.{k} | `{v}` |" for k, v in calib.items()]
     else:
-        lines += ["", "Perplexity was not measured for this export (run it with `--eval`)."]
-    lines += ["", "## Quantization", "", "| option | value |", "|---|---|"]
-    for key in ("method", "format", "calib_data", "calib_samples", "seq_len", "calib_tokens_sha256"):
-        if key in qconfig and not isinstance(qconfig[key], (dict, list)):
-            lines.append(f"| {key} | `{qconfig[key]}` |")
-    for key, value in scheme.items():
-        lines.append(f"| scheme.{key} | `{value}` |")
-    if stats is not None:
-        lines.append(f"| weights left in floating point | {stats.float_params / 1e6:.2f}M |")
+        lines.append("| calibration | none (data-free method) |")
     versions = qconfig.get("versions", {})
     if isinstance(versions, Mapping) and versions:
         lines.append("| versions | " + ", ".join(f"{k} {v}" for k, v in versions.items()) + " |")
@@ -259,13 +244,6 @@ def build_model_card(
             "",
         ]
     return "\n".join(lines)
-
-
-def _group(scheme: Mapping[str, Any]) -> str | None:
-    g = scheme.get("group_size")
-    if g is None:
-        return None
-    return "pc" if g == -1 else f"g{g}"
 
 
 def write_model_card(folder: str | Path, **kwargs: Any) -> Path:
