@@ -128,11 +128,20 @@ def _session(model: ir.Model, providers: Sequence[str]) -> ort.InferenceSession:
         return ort.InferenceSession(str(path), opts, providers=list(providers))
 
 
-def _substitute(part_model: ir.Model, sites: dict[str, WeightSite], qws: dict[str, QuantizedWeight]) -> int:
-    """Replace the part's copies of the sites' weights by the dequantized codes; returns the count."""
+def _check_returned(sites: dict[str, WeightSite], qws: dict[str, QuantizedWeight]) -> None:
     unknown = sorted(set(qws) - set(sites))
     if unknown:
         raise InternalError(f"on_block returned weights for sites not in this block: {unknown}")
+    for name, qw in qws.items():
+        site = sites[name]
+        if (qw.n, qw.k) != (site.n, site.k):
+            raise InternalError(
+                f"site {name!r}: quantized weight is [N, K] = {[qw.n, qw.k]}, expected {[site.n, site.k]}"
+            )
+
+
+def _substitute(part_model: ir.Model, sites: dict[str, WeightSite], qws: dict[str, QuantizedWeight]) -> None:
+    """Replace the part's copies of the sites' weights by the dequantized codes (graph layout, dtype)."""
     inits = part_model.graph.initializers
     for name, qw in qws.items():
         site = sites[name]
@@ -141,18 +150,12 @@ def _substitute(part_model: ir.Model, sites: dict[str, WeightSite], qws: dict[st
             raise InternalError(
                 f"weight {site.weight_name!r} of site {name!r} is not an initializer of its block"
             )
-        w = qw.dequantize()
-        if w.shape != (site.n, site.k):
-            raise InternalError(
-                f"site {name!r}: quantized weight has shape {w.shape}, expected {(site.n, site.k)}"
-            )
         old = value.const_value
-        arr = w if site.transposed else w.T
-        arr = np.ascontiguousarray(arr, dtype=old.dtype.numpy())
+        w = qw.dequantize()
+        arr = np.ascontiguousarray(w if site.transposed else w.T, dtype=old.dtype.numpy())
         if tuple(old.shape) != arr.shape:
             raise InternalError(f"site {name!r}: graph weight has shape {tuple(old.shape)}, got {arr.shape}")
         value.const_value = ir.tensor(arr, name=old.name)
-    return len(qws)
 
 
 def _batches(n: int, batch_size: int) -> list[slice]:
@@ -263,6 +266,7 @@ class _Run:
         t2 = time.perf_counter()
         qws = self._call(self.sites, acc)
         rep.callback_s = time.perf_counter() - t2
+        _check_returned({s.name: s for s in self.sites}, qws)
         self.n_quantized = len(qws)
         return [rep]
 
@@ -295,20 +299,22 @@ class _Run:
         self, part: Part, sites: list[WeightSite], cache: dict[str, list[np.ndarray]]
     ) -> PartReport:
         acc = HessianAccumulator(sites)
-        from_inputs = [a for a in acc.activations if a in part.inputs]
         produced = [a for a in acc.activations if a not in part.inputs]
         outputs = list(part.outputs)
-        if not outputs and not produced:
-            return PartReport(part.label, 0, 0, 0)  # nothing downstream reads it
-        examples = {k: v[0] for k, v in cache.items()}
-        sub = extract_part(self.model, part.inputs, outputs + produced, examples, name=part.label)
-        rep = PartReport(part.label, len(sites), len(acc.activations), _weight_bytes(sub))
-        self.peak_part_weight_bytes = max(self.peak_part_weight_bytes, rep.weight_bytes)
+        rep = PartReport(part.label, len(sites), len(acc.activations), 0)
+        if not outputs and not sites:
+            return rep  # nothing downstream reads it
+        sub = None
+        if outputs or produced:  # else the part's activations are all cached inputs: no session needed
+            examples = {k: v[0] for k, v in cache.items()}
+            sub = extract_part(self.model, part.inputs, outputs + produced, examples, name=part.label)
+            rep.weight_bytes = _weight_bytes(sub)
+            self.peak_part_weight_bytes = max(self.peak_part_weight_bytes, rep.weight_bytes)
 
         # Pass 1: fp weights of this part; activations -> H, boundary outputs kept in case nothing changes.
         t0 = time.perf_counter()
-        sess = _session(sub, self.providers)
-        fp_outputs = self._forward(sess, part, cache, outputs, produced, acc, from_inputs, rep)
+        sess = None if sub is None else _session(sub, self.providers)
+        fp_outputs = self._forward(sess, part, cache, outputs, produced, acc, rep)
         rep.forward_s = time.perf_counter() - t0 - rep.stats_s
         if not sites:
             self._store(cache, outputs, fp_outputs)
@@ -317,56 +323,59 @@ class _Run:
         t1 = time.perf_counter()
         qws = self._call(sites, acc)
         rep.callback_s = time.perf_counter() - t1
+        self.n_quantized += len(qws)
+        _check_returned({s.name: s for s in sites}, qws)
         if qws and outputs:
             # Pass 2: the next part must see what the quantized block computes.
+            assert sub is not None
             t2 = time.perf_counter()
             del fp_outputs
-            self.n_quantized += _substitute(sub, {s.name: s for s in sites}, qws)
+            _substitute(sub, {s.name: s for s in sites}, qws)
             sess = _session(sub, self.providers)
-            q_outputs = self._forward(sess, part, cache, outputs, [], None, [], rep)
-            self._store(cache, outputs, q_outputs)
+            self._store(cache, outputs, self._forward(sess, part, cache, outputs, [], None, rep))
             rep.requant_s = time.perf_counter() - t2
         else:
-            self.n_quantized += len(qws)
             self._store(cache, outputs, fp_outputs)
         return rep
 
     def _forward(
         self,
-        sess: ort.InferenceSession,
+        sess: ort.InferenceSession | None,
         part: Part,
         cache: dict[str, list[np.ndarray]],
         outputs: list[str],
         produced: list[str],
         acc: HessianAccumulator | None,
-        from_inputs: list[str],
         rep: PartReport,
     ) -> list[list[np.ndarray]]:
-        """Run ``sess`` over every batch; returns the boundary outputs per output name, per batch."""
-        wanted = [i.name for i in sess.get_inputs()]
+        """Run the part over every batch, feeding ``acc`` (if given) with the activations of its sites.
+
+        Returns the boundary ``outputs``, per output name, per batch. Activations that are inputs of the
+        part (e.g. the hidden state an lm_head reads) come from the cache, not from the session.
+        """
+        wanted = [] if sess is None else [i.name for i in sess.get_inputs()]
         fetch = outputs + produced
         kept: list[list[np.ndarray]] = [[] for _ in outputs]
         for bi, b in enumerate(self.batches):
             graph_feeds = self._feeds(b)
-            feeds = {}
-            for name in wanted:
+
+            def feed(name: str, bi: int = bi, graph_feeds: dict[str, np.ndarray] = graph_feeds) -> np.ndarray:
                 if name in cache:
-                    feeds[name] = cache[name][bi]
-                elif name in graph_feeds:
-                    feeds[name] = graph_feeds[name]
-                else:
-                    raise InternalError(f"{part.label}: no feed for input {name!r}")
-            if not fetch:
-                continue
-            res = sess.run(fetch, feeds)
+                    return cache[name][bi]
+                if name in graph_feeds:
+                    return graph_feeds[name]
+                raise InternalError(f"{part.label}: no feed for input {name!r}")
+
+            res = sess.run(fetch, {n: feed(n) for n in wanted}) if sess is not None else []
             for j in range(len(outputs)):
                 kept[j].append(res[j])
             if acc is not None:
                 t0 = time.perf_counter()
+                for a in acc.activations:  # inputs of the part first: they come earlier in the graph
+                    if a not in produced:
+                        acc.add(a, feed(a))
                 for a, x in zip(produced, res[len(outputs) :], strict=True):
                     acc.add(a, x)
-                for a in from_inputs:
-                    acc.add(a, feeds[a] if a in feeds else cache[a][bi])
                 rep.stats_s += time.perf_counter() - t0
         return kept
 

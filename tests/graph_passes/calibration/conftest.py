@@ -78,7 +78,7 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
     model.save_pretrained(root / "hf")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        main_export(root / "hf", root / "onnx", task="text-generation-with-past")
+        main_export(str(root / "hf"), str(root / "onnx"), task="text-generation-with-past")
     return root / "onnx"
 
 
@@ -91,18 +91,31 @@ HANDMADE = """
 <ir_version: 8, opset_import: ["" : 17]>
 handmade (int64[B, T] input_ids) => (float[B, T, 16] logits)
 {
-    h0 = Gather <axis = 0, name = "/model/embed/Gather"> (embed, input_ids)
-    u0 = MatMul <name = "/model/layers.0/mlp/up_proj/MatMul"> (h0, w_up0)
-    a0 = Tanh <name = "/model/layers.0/mlp/act/Tanh"> (u0)
-    d0 = MatMul <name = "/model/layers.0/mlp/down_proj/MatMul"> (a0, w_down0)
-    h1 = Add <name = "/model/layers.0/Add"> (h0, d0)
-    u1 = MatMul <name = "/model/layers.1/mlp/up_proj/MatMul"> (h1, w_up1)
-    a1 = Tanh <name = "/model/layers.1/mlp/act/Tanh"> (u1)
-    d1 = MatMul <name = "/model/layers.1/mlp/down_proj/MatMul"> (a1, w_down1)
-    h2 = Add <name = "/model/layers.1/Add"> (h1, d1)
-    logits = MatMul <name = "/lm_head/MatMul"> (h2, w_head)
+    h0 = Gather <axis = 0> (embed, input_ids)
+    u0 = MatMul (h0, w_up0)
+    a0 = Tanh (u0)
+    d0 = MatMul (a0, w_down0)
+    h1 = Add (h0, d0)
+    u1 = MatMul (h1, w_up1)
+    a1 = Tanh (u1)
+    d1 = MatMul (a1, w_down1)
+    h2 = Add (h1, d1)
+    logits = MatMul (h2, w_head)
 }
 """
+# the text format has no node names: exported-style names are set in order
+HANDMADE_NODE_NAMES = [
+    "/model/embed/Gather",
+    "/model/layers.0/mlp/up_proj/MatMul",
+    "/model/layers.0/mlp/act/Tanh",
+    "/model/layers.0/mlp/down_proj/MatMul",
+    "/model/layers.0/Add",
+    "/model/layers.1/mlp/up_proj/MatMul",
+    "/model/layers.1/mlp/act/Tanh",
+    "/model/layers.1/mlp/down_proj/MatMul",
+    "/model/layers.1/Add",
+    "/lm_head/MatMul",
+]
 
 HANDMADE_WEIGHTS = {
     "embed": (16, 8),
@@ -118,6 +131,8 @@ HANDMADE_WEIGHTS = {
 def handmade() -> ir.Model:
     """Embedding -> two residual tanh-MLP blocks -> lm_head; random weights, no past."""
     proto = onnx.parser.parse_model(HANDMADE)
+    for node, name in zip(proto.graph.node, HANDMADE_NODE_NAMES, strict=True):
+        node.name = name
     rng = np.random.default_rng(0)
     for name, shape in HANDMADE_WEIGHTS.items():
         w = rng.standard_normal(shape).astype(np.float32)

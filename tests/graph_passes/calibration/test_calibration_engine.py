@@ -1,0 +1,221 @@
+"""The calibration engine against an independent oracle: X^T X of activations fetched from the full model
+run in onnxruntime (with, for the sequential checks, earlier blocks' weights replaced by hand)."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from conftest import weight_sites
+
+from optimum.adaround.graph_passes.calibration.engine import resolve_providers, run_calibration
+from optimum.adaround.graph_passes.errors import CalibrationError
+from optimum.adaround.graph_passes.records import QuantizedWeight, WeightSite
+from optimum.adaround.graph_passes.rounding.grid import blockwise_minmax, codes_from_weight, grid_params
+from optimum.adaround.graph_passes.scheme import QuantScheme
+
+W2 = QuantScheme(bits=2, group_size=16, symmetric=False)
+
+
+def rtn(w: np.ndarray, scheme: QuantScheme = W2) -> QuantizedWeight:
+    lo, hi = blockwise_minmax(w, scheme)
+    scales, zps = grid_params(lo, hi, scheme)
+    return QuantizedWeight(codes_from_weight(w, scales, zps, scheme), scales, zps, scheme)
+
+
+def weight_nk(model: ir.Model, site: WeightSite) -> np.ndarray:
+    return model.graph.initializers[site.weight_name].const_value.numpy().T.copy()
+
+
+def llama_feeds(ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Written out by hand (not with the engine's feeds module): tiny Llama, 2 layers, 2 kv heads of 16."""
+    b, t = ids.shape
+    feeds = {
+        "input_ids": ids,
+        "attention_mask": np.ones((b, t), np.int64),
+        "position_ids": np.tile(np.arange(t, dtype=np.int64), (b, 1)),
+    }
+    for i in range(2):
+        for kv in ("key", "value"):
+            feeds[f"past_key_values.{i}.{kv}"] = np.zeros((b, 2, 0, 16), np.float32)
+    return feeds
+
+
+def reference_hessians(
+    model: ir.Model,
+    activations: list[str],
+    feeds: dict[str, np.ndarray],
+    replace: dict[str, np.ndarray] | None = None,
+) -> dict[str, np.ndarray]:
+    """sum X^T X (float64) of each activation, fetched from the full model in one onnxruntime run."""
+    proto = ir.to_proto(model)
+    for init in proto.graph.initializer:
+        if replace and init.name in replace:
+            init.CopyFrom(onnx.numpy_helper.from_array(replace[init.name], init.name))
+    for a in activations:
+        proto.graph.output.append(onnx.ValueInfoProto(name=a))
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    outs = sess.run(activations, feeds)
+    result = {}
+    for a, x in zip(activations, outs, strict=True):
+        x = x.reshape(-1, x.shape[-1]).astype(np.float64)
+        result[a] = x.T @ x
+    return result
+
+
+class Recorder:
+    """on_block that keeps copies of the stats and returns given quantized weights (default: none)."""
+
+    def __init__(self, quantize=None) -> None:
+        self.calls: list[list[str]] = []
+        self.hessians: dict[str, np.ndarray] = {}
+        self.n_tokens: dict[str, int] = {}
+        self.shared: list[bool] = []
+        self.quantize = quantize
+        self.returned: dict[str, QuantizedWeight] = {}
+
+    def __call__(self, sites, stats):
+        self.calls.append([s.name for s in sites])
+        by_act: dict[str, object] = {}
+        for s in sites:
+            self.hessians[s.name] = stats[s.name].hessian.copy()
+            self.n_tokens[s.name] = stats[s.name].n_tokens
+            self.shared.append(by_act.setdefault(s.activation, stats[s.name]) is stats[s.name])
+        if self.quantize is None:
+            return {}
+        out = {s.name: qw for s in sites if (qw := self.quantize(s)) is not None}
+        self.returned.update(out)
+        return out
+
+
+@pytest.fixture()
+def ids() -> np.ndarray:
+    return np.random.default_rng(1).integers(0, 256, (5, 12), dtype=np.int64)
+
+
+def test_one_pass_matches_full_model_oracle(tiny_llama, ids):
+    sites = weight_sites(tiny_llama)
+    rec = Recorder()
+    report = run_calibration(tiny_llama, sites, ids, rec, sequential=False, batch_size=2, progress=False)
+    ref = reference_hessians(tiny_llama, sorted({s.activation for s in sites}), llama_feeds(ids))
+    assert rec.calls == [[s.name for s in sites]]
+    for s in sites:
+        np.testing.assert_allclose(rec.hessians[s.name], ref[s.activation], rtol=1e-6, atol=1e-9)
+        assert rec.n_tokens[s.name] == ids.size
+    assert all(rec.shared)  # q/k/v and gate/up share one SiteStats object
+    assert report.n_tokens == ids.size and report.n_activations == 8
+
+
+def test_sequential_without_substitution_equals_one_pass(tiny_llama, ids):
+    sites = weight_sites(tiny_llama)
+    one, seq = Recorder(), Recorder()
+    run_calibration(tiny_llama, sites, ids, one, sequential=False, batch_size=3, progress=False)
+    report = run_calibration(tiny_llama, sites, ids, seq, sequential=True, batch_size=3, progress=False)
+    # one call per decoder block, in order, each with exactly that block's sites
+    assert seq.calls == [[s.name for s in sites if s.layer == i] for i in (0, 1)]
+    for s in sites:
+        np.testing.assert_allclose(seq.hessians[s.name], one.hessians[s.name], rtol=1e-6, atol=1e-9)
+    assert [p.label for p in report.parts] == ["prologue", "block 0", "block 1"]  # epilogue not needed
+    assert report.peak_cache_bytes > 0
+
+
+def test_sequential_sees_quantized_earlier_blocks(tiny_llama, ids):
+    sites = weight_sites(tiny_llama)
+    before = {s.weight_name: weight_nk(tiny_llama, s) for s in sites}
+    fp, q = Recorder(), Recorder(lambda s: rtn(weight_nk(tiny_llama, s)))
+    run_calibration(tiny_llama, sites, ids, fp, progress=False, batch_size=2)
+    report = run_calibration(tiny_llama, sites, ids, q, progress=False, batch_size=2)
+    assert report.n_quantized == len(sites)
+
+    block0 = [s for s in sites if s.layer == 0]
+    block1 = [s for s in sites if s.layer == 1]
+    replaced = {s.weight_name: q.returned[s.name].dequantize().T.copy() for s in block0}
+    ref = reference_hessians(tiny_llama, [s.activation for s in block1], llama_feeds(ids), replaced)
+    for s in block0:  # block 0 reads the fp prologue: unchanged
+        np.testing.assert_allclose(q.hessians[s.name], fp.hessians[s.name], rtol=1e-6, atol=1e-9)
+    for s in block1:
+        h_fp, h_q = fp.hessians[s.name], q.hessians[s.name]
+        assert np.abs(h_q - h_fp).max() > 1e-2 * np.abs(h_fp).max()
+        np.testing.assert_allclose(h_q, ref[s.activation], rtol=1e-6, atol=1e-6 * np.abs(h_fp).max())
+    # the caller's model is untouched
+    for s in sites:
+        np.testing.assert_array_equal(weight_nk(tiny_llama, s), before[s.weight_name])
+
+
+def test_handmade_graph_with_lm_head_in_epilogue(handmade):
+    sites = weight_sites(handmade, lm_head=True)
+    assert [s.name for s in sites][-1] == "lm_head"
+    ids = np.random.default_rng(2).integers(0, 16, (3, 7), dtype=np.int64)
+    one = Recorder()
+    run_calibration(handmade, sites, ids, one, sequential=False, batch_size=2, progress=False)
+    ref = reference_hessians(handmade, [s.activation for s in sites], {"input_ids": ids})
+    for s in sites:
+        np.testing.assert_allclose(one.hessians[s.name], ref[s.activation], rtol=1e-6)
+
+    q = Recorder(lambda s: rtn(weight_nk(handmade, s)))
+    report = run_calibration(handmade, sites, ids, q, batch_size=2, progress=False)
+    assert q.calls == [
+        ["model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj"],
+        ["model.layers.1.mlp.up_proj", "model.layers.1.mlp.down_proj"],
+        ["lm_head"],
+    ]
+    replaced = {s.weight_name: q.returned[s.name].dequantize().T.copy() for s in sites if s.layer is not None}
+    ref_q = reference_hessians(handmade, [sites[-1].activation], {"input_ids": ids}, replaced)
+    np.testing.assert_allclose(q.hessians["lm_head"], ref_q[sites[-1].activation], rtol=1e-6)
+    assert report.parts[-1].label == "epilogue" and report.parts[-1].requant_s == 0.0
+
+
+def test_transposed_site_substitution(handmade):
+    """A site stored [N, K] (transposed=True) gets its dequantized weight back without transposing."""
+    proto = ir.to_proto(handmade)
+    # store block 0's up weight as [N, K] behind a Transpose, as Gemm(transB) and tied heads do
+    w_kn = onnx.numpy_helper.to_array(next(i for i in proto.graph.initializer if i.name == "w_up0"))
+    for init in proto.graph.initializer:
+        if init.name == "w_up0":
+            init.CopyFrom(onnx.numpy_helper.from_array(np.ascontiguousarray(w_kn.T), "w_up0_nk"))
+    proto.graph.node.insert(0, onnx.helper.make_node("Transpose", ["w_up0_nk"], ["w_up0"], name="T0"))
+    model = ir.from_proto(proto)
+    up0, _, _, down1 = weight_sites(handmade)
+    up0_t = WeightSite(**{**up0.__dict__, "weight_name": "w_up0_nk", "transposed": True})
+    qw = rtn(np.ascontiguousarray(w_kn.T))
+    rec = Recorder(lambda s: qw if s.name == up0_t.name else None)
+    ids = np.random.default_rng(3).integers(0, 16, (2, 5), dtype=np.int64)
+    run_calibration(model, [up0_t, down1], ids, rec, progress=False)
+    assert rec.calls == [[up0_t.name], [down1.name]]
+    replaced = {"w_up0": np.ascontiguousarray(qw.dequantize().T)}
+    ref = reference_hessians(handmade, [down1.activation], {"input_ids": ids}, replaced)
+    np.testing.assert_allclose(rec.hessians[down1.name], ref[down1.activation], rtol=1e-6)
+
+
+def test_nan_activation_is_named(handmade):
+    embed = handmade.graph.initializers["embed"].const_value.numpy().copy()
+    embed[0, 3] = np.nan
+    handmade.graph.initializers["embed"].const_value = ir.tensor(embed)
+    sites = weight_sites(handmade)
+    with pytest.raises(CalibrationError, match="'h0' contains NaN or Inf"):
+        run_calibration(handmade, sites, np.zeros((1, 4), np.int64), Recorder(), progress=False)
+
+
+@pytest.mark.parametrize(
+    ("ids", "match"),
+    [
+        (np.zeros((0, 8), np.int64), "empty"),
+        (np.zeros((2, 1), np.int64), "too short"),
+        (np.zeros(8, np.int64), "2-D"),
+        (np.zeros((2, 4), np.float32), "integers"),
+    ],
+)
+def test_bad_token_ids(handmade, ids, match):
+    with pytest.raises(CalibrationError, match=match):
+        run_calibration(handmade, weight_sites(handmade), ids, Recorder(), progress=False)
+
+
+def test_unavailable_provider_falls_back_to_cpu(caplog):
+    with caplog.at_level(logging.WARNING):
+        chosen = resolve_providers(("NoSuchExecutionProvider", "CPUExecutionProvider"))
+    assert chosen == ["CPUExecutionProvider"]
+    assert "NoSuchExecutionProvider" in caplog.text
