@@ -183,8 +183,9 @@ def find_weight_sites(
         assert cand.weight is not None and cand.weight.const_value is not None
         rows, cols = (int(d) for d in cand.weight.const_value.shape.dims)
         k, n = (cols, rows) if cand.transposed else (rows, cols)
+        # The output projection: named lm_head, or producing the graph's logits directly.
         is_head = name.split(".")[-1] == "lm_head" or (
-            node.outputs[0].is_graph_output() and layer_index(name) is None
+            node.outputs[0].is_graph_output() and node.outputs[0].name == "logits"
         )
         bias = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
         site = WeightSite(
