@@ -2,12 +2,13 @@
 
 Two things a plain ``ORTModelForCausalLM.from_pretrained`` does not do for our folders:
 - register the custom-op library when the graph uses our ``com.optimum.adaround`` domain (format=lowbit);
-- set ``num_key_value_heads`` from the config: optimum-onnx 0.1.0 only reads it for a fixed list of model
-  types (Phi-3 and gemma3_text fall back to the attention-head count, which breaks their GQA past-key-values).
+- set ``num_key_value_heads`` from the config: optimum-onnx 0.1.0 reads it only for a fixed list of model
+  types; others (Phi-3) fall back to the attention-head count, which breaks GQA past-key-values.
 """
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,28 +26,52 @@ CUSTOM_DOMAIN = "com.optimum.adaround"
 _ACCURACY_KEY = "session.qdq_matmulnbits_accuracy_level"
 
 
-def _custom_ops() -> Any | None:
+# Options objects we registered the library on: registering twice makes session creation fail
+# ("Domain already set in registry").
+_REGISTERED: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _register(so: ort.SessionOptions) -> ort.SessionOptions:
+    from . import custom_ops
+
+    if so in _REGISTERED:
+        return so
     try:
-        from . import custom_ops
-    except ImportError:  # pragma: no cover - the loader is part of the package; guard a broken build anyway
-        return None
-    return custom_ops
+        custom_ops.register(so)
+    except FileNotFoundError as e:  # CustomOpsNotBuiltError
+        raise UserError(f"this model needs the optimum-adaround custom-op library: {e}") from None
+    _REGISTERED.add(so)
+    return so
+
+
+def _library_available() -> bool:
+    from . import custom_ops
+
+    try:
+        custom_ops.library_path()
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def session_options(
-    *, accuracy_level: int | None = None, config_entries: dict[str, str] | None = None, **attributes: Any
+    *,
+    custom_ops: bool | None = None,
+    accuracy_level: int | None = None,
+    config_entries: dict[str, str] | None = None,
+    **attributes: Any,
 ) -> ort.SessionOptions:
-    """``onnxruntime.SessionOptions`` with our custom ops registered when the library is available.
+    """``onnxruntime.SessionOptions`` ready for our models.
 
-    ``attributes`` are set on the options object (``intra_op_num_threads=2``, ``graph_optimization_level=...``);
-    ``accuracy_level`` sets ORT's MatMulNBits accuracy level for fused QDQ graphs (0 = exact fp32, 4 = int8
-    activations, faster); ``config_entries`` are passed to ``add_session_config_entry``.
+    ``custom_ops``: register the custom-op library (True: required, error if it is not built; None: when it
+    is built; False: never). ``attributes`` are set on the options object (``intra_op_num_threads=2``,
+    ``graph_optimization_level=...``); ``accuracy_level`` sets ORT's MatMulNBits accuracy level for fused
+    QDQ graphs (0 = exact fp32, 4 = int8 activations, faster); ``config_entries`` go to
+    ``add_session_config_entry``.
     """
     import onnxruntime as ort
 
-    ops = _custom_ops()
-    factory = getattr(ops, "session_options", None)
-    so: ort.SessionOptions = factory() if callable(factory) else ort.SessionOptions()
+    so = ort.SessionOptions()
     for key, value in attributes.items():
         if key.startswith("_") or not hasattr(so, key):
             raise UserError(f"session_options: onnxruntime.SessionOptions has no attribute {key!r}")
@@ -58,19 +83,16 @@ def session_options(
         entries[_ACCURACY_KEY] = str(accuracy_level)
     for key, value in entries.items():
         so.add_session_config_entry(key, str(value))
+    if custom_ops or (custom_ops is None and _library_available()):
+        _register(so)
     return so
 
 
 def uses_custom_domain(model_path: str | Path) -> bool:
-    """Whether the ONNX file imports our custom-op domain (checked without loading weights)."""
-    ops = _custom_ops()
-    check = getattr(ops, "uses_custom_domain", None)
-    if callable(check):
-        return bool(check(model_path))
-    import onnx_ir as ir
+    """Whether the ONNX file uses an op of our custom-op domain (read without its external data)."""
+    from . import custom_ops
 
-    # Fallback while custom_ops has no helper: onnx-ir leaves external data on disk (memory-mapped).
-    return CUSTOM_DOMAIN in ir.load(str(model_path)).opset_imports
+    return bool(custom_ops.uses_custom_domain(Path(model_path)))
 
 
 def _pick_onnx_file(folder: Path, file_name: str | None) -> str:
@@ -116,21 +138,31 @@ def load(
             f"{folder} has no config.json: load() needs the folder written by quantize/export"
         )
     name = _pick_onnx_file(folder, file_name)
-    so = session_options if session_options is not None else globals()["session_options"]()
-    if uses_custom_domain(folder / name):
-        ops = _custom_ops()
-        register = getattr(ops, "register", None)
-        if not callable(register):
-            raise UserError(
-                f"{folder / name} uses custom ops ({CUSTOM_DOMAIN}) but optimum.adaround.custom_ops cannot "
-                "register them: build the op library (pip install with the CMake build) first"
-            )
-        register(so)  # idempotent for options made by custom_ops.session_options()
+    needs_ops = uses_custom_domain(folder / name)
+    so = (
+        session_options
+        if session_options is not None
+        else globals()["session_options"](custom_ops=needs_ops or None)
+    )
 
     from optimum.onnxruntime import ORTModelForCausalLM
 
-    model = ORTModelForCausalLM.from_pretrained(
-        folder, file_name=name, provider=provider, session_options=so, **kwargs
-    )
+    def open_model() -> ORTModelForCausalLM:
+        return ORTModelForCausalLM.from_pretrained(
+            folder, file_name=name, provider=provider, session_options=so, **kwargs
+        )
+
+    if needs_ops and so not in _REGISTERED:
+        # Options built elsewhere may or may not carry the library already (registering twice fails):
+        # try as given, register only if onnxruntime does not know our ops.
+        try:
+            model = open_model()
+        except Exception as e:
+            if CUSTOM_DOMAIN not in str(e) and "not a registered" not in str(e):
+                raise
+            _register(so)
+            model = open_model()
+    else:
+        model = open_model()
     _fix_kv_heads(model)
     return model
