@@ -6,8 +6,9 @@ Layout (onnxruntime 1.31, checked by the tests against the CPU kernel):
   LSB first (for 4 bits: element 2i in the low nibble, 2i+1 in the high nibble). The tail of the last
   block (K not a multiple of the block) is padded with the block's zero point, so it dequantizes to 0.
 - ``scales``: ``[N * k_blocks]``, row-major ``[N, k_blocks]`` flattened.
-- ``zero_points`` (asymmetric only): uint8 ``[N, ceil(k_blocks * bits / 8)]``, packed LSB first per row.
-  Without it the kernel implies ``2**(bits-1)``, which is exactly our symmetric convention.
+- ``zero_points`` (asymmetric only): uint8 ``[N, ceil(k_blocks * bits / 8)]``, packed LSB first per row;
+  unused slots of the last byte hold ``2**(bits-1)`` (as onnxruntime's quantizer writes them). Without
+  the input the kernel implies ``2**(bits-1)``, which is exactly our symmetric convention.
 - Attributes ``K``, ``N``, ``bits`` (2/4/8 run on CPU), ``block_size`` (16..256), ``accuracy_level``
   (0 = compute in the activation type, exact; 4 = int8 activations, fast but approximate).
 """
@@ -44,14 +45,21 @@ _BLOCKS = (16, 32, 64, 128, 256)
 
 @register_packer
 class MatMulNBitsPacker:
-    """Packs codes for ``MatMulNBits``; ``accuracy_level`` is written as the node attribute."""
+    """Packs codes for ``MatMulNBits``.
+
+    ``accuracy_level`` is written as the node attribute. ``ort_padding=True`` fills the tail of the last
+    block with code 0, as onnxruntime's own quantizer does (its bytes, bit for bit); by default the tail
+    holds the zero point, so even a kernel that read it would add exact zeros. The kernel ignores the
+    tail either way (tested), so both give the same outputs.
+    """
 
     format: ClassVar[WeightFormat] = WeightFormat.MATMULNBITS
 
-    def __init__(self, accuracy_level: int = 0) -> None:
+    def __init__(self, accuracy_level: int = 0, ort_padding: bool = False) -> None:
         if accuracy_level not in (0, 1, 2, 3, 4):
             raise UnsupportedSchemeError(f"accuracy_level={accuracy_level!r}: MatMulNBits accepts 0..4")
         self.accuracy_level = accuracy_level
+        self.ort_padding = ort_padding
 
     def supports(self, scheme: QuantScheme, k: int, n: int) -> str | None:
         if scheme.data_type is not DataType.INT:
@@ -81,18 +89,22 @@ class MatMulNBitsPacker:
         codes = qw.codes
         pad = nb * block - k
         if pad:
-            # Pad with the zero point so the padding dequantizes to exactly 0 (onnxruntime's own
-            # quantizer does the same: it pads the float weight with zeros).
-            fill = (
-                np.full((n, pad), scheme.implied_zero_point, np.uint8)
-                if qw.zero_points is None
-                else np.repeat(qw.zero_points[:, -1:], pad, axis=1)
-            )
+            if self.ort_padding:
+                fill = np.zeros((n, pad), np.uint8)
+            elif qw.zero_points is None:
+                fill = np.full((n, pad), scheme.implied_zero_point, np.uint8)
+            else:
+                fill = np.repeat(qw.zero_points[:, -1:], pad, axis=1)
             codes = np.concatenate([codes, fill], axis=1)
         b = pack_lsb(codes.reshape(n, nb, block), bits)
         tensors = {"B": b, "scales": stored_scales(qw).reshape(n * nb)}
         if qw.zero_points is not None:
-            tensors["zero_points"] = pack_lsb(qw.zero_points, bits)
+            zp = qw.zero_points
+            per_byte = 8 // bits
+            if nb % per_byte:
+                mid = np.full((n, per_byte - nb % per_byte), scheme.implied_zero_point, np.uint8)
+                zp = np.concatenate([zp, mid], axis=1)
+            tensors["zero_points"] = pack_lsb(zp, bits)
         attributes: dict[str, int | float | str] = {
             "K": k,
             "N": n,
@@ -111,7 +123,7 @@ class MatMulNBitsPacker:
         codes = unpack_lsb(b, bits, block).reshape(n, nb * block)[:, :k]
         scales = packed.tensors["scales"].astype(np.float32).reshape(n, nb)
         zp = packed.tensors.get("zero_points")
-        zero_points = None if zp is None else unpack_lsb(zp, bits, nb)
+        zero_points = None if zp is None else unpack_lsb(zp, bits, nb)  # drops the unused slots
         if (zero_points is None) != scheme.symmetric:
             raise UnsupportedSchemeError(
                 f"MatMulNBits weight {'lacks' if zero_points is None else 'has'} zero points but the scheme "

@@ -138,3 +138,23 @@ def test_pack_unpack_round_trip(n, k, bits, group, sym, scale_dtype, seed):
     assert (back.zero_points is None) == sym
     if not sym:
         assert back.zero_points.tobytes() == qw.zero_points.tobytes()
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_ort_padding_changes_only_the_tail_bytes(sym):
+    """Code-0 padding (onnxruntime's bytes) and zero-point padding give the same kernel output."""
+    rng = np.random.default_rng(11)
+    scheme = QuantScheme(bits=4, group_size=32, symmetric=sym)
+    qw = random_qweight(rng, scheme, N, 70)  # last block holds 6 of 32
+    x = rng.standard_normal((3, 70)).astype(np.float32)
+    ys = []
+    for ort_padding in (False, True):
+        packer = MatMulNBitsPacker(ort_padding=ort_padding)
+        packed = packer.pack(qw)
+        assert packer.unpack(packed, scheme, 70, N).codes.tobytes() == qw.codes.tobytes()
+        tail = packed.tensors["B"][:, -1, 3:]
+        assert (tail == 0).all() if ort_padding else (tail != 0).all()
+        m = one_site_model("matmul", np.zeros((N, 70), np.float32))
+        ys.append(exact_session(replace_site(m, packer, packed)).run(None, {"x": x})[0])
+    np.testing.assert_array_equal(ys[0], ys[1])
+    assert_close(ys[0], reference(x, qw, None))
