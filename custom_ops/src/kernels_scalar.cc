@@ -2,6 +2,7 @@
 // Dequantize-then-dot with plain loops (the same numbers as QuantizedWeight.dequantize()).
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -34,8 +35,9 @@ void scalar_rows(const CpuProblem& p, int64_t n0, int64_t n1) {
 
 bool cpu_has_avx2() {
 #if defined(OA_HAVE_AVX2) && (defined(__x86_64__) || defined(__i386__))
+  // OPTIMUM_ADAROUND_NO_AVX2=1 forces the portable kernels (tests cover them on AVX2 machines too).
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                         __builtin_cpu_supports("f16c");
+                         __builtin_cpu_supports("f16c") && !std::getenv("OPTIMUM_ADAROUND_NO_AVX2");
   return ok;
 #else
   return false;
