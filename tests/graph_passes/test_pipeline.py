@@ -1,0 +1,144 @@
+"""quantize_model: data-free and calibrated paths, early scheme validation, spilled packed arrays."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from onnx import helper, numpy_helper
+
+from optimum.adaround.graph_passes.errors import (
+    CalibrationError,
+    NoQuantizableWeightsError,
+    UnsupportedSchemeError,
+)
+from optimum.adaround.graph_passes.model_io import load_model, read_weight
+from optimum.adaround.graph_passes.pipeline import prepare_sites, quantize_model
+from optimum.adaround.graph_passes.rounding.base import METHODS, SiteStats, get_method
+from optimum.adaround.graph_passes.scheme import QuantScheme
+
+RNG = np.random.default_rng(2)
+K = 64
+
+
+def _proto(layers: int = 2) -> onnx.ModelProto:
+    nodes, inits, x = [], [], "x"
+    for i in range(layers):
+        for j, proj in enumerate(("up_proj", "down_proj")):
+            out = f"h{i}_{j}"
+            nodes.append(
+                helper.make_node(
+                    "MatMul", [x, f"W{i}{j}"], [out], name=f"/model/layers.{i}/mlp/{proj}/MatMul"
+                )
+            )
+            inits.append(numpy_helper.from_array(RNG.standard_normal((K, K)).astype(np.float32), f"W{i}{j}"))
+            x = out
+    nodes.append(helper.make_node("Identity", [x], ["y"], name="out"))
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["b", K])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["b", K])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8)
+
+
+def _session(model: ir.Model) -> ort.InferenceSession:
+    return ort.InferenceSession(
+        ir.serde.serialize_model(model).SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+
+
+def test_rtn_pipeline_matches_method_reference():
+    model = load_model(_proto()).model
+    report = prepare_sites(model)
+    scheme = QuantScheme.parse("w4-g32")
+    rtn = get_method("rtn")
+    reference = [rtn.quantize(read_weight(model, s), scheme).dequantize() for s in report.sites]
+    result = quantize_model(model, scheme, sites=report, progress=False)
+    with result:
+        assert [s.name for s in result.sites] == [s.name for s in report.sites]
+        assert all("sqnr_db" in s.metrics and s.packed_bytes < s.float_bytes for s in result.sites)
+        spilled = sorted(p.name for p in result.spill_dir.iterdir())
+        assert len(spilled) == 2 * len(report.sites)  # B + scales per site, on disk
+        assert set(result.timings) >= {"find_sites", "quantize", "rewrite", "total"}
+        assert [n.op_type for n in model.graph].count("MatMulNBits") == 4
+        x = RNG.standard_normal((3, K)).astype(np.float32)
+        got = _session(model).run(None, {"x": x})[0]
+        spill_dir = result.spill_dir
+    assert not spill_dir.exists()  # close() removed the scratch folder
+    ref = x
+    for w in reference:
+        ref = ref @ w.T
+    np.testing.assert_allclose(got, ref, rtol=1e-3, atol=1e-3)
+
+
+class _Recorder:
+    """A local stand-in method that records calls (tests only)."""
+
+    name = "recorder"
+    needs: frozenset[str] = frozenset()
+    calls: ClassVar[list[tuple[int, int, SiteStats | None]]] = []
+
+    def quantize(self, weight, scheme, stats=None):
+        type(self).calls.append((*weight.shape, stats))
+        return get_method("rtn").quantize(weight, scheme)
+
+
+def test_unsupported_scheme_fails_before_any_work(monkeypatch):
+    monkeypatch.setitem(METHODS, "recorder", _Recorder)
+    _Recorder.calls = []
+    model = load_model(_proto()).model
+    with pytest.raises(UnsupportedSchemeError, match=r"model\.layers\.0\.mlp\.up_proj \(64x64\)"):
+        quantize_model(model, QuantScheme(bits=3, group_size=32), method="recorder", progress=False)
+    assert _Recorder.calls == []
+    assert [n.op_type for n in model.graph].count("MatMul") == 4  # untouched
+
+
+def test_method_needing_statistics_requires_tokens(monkeypatch):
+    needy = type("Needy", (_Recorder,), {"name": "needy", "needs": frozenset({"hessian"})})
+    monkeypatch.setitem(METHODS, "needy", needy)
+    with pytest.raises(CalibrationError, match="needs calibration data"):
+        quantize_model(load_model(_proto()).model, QuantScheme(), method="needy", progress=False)
+
+
+def test_already_quantized_and_weightless_models_are_refused(tmp_path):
+    model = load_model(_proto()).model
+    with quantize_model(model, QuantScheme.parse("w4-g32"), progress=False) as result:
+        proto = ir.serde.serialize_model(result.model)
+    with pytest.raises(NoQuantizableWeightsError, match="already quantized"):
+        prepare_sites(load_model(proto).model)
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"], name="relu")],
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])],
+    )
+    with pytest.raises(NoQuantizableWeightsError, match="no quantizable weight"):
+        prepare_sites(load_model(helper.make_model(graph)).model)
+
+
+def test_calibrated_pipeline_on_tiny_llama(tiny_hf_onnx, monkeypatch):
+    """A method with ``needs`` runs the real calibration engine: per-block Hessians of the right size."""
+    needy = type("NeedyCal", (_Recorder,), {"name": "needy_cal", "needs": frozenset({"hessian"})})
+    monkeypatch.setitem(METHODS, "needy_cal", needy)
+    needy.calls = []
+    model = load_model(tiny_hf_onnx("llama")).model
+    report = prepare_sites(model)
+    ids = RNG.integers(0, 300, (4, 16))
+    result = quantize_model(
+        model, QuantScheme.parse("w4-g32"), method="needy_cal", sites=report, token_ids=ids, progress=False
+    )
+    with result:
+        assert len(result.sites) == len(report.sites) == 14
+        for (n, k, stats), site in zip(needy.calls, report.sites, strict=True):
+            assert (n, k) == (site.n, site.k)
+            assert stats is not None and stats.hessian.shape == (k, k) and stats.n_tokens == 4 * 16
+        assert "MatMul" not in {n.op_type for n in model.graph if n.name and "proj" in n.name}
+    assert dataclasses.asdict(result.sites[0])["name"] == "model.layers.0.self_attn.q_proj"
