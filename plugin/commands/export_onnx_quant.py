@@ -1,7 +1,7 @@
 """``optimum-cli export onnx-quant``: Optimum's ``export onnx`` flags plus weight-quantization flags.
 
-Registered by the optimum-cli hook (``optimum.commands.register.adaround_onnx_quant``). Importing this
-module stays light (argparse only); the export machinery is imported when the command runs.
+The hook ``optimum.commands.register.adaround_onnx_quant`` declares the command and its flags and calls
+``run_export`` here when the command runs: flags -> ``export()`` keyword arguments -> exit code.
 """
 
 from __future__ import annotations
@@ -10,65 +10,10 @@ import argparse
 import sys
 from typing import Any
 
-from optimum.commands.base import BaseOptimumCLICommand, CommandInfo
+# The flags are declared once, in the optimum-cli hook (which must stay import-light).
+from optimum.commands.register.adaround_onnx_quant import PROG, add_export_arguments
 
-__all__ = ["ONNXQuantExportCommand", "add_quant_arguments", "quantize_options"]
-
-PROG = "optimum-cli export onnx-quant"
-
-
-def add_quant_arguments(parser: argparse.ArgumentParser) -> None:
-    """Quantization flags. Defaults are None so that a ``--recipe`` value is overridden only when given."""
-    g = parser.add_argument_group("Weight quantization (optimum-adaround)")
-    g.add_argument("--weight-bits", type=int, default=None, help="bits per weight, 2..8 (default 4)")
-    g.add_argument(
-        "--group-size",
-        type=int,
-        default=None,
-        help="block length along the input dimension, -1 = per channel (default 128)",
-    )
-    sym = g.add_mutually_exclusive_group()
-    sym.add_argument(
-        "--sym", dest="symmetric", action="store_true", default=None, help="symmetric codes (default)"
-    )
-    sym.add_argument(
-        "--asym", dest="symmetric", action="store_false", help="asymmetric codes with zero points"
-    )
-    g.add_argument("--method", default=None, help="rounding method: rtn | gptq | adaround (default adaround)")
-    g.add_argument(
-        "--format", dest="weight_format", choices=("matmulnbits", "qdq", "lowbit"), default=None,
-        help="graph format: com.microsoft MatMulNBits, blockwise QDQ (opset 21), or our custom op (3-bit...)",
-    )  # fmt: skip
-    g.add_argument(
-        "--calib-data", default=None, help="calibration text: file, folder, 'wikipedia', 'news', hf:NAME"
-    )
-    g.add_argument(
-        "--calib-samples", type=int, default=None, help="number of calibration sequences (default 128)"
-    )
-    g.add_argument(
-        "--seq-len", type=int, default=None, help="calibration sequence length in tokens (default 512)"
-    )
-    g.add_argument(
-        "--include", action="append", default=None, metavar="REGEX", help="quantize only matching modules"
-    )
-    g.add_argument(
-        "--exclude", action="append", default=None, metavar="REGEX", help="leave matching modules in float"
-    )
-    g.add_argument(
-        "--quantize-lm-head", action="store_true", default=None, help="also quantize the output projection"
-    )
-    g.add_argument("--seed", type=int, default=None, help="random seed of calibration sampling (default 0)")
-    g.add_argument(
-        "--recipe", default=None, help="recipe preset name or YAML/JSON file; flags given here override it"
-    )
-    g.add_argument(
-        "--eval", action="store_true", help="measure perplexity before/after and add it to the model card"
-    )
-    g.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
-    g.add_argument(
-        "--push-to-hub", default=None, metavar="REPO_ID", help="upload the finished folder to this Hub repo"
-    )
-    g.add_argument("--no-progress", action="store_true", help="hide progress bars")
+__all__ = ["build_parser", "quantize_options", "run_export"]
 
 
 def _scheme_label(args: argparse.Namespace, base: str) -> str | None:
@@ -130,22 +75,11 @@ def quantize_options(args: argparse.Namespace) -> dict[str, Any]:
     return kw
 
 
-class ONNXQuantExportCommand(BaseOptimumCLICommand):
-    COMMAND = CommandInfo(
-        name="onnx-quant",
-        help="Export to ONNX and quantize the weights (GPTQ / AdaRound / RTN; MatMulNBits, QDQ or low-bit ops)",
-    )
-
-    @staticmethod
-    def parse_args(parser: argparse.ArgumentParser) -> None:
-        from optimum.commands.export.onnx import parse_args_onnx
-
-        parse_args_onnx(parser)
-        parser.set_defaults(task="text-generation-with-past")
-        add_quant_arguments(parser)
-
-    def run(self) -> None:
-        sys.exit(run_export(self.args))
+def build_parser() -> argparse.ArgumentParser:
+    """A stand-alone parser with exactly the flags of ``optimum-cli export onnx-quant``."""
+    parser = argparse.ArgumentParser(prog=PROG)
+    add_export_arguments(parser)
+    return parser
 
 
 def run_export(args: argparse.Namespace) -> int:
