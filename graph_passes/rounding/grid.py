@@ -12,7 +12,8 @@ so the codes fit the scale that is actually stored and packing is exact.
 ``ort_grid_params`` / ``ort_codes`` reproduce onnxruntime's own blockwise RTN (MLAS, 1.31) bit for bit:
 its symmetric scale keeps the sign of the extreme value (``s = extreme / -2**(b-1)``, so the extreme
 always lands exactly on code 0, and ``s`` is negative when the extreme is positive), and it rounds
-``w * (1/s) + z`` half away from zero instead of ``w / s`` half to even.
+``w * (1/s) + z`` with C ``roundf`` (halves away from zero, after adding z) where we round ``w / s`` half
+to even and then add z.
 """
 
 from __future__ import annotations

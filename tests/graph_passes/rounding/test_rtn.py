@@ -1,0 +1,170 @@
+"""RTN: exact on grid-aligned weights, MSE clip search, edge cases, metrics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from optimum.adaround.graph_passes.errors import UnsupportedSchemeError, UserError
+from optimum.adaround.graph_passes.records import QuantizedWeight
+from optimum.adaround.graph_passes.rounding.base import METHODS, SiteStats, get_method
+from optimum.adaround.graph_passes.rounding.rtn import RTN
+from optimum.adaround.graph_passes.scheme import PER_CHANNEL, QuantScheme
+
+
+def _grid_aligned(rng: np.random.Generator, scheme: QuantScheme, n: int, k: int) -> QuantizedWeight:
+    """Random codes/scales where every block reaches code 0 (and qmax when asymmetric), so min-max RTN
+    of the dequantized weight must find this very grid."""
+    nb, block = scheme.n_blocks(k), scheme.block_size(k)
+    codes = rng.integers(0, scheme.qmax + 1, (n, k)).astype(np.uint8)
+    for b in range(nb):
+        lo, hi = b * block, min((b + 1) * block, k)
+        codes[:, lo] = 0
+        codes[:, hi - 1] = scheme.qmax
+    scales = (rng.uniform(0.5, 2.0, (n, nb)) * 1e-2).astype(scheme.scale_dtype).astype(np.float32)
+    zp = None if scheme.symmetric else rng.integers(1, scheme.qmax, (n, nb)).astype(np.uint8)
+    return QuantizedWeight(codes, scales, zp, scheme)
+
+
+SCHEMES = [
+    QuantScheme(bits=b, group_size=g, symmetric=s, scale_dtype=d)
+    for b in (2, 3, 4, 8)
+    for g in (16, 128, PER_CHANNEL)
+    for s in (True, False)
+    for d in ("float32", "float16")
+    if not (d == "float16" and g == 16)
+]
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: f"{s.label}-{s.scale_dtype}")
+@pytest.mark.parametrize("search", ["minmax", "mse"])
+def test_reproduces_grid_aligned_codes(scheme, search):
+    rng = np.random.default_rng(scheme.bits)
+    qw = _grid_aligned(rng, scheme, 12, 200)  # 200: short last block for 16 and 128
+    got = RTN(search=search).quantize(qw.dequantize(), scheme)
+    assert got.codes.tobytes() == qw.codes.tobytes()
+    if scheme.symmetric:  # absmax = 2**(b-1) * s exactly, so the scale itself comes back bit for bit
+        assert got.scales.tobytes() == qw.scales.tobytes()
+    else:  # (max - min) / qmax may differ from s in the last bit; codes and zero points do not
+        np.testing.assert_allclose(got.scales, qw.scales, rtol=2e-7 if scheme.scale_dtype == "float32" else 0)
+        assert got.zero_points.tobytes() == qw.zero_points.tobytes()
+    assert got.metrics["sqnr_db"] > 100 or got.metrics["sqnr_db"] == float("inf")
+
+
+def test_registered_without_statistics():
+    assert METHODS["rtn"] is RTN
+    m = get_method("rtn", search="minmax")
+    assert m.needs == frozenset() and m.name == "rtn"
+
+
+def _outlier_weight(rng: np.random.Generator, n: int = 64, k: int = 576) -> np.ndarray:
+    w = (rng.standard_normal((n, k)) * 0.02).astype(np.float32)
+    mask = rng.random(w.shape) < 2e-3
+    w[mask] *= 12
+    return w
+
+
+@pytest.mark.parametrize(
+    "scheme", [QuantScheme.parse(s) for s in ("w4-g128-sym", "w3-g64-asym", "w2-g32-asym")]
+)
+def test_mse_search_never_worse_per_block(scheme):
+    rng = np.random.default_rng(5)
+    w = _outlier_weight(rng)
+    mm = RTN(search="minmax").quantize(w, scheme)
+    mse = RTN(search="mse").quantize(w, scheme)
+    block = scheme.block_size(w.shape[1])
+
+    def block_err(qw):  # zero-padded, so a short last block counts its real entries only
+        d = qw.dequantize() - w
+        d = np.pad(d, ((0, 0), (0, -d.shape[1] % block)))
+        return (d.reshape(d.shape[0], -1, block) ** 2).sum(axis=2)
+
+    # clip ratio 1.0 (= min-max) is a candidate, so no block can get worse
+    assert (block_err(mse) <= block_err(mm) * (1 + 1e-6)).all()
+    assert mse.metrics["sqnr_db"] > mm.metrics["sqnr_db"]
+    assert mse.metrics["clip_mean"] < 1.0
+
+
+def test_short_last_block_padding_does_not_count():
+    """The MSE of a short last block counts only its real entries (padding repeats the edge value)."""
+    rng = np.random.default_rng(2)
+    scheme = QuantScheme(bits=3, group_size=64, symmetric=False)
+    w = _outlier_weight(rng, 16, 70)  # last block: 6 real values
+    full = RTN(search="mse").quantize(w, scheme)
+    alone = RTN(search="mse").quantize(
+        np.ascontiguousarray(w[:, 64:]), QuantScheme(bits=3, group_size=PER_CHANNEL, symmetric=False)
+    )
+    assert full.codes[:, 64:].tobytes() == alone.codes.tobytes()
+    np.testing.assert_array_equal(full.scales[:, -1], alone.scales[:, 0])
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("search", ["minmax", "mse"])
+def test_all_zero_blocks_dequantize_to_exact_zeros(symmetric, search):
+    w = np.zeros((4, 96), np.float32)
+    w[1, 40:60] = np.linspace(-1, 2, 20)
+    scheme = QuantScheme(bits=4, group_size=32, symmetric=symmetric)
+    qw = RTN(search=search).quantize(w, scheme)
+    assert qw.scales[0].tolist() == [0.0, 0.0, 0.0] and qw.scales[1, 0] == 0.0
+    deq = qw.dequantize()
+    assert np.array_equal(deq[[0, 2, 3]], np.zeros((3, 96), np.float32))
+    assert np.array_equal(deq[1, :32], np.zeros(32, np.float32))
+    assert np.isfinite(deq).all()
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_weights_raise_user_error(bad):
+    w = np.ones((3, 32), np.float32)
+    w[2, 7] = bad
+    with pytest.raises(UserError, match=r"NaN/Inf.*\[2, 7\]"):
+        RTN().quantize(w, QuantScheme(bits=4, group_size=16))
+
+
+def test_bad_options_and_inputs():
+    with pytest.raises(UnsupportedSchemeError, match="search"):
+        RTN(search="hqq")
+    with pytest.raises(UnsupportedSchemeError, match="grid"):
+        RTN(grid="gguf")
+    with pytest.raises(UnsupportedSchemeError, match="minmax"):
+        RTN(grid="ort", search="mse")
+    with pytest.raises(UnsupportedSchemeError, match="min_clip"):
+        RTN(min_clip=0.0)
+    with pytest.raises(UnsupportedSchemeError, match="2-D"):
+        RTN().quantize(np.ones(32, np.float32), QuantScheme())
+    with pytest.raises(UnsupportedSchemeError, match="nf4"):
+        RTN().quantize(
+            np.ones((2, 64), np.float32), QuantScheme(bits=4, group_size=64, data_type="nf4", format="lowbit")
+        )
+
+
+def test_float16_scales_are_exact_in_float16():
+    rng = np.random.default_rng(9)
+    w = _outlier_weight(rng, 8, 256)
+    for search in ("minmax", "mse"):
+        qw = RTN(search=search).quantize(w, QuantScheme(bits=4, group_size=64, scale_dtype="float16"))
+        assert np.array_equal(qw.scales.astype(np.float16).astype(np.float32), qw.scales)
+
+
+def test_metrics_sqnr_and_proxy_loss():
+    rng = np.random.default_rng(4)
+    w = _outlier_weight(rng, 16, 64)
+    x = rng.standard_normal((300, 64))
+    stats = SiteStats(hessian=x.T @ x, n_tokens=300)
+    qw = RTN().quantize(w, QuantScheme(bits=3, group_size=32), stats)
+    dw = qw.dequantize().astype(np.float64) - w
+    want_sqnr = 10 * np.log10((w.astype(np.float64) ** 2).sum() / (dw**2).sum())
+    assert qw.metrics["sqnr_db"] == pytest.approx(want_sqnr, rel=1e-9)
+    want_proxy = ((x @ dw.T) ** 2).sum() / 300  # mean over tokens of the squared output error
+    assert qw.metrics["proxy_loss"] == pytest.approx(want_proxy, rel=1e-9)
+    assert "proxy_loss" not in RTN().quantize(w, QuantScheme(bits=3, group_size=32)).metrics
+
+
+def test_chunking_does_not_change_results():
+    rng = np.random.default_rng(8)
+    w = _outlier_weight(rng, 37, 192)
+    scheme = QuantScheme(bits=4, group_size=64, symmetric=False)
+    a = RTN(chunk_rows=5).quantize(w, scheme)
+    b = RTN(chunk_rows=4096).quantize(w, scheme)
+    assert a.codes.tobytes() == b.codes.tobytes() and a.scales.tobytes() == b.scales.tobytes()
+    assert a.zero_points.tobytes() == b.zero_points.tobytes()
+    assert a.metrics["clip_mean"] == pytest.approx(b.metrics["clip_mean"])
