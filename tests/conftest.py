@@ -99,3 +99,27 @@ def tiny_hf_onnx(tiny_hf_model, tmp_path_factory):
         return cache[arch]
 
     return get
+
+
+# ---- quantize API/CLI tests (owner: model I/O, sites, rewrite, pipeline, quantize) ----
+# A Llama with tie_word_embeddings: Optimum exports its lm_head as MatMul(Transpose(embed_tokens)), the
+# case where the quantized head must leave the embedding's Gather working.
+TINY_ARCHS["llama_tied"] = {"model_type": "llama", "tie_word_embeddings": True}
+
+
+def hash_tree(folder: Path) -> str:
+    """sha256 over every file's relative name and bytes under ``folder`` (inputs must never change)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in sorted(Path(folder).rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(folder)).encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture
+def tree_hash():
+    """``tree_hash(folder) -> str``: a content hash of a folder, to check inputs are left untouched."""
+    return hash_tree

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -21,22 +20,12 @@ from optimum.adaround.graph_passes.errors import (
 from optimum.adaround.graph_passes.rounding.base import METHODS, get_method
 
 
-def tree_hash(folder: Path) -> str:
-    """sha256 over every file's relative name and bytes (the input must never change)."""
-    h = hashlib.sha256()
-    for p in sorted(folder.rglob("*")):
-        if p.is_file():
-            h.update(str(p.relative_to(folder)).encode())
-            h.update(p.read_bytes())
-    return h.hexdigest()
-
-
 @pytest.fixture(scope="module")
 def llama(tiny_hf_onnx) -> Path:
     return tiny_hf_onnx("llama")
 
 
-def test_folder_input_writes_complete_output(llama, tmp_path):
+def test_folder_input_writes_complete_output(llama, tmp_path, tree_hash):
     before = tree_hash(llama)
     out = quantize(llama, tmp_path / "q", scheme="w4-g32", progress=False)
     assert out == tmp_path / "q"
@@ -120,7 +109,7 @@ def test_calibrated_method_reads_text_through_the_tokenizer(llama, tmp_path, mon
         ("bad_method", UnsupportedSchemeError, "unknown rounding method"),
     ],
 )
-def test_bad_input_leaves_no_output(llama, tmp_path, case, error, match):
+def test_bad_input_leaves_no_output(llama, tmp_path, tree_hash, case, error, match):
     src, out, kw = llama, tmp_path / "out", {}
     if case == "not_onnx":
         src = tmp_path / "junk.onnx"

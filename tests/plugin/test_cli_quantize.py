@@ -1,0 +1,106 @@
+"""``optimum-adaround quantize``: summary on success; exit code 2, one line and no output on bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from optimum.adaround.cli import main
+from optimum.adaround.commands.quantize import parse_method_options
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_hf_onnx):
+    return tiny_hf_onnx("llama")
+
+
+def test_quantize_command_prints_summary(llama, tmp_path, capsys):
+    out = tmp_path / "q"
+    rc = main(
+        ["quantize", str(llama), str(out), "--bits", "4", "--group-size", "32", "--asym", "--no-progress"]
+    )
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "quantized 14 weights with rtn w4-g32-asym (matmulnbits)" in text
+    assert "1 x lm_head left in float" in text
+    assert f"output: {out}" in text and "smaller" in text
+    record = json.loads((out / "quantization_config.json").read_text())
+    assert record["scheme"]["data"]["symmetric"] is False
+
+
+def test_lm_head_exclude_and_format_flags(llama, tmp_path, capsys):
+    out = tmp_path / "q"
+    argv = [
+        "quantize",
+        str(llama),
+        str(out),
+        "--format",
+        "qdq",
+        "--lm-head",
+        "--exclude",
+        r"mlp\.down",
+        "--no-progress",
+    ]
+    assert main(argv) == 0
+    record = json.loads((out / "quantization_config.json").read_text())
+    names = [s["name"] for s in record["sites"]]
+    assert "lm_head" in names and not any("down_proj" in n for n in names) and len(names) == 13
+    assert record["format"] == "qdq"
+
+
+@pytest.mark.parametrize(
+    ("case", "needle"),
+    [
+        ("not_onnx", "not a readable ONNX model"),
+        ("no_weights", "no quantizable weight"),
+        ("bad_block", "block sizes are"),
+        ("inside", "inside"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(llama, tmp_path, capsys, tree_hash, case, needle):
+    src, out, extra = str(llama), tmp_path / "out", []
+    if case == "not_onnx":
+        junk = tmp_path / "junk.onnx"
+        junk.write_bytes(b"\x00\x01 definitely not protobuf")
+        src = str(junk)
+    elif case == "no_weights":
+        extra = ["--include", "nothing_matches_this"]
+    elif case == "bad_block":
+        extra = ["--group-size", "512"]
+    else:
+        out = llama / "nested"
+    before = tree_hash(llama)
+    rc = main(["quantize", src, str(out), "--no-progress", *extra])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert err.startswith("optimum-adaround: error:") and needle in err and "\n" not in err
+    assert not out.exists()
+    assert tree_hash(llama) == before
+
+
+def test_console_script_exit_code(tmp_path):
+    """The installed entry point maps a user error to exit 2 (a subprocess, as a user would run it)."""
+    junk = tmp_path / "junk.onnx"
+    junk.write_text("nope")
+    proc = subprocess.run(
+        [sys.executable, "-m", "optimum.adaround.cli", "quantize", str(junk), str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("optimum-adaround: error:")
+    assert not (tmp_path / "o").exists()
+
+
+def test_method_options_parsing():
+    assert parse_method_options(["damp=0.01", "act_order=true", "name=abc"]) == {
+        "damp": 0.01,
+        "act_order": True,
+        "name": "abc",
+    }
+    with pytest.raises(Exception, match="KEY=VALUE"):
+        parse_method_options(["oops"])
