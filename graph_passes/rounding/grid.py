@@ -111,9 +111,12 @@ def quantize_blocks(
         else np.asarray(zero_points, np.float32)[..., None]
     )
     live = np.abs(s) > _TINY
-    q = np.rint(blocks / np.where(live, s, np.float32(1))) + z
-    q = np.where(live, q, z)
-    return np.clip(q, scheme.qmin, scheme.qmax)
+    q = blocks / np.where(live, s, np.float32(1))
+    np.rint(q, out=q)
+    q += z
+    if not live.all():
+        q = np.where(live, q, z)
+    return np.clip(q, scheme.qmin, scheme.qmax, out=q)
 
 
 def dequantize_blocks(

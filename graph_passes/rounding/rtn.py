@@ -24,7 +24,6 @@ from .base import SiteStats, register_method
 from .grid import (
     blockwise_minmax,
     check_finite,
-    codes_from_weight,
     dequantize_blocks,
     grid_params,
     ort_codes,
@@ -34,10 +33,16 @@ from .grid import (
 )
 from .metrics import proxy_loss, sqnr_db
 
-__all__ = ["RTN", "clip_ratios"]
+__all__ = ["RTN", "clip_ratios", "mse_clip_search"]
 
 _SEARCHES = ("minmax", "mse")
 _GRIDS = ("default", "ort")
+
+
+def _db(signal: float, noise: float) -> float:
+    if noise <= 0.0:
+        return float("inf")
+    return float(10.0 * np.log10(signal / noise)) if signal > 0.0 else float("-inf")
 
 
 def clip_ratios(n_grid: int, min_clip: float) -> np.ndarray:
@@ -47,8 +52,12 @@ def clip_ratios(n_grid: int, min_clip: float) -> np.ndarray:
 
 def mse_clip_search(
     w: np.ndarray, scheme: QuantScheme, ratios: np.ndarray
-) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray]:
-    """Per-block best clip ratio of ``w[N, K]``: returns ``(scales, zero_points, codes[N, K], clip[N, nb])``."""
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray, float]:
+    """Per-block best clip ratio of ``w[N, K]``.
+
+    Returns ``(scales, zero_points, codes[N, K], clip[N, nb], squared_error)``; a single ratio 1.0 is plain
+    min-max RTN. The squared error of the result comes for free and spares a full dequantization.
+    """
     n, k = w.shape
     block = scheme.block_size(k)
     blocks = pad_blocks(w, block)
@@ -60,9 +69,12 @@ def mse_clip_search(
     bmin, bmax = blocks.min(axis=2), blocks.max(axis=2)
     best_err = np.full(bmin.shape, np.inf, np.float32)
     best_clip = np.ones(bmin.shape, np.float32)
+    q = None
     for c in ratios:
         s, z = grid_params(bmin, bmax, scheme, clip=c)
-        d = dequantize_blocks(quantize_blocks(blocks, s, z, scheme), s, z, scheme) - blocks
+        q = quantize_blocks(blocks, s, z, scheme)
+        d = dequantize_blocks(q, s, z, scheme)
+        d -= blocks
         if mask is not None:
             d *= mask
         err = np.einsum("ijk,ijk->ij", d, d)
@@ -70,8 +82,10 @@ def mse_clip_search(
         best_err = np.where(better, err, best_err)
         best_clip = np.where(better, c, best_clip)
     scales, zp = grid_params(bmin, bmax, scheme, clip=best_clip)
-    codes = quantize_blocks(blocks, scales, zp, scheme).reshape(n, -1)[:, :k].astype(np.uint8)
-    return scales, zp, codes, best_clip
+    if len(ratios) != 1 or q is None:
+        q = quantize_blocks(blocks, scales, zp, scheme)
+    codes = q.reshape(n, -1)[:, :k].astype(np.uint8)
+    return scales, zp, codes, best_clip, float(best_err.sum(dtype=np.float64))
 
 
 @register_method
@@ -118,34 +132,33 @@ class RTN:
             raise UnsupportedSchemeError(f"rtn expects a 2-D weight [N, K], got shape {list(w.shape)}")
         check_finite(w)
         n, k = w.shape
-        if self.search == "minmax":
+        if self.grid == "ort":
             wmin, wmax = blockwise_minmax(w, scheme)
-            if self.grid == "ort":
-                scales, zp = ort_grid_params(wmin, wmax, scheme)
-                codes = ort_codes(w, scales, zp, scheme)
-            else:
-                scales, zp = grid_params(wmin, wmax, scheme)
-                codes = codes_from_weight(w, scales, zp, scheme)
-            clip_mean = 1.0
+            scales, zp = ort_grid_params(wmin, wmax, scheme)
+            qw = QuantizedWeight(ort_codes(w, scales, zp, scheme), scales, zp, scheme)
+            qw.metrics["sqnr_db"] = sqnr_db(w, qw.dequantize())
+            qw.metrics["clip_mean"] = 1.0
         else:
+            ratios = self.ratios if self.search == "mse" else np.ones(1, np.float32)
             nb = scheme.n_blocks(k)
             scales = np.empty((n, nb), np.float32)
             zp = None if scheme.symmetric else np.empty((n, nb), np.uint8)
             codes = np.empty((n, k), np.uint8)
-            clip_sum = 0.0
+            clip_sum = err_sum = 0.0
             starts = range(0, n, self.chunk_rows)
-            for r0 in tqdm(starts, desc="rtn clip search", disable=not self.progress, leave=False):
+            for r0 in tqdm(starts, desc="rtn", disable=not self.progress, leave=False):
                 r1 = min(r0 + self.chunk_rows, n)
-                s, z, q, c = mse_clip_search(w[r0:r1], scheme, self.ratios)
+                s, z, q, c, e = mse_clip_search(w[r0:r1], scheme, ratios)
                 scales[r0:r1], codes[r0:r1] = s, q
                 if zp is not None and z is not None:
                     zp[r0:r1] = z
                 clip_sum += float(c.sum(dtype=np.float64))
-            clip_mean = clip_sum / max(n * nb, 1)
-        qw = QuantizedWeight(codes, scales, zp, scheme)
-        w_hat = qw.dequantize()
-        qw.metrics["sqnr_db"] = sqnr_db(w, w_hat)
-        qw.metrics["clip_mean"] = clip_mean
+                err_sum += e
+            qw = QuantizedWeight(codes, scales, zp, scheme)
+            # sqnr from the search's own error sums (float32 per block, float64 total): no dequantization
+            signal = float(np.einsum("ij,ij->", w, w, dtype=np.float64))
+            qw.metrics["sqnr_db"] = _db(signal, err_sum)
+            qw.metrics["clip_mean"] = clip_sum / max(n * nb, 1)
         if stats is not None and stats.hessian is not None:
-            qw.metrics["proxy_loss"] = proxy_loss(w, w_hat, stats.hessian, stats.n_tokens)
+            qw.metrics["proxy_loss"] = proxy_loss(w, qw.dequantize(), stats.hessian, stats.n_tokens)
         return qw

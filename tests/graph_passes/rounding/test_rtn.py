@@ -153,7 +153,7 @@ def test_metrics_sqnr_and_proxy_loss():
     qw = RTN().quantize(w, QuantScheme(bits=3, group_size=32), stats)
     dw = qw.dequantize().astype(np.float64) - w
     want_sqnr = 10 * np.log10((w.astype(np.float64) ** 2).sum() / (dw**2).sum())
-    assert qw.metrics["sqnr_db"] == pytest.approx(want_sqnr, rel=1e-9)
+    assert qw.metrics["sqnr_db"] == pytest.approx(want_sqnr, rel=1e-6)  # float32 block sums
     want_proxy = ((x @ dw.T) ** 2).sum() / 300  # mean over tokens of the squared output error
     assert qw.metrics["proxy_loss"] == pytest.approx(want_proxy, rel=1e-9)
     assert "proxy_loss" not in RTN().quantize(w, QuantScheme(bits=3, group_size=32)).metrics
