@@ -130,7 +130,7 @@ class QDQPacker:
     def build(
         self, site: WeightSite, x: ir.Value, packed: PackedWeight, bias: ir.Value | None, name: str
     ) -> ReplacementNodes:
-        """DQ -> MatMul (MatMul sites) or DQ -> Gemm(transB=0, C=bias) (Gemm sites).
+        """DQ -> MatMul (MatMul sites; + Add if handed a bias) or DQ -> Gemm(transB=0, C=bias) (Gemm sites).
 
         A Gemm site is assumed to have ``alpha = beta = 1`` and ``transA = 0`` (site discovery's job).
         DequantizeLinear outputs the scales' type: when the stored scales are not the activation type

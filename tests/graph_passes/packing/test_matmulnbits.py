@@ -158,3 +158,38 @@ def test_ort_padding_changes_only_the_tail_bytes(sym):
         ys.append(exact_session(replace_site(m, packer, packed)).run(None, {"x": x})[0])
     np.testing.assert_array_equal(ys[0], ys[1])
     assert_close(ys[0], reference(x, qw, None))
+
+
+@pytest.mark.parametrize("fmt", ["matmulnbits", "qdq"])
+def test_3d_activations_and_2d_gemm_bias(fmt):
+    """LLM activations are [batch, seq, K]; a Gemm bias of shape [1, N] goes through an Add."""
+    import onnx_ir as ir
+
+    from optimum.adaround.graph_passes.records import WeightSite
+
+    rng = np.random.default_rng(5)
+    k = 80
+    scheme = QuantScheme(bits=4, group_size=32, symmetric=False, format=fmt)
+    qw = random_qweight(rng, scheme, N, k)
+    packer = get_packer(fmt)
+    packed = packer.pack(qw)
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(["B", "S", k]))
+    site = WeightSite("lin", "lin/MatMul", "MatMul", "W", k, N, False, "x")
+    rep = packer.build(site, x, packed, None, "lin")
+    assert list(rep.output.shape) == ["B", "S", N]
+    bias = rng.standard_normal((1, N)).astype(np.float32)
+    bt = ir.Tensor(bias, name="bias")
+    bv = ir.Value(name="bias", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([1, N]), const_value=bt)
+    x2 = ir.Value(name="x2", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(["M", k]))
+    gsite = WeightSite("gemm", "gemm/Gemm", "Gemm", "W2", k, N, True, "x2", bias_name="bias")
+    rep2 = packer.build(gsite, x2, packer.pack(qw), bv, "gemm")
+    rep.output.name, rep2.output.name = "y", "y2"
+    g = ir.Graph([x, x2], [rep.output, rep2.output], nodes=[*rep.nodes, *rep2.nodes],
+                 initializers=[*rep.initializers, *rep2.initializers, bv],
+                 opset_imports={"": 21, **rep.opset_imports})
+    xs = rng.standard_normal((2, 3, k)).astype(np.float32)
+    x2s = rng.standard_normal((4, k)).astype(np.float32)
+    y, y2 = exact_session(ir.Model(g, ir_version=10)).run(None, {"x": xs, "x2": x2s})
+    assert y.shape == (2, 3, N)
+    assert_close(y.reshape(6, N), reference(xs.reshape(6, k), qw, None))
+    assert_close(y2, reference(x2s, qw, bias))
