@@ -1,0 +1,98 @@
+"""Model card: front matter parses, every number in it is the evaluation module's measured number."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from optimum.adaround import export
+from optimum.adaround.model_card import (
+    build_model_card,
+    fmt_mb,
+    fmt_num,
+    perplexity_of,
+    read_front_matter,
+    source_license,
+)
+
+
+@pytest.fixture(scope="module")
+def evaluated(tiny_hf_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("card")
+    text = root / "eval.txt"  # a short user text keeps tokenization cheap; same text for both models
+    text.write_text(
+        " ".join(f"Sentence {i} tells the quick brown fox to jump over {i % 7} lazy dogs." for i in range(80))
+    )
+    return export(
+        tiny_hf_model("llama"), root / "llama-w4", "w4-g32", "rtn", eval=True,
+        eval_options={"dataset": str(text), "context_length": 64, "progress": False}, progress=False,
+    )  # fmt: skip
+
+
+def table_row(text: str, label: str) -> list[str]:
+    for line in text.splitlines():
+        if line.startswith(f"| {label}"):
+            return [c.strip() for c in line.strip("|").split("|")]
+    raise AssertionError(f"no row {label!r} in the card")
+
+
+def test_front_matter(evaluated, tiny_hf_model):
+    text = (evaluated / "README.md").read_text()
+    front = read_front_matter(text)
+    assert front["library_name"] == "onnx"
+    assert front["base_model"] == tiny_hf_model("llama").name
+    assert front["license"] == "apache-2.0"
+    assert {"onnx", "quantized", "int4", "rtn", "matmulnbits", "optimum"} <= set(front["tags"])
+
+
+def test_card_numbers_match_eval_json(evaluated):
+    text = (evaluated / "README.md").read_text()
+    ev = json.loads((evaluated / "eval_results.json").read_text())
+    before, after = ev["original"], ev["quantized"]
+    ppl_row = table_row(text, "perplexity")
+    assert ppl_row[1:] == [fmt_num(perplexity_of(before)), fmt_num(perplexity_of(after))]
+    assert f"{after['perplexity']['tokens']} tokens" in ppl_row[0]
+    assert after["perplexity"]["tokens"] == before["perplexity"]["tokens"] > 500  # same text for both
+    assert table_row(text, "ONNX model size")[1:] == [
+        fmt_mb(before["model_bytes"]),
+        fmt_mb(after["model_bytes"]),
+    ]
+    bpw = table_row(text, "bits per weight")
+    assert bpw[2] == fmt_num(after["bits_per_weight"])
+    # w4, blocks of 32, symmetric, float32 scales: 4 + 32/32 bits per weight, exactly
+    assert after["bits_per_weight"] == pytest.approx(5.0)
+    assert after["sites"] == 14 and f"({after['sites']} layers" in bpw[0]
+
+
+def test_eval_perplexities_are_plausible(evaluated):
+    ev = json.loads((evaluated / "eval_results.json").read_text())
+    p0, p1 = perplexity_of(ev["original"]), perplexity_of(ev["quantized"])
+    # random-init weights over a 320-token vocabulary: near-uniform predictions, and 4-bit g32 RTN barely moves them
+    assert 100 < p0 < 1000 and abs(p1 - p0) / p0 < 0.1
+
+
+def test_card_without_eval_says_so(evaluated, tmp_path):
+    for name in ("model.onnx", "quantization_config.json", "config.json"):
+        (tmp_path / name).write_bytes((evaluated / name).read_bytes())
+    text = build_model_card(tmp_path, base_model="org/model", license="mit")
+    assert "Perplexity was not measured" in text
+    front = read_front_matter(text)
+    assert front["base_model"] == "org/model" and front["license"] == "mit"
+    assert re.search(r"\| bits per weight.*\| 32 \| 5\.000 \|", text)
+
+
+def test_read_front_matter_edge_cases():
+    assert read_front_matter("---\nlicense: mit\ntags: [a]\n---\n# x") == {"license": "mit", "tags": ["a"]}
+    assert read_front_matter("# no front matter") == {}
+    assert read_front_matter("---\n: [unclosed\n---\n") == {}
+
+
+def test_source_license(tmp_path):
+    assert source_license(None) is None and source_license(tmp_path / "missing") is None
+    assert source_license(tmp_path) is None
+    (tmp_path / "config.json").write_text(json.dumps({"license": "llama2"}))
+    assert source_license(tmp_path) == "llama2"
+    (tmp_path / "README.md").write_text("---\nlicense: apache-2.0\n---\n")
+    assert source_license(tmp_path) == "apache-2.0"  # the README wins
