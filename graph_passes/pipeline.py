@@ -66,6 +66,8 @@ class QuantizationResult:
     skipped: list[SkippedSite]
     timings: dict[str, float]
     spill_dir: Path | None = None
+    calibration: dict[str, Any] | None = None
+    """The calibration engine's report (``CalibrationReport`` as a dict) for methods that needed statistics."""
     _tmp: tempfile.TemporaryDirectory[str] | None = dataclasses.field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -75,6 +77,7 @@ class QuantizationResult:
             "sites": [s.to_dict() for s in self.sites],
             "skipped": [dataclasses.asdict(s) for s in self.skipped],
             "timings": dict(self.timings),
+            "calibration": self.calibration,
         }
 
     def close(self) -> None:
@@ -165,7 +168,8 @@ class _SiteQuantizer:
         qw = self.method.quantize(weight, self.scheme, stats)
         packed = _spill(self.packer.pack(qw), self.folder, f"{len(self.rewrites):05d}")
         self.rewrites.append(SiteRewrite(site, packed))
-        float_bytes = int(site.k * site.n * weight.itemsize)
+        stored = self.model.graph.initializers[site.weight_name].const_value
+        float_bytes = int(stored.nbytes) if stored is not None else int(weight.nbytes)
         self.results.append(
             SiteResult(
                 name=site.name,
@@ -239,9 +243,12 @@ def quantize_model(
             return qw
 
         t1 = time.perf_counter()
+        calibration = None
         with bar:
             if rounding_method.needs:
-                _calibrated(model, report, token_ids, quantize_one, sequential, progress, calibration_options)
+                calibration = _calibrated(
+                    model, report, token_ids, quantize_one, sequential, progress, calibration_options
+                )
             else:
                 for site in report.sites:
                     quantize_one(site, None)
@@ -263,6 +270,7 @@ def quantize_model(
         skipped=list(report.skipped),
         timings=timings,
         spill_dir=folder,
+        calibration=calibration,
         _tmp=tmp,
     )
 
@@ -275,7 +283,7 @@ def _calibrated(
     sequential: bool,
     progress: bool,
     calibration_options: Mapping[str, Any] | None,
-) -> None:
+) -> dict[str, Any] | None:
     """Run the calibration engine, quantizing each block's sites with the statistics it hands over."""
     from .calibration.engine import run_calibration
 
@@ -294,7 +302,7 @@ def _calibrated(
                 done.add(site.name)
         return out
 
-    run_calibration(
+    calib_report = run_calibration(
         model,
         report.sites,
         ids.astype(np.int64),
@@ -308,3 +316,4 @@ def _calibrated(
         raise CalibrationError(
             f"calibration produced no statistics for {len(missing)} sites, e.g. {missing[0]}"
         )
+    return dataclasses.asdict(calib_report) if dataclasses.is_dataclass(calib_report) else None

@@ -219,6 +219,7 @@ def _config_record(
             "quantize_lm_head": quantize_lm_head,
         },
         "calibration": calib_info,
+        "calibration_report": body["calibration"],
         "seed": seed,
         "source": {"kind": loaded.kind, "path": str(loaded.path) if loaded.path else None},
         "float_bytes": float_bytes,

@@ -145,6 +145,13 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+def _json_default(obj: Any) -> Any:
+    """NumPy scalars/arrays and paths in reports become plain JSON values."""
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    return str(obj)
+
+
 def write_quantization_config(folder: Path, report: dict[str, Any]) -> Path:
     """Write ``quantization_config.json`` (versioned) with ``report`` plus tool/library versions and a date."""
     record = {
@@ -155,5 +162,5 @@ def write_quantization_config(folder: Path, report: dict[str, Any]) -> Path:
         **report,
     }
     path = folder / CONFIG_NAME
-    path.write_text(json.dumps(record, indent=2, sort_keys=False) + "\n")
+    path.write_text(json.dumps(record, indent=2, default=_json_default) + "\n")
     return path

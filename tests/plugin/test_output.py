@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from optimum.adaround.graph_passes.errors import OutputPathError
@@ -81,8 +82,9 @@ def test_side_files_and_config(tmp_path):
     for name in ("config.json", "tokenizer.json", "generation_config.json", "model.onnx", "notes.txt"):
         (src / name).write_text("{}")
     assert sorted(copy_side_files(src, dst)) == ["config.json", "generation_config.json", "tokenizer.json"]
-    path = write_quantization_config(dst, {"scheme": {"bits": 4}})
+    path = write_quantization_config(dst, {"scheme": {"bits": 4}, "sqnr": np.float32(1.5), "where": dst})
     record = json.loads(path.read_text())
+    assert record["sqnr"] == 1.5 and record["where"] == str(dst)
     assert path.name == CONFIG_NAME
     assert record["version"] == 1 and record["scheme"] == {"bits": 4}
     assert {"python", "onnx", "onnx-ir", "numpy"} <= set(record["versions"])
