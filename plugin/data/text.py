@@ -188,7 +188,9 @@ def _read_hf_dataset(spec: str) -> list[str]:
     try:
         ds = datasets.load_dataset(name, config or None, split=split or "train")
     except Exception as e:  # offline, unknown name, ...: one line for the user
-        raise TextSourceError(f"cannot load dataset hf:{spec}: {type(e).__name__}: {e}".splitlines()[0]) from e
+        raise TextSourceError(
+            f"cannot load dataset hf:{spec}: {type(e).__name__}: {e}".splitlines()[0]
+        ) from e
     if "text" not in ds.column_names:
         raise TextSourceError(f"dataset hf:{spec} has no 'text' column (columns: {ds.column_names})")
     return [t for t in ds["text"] if t]
