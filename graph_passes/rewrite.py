@@ -78,8 +78,11 @@ class ReplaceWeightSitesPass(ir.passes.InPlacePass):
         x = node.inputs[0]
         assert x is not None
         bias = node.inputs[2] if site.op_type == "Gemm" and len(node.inputs) > 2 else None
-        # Node names are unique and carry the module path: prefix every new name with it.
-        repl = self.packer.build(site, x, rw.packed, bias, f"{node.name}/{self.packer.format.value}")
+        # New nodes sit in the replaced node's scope (``/model/layers.0/mlp/up_proj/MatMul`` ->
+        # ``/model/layers.0/mlp/up_proj/MatMulNBits``), so ``module_path`` of a quantized node still
+        # names its module and evaluation can pair it with the fp32 weight.
+        scope = node.name.rsplit("/", 1)[0] if node.name and "/" in node.name else (node.name or site.name)
+        repl = self.packer.build(site, x, rw.packed, bias, scope)
         for value in repl.initializers:
             if value.name in graph.initializers:
                 raise InternalError(f"site {site.name}: initializer name {value.name!r} already in the graph")
