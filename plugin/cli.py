@@ -43,7 +43,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     if not any(a in parser._subparsers._group_actions[0].choices for a in argv if not a.startswith("-")):  # type: ignore[union-attr]
         if "-h" not in argv and "--help" not in argv:
-            argv = [*[a for a in argv if a == "--debug"], DEFAULT_COMMAND, *[a for a in argv if a != "--debug"]]
+            argv = [
+                *[a for a in argv if a == "--debug"],
+                DEFAULT_COMMAND,
+                *[a for a in argv if a != "--debug"],
+            ]
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
         parser.print_help()
