@@ -20,7 +20,8 @@ COMMANDS = ("run", "quantize", "eval")
 DEFAULT_COMMAND = "run"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> tuple[argparse.ArgumentParser, set[str]]:
+    """The parser and the names of the subcommands it knows."""
     parser = argparse.ArgumentParser(
         prog="optimum-adaround",
         description="Calibrated adaptive rounding (GPTQ / AdaRound / learned scales) for ONNX LLMs.",
@@ -35,19 +36,15 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue
         module.add_parser(sub)
-    return parser
+    return parser, set(sub.choices)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    if not any(a in parser._subparsers._group_actions[0].choices for a in argv if not a.startswith("-")):  # type: ignore[union-attr]
-        if "-h" not in argv and "--help" not in argv:
-            argv = [
-                *[a for a in argv if a == "--debug"],
-                DEFAULT_COMMAND,
-                *[a for a in argv if a != "--debug"],
-            ]
+    parser, names = build_parser()
+    if not names.intersection(argv) and not {"-h", "--help"}.intersection(argv):
+        # No subcommand given: run the default job, keeping global flags in front of it.
+        argv = [*(a for a in argv if a == "--debug"), DEFAULT_COMMAND, *(a for a in argv if a != "--debug")]
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
         parser.print_help()
