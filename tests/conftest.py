@@ -123,3 +123,35 @@ def hash_tree(folder: Path) -> str:
 def tree_hash():
     """``tree_hash(folder) -> str``: a content hash of a folder, to check inputs are left untouched."""
     return hash_tree
+
+
+# ---- text / evaluation tests (owner: data, evaluation, plots) ----
+# A word-level tokenizer over a tiny vocabulary (no BPE training), saved once; `bos=True` adds a BOS token
+# in front of every encoding the way Llama-2 tokenizers do (SmolLM2's GGUF tokenizer does the same).
+TINY_WORDS = ("a", "b", "c", "d", "e", "f")
+
+
+def build_word_tokenizer(out: Path, *, bos: bool) -> Path:
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, **{w: i + 2 for i, w in enumerate(TINY_WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>").save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def word_tokenizer_dir(tmp_path_factory):
+    """``word_tokenizer_dir(bos: bool) -> Path``: a saved 8-entry word-level tokenizer (ids: <unk>, <s>, a..f)."""
+    cache: dict[bool, Path] = {}
+
+    def get(bos: bool = False) -> Path:
+        if bos not in cache:
+            cache[bos] = build_word_tokenizer(tmp_path_factory.mktemp(f"word-tok-{int(bos)}"), bos=bos)
+        return cache[bos]
+
+    return get

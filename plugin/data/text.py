@@ -98,14 +98,14 @@ def clean_wiki(raw_markup: str) -> str:
         text = text[: tail.start()]
     paragraphs = []
     for line in text.splitlines():
-        line = line.strip()
-        if line.startswith(("=", "*", "#", ":", ";", "|", "!", "{", "}")):
+        if line.strip().startswith(("=", "*", "#", ":", ";", "|", "!", "{", "}")):
             continue  # headings, lists, indents, table syntax
         line = re.sub(r"'{2,}", "", line)  # bold / italic quotes
         line = re.sub(r"\(\s*[,;]?\s*\)", "", line)  # parentheses emptied by removed templates
         line = re.sub(r"<[^>]{0,200}>", "", line)  # stray html tags
         line = re.sub(r"[ \t]{2,}", " ", line).replace(" ,", ",").replace(" .", ".").strip()
-        if len(line.split()) >= _MIN_PARAGRAPH_WORDS:
+        # Prose only: a list item or table cell whose bullet hid behind quotes is caught here.
+        if len(line.split()) >= _MIN_PARAGRAPH_WORDS and not line.startswith(("=", "*", "#", "|", "!")):
             paragraphs.append(line)
     return "\n\n".join(paragraphs)
 
