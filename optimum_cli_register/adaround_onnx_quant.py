@@ -64,6 +64,12 @@ def add_quant_arguments(parser: Any) -> None:
     g.add_argument(
         "--eval", action="store_true", help="measure perplexity before/after and add it to the model card"
     )
+    g.add_argument(
+        "--eval-data", default=None, help="evaluation text (default: embedded Wikipedia eval split)"
+    )
+    g.add_argument(
+        "--eval-tokens", type=int, default=None, help="evaluate on the first N tokens of the text only"
+    )
     g.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     g.add_argument(
         "--push-to-hub", default=None, metavar="REPO_ID", help="upload the finished folder to this Hub repo"

@@ -72,6 +72,9 @@ def quantize_options(args: argparse.Namespace) -> dict[str, Any]:
         "device": args.device,
     }
     kw["export_options"] = {k: v for k, v in export_options.items() if v is not None}
+    eval_options = {"dataset": args.eval_data, "max_tokens": args.eval_tokens}
+    kw["eval_options"] = {k: v for k, v in eval_options.items() if v is not None}
+    kw["eval_options"]["progress"] = not args.no_progress
     return kw
 
 

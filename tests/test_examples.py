@@ -1,0 +1,86 @@
+"""The examples/ scripts run as documented, on tiny random-init models (data-free rtn to stay fast)."""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx_ir as ir
+import pytest
+
+from optimum.adaround.recipes import load_recipe
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def run_example(name: str, *args: str):
+    """Run a Python example in-process, as ``python examples/NAME args``; return what its main() returned."""
+    argv = sys.argv
+    sys.argv = [str(EXAMPLES / name), *args]
+    try:
+        namespace = runpy.run_path(str(EXAMPLES / name), run_name="example")
+        return namespace["main"](list(args))
+    finally:
+        sys.argv = argv
+
+
+def test_examples_exist():
+    assert {"cli_one_liner.sh", "python_api.py", "recipe.yaml", "load_and_generate.py"} <= {
+        p.name for p in EXAMPLES.iterdir()
+    }
+
+
+def test_recipe_example_is_valid():
+    recipe = load_recipe(EXAMPLES / "recipe.yaml")
+    assert recipe.scheme == "w4-g128" and recipe.overrides[0].scheme == "w8-g128"
+
+
+def test_python_api_with_recipe_then_load_and_generate(tiny_hf_model, tmp_path, capsys):
+    out = run_example(
+        "python_api.py", str(tiny_hf_model("llama")), str(tmp_path / "q"),
+        "--recipe", str(EXAMPLES / "recipe.yaml"), "--method", "rtn", "--eval-tokens", "400",
+    )  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "perplexity:" in printed and "bits per weight" in printed
+    bits = {
+        node.name: node.attributes["bits"].as_int()
+        for node in ir.load(str(out / "model.onnx")).graph.all_nodes()
+        if node.op_type == "MatMulNBits"
+    }
+    assert len(bits) == 14
+    assert {b for n, b in bits.items() if "down_proj" in n} == {8}  # the recipe's override
+    assert {b for n, b in bits.items() if "down_proj" not in n} == {4}
+    assert json.loads((out / "quantization_config.json").read_text())["method"]["name"] == "rtn"
+
+    text = run_example("load_and_generate.py", str(out), "The quick brown", "--max-new-tokens", "5")
+    assert text.startswith("The quick brown") and len(text) > len("The quick brown")
+
+
+@pytest.mark.slow
+def test_cli_one_liner(tiny_hf_model, tmp_path):
+    env = {
+        **os.environ,
+        "METHOD": "rtn",
+        "GROUP": "32",
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
+    res = subprocess.run(
+        ["bash", str(EXAMPLES / "cli_one_liner.sh"), str(tiny_hf_model("mistral")), str(tmp_path / "m")],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = tmp_path / "m"
+    assert (out / "eval_results.json").is_file() and (out / "README.md").is_file()
+    assert json.loads((out / "quantization_config.json").read_text())["n_sites"] == 14
+
+
+def test_cli_one_liner_usage_error():
+    if shutil.which("bash") is None:
+        pytest.skip("no bash")
+    res = subprocess.run(["bash", str(EXAMPLES / "cli_one_liner.sh")], capture_output=True, text=True)
+    assert res.returncode == 2 and "usage:" in res.stderr
