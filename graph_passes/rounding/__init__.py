@@ -1,3 +1,8 @@
 """Rounding methods: each turns a float weight (+ calibration statistics) into a QuantizedWeight."""
 
-from . import rtn  # noqa: F401  (registers "rtn")
+from . import (  # noqa: F401  (register "adaround", "gptq", "adaround_ls")
+    adaround,
+    gptq,
+    learned_scale,
+    rtn,
+)
