@@ -76,38 +76,55 @@ inline uint8_t decode_one(const uint8_t* chunk, int bits, int j) {
   return v;
 }
 
-// CPU problem description. All pointers are host pointers, float32 (converted by the op when needed).
+// CPU problem description. All pointers are host pointers; X is fp32 (converted by the op when needed),
+// scales and zero points are read in place (converted one row at a time inside the kernels).
 struct CpuProblem {
   GemmShape shape;
   const float* x = nullptr;        // [M, K_pad], rows zero-padded to n_chunks * 32
   const uint8_t* b = nullptr;      // packed codes
-  const float* scales = nullptr;   // [N, n_blocks]
-  const float* zp = nullptr;       // [N, n_blocks] float zero points (int codes); nullptr for codebooks
+  const void* scales = nullptr;    // [N, n_blocks] float32, or float16 bits when scales_half
+  bool scales_half = false;
+  const uint8_t* zp = nullptr;     // [N, n_blocks] zero points; nullptr = implied 2^(bits-1) (int codes)
   const float* codebook = nullptr; // [2^bits] or nullptr (int codes)
   const float* bias = nullptr;     // [N] or nullptr
   float* y = nullptr;              // [M, N]
   int accuracy_level = 0;
 };
 
+// Row n's scales (and zero points, as floats; nullptr for codebooks) in fp32: a pointer into the input
+// when it already is fp32, else converted into `buf`.
+const float* row_scales(const CpuProblem& p, int64_t n, float* buf);
+const float* row_zero_points(const CpuProblem& p, int64_t n, float* buf);
+
 // Parallel-for callback supplied by the op (ORT's thread pool): runs fn(ctx, i) for i in [0, total).
 using ParallelFor = void (*)(void* runner, void (*fn)(void*, size_t), size_t total, void* fn_ctx);
 
-// Runs the problem on the CPU; picks the AVX2 kernels when the CPU has AVX2+FMA+F16C.
+// Runs the problem on the CPU with the best kernels this CPU has (see cpu_isa()).
 void cpu_gemm(const CpuProblem& p, ParallelFor pfor, void* runner);
-bool cpu_has_avx2();
 
-// Implementations (kernels_scalar.cc, kernels_avx2.cc): compute rows [n0, n1) of Y for all M.
+// Kernel families; OPTIMUM_ADAROUND_ISA=scalar|avx2|avx512vnni caps the choice (tests use it).
+enum class Isa { Scalar = 0, Avx2 = 1, Avx512Vnni = 2 };
+Isa cpu_isa();
+
+// Portable kernels (kernels_scalar.cc): rows [n0, n1) of Y for all M.
 void scalar_rows(const CpuProblem& p, int64_t n0, int64_t n1);
-void avx2_rows(const CpuProblem& p, int64_t n0, int64_t n1, const void* prep);
 
 // fp16 <-> fp32 conversion (F16C when available).
 void half_to_float(const uint16_t* src, float* dst, size_t n);
 void float_to_half(const float* src, uint16_t* dst, size_t n);
-void avx2_half_to_float(const uint16_t* src, float* dst, size_t n);
-void avx2_float_to_half(const float* src, uint16_t* dst, size_t n);
 
-// AVX2 per-call preparation (int8 activations etc.); opaque to callers.
-void* avx2_prepare(const CpuProblem& p);
-void avx2_release(void* prep);
+// x86 SIMD kernels (kernels_x86.inc, built once per ISA): per-call preparation (int8 activations etc.),
+// rows [n0, n1) of Y, release of the preparation.
+#define OA_DECLARE_ISA(ns)                                                         \
+  namespace ns {                                                                   \
+  void* prepare(const CpuProblem& p);                                              \
+  void rows(const CpuProblem& p, int64_t n0, int64_t n1, const void* prep);        \
+  void release(void* prep);                                                        \
+  void half_to_float(const uint16_t* src, float* dst, size_t n);                   \
+  void float_to_half(const float* src, uint16_t* dst, size_t n);                   \
+  }
+OA_DECLARE_ISA(avx2)
+OA_DECLARE_ISA(avx512vnni)
+#undef OA_DECLARE_ISA
 
 }  // namespace oa

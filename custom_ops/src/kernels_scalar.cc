@@ -5,24 +5,67 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "lowbit.h"
 
 namespace oa {
 
+const float* row_scales(const CpuProblem& p, int64_t n, float* buf) {
+  const int64_t nb = p.shape.n_blocks();
+  if (!p.scales_half) return static_cast<const float*>(p.scales) + n * nb;
+  half_to_float(static_cast<const uint16_t*>(p.scales) + n * nb, buf, static_cast<size_t>(nb));
+  return buf;
+}
+
+const float* row_zero_points(const CpuProblem& p, int64_t n, float* buf) {
+  if (p.codebook) return nullptr;
+  const int64_t nb = p.shape.n_blocks();
+  if (p.zp) {
+    const uint8_t* z = p.zp + n * nb;
+    for (int64_t b = 0; b < nb; ++b) buf[b] = z[b];
+  } else {
+    std::fill(buf, buf + nb, static_cast<float>(1 << (p.shape.bits - 1)));
+  }
+  return buf;
+}
+
+Isa cpu_isa() {
+  static const Isa isa = [] {
+    Isa best = Isa::Scalar;
+#if defined(OA_HAVE_X86) && (defined(__x86_64__) || defined(__i386__))
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
+      best = Isa::Avx2;
+      if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
+          __builtin_cpu_supports("avx512bw"))
+        best = Isa::Avx512Vnni;
+    }
+#endif
+    // OPTIMUM_ADAROUND_ISA=scalar|avx2 caps the choice (tests cover every family on one machine).
+    if (const char* cap = std::getenv("OPTIMUM_ADAROUND_ISA")) {
+      const std::string c(cap);
+      const Isa want = c == "scalar" ? Isa::Scalar : c == "avx2" ? Isa::Avx2 : Isa::Avx512Vnni;
+      if (static_cast<int>(want) < static_cast<int>(best)) best = want;
+    }
+    return best;
+  }();
+  return isa;
+}
+
 void scalar_rows(const CpuProblem& p, int64_t n0, int64_t n1) {
   const GemmShape& sh = p.shape;
   const int64_t kpad = sh.n_chunks() * kChunk;
   const int64_t nb = sh.n_blocks();
-  std::vector<float> w(static_cast<size_t>(kpad), 0.0f);
+  std::vector<float> w(static_cast<size_t>(kpad), 0.0f), sbuf(nb), zbuf(nb);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = p.b + n * sh.row_bytes();
+    const float* s = row_scales(p, n, sbuf.data());
+    const float* z = row_zero_points(p, n, zbuf.data());
     for (int64_t k = 0; k < sh.K; ++k) {
       const uint8_t q = decode_one(row + (k / kChunk) * sh.chunk_bytes(), sh.bits, static_cast<int>(k % kChunk));
       const int64_t blk = k / sh.block_size;
-      const float s = p.scales[n * nb + blk];
-      w[k] = p.codebook ? p.codebook[q] * s : (static_cast<float>(q) - p.zp[n * nb + blk]) * s;
+      w[k] = p.codebook ? p.codebook[q] * s[blk] : (static_cast<float>(q) - z[blk]) * s[blk];
     }
     for (int64_t m = 0; m < sh.M; ++m) {
       const float* x = p.x + m * kpad;
@@ -31,17 +74,6 @@ void scalar_rows(const CpuProblem& p, int64_t n0, int64_t n1) {
       p.y[m * sh.N + n] = acc + (p.bias ? p.bias[n] : 0.0f);
     }
   }
-}
-
-bool cpu_has_avx2() {
-#if defined(OA_HAVE_AVX2) && (defined(__x86_64__) || defined(__i386__))
-  // OPTIMUM_ADAROUND_NO_AVX2=1 forces the portable kernels (tests cover them on AVX2 machines too).
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                         __builtin_cpu_supports("f16c") && !std::getenv("OPTIMUM_ADAROUND_NO_AVX2");
-  return ok;
-#else
-  return false;
-#endif
 }
 
 namespace {
@@ -84,15 +116,15 @@ uint16_t float_to_half_bits(float f) {
 }  // namespace
 
 void half_to_float(const uint16_t* src, float* dst, size_t n) {
-#if defined(OA_HAVE_AVX2)
-  if (cpu_has_avx2()) return avx2_half_to_float(src, dst, n);
+#if defined(OA_HAVE_X86)
+  if (cpu_isa() != Isa::Scalar) return avx2::half_to_float(src, dst, n);
 #endif
   for (size_t i = 0; i < n; ++i) dst[i] = half_bits_to_float(src[i]);
 }
 
 void float_to_half(const float* src, uint16_t* dst, size_t n) {
-#if defined(OA_HAVE_AVX2)
-  if (cpu_has_avx2()) return avx2_float_to_half(src, dst, n);
+#if defined(OA_HAVE_X86)
+  if (cpu_isa() != Isa::Scalar) return avx2::float_to_half(src, dst, n);
 #endif
   for (size_t i = 0; i < n; ++i) dst[i] = float_to_half_bits(src[i]);
 }
@@ -103,37 +135,53 @@ struct Task {
   const CpuProblem* p;
   const void* prep;
   int64_t rows_per_task;
-  bool avx2;
+  Isa isa;
 };
 
 void run_task(void* ctx, size_t i) {
   const Task& t = *static_cast<const Task*>(ctx);
   const int64_t n0 = static_cast<int64_t>(i) * t.rows_per_task;
   const int64_t n1 = std::min(t.p->shape.N, n0 + t.rows_per_task);
-#if defined(OA_HAVE_AVX2)
-  if (t.avx2) {
-    avx2_rows(*t.p, n0, n1, t.prep);
-    return;
-  }
+  switch (t.isa) {
+#if defined(OA_HAVE_X86)
+    case Isa::Avx512Vnni: return avx512vnni::rows(*t.p, n0, n1, t.prep);
+    case Isa::Avx2: return avx2::rows(*t.p, n0, n1, t.prep);
 #endif
-  scalar_rows(*t.p, n0, n1);
+    default: return scalar_rows(*t.p, n0, n1);
+  }
+}
+
+void* prepare(Isa isa, const CpuProblem& p) {
+  switch (isa) {
+#if defined(OA_HAVE_X86)
+    case Isa::Avx512Vnni: return avx512vnni::prepare(p);
+    case Isa::Avx2: return avx2::prepare(p);
+#endif
+    default: return nullptr;
+  }
+}
+
+void release(Isa isa, void* prep) {
+  switch (isa) {
+#if defined(OA_HAVE_X86)
+    case Isa::Avx512Vnni: return avx512vnni::release(prep);
+    case Isa::Avx2: return avx2::release(prep);
+#endif
+    default: return;
+  }
 }
 
 }  // namespace
 
 void cpu_gemm(const CpuProblem& p, ParallelFor pfor, void* runner) {
-  Task t{&p, nullptr, 0, cpu_has_avx2()};
-#if defined(OA_HAVE_AVX2)
-  if (t.avx2) t.prep = avx2_prepare(p);
-#endif
+  Task t{&p, nullptr, 0, cpu_isa()};
+  t.prep = prepare(t.isa, p);
   // ~64 tasks give the pool room to balance; multiples of 4 rows keep the GEMM tiles full.
   const int64_t N = p.shape.N;
   t.rows_per_task = std::max<int64_t>(4, ((N + 63) / 64 + 3) / 4 * 4);
   const size_t total = static_cast<size_t>((N + t.rows_per_task - 1) / t.rows_per_task);
   pfor(runner, run_task, total, &t);
-#if defined(OA_HAVE_AVX2)
-  if (t.avx2) avx2_release(const_cast<void*>(t.prep));
-#endif
+  release(t.isa, const_cast<void*>(t.prep));
 }
 
 }  // namespace oa

@@ -295,7 +295,7 @@ void compute_cpu(const Kernel& k, OrtKernelContext* ctx) {
   sh.M = in.M;
   if (sh.M == 0) return;
   const bool half = k.def->t == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
-  const int64_t nb = sh.n_blocks(), kpad = sh.n_chunks() * oa::kChunk;
+  const int64_t kpad = sh.n_chunks() * oa::kChunk;
 
   // X as fp32 rows zero-padded to whole chunks, so the kernels never read past K.
   std::vector<float> x(static_cast<size_t>(sh.M * kpad), 0.0f);
@@ -306,23 +306,10 @@ void compute_cpu(const Kernel& k, OrtKernelContext* ctx) {
     else
       std::memcpy(x.data() + m * kpad, static_cast<const float*>(xsrc) + m * sh.K, sizeof(float) * sh.K);
   }
-  const std::vector<float> scales = to_float(data_of(api, in.scales), k.scales_type, static_cast<size_t>(sh.N * nb));
-  std::vector<float> zp, bias, cb;
-  if (k.def->kind == Kind::LowBit) {
-    zp.assign(static_cast<size_t>(sh.N * nb), static_cast<float>(1 << (sh.bits - 1)));
-    if (in.zp) {
-      const auto* z = static_cast<const uint8_t*>(data_of(api, in.zp));
-      const int qmax = (1 << sh.bits) - 1;
-      for (size_t i = 0; i < zp.size(); ++i) {
-        if (z[i] > qmax)
-          k.fail("zero_points[" + std::to_string(i) + "]=" + std::to_string(z[i]) + " exceeds 2^bits-1=" +
-                 std::to_string(qmax));
-        zp[i] = z[i];
-      }
-    }
-  } else {
+  // Scales and zero points are read in place; the kernels convert one row at a time.
+  std::vector<float> bias, cb;
+  if (k.def->kind == Kind::Codebook)
     cb = to_float(data_of(api, in.codebook), ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, size_t{1} << sh.bits);
-  }
   if (in.bias) bias = to_float(data_of(api, in.bias), k.def->t, static_cast<size_t>(sh.N));
 
   void* yraw = nullptr;
@@ -338,8 +325,9 @@ void compute_cpu(const Kernel& k, OrtKernelContext* ctx) {
   p.shape = sh;
   p.x = x.data();
   p.b = static_cast<const uint8_t*>(data_of(api, in.b));
-  p.scales = scales.data();
-  p.zp = zp.empty() ? nullptr : zp.data();
+  p.scales = data_of(api, in.scales);
+  p.scales_half = k.scales_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+  p.zp = in.zp ? static_cast<const uint8_t*>(data_of(api, in.zp)) : nullptr;
   p.codebook = cb.empty() ? nullptr : cb.data();
   p.bias = bias.empty() ? nullptr : bias.data();
   p.y = y;
