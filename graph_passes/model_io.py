@@ -56,6 +56,8 @@ class LoadedModel:
     """The ``.onnx`` file read (None for in-memory inputs)."""
     folder: Path | None = None
     """The exported folder given by the user (None when a file or an object was given)."""
+    external: bool = False
+    """The weights came in external data files: save the result that way too (see :func:`save_model`)."""
 
 
 def find_model_file(folder: Path) -> Path:
@@ -116,10 +118,9 @@ def load_model(source: Any) -> LoadedModel:
     """
     if isinstance(source, (str, os.PathLike)):
         p = Path(source)
-        if p.is_dir():
-            file = find_model_file(p)
-            return LoadedModel(_load_path(file), "path", file, p)
-        return LoadedModel(_load_path(p), "path", p, None)
+        file = find_model_file(p) if p.is_dir() else p
+        model = _load_path(file)
+        return LoadedModel(model, "path", file, p if p.is_dir() else None, external=_has_external(model))
     kind = _object_kind(source)
     if kind == "gs":
         import onnx_graphsurgeon as gs
@@ -184,7 +185,9 @@ def save_model(model: ir.Model, path: str | os.PathLike, *, external_data: bool 
     """Save ``model`` to ``path`` streaming tensors to ``<name>_data`` when large, external or asked.
 
     ``external_data=None`` decides: external when the initializers exceed ~1.8 GB or any of them still
-    lives in an external file (the copy must not point at the input's data file). Constant nodes are lifted
+    lives in an external file (the copy must not point at the input's data file). Inline saving builds the
+    whole protobuf in memory, so callers that care about memory (a quantized copy of a model that came with
+    external data) pass ``external_data=True``: tensors are then streamed one at a time. Constant nodes are lifted
     to initializers first so their data is rewritten too (else they keep pointing at the old file).
     Returns the files written.
     """

@@ -183,7 +183,8 @@ def quantize(
         if output is not None:
             with atomic_output(output, inputs, overwrite) as tmp:
                 name = loaded.path.name if loaded.path is not None else "model.onnx"
-                files = save_model(result.model, tmp / name)
+                # A model that came with external data keeps it: streamed, bounded-memory save.
+                files = save_model(result.model, tmp / name, external_data=True if loaded.external else None)
                 record["files"] = {f.name: f.stat().st_size for f in files}
                 record["quantized_bytes"] = sum(record["files"].values())
                 record["timings"]["total_with_save"] = time.perf_counter() - t0

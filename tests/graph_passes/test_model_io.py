@@ -80,12 +80,13 @@ def test_load_file_folder_proto_and_gs(tmp_path, external_model):
     by_folder = load_model(external_model)
     assert by_file.kind == by_folder.kind == "path"
     assert by_folder.folder == external_model and by_folder.path == external_model / "model.onnx"
+    assert by_file.external and by_folder.external  # so the quantized copy is saved with external data too
     # The weight stays on disk: an ExternalTensor (memory-mapped on read), not a loaded array.
     assert isinstance(by_file.model.graph.initializers["W"].const_value, ir.ExternalTensor)
 
     proto = _proto()
     loaded = load_model(proto)
-    assert loaded.kind == "proto"
+    assert loaded.kind == "proto" and not loaded.external
     back = to_source_kind(loaded.model, "proto")
     assert isinstance(back, onnx.ModelProto)
     np.testing.assert_array_equal(numpy_helper.to_array(back.graph.initializer[0]), W)
