@@ -22,7 +22,7 @@ from urllib.parse import urlparse
 
 from .graph_passes.errors import InvalidModelError, NoQuantizableWeightsError, OutputPathError
 from .graph_passes.scheme import QuantScheme
-from .model_card import EVAL_FILE_NAME, folder_size_bytes, source_license, write_model_card
+from .model_card import EVAL_FILE_NAME, folder_size_bytes, infer_base_model, source_license, write_model_card
 from .recipes import RECIPE_FILE_NAME, Recipe, RecipeError, resolve_recipe, save_recipe
 
 __all__ = ["DEFAULT_TASK", "export", "resolve_source"]
@@ -363,7 +363,7 @@ def export(
             (staged / EVAL_FILE_NAME).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         write_model_card(
             staged,
-            base_model=str(model_id_or_path) if local is None else local.name,
+            base_model=infer_base_model(model_id_or_path),
             license=source_license(local),
             original_size_bytes=folder_size_bytes(exported),
             command=_command_line(model_id_or_path, output, merged, task=task, eval=eval),

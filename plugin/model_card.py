@@ -19,6 +19,7 @@ __all__ = [
     "fmt_mb",
     "fmt_num",
     "folder_size_bytes",
+    "infer_base_model",
     "measure",
     "perplexity_of",
     "read_front_matter",
@@ -74,6 +75,41 @@ def source_license(source: str | Path | None) -> str | None:
         if isinstance(lic, str) and lic:
             return lic
     return None
+
+
+def _is_repo_id(text: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if text.count("/") != 1 or text.startswith((".", "/", "~")):
+        return False
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return False
+    return True
+
+
+def infer_base_model(source: str | Path | None) -> str | None:
+    """The Hub id of the source model, or None when it cannot be known (the Hub rejects a card whose
+    ``base_model`` is not a model id, so a local folder name is never used).
+
+    A Hub id is used as is; a folder inside the Hub cache (``models--org--name/snapshots/...``) gives
+    ``org/name``; otherwise the folder's config ``_name_or_path`` when it is a Hub id.
+    """
+    if source is None:
+        return None
+    text = str(source)
+    path = Path(text)
+    if not path.exists():
+        return text if _is_repo_id(text) else None
+    for part in path.resolve().parts:
+        if part.startswith("models--") and part.count("--") >= 2:
+            candidate = "/".join(part[len("models--") :].split("--", 1))
+            if _is_repo_id(candidate):
+                return candidate
+    config = _read_json(path / "config.json") if path.is_dir() else {}
+    name = config.get("_name_or_path")
+    return name if isinstance(name, str) and _is_repo_id(name) else None
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -180,7 +216,8 @@ def build_model_card(
     fmt = qconfig.get("format") or scheme.get("format")
     after = evaluation.get("quantized") or measure(folder)
     source = qconfig.get("source") if isinstance(qconfig.get("source"), Mapping) else {}
-    base = base_model or source.get("model")
+    base = base_model or infer_base_model(source.get("model"))
+    name = base or (Path(str(source["model"])).name if source.get("model") else folder.name)
 
     tags = ["onnx", "optimum", "onnxruntime", "quantized", "optimum-adaround", "text-generation"]
     if isinstance(bits, int):
@@ -193,11 +230,11 @@ def build_model_card(
         front["license"] = license
 
     label = "-".join(x for x in (f"w{bits}" if bits else None, _group(scheme), method) if x)
-    title = f"{Path(str(base)).name if base else folder.name} ({label}, ONNX)"
+    title = f"{Path(str(name)).name} ({label}, ONNX)"
     symmetric = "symmetric" if scheme.get("symmetric", True) else "asymmetric"
     lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "", f"# {title}", ""]
     lines += [
-        f"Weight-only {bits}-bit quantization of {f'`{base}`' if base else 'this model'} for ONNX Runtime. "
+        f"Weight-only {bits}-bit quantization of `{name}` for ONNX Runtime. "
         f"The integer codes were chosen by **{method}** rounding (group size {scheme.get('group_size', '?')}, "
         f"{symmetric}) and are stored as `{fmt}`. Made with "
         "[optimum-adaround](https://github.com/optimum-adaround/optimum-adaround).",

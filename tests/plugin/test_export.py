@@ -271,3 +271,24 @@ def test_push_to_hub_calls_the_wrapper_with_the_finished_folder(tiny_hf_onnx, tm
     )
     assert calls[2][0] == "upload_folder"
     assert calls[2][1]["folder_path"] == str(out) and calls[2][1]["repo_id"] == "me/tiny-w4"
+
+
+def test_hub_wrapper_errors(tmp_path, monkeypatch):
+    hub = importlib.import_module("optimum.adaround.hub")
+    with pytest.raises(OutputPathError, match=r"no \.onnx model"):
+        hub.push_to_hub(tmp_path, "me/x")
+    (tmp_path / "model.onnx").write_bytes(b"")
+    with pytest.raises(hub.HubUploadError, match="repository id"):
+        hub.push_to_hub(tmp_path, "a/b/c")
+
+    class Offline:
+        def __init__(self, token):
+            pass
+
+        def create_repo(self, **kw):
+            raise ConnectionError("Failed to resolve 'huggingface.co'\nlong details")
+
+    monkeypatch.setattr(hub, "_api_factory", Offline)
+    with pytest.raises(hub.HubUploadError, match="ConnectionError: Failed to resolve") as info:
+        hub.push_to_hub(tmp_path, "me/x", token="t")
+    assert "\n" not in str(info.value)

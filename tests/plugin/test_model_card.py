@@ -12,6 +12,7 @@ from optimum.adaround.model_card import (
     build_model_card,
     fmt_mb,
     fmt_num,
+    infer_base_model,
     perplexity_of,
     read_front_matter,
     source_license,
@@ -42,7 +43,8 @@ def test_front_matter(evaluated, tiny_hf_model):
     text = (evaluated / "README.md").read_text()
     front = read_front_matter(text)
     assert front["library_name"] == "onnx"
-    assert front["base_model"] == tiny_hf_model("llama").name
+    assert "base_model" not in front  # a local folder has no Hub id; the Hub rejects a made-up one
+    assert f"# {tiny_hf_model('llama').name} (w4-g32-rtn, ONNX)" in text
     assert front["license"] == "apache-2.0"
     assert {"onnx", "quantized", "int4", "rtn", "matmulnbits", "optimum"} <= set(front["tags"])
 
@@ -96,3 +98,18 @@ def test_source_license(tmp_path):
     assert source_license(tmp_path) == "llama2"
     (tmp_path / "README.md").write_text("---\nlicense: apache-2.0\n---\n")
     assert source_license(tmp_path) == "apache-2.0"  # the README wins
+
+
+def test_infer_base_model(tmp_path):
+    assert infer_base_model("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
+    assert infer_base_model("not a/valid id!") is None and infer_base_model(None) is None
+    snapshot = tmp_path / "hub" / "models--org--my-model" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    assert infer_base_model(snapshot) == "org/my-model"
+    local = tmp_path / "local"
+    local.mkdir()
+    assert infer_base_model(local) is None
+    (local / "config.json").write_text(json.dumps({"_name_or_path": "org/other"}))
+    assert infer_base_model(local) == "org/other"
+    (local / "config.json").write_text(json.dumps({"_name_or_path": "/some/path"}))
+    assert infer_base_model(local) is None
