@@ -70,7 +70,16 @@ def quantize_options(args: argparse.Namespace) -> dict[str, Any]:
         "do_constant_folding": not args.no_constant_folding,
         "_variant": args.variant,
         "device": args.device,
+        "optimize": args.optimize,
+        "monolith": args.monolith or None,
+        "no_post_process": args.no_post_process or None,
+        "slim": args.slim or None,
+        "framework": args.framework,
     }
+    # Optimum's dummy-input shapes (--batch_size, --sequence_length...), passed through like `export onnx` does
+    from optimum.utils.input_generators import DEFAULT_DUMMY_SHAPES
+
+    export_options.update({k: getattr(args, k) for k in DEFAULT_DUMMY_SHAPES if hasattr(args, k)})
     kw["export_options"] = {k: v for k, v in export_options.items() if v is not None}
     eval_options = {"dataset": args.eval_data, "max_tokens": args.eval_tokens}
     kw["eval_options"] = {k: v for k, v in eval_options.items() if v is not None}

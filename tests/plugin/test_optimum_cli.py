@@ -103,6 +103,18 @@ def test_flags_map_to_export_arguments():
     assert kw["eval"] and kw["overwrite"] and kw["push_to_hub"] == "me/x" and kw["opset"] == 21
     assert kw["task"] == "text-generation-with-past"  # onnx-quant's default, not Optimum's "auto"
     assert "seq_len" not in kw and "seed" not in kw  # not given: recipe / quantize defaults apply
+    assert kw["export_options"]["do_constant_folding"] is True and "optimize" not in kw["export_options"]
+
+
+def test_optimum_export_flags_reach_main_export():
+    args = build_parser().parse_args(
+        ["-m", "m", "o", "--optimize", "O1", "--monolith", "--no-constant-folding", "--sequence_length", "32",
+         "--dtype", "fp16", "--trust-remote-code"]
+    )  # fmt: skip
+    kw = quantize_options(args)
+    opts = kw["export_options"]
+    assert opts["optimize"] == "O1" and opts["monolith"] is True and opts["do_constant_folding"] is False
+    assert opts["sequence_length"] == 32 and opts["dtype"] == "fp16" and kw["trust_remote_code"] is True
 
 
 def test_flags_override_recipe_only_when_given(tmp_path):
