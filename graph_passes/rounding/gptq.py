@@ -135,12 +135,13 @@ def gptq_round(
     perm: torch.Tensor | None = None,
     block_size: int = 128,
     mse_clip: bool = False,
-) -> tuple[torch.Tensor, np.ndarray, np.ndarray | None]:
+) -> tuple[torch.Tensor, np.ndarray, np.ndarray | None, torch.Tensor]:
     """The GPTQ loop on ``w[N, K]`` float32 given ``upper`` = upper Cholesky of ``H^-1`` (float64).
 
     ``perm`` (activation order) means: ``w``'s columns are processed in the order ``perm`` and ``upper``
     belongs to ``H[perm][:, perm]``; the grid is then static (natural-order groups from the input ``w``).
-    Returns codes ``uint8 [N, K]`` in natural order, scales ``[N, nb]`` and zero points (None if symmetric).
+    Returns codes ``uint8 [N, K]`` in natural order, scales ``[N, nb]``, zero points (None if symmetric)
+    and the dequantized weight the error feedback used (natural order; equals the codes' dequantization).
     """
     n, k = w.shape
     g = scheme.block_size(k)
@@ -166,6 +167,7 @@ def gptq_round(
             z_cols = z_cols[:, perm].contiguous()
     u32 = upper.to(torch.float32)
     codes = torch.zeros(n, k)
+    wq = torch.zeros(n, k)
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
         w1 = w[:, i1:i2].clone()
@@ -186,6 +188,7 @@ def gptq_round(
             wc = w1[:, j]
             q, deq = quantize_columns(wc, s_cols[:, col], z, scheme.qmax)
             codes[:, col] = q
+            wq[:, col] = deq
             e = (wc - deq) / u1[j, j]
             w1[:, j:].sub_(e[:, None] * u1[j, j:][None, :])
             err1[:, j] = e
@@ -193,8 +196,8 @@ def gptq_round(
             w[:, i2:].sub_(err1 @ u32[i1:i2, i2:])
     if perm is not None:
         inv = torch.argsort(perm)
-        codes = codes[:, inv]
-    return codes.to(torch.uint8), scales, zps
+        codes, wq = codes[:, inv], wq[:, inv]
+    return codes.to(torch.uint8), scales, zps, wq
 
 
 def _metrics(
@@ -297,5 +300,7 @@ def gptq_quantize(
         return QuantizedWeight(codes, scales, zps, scheme), info
     upper, used = chol
     info["percdamp"] = used
-    codes_t, scales, zps = gptq_round(wt, upper, scheme, perm=perm, block_size=block_size, mse_clip=mse_clip)
+    codes_t, scales, zps, _ = gptq_round(
+        wt, upper, scheme, perm=perm, block_size=block_size, mse_clip=mse_clip
+    )
     return QuantizedWeight(codes_t.numpy(), scales, zps, scheme), info

@@ -101,7 +101,7 @@ def prepare(h: np.ndarray | None, k: int, site: str) -> PreparedHessian:
 
 
 def inverse_cholesky(
-    h: torch.Tensor, percdamp: float = 0.01, max_tries: int = 4, site: str = "?"
+    h: torch.Tensor, percdamp: float = 0.01, max_tries: int = 3, site: str = "?"
 ) -> tuple[torch.Tensor, float] | None:
     """Upper Cholesky factor ``U`` of ``(H + damp I)^-1`` (``U^T U = H^-1``), in float64.
 

@@ -1,0 +1,146 @@
+"""GPTQ on real fp32 weights (all-MiniLM-L6-v2 slices, real outliers) with correlated synthetic activations."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from optimum.adaround.graph_passes.errors import CalibrationError, InvalidModelError
+from optimum.adaround.graph_passes.rounding import hessian as hs
+from optimum.adaround.graph_passes.rounding.base import SiteStats, get_method
+from optimum.adaround.graph_passes.rounding.gptq import gptq_round, round_to_nearest
+from optimum.adaround.graph_passes.rounding.grid import blockwise_minmax, grid_params
+from optimum.adaround.graph_passes.rounding.metrics import proxy_loss
+from optimum.adaround.graph_passes.scheme import QuantScheme
+
+FFN = "encoder.layer.1.intermediate.dense.weight"  # [1536, 384]
+DOWN = "encoder.layer.0.output.dense.weight"  # [384, 1536], |w| up to 7.9
+
+
+@pytest.fixture(scope="module")
+def site(minilm_weight, correlated_hessian):
+    w = np.ascontiguousarray(minilm_weight(FFN)[:96])
+    h, n = correlated_hessian(w.shape[1])
+    return w, SiteStats(h, n)
+
+
+@pytest.mark.parametrize("label", ["w4-g128-sym", "w3-g64-asym", "w4-pc-sym"])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_clearly_beats_rtn_on_the_proxy_loss(site, label, act_order):
+    w, stats = site
+    scheme = QuantScheme.parse(label)
+    qw = get_method("gptq", act_order=act_order).quantize(w, scheme, stats, site="ffn")
+    qw.check()
+    rtn = get_method("rtn").quantize(w, scheme, stats)  # the rtn method's default (MSE clip search)
+    assert qw.metrics["proxy_loss"] == pytest.approx(
+        proxy_loss(w, qw.dequantize(), stats.hessian, stats.n_tokens)
+    )
+    assert qw.metrics["proxy_loss_rtn"] == pytest.approx(rtn.metrics["proxy_loss"])
+    assert qw.metrics["proxy_loss"] < 0.8 * qw.metrics["proxy_loss_rtn"]
+    assert qw.metrics["fallback"] == 0 and qw.metrics["time_s"] > 0
+    assert qw.metrics["output_sqnr_db"] > 0
+
+
+def test_real_outlier_layer(minilm_weight, correlated_hessian):
+    w = np.ascontiguousarray(minilm_weight(DOWN)[:48, :512])
+    h, n = correlated_hessian(512, seed=3)
+    qw = get_method("gptq").quantize(w, QuantScheme.parse("w4-g128-sym"), SiteStats(h, n))
+    assert qw.metrics["proxy_loss"] < 0.8 * qw.metrics["proxy_loss_rtn"]
+
+
+def test_act_order_static_groups_need_no_g_idx(site):
+    """With act_order the scales are the natural-order min-max grid of the original weight, and plain
+    natural-order blockwise dequantization reproduces the weights GPTQ fed back bit for bit."""
+    w, stats = site
+    scheme = QuantScheme.parse("w4-g64-asym")
+    prep = hs.prepare(stats.hessian, w.shape[1], "s")
+    perm = torch.argsort(torch.diagonal(prep.h), descending=True, stable=True)
+    assert not torch.equal(perm, torch.arange(w.shape[1]))  # the order really differs
+    upper, _ = hs.inverse_cholesky(prep.h[perm][:, perm])
+    codes, scales, zps, wq = gptq_round(torch.from_numpy(w), upper, scheme, perm=perm)
+    s_ref, z_ref = grid_params(*blockwise_minmax(w, scheme), scheme)
+    np.testing.assert_array_equal(scales, s_ref)
+    np.testing.assert_array_equal(zps, z_ref)
+    from optimum.adaround.graph_passes.records import QuantizedWeight
+
+    deq = QuantizedWeight(codes.numpy(), scales, zps, scheme).dequantize()
+    np.testing.assert_array_equal(deq, wq.numpy())
+
+
+def test_dynamic_groups_dequantize_to_the_fed_back_weights(site):
+    w, stats = site
+    scheme = QuantScheme.parse("w3-g32-sym")  # groups smaller than the lazy block
+    prep = hs.prepare(stats.hessian, w.shape[1], "s")
+    upper, _ = hs.inverse_cholesky(prep.h)
+    codes, scales, zps, wq = gptq_round(torch.from_numpy(w), upper, scheme, block_size=128)
+    from optimum.adaround.graph_passes.records import QuantizedWeight
+
+    np.testing.assert_array_equal(
+        QuantizedWeight(codes.numpy(), scales, zps, scheme).dequantize(), wq.numpy()
+    )
+    # groups come from the *updated* weights: not the original weight's grid
+    assert not np.array_equal(scales, grid_params(*blockwise_minmax(w, scheme), scheme)[0])
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_uncorrelated_inputs_reduce_to_round_to_nearest(minilm_weight, act_order):
+    """With H = c I there is no error to feed back: GPTQ is min-max RTN, code for code."""
+    w = np.ascontiguousarray(minilm_weight(FFN)[:32, :200])  # K not a multiple of the group
+    scheme = QuantScheme.parse("w4-g64-sym")
+    qw = get_method("gptq", act_order=act_order).quantize(w, scheme, SiteStats(np.eye(200) * 3.0, 10))
+    codes, scales, _ = round_to_nearest(w, scheme, mse_clip=False)
+    np.testing.assert_array_equal(qw.codes, codes)
+    np.testing.assert_array_equal(qw.scales, scales)
+
+
+def test_dead_inputs_are_zeroed(site):
+    w, stats = site
+    h = stats.hessian.copy()
+    dead = [3, 100, 383]
+    h[dead, :] = 0
+    h[:, dead] = 0
+    scheme = QuantScheme.parse("w4-g128-sym")
+    qw = get_method("gptq").quantize(w, scheme, SiteStats(h, stats.n_tokens))
+    assert qw.metrics["dead_columns"] == 3
+    assert (qw.codes[:, dead] == scheme.implied_zero_point).all()
+    assert qw.metrics["proxy_loss"] < 0.8 * qw.metrics["proxy_loss_rtn"]
+
+
+def test_nan_hessian_is_a_calibration_error(site):
+    w, stats = site
+    h = stats.hessian.copy()
+    h[0, 0] = np.nan
+    with pytest.raises(CalibrationError, match=r"site layers\.2\.fc1: .*NaN/Inf"):
+        get_method("gptq").quantize(w, QuantScheme(), SiteStats(h, 8), site="layers.2.fc1")
+    with pytest.raises(CalibrationError, match="needs calibration statistics"):
+        get_method("gptq").quantize(w, QuantScheme(), None, site="x")
+    bad_w = w.copy()
+    bad_w[1, 2] = np.inf
+    with pytest.raises(InvalidModelError, match="NaN/Inf"):
+        get_method("gptq").quantize(bad_w, QuantScheme(), stats)
+
+
+def test_non_positive_definite_hessian_falls_back_to_rtn(site, caplog):
+    w, _ = site
+    scheme = QuantScheme.parse("w4-g128-sym")
+    h = -np.eye(w.shape[1])
+    with caplog.at_level(logging.WARNING):
+        qw = get_method("gptq").quantize(w, scheme, SiteStats(h, 10), site="layers.0.q")
+    assert qw.metrics["fallback"] == 1
+    assert "layers.0.q" in caplog.text
+    rtn = get_method("rtn").quantize(w, scheme)
+    np.testing.assert_array_equal(qw.codes, rtn.codes)
+    np.testing.assert_array_equal(qw.scales, rtn.scales)
+
+
+def test_deterministic_and_fp16_scales(site):
+    w, stats = site
+    scheme = QuantScheme.parse("w4-g64-sym", scale_dtype="float16")
+    a = get_method("gptq", mse_clip=True).quantize(w, scheme, stats)
+    b = get_method("gptq", mse_clip=True).quantize(w, scheme, stats)
+    np.testing.assert_array_equal(a.codes, b.codes)
+    np.testing.assert_array_equal(a.scales, a.scales.astype(np.float16).astype(np.float32))
+    assert a.metrics["proxy_loss"] < a.metrics["proxy_loss_rtn"]
