@@ -1,0 +1,131 @@
+"""AdaRound on real fp32 weights (all-MiniLM-L6-v2 slices) with correlated synthetic activations."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from optimum.adaround.graph_passes.errors import CalibrationError, UnsupportedSchemeError
+from optimum.adaround.graph_passes.rounding import adaround as ar
+from optimum.adaround.graph_passes.rounding.base import SiteStats, get_method
+from optimum.adaround.graph_passes.scheme import QuantScheme
+
+FFN = "encoder.layer.1.intermediate.dense.weight"  # [1536, 384]
+# Small, fast settings for unit tests (the defaults are sized for LLM layers).
+FAST = {"iters": 60, "rounds": 2, "free_cols": 64, "tile_rows": 16}
+
+
+@pytest.fixture(scope="module")
+def site(minilm_weight, correlated_hessian):
+    w = np.ascontiguousarray(minilm_weight(FFN)[:64])
+    h, n = correlated_hessian(w.shape[1])
+    return w, SiteStats(h, n)
+
+
+def test_rectified_sigmoid_round_trip():
+    h = torch.tensor([0.01, 0.2, 0.5, 0.8, 0.99])
+    torch.testing.assert_close(ar.rectified_sigmoid(ar.inverse_rectified_sigmoid(h)), h)
+    assert ar.rectified_sigmoid(torch.tensor([-50.0, 50.0])).tolist() == [
+        0.0,
+        1.0,
+    ]  # exactly binary at the ends
+
+
+def test_state_reproduces_init_codes_including_the_range_ends():
+    s = torch.full((1, 6), 0.5)
+    z = torch.full((1, 6), 8.0)
+    w = torch.tensor([[-9.0, -3.9, 0.1, 0.26, 3.6, 9.0]])  # codes below 0 / above 15 are clamped
+    codes = torch.tensor([[0.0, 0.0, 8.0, 9.0, 15.0, 15.0]])  # 0.26 -> 9 is a GPTQ-style "round up"
+    st = ar.RoundingState.from_codes(w, s, z, codes, 15)
+    assert torch.equal(st.codes(), codes)
+    assert set(st.h.unique().tolist()) <= {0.0, 1.0}
+    assert bool((st.base >= 0).all() and (st.base + 1 <= 15).all())  # both choices stay on the code range
+
+
+@pytest.mark.parametrize("label", ["w4-g128-sym", "w3-g64-asym"])
+def test_adaround_beats_its_gptq_init_and_rtn(site, label):
+    w, stats = site
+    scheme = QuantScheme.parse(label)
+    qw = get_method("adaround", **FAST).quantize(w, scheme, stats, site="ffn")
+    qw.check()
+    m = qw.metrics
+    gptq = get_method("gptq").quantize(w, scheme, stats)
+    assert m["proxy_loss_init"] == pytest.approx(gptq.metrics["proxy_loss"])  # the default init is gptq
+    assert m["proxy_loss"] < m["proxy_loss_init"] < m["proxy_loss_rtn"]
+    assert m["kept_init"] == 0 and m["fallback"] == 0
+    assert 0 <= m["nonbinary_frac"] <= 1 and m["flipped_frac"] > 0
+    np.testing.assert_array_equal(qw.scales, gptq.scales)  # scales are fixed from the init
+
+
+def test_relaxed_rounding_hardens_to_binary_and_never_gets_worse(site):
+    w, stats = site
+    scheme = QuantScheme.parse("w4-g128-sym")
+    init = get_method("gptq").quantize(w, scheme, stats)
+    st = ar.state_from(w, init)
+    hm = torch.from_numpy(stats.hessian) / stats.n_tokens
+    before = ar._row_loss(st.dequantize() - st.w, hm)
+    opts = ar.AdaRoundOptions(**FAST, polish_steps=0)
+    st, info = ar.adaround_refine(st, hm, opts)
+    assert bool(((st.h == 0) | (st.h == 1)).all())
+    after = ar._row_loss(st.dequantize() - st.w, hm)
+    assert bool((after <= before).all()) and float(after.sum()) < float(before.sum())
+    assert info["proxy_loss_before_polish"] == pytest.approx(float(after.sum()), rel=1e-9)
+
+
+def test_dense_mode_and_rtn_init(site):
+    w, stats = site
+    scheme = QuantScheme.parse("w4-g128-sym")
+    qw = get_method("adaround", init="rtn", iters=80, rounds=1, free_cols=None, polish_steps=0).quantize(
+        w, scheme, stats
+    )
+    assert qw.metrics["proxy_loss_init"] == pytest.approx(qw.metrics["proxy_loss_rtn"])
+    assert qw.metrics["proxy_loss"] < qw.metrics["proxy_loss_rtn"]
+
+
+def test_greedy_flips_end_at_a_local_minimum():
+    rng = np.random.default_rng(0)
+    k = 12
+    x = rng.standard_normal((40, k)) @ rng.standard_normal((k, k))
+    hm = torch.from_numpy(x.T @ x / 40)
+    w = torch.from_numpy(rng.standard_normal((3, k)).astype(np.float32))
+    s = torch.full((3, k), 0.4)
+    z = torch.full((3, k), 4.0)
+    codes = (torch.round(w / s) + z).clamp(0, 7)
+    st = ar.RoundingState.from_codes(w, s, z, codes, 7)
+    assert ar.greedy_flips(st, hm, 1000) > 0
+    loss = ar._row_loss(st.dequantize() - st.w, hm)
+    for r, j in itertools.product(range(3), range(k)):  # no single flip improves any row
+        h = st.h.clone()
+        h[r, j] = 1 - h[r, j]
+        assert float(ar._row_loss(st.dequantize(h) - st.w, hm)[r]) >= float(loss[r]) - 1e-9
+
+
+def test_same_seed_same_codes(site):
+    w, stats = site
+    scheme = QuantScheme.parse("w4-g64-sym")
+    a = get_method("adaround", seed=1, **FAST).quantize(w, scheme, stats)
+    b = get_method("adaround", seed=1, **FAST).quantize(w, scheme, stats)
+    np.testing.assert_array_equal(a.codes, b.codes)
+
+
+def test_fallback_and_bad_input(site, caplog):
+    w, stats = site
+    scheme = QuantScheme.parse("w4-g128-sym")
+    with caplog.at_level(logging.WARNING):
+        qw = get_method("adaround", **FAST).quantize(
+            w, scheme, SiteStats(-np.eye(w.shape[1]), 5), site="l0.q"
+        )
+    assert qw.metrics["fallback"] == 1 and "l0.q" in caplog.text
+    np.testing.assert_array_equal(qw.codes, get_method("rtn").quantize(w, scheme).codes)
+    h = stats.hessian.copy()
+    h[2, 3] = np.inf
+    with pytest.raises(CalibrationError, match=r"l0\.q"):
+        get_method("adaround").quantize(w, scheme, SiteStats(h, 5), site="l0.q")
+    with pytest.raises(UnsupportedSchemeError, match="init='foo'"):
+        get_method("adaround", init="foo")
+    with pytest.raises(UnsupportedSchemeError, match="soft_init"):
+        get_method("adaround", soft_init=0.0)

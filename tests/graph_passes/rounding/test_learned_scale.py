@@ -1,0 +1,60 @@
+"""Learned block scales (adaround_ls): exact least-squares refit, and never worse than adaround."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from optimum.adaround.graph_passes.records import QuantizedWeight
+from optimum.adaround.graph_passes.rounding.base import METHODS, SiteStats, get_method
+from optimum.adaround.graph_passes.rounding.learned_scale import refit_scales
+from optimum.adaround.graph_passes.rounding.metrics import quadratic_form
+from optimum.adaround.graph_passes.scheme import QuantScheme
+
+FFN = "encoder.layer.1.intermediate.dense.weight"
+FAST = {"iters": 40, "rounds": 1, "free_cols": 64, "tile_rows": 16, "scale_steps": 1}
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_refit_recovers_the_true_scales_of_grid_aligned_weights(symmetric, correlated_hessian):
+    rng = np.random.default_rng(0)
+    scheme = QuantScheme(bits=4, group_size=32, symmetric=symmetric)
+    n, k = 8, 80  # short last block
+    codes = rng.integers(0, 16, (n, k)).astype(np.uint8)
+    nb = scheme.n_blocks(k)
+    true_s = rng.uniform(0.01, 0.1, (n, nb)).astype(np.float32)
+    zps = None if symmetric else rng.integers(4, 12, (n, nb)).astype(np.uint8)
+    w = QuantizedWeight(codes, true_s, zps, scheme).dequantize()
+    h, _ = correlated_hessian(k, tokens=256)
+    start = (true_s * rng.uniform(0.7, 1.3, true_s.shape)).astype(np.float32)
+    got = refit_scales(w, codes, start, zps, scheme, h)
+    np.testing.assert_allclose(got, true_s, rtol=1e-5)
+
+
+def test_refit_never_increases_a_row_loss(minilm_weight, correlated_hessian):
+    w = np.ascontiguousarray(minilm_weight(FFN)[:32])
+    h, n = correlated_hessian(w.shape[1])
+    scheme = QuantScheme.parse("w3-g64-sym", scale_dtype="float16")
+    qw = get_method("gptq").quantize(w, scheme, SiteStats(h, n))
+    new = refit_scales(w, qw.codes, qw.scales, None, scheme, h)
+    np.testing.assert_array_equal(new, new.astype(np.float16).astype(np.float32))  # stored dtype respected
+    moved = QuantizedWeight(qw.codes, new, None, scheme)
+    for r in range(w.shape[0]):
+        d_old = qw.dequantize()[r : r + 1] - w[r : r + 1]
+        d_new = moved.dequantize()[r : r + 1] - w[r : r + 1]
+        assert quadratic_form(d_new, h) <= quadratic_form(d_old, h) * (1 + 1e-12)
+    assert quadratic_form(moved.dequantize() - w, h) < quadratic_form(qw.dequantize() - w, h)
+
+
+def test_adaround_ls_is_registered_and_beats_adaround(minilm_weight, correlated_hessian):
+    assert "adaround_ls" in METHODS
+    w = np.ascontiguousarray(minilm_weight(FFN)[:32])
+    h, n = correlated_hessian(w.shape[1])
+    scheme = QuantScheme.parse("w4-g128-sym")
+    ls = get_method("adaround_ls", **FAST).quantize(w, scheme, SiteStats(h, n), site="ffn")
+    fast = {k: v for k, v in FAST.items() if k != "scale_steps"}
+    ada = get_method("adaround", **fast).quantize(w, scheme, SiteStats(h, n))
+    ls.check()
+    assert ls.metrics["proxy_loss"] < ada.metrics["proxy_loss"] < ls.metrics["proxy_loss_init"]
+    assert ls.metrics["kept_init"] == 0
+    assert 0.5 < ls.metrics["clip_mean"] < 1.5 and (ls.scales > 0).all()
