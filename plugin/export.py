@@ -185,6 +185,22 @@ def _merge_recipe(
         raise RecipeError(str(e)) from None
 
 
+def _preflight(recipe: Recipe) -> None:
+    """Fail on an unknown method / bad method options / bad scheme+format before minutes of Optimum export."""
+    from .api import resolve_scheme
+    from .graph_passes.errors import UnsupportedSchemeError
+    from .graph_passes.packing.base import get_packer
+    from .graph_passes.rounding.base import get_method
+
+    for label in (recipe.scheme, *(o.scheme for o in recipe.overrides)):
+        scheme = resolve_scheme(label, recipe.format)
+        # a shape every block size divides: only scheme-level limits can fail here (per-site checks come later)
+        reason = get_packer(scheme.format).supports(scheme, 4096, 64)
+        if reason is not None:
+            raise UnsupportedSchemeError(f"scheme {label} as format={scheme.format.value}: {reason}")
+    get_method(recipe.method, **dict(recipe.method_options))
+
+
 def _run_quantize(src: Path, dest: Path, recipe: Recipe, extra: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Quantize ``src`` into ``dest`` (must not exist), one pass per override then one for the rest.
 
@@ -331,6 +347,7 @@ def export(
     """
     output = Path(output_dir).expanduser()
     merged = _merge_recipe(resolve_recipe(recipe), scheme, method, dict(quantize_kwargs))
+    _preflight(merged)
     extra = {k: v for k, v in quantize_kwargs.items() if k not in set(Recipe().to_dict())}
     extra.pop("overwrite", None)
     model, local_only = resolve_source(model_id_or_path, trust_remote_code=trust_remote_code)

@@ -239,6 +239,17 @@ def test_ctrl_c_leaves_no_half_written_output(tiny_hf_onnx, tmp_path, monkeypatc
         assert [p.name for p in out.iterdir()] == ["old.txt"]
 
 
+def test_unknown_method_fails_before_the_optimum_export(tiny_hf_model, tmp_path, monkeypatch):
+    def no_export(*a, **k):
+        raise AssertionError("Optimum export must not start")
+
+    monkeypatch.setattr(export_mod, "_optimum_export", no_export)
+    with pytest.raises(UserError, match="no-such-method"):
+        export(tiny_hf_model("llama"), tmp_path / "o", method="no-such-method")
+    with pytest.raises(UserError, match="not 3 bits"):
+        export(tiny_hf_model("llama"), tmp_path / "o", "w3-g32", "rtn", format="qdq")
+
+
 def test_bad_recipe_fails_before_any_work(tmp_path):
     with pytest.raises(UserError, match="shceme"):
         export("/definitely/missing", tmp_path / "o", recipe={"shceme": "w4"})
