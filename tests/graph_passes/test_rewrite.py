@@ -51,10 +51,7 @@ def _graph():
             helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, None),
             helper.make_tensor_value_info("h", onnx.TensorProto.FLOAT, None),
         ],
-        [
-            numpy_helper.from_array(x, n)
-            for n, x in (("E", e), ("Wup", w_up), ("Wdn", w_dn), ("bias", bias))
-        ],
+        [numpy_helper.from_array(x, n) for n, x in (("E", e), ("Wup", w_up), ("Wdn", w_dn), ("bias", bias))],
     )
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8)
     return proto, e, w_up, w_dn, bias
