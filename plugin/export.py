@@ -291,9 +291,24 @@ def _extend_qconfig(
         calib.setdefault("tokens_sha256", tokens_sha)
     qconfig["recipe_file"] = RECIPE_FILE_NAME
     if len(passes) > 1:
+        # quantize wrote the last pass only: list every pass's sites (with their scheme) as one model
         qconfig["override_passes"] = [
             {"pattern": o.pattern, "scheme": o.scheme, "sites": [s.get("name") for s in cfg.get("sites", [])]}
             for o, cfg in zip(recipe.overrides, passes[:-1], strict=False)
+        ]
+        earlier = [
+            {**site, "scheme": o.scheme}
+            for o, cfg in zip(recipe.overrides, passes[:-1], strict=False)
+            for site in cfg.get("sites", [])
+        ]
+        last = [{**site, "scheme": recipe.scheme} for site in qconfig.get("sites", [])]
+        qconfig["sites"] = earlier + last
+        qconfig["n_sites"] = len(qconfig["sites"])
+        # the last pass reports the earlier passes' nodes as "already quantized": they are listed above
+        qconfig["skipped"] = [
+            s
+            for s in qconfig.get("skipped", [])
+            if not str(s.get("reason", "")).startswith("already quantized")
         ]
     path.write_text(json.dumps(qconfig, indent=2, default=str) + "\n", encoding="utf-8")
 

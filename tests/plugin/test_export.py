@@ -141,6 +141,9 @@ def test_recipe_overrides_run_as_separate_passes(tiny_hf_onnx, tmp_path):
     assert len(bits) == 14 and mlp == {8} and attn == {4}
     qconfig = json.loads((out / "quantization_config.json").read_text())
     assert len(qconfig["override_passes"][0]["sites"]) == 6  # gate/up/down x 2 layers
+    assert qconfig["n_sites"] == len(qconfig["sites"]) == 14
+    assert sorted(s["scheme"] for s in qconfig["sites"]) == ["w4-g32"] * 8 + ["w8-g32"] * 6
+    assert not any("/mlp/" in s["node_name"] for s in qconfig["skipped"])
 
 
 def test_override_matching_nothing_is_a_user_error(tiny_hf_onnx, tmp_path):
