@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from .graph_passes.errors import AdaroundError, UserError
 
 # Subcommand modules under optimum.adaround.commands, in help order.
-COMMANDS = ("run", "quantize", "eval")
+COMMANDS = ("run", "quantize", "eval", "export_onnx_quant")
 DEFAULT_COMMAND = "run"
 
 

@@ -13,7 +13,7 @@ from typing import Any
 # The flags are declared once, in the optimum-cli hook (which must stay import-light).
 from optimum.commands.register.adaround_onnx_quant import PROG, add_export_arguments
 
-__all__ = ["build_parser", "quantize_options", "run_export"]
+__all__ = ["add_parser", "build_parser", "quantize_options", "run_export"]
 
 
 def _scheme_label(args: argparse.Namespace, base: str) -> str | None:
@@ -111,5 +111,24 @@ def run_export(args: argparse.Namespace) -> int:
     except AdaroundError as e:
         print(f"{PROG}: internal error: {e}", file=sys.stderr)
         return 1
+    print(f"Quantized ONNX model written to {out}")
+    return 0
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """``optimum-adaround export``: the same command inside our own CLI (which maps errors to exit codes)."""
+    parser = subparsers.add_parser(
+        "export",
+        help="export a Hugging Face model with Optimum and quantize it (same flags as optimum-cli export onnx-quant)",
+    )
+    add_export_arguments(parser)
+    parser.set_defaults(func=_run_in_adaround_cli)
+    return parser
+
+
+def _run_in_adaround_cli(args: argparse.Namespace) -> int:
+    from optimum.adaround.export import export
+
+    out = export(args.model, args.output, **quantize_options(args))
     print(f"Quantized ONNX model written to {out}")
     return 0

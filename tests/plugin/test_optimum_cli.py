@@ -199,3 +199,10 @@ def test_sym_and_asym_are_exclusive(flag):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--model", "m", "o", "--sym", "--asym"])
     assert build_parser().parse_args(["--model", "m", "o", flag]).symmetric is (flag == "--sym")
+
+
+def test_same_command_in_optimum_adaround_cli(tmp_path, capsys):
+    from optimum.adaround.cli import main
+
+    assert main(["export", "--model", str(tmp_path / "missing"), str(tmp_path / "o"), "--method", "rtn"]) == 2
+    assert "no such folder" in capsys.readouterr().err
