@@ -33,7 +33,7 @@ from ..records import QuantizedWeight, WeightSite
 from ..rounding.base import SiteStats
 from .blocks import Part, extract_part, plan_parts
 from .feeds import check_token_ids, feed_specs, make_feeds
-from .stats import HessianAccumulator
+from .stats import HessianAccumulator, Precision
 
 __all__ = ["BlockCallback", "CalibrationReport", "PartReport", "resolve_providers", "run_calibration"]
 
@@ -83,6 +83,8 @@ class CalibrationReport:
     peak_part_weight_bytes: int
     """Largest weight footprint of one part handed to onnxruntime."""
     seconds: float
+    cpu_seconds: float = 0.0
+    """CPU time of the process over the run (all threads); on a shared machine ``seconds`` can be far more."""
 
     def summary(self) -> str:
         fwd = sum(p.forward_s + p.requant_s for p in self.parts)
@@ -91,7 +93,7 @@ class CalibrationReport:
         mode = "sequential" if self.sequential else "one-pass"
         return (
             f"calibration ({mode}, {self.n_sequences}x{self.seq_len} tokens, {len(self.parts)} parts, "
-            f"{self.n_activations} activations): {self.seconds:.1f} s total = onnxruntime {fwd:.1f} s + "
+            f"{self.n_activations} activations): {self.seconds:.1f} s ({self.cpu_seconds:.0f} CPU-s) = onnxruntime {fwd:.1f} s + "
             f"X^T X {st:.1f} s + rounding {cb:.1f} s; cache peak {self.peak_cache_bytes / 2**20:.0f} MiB, "
             f"largest part {self.peak_part_weight_bytes / 2**20:.0f} MiB of weights"
         )
@@ -194,6 +196,7 @@ def run_calibration(
     batch_size: int = 8,
     providers: Sequence[str] = ("CPUExecutionProvider",),
     progress: bool = True,
+    hessian_precision: Precision = "float64",
 ) -> CalibrationReport:
     """Gather ``H = sum X^T X`` per activation of ``sites`` on ``token_ids`` and call ``on_block``.
 
@@ -201,9 +204,10 @@ def run_calibration(
     order; the returned weights (dequantized) replace that block's weights before the next block's inputs
     are computed. One-pass (``sequential=False``): one run of the full fp model, then a single
     ``on_block(all_sites, stats)``. ``stats`` is keyed by site name; sites sharing an activation share one
-    ``SiteStats``. ``model`` is not modified.
+    ``SiteStats``. ``model`` is not modified. ``hessian_precision="float32"`` halves the cost of the
+    per-batch ``X^T X`` (the sum stays float64; see ``stats.py``).
     """
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), time.process_time()
     ids = check_token_ids(token_ids)
     if batch_size < 1:
         raise CalibrationError(f"batch_size must be >= 1, got {batch_size}")
@@ -216,7 +220,8 @@ def run_calibration(
     provs = resolve_providers(providers)
     batches = _batches(ids.shape[0], batch_size)
     n, t = ids.shape
-    run = _Run(model, list(sites), ids, specs, batches, provs, on_block, progress)
+    HessianAccumulator([], hessian_precision)  # validate the option before any work
+    run = _Run(model, list(sites), ids, specs, batches, provs, on_block, progress, hessian_precision)
     parts = run.sequential() if sequential else run.one_pass()
     return CalibrationReport(
         sequential=sequential,
@@ -231,13 +236,14 @@ def run_calibration(
         peak_cache_bytes=run.peak_cache_bytes,
         peak_part_weight_bytes=run.peak_part_weight_bytes,
         seconds=time.perf_counter() - t_start,
+        cpu_seconds=time.process_time() - cpu_start,
     )
 
 
 class _Run:
     """State of one calibration run (kept out of the public signature)."""
 
-    def __init__(self, model, sites, ids, specs, batches, providers, on_block, progress) -> None:
+    def __init__(self, model, sites, ids, specs, batches, providers, on_block, progress, precision) -> None:
         self.model: ir.Model = model
         self.sites: list[WeightSite] = sites
         self.ids: np.ndarray = ids
@@ -246,6 +252,7 @@ class _Run:
         self.providers: list[str] = providers
         self.on_block: BlockCallback = on_block
         self.progress: bool = progress
+        self.precision: Precision = precision
         self.n_quantized = 0
         self.peak_cache_bytes = 0
         self.peak_part_weight_bytes = 0
@@ -260,7 +267,7 @@ class _Run:
 
     # -- one pass over the full model ----------------------------------------------------------------
     def one_pass(self) -> list[PartReport]:
-        acc = HessianAccumulator(self.sites)
+        acc = HessianAccumulator(self.sites, self.precision)
         graph_inputs = [v.name for v in self.model.graph.inputs if v.name]
         produced = [a for a in acc.activations if a not in graph_inputs]
         sub = extract_part(self.model, graph_inputs, produced, name="calibration")
@@ -321,7 +328,7 @@ class _Run:
     def _run_part(
         self, part: Part, sites: list[WeightSite], cache: dict[str, list[np.ndarray]]
     ) -> PartReport:
-        acc = HessianAccumulator(sites)
+        acc = HessianAccumulator(sites, self.precision)
         produced = [a for a in acc.activations if a not in part.inputs]
         outputs = list(part.outputs)
         rep = PartReport(part.label, len(sites), len(acc.activations), 0)

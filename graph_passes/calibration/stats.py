@@ -1,8 +1,19 @@
-"""Streaming reduction of activations into ``SiteStats`` (``H = sum X^T X`` in float64)."""
+"""Streaming reduction of activations into ``SiteStats`` (``H = sum X^T X``, summed in float64).
+
+Two precisions for the per-batch product (the running sum is float64 either way):
+
+- ``"float64"`` (default): ``x`` is widened first; products of float32 values are exact in float64, so H
+  matches a float64 reference to ~1e-15 relative.
+- ``"float32"``: the batch's ``X^T X`` is one float32 GEMM (about 2x less CPU on AVX2, where X^T X is ~40% of
+  a sequential calibration's time), then added into the float64 sum. Entries then carry relative errors of
+  ~1e-6 of their row/column scale, far below GPTQ's 1% dampening; GPTQ implementations commonly accumulate
+  in float32 throughout.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Literal
 
 import numpy as np
 
@@ -10,13 +21,18 @@ from ..errors import CalibrationError
 from ..records import WeightSite
 from ..rounding.base import SiteStats
 
-__all__ = ["HessianAccumulator"]
+__all__ = ["HessianAccumulator", "Precision"]
+
+Precision = Literal["float64", "float32"]
 
 
 class HessianAccumulator:
     """One float64 ``[K, K]`` sum per activation; batches are added and dropped as they arrive."""
 
-    def __init__(self, sites: Iterable[WeightSite]) -> None:
+    def __init__(self, sites: Iterable[WeightSite], precision: Precision = "float64") -> None:
+        if precision not in ("float64", "float32"):
+            raise CalibrationError(f"hessian precision {precision!r}: use 'float64' or 'float32'")
+        self.dtype = np.dtype(precision)
         self.stats: dict[str, SiteStats] = {}
         self.k: dict[str, int] = {}
         for s in sites:
@@ -45,11 +61,10 @@ class HessianAccumulator:
                 f"activation {activation!r} contains NaN or Inf on the calibration data "
                 "(overflow in the model or bad inputs); cannot compute its statistics"
             )
-        # float32 products are exact in float64; summing there keeps H accurate over many tokens.
-        x64 = x2.astype(np.float64)
+        xw = x2.astype(self.dtype, copy=False)
         st = self.stats[activation]
         assert st.hessian is not None
-        st.hessian += x64.T @ x64
+        st.hessian += xw.T @ xw
         st.n_tokens += x2.shape[0]
 
     def by_site(self, sites: Iterable[WeightSite]) -> dict[str, SiteStats]:

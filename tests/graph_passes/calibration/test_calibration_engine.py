@@ -219,3 +219,50 @@ def test_unavailable_provider_falls_back_to_cpu(caplog):
         chosen = resolve_providers(("NoSuchExecutionProvider", "CPUExecutionProvider"))
     assert chosen == ["CPUExecutionProvider"]
     assert "NoSuchExecutionProvider" in caplog.text
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "phi3", "gpt2", "llama_tied"])
+def test_optimum_architectures(tiny_hf_onnx, arch):
+    """Feeds, block split and sequential substitution on each Optimum export (GPT-2: Gemm, Phi-3: fused
+    qkv/gate_up, tied head: MatMul(Transpose(embed))), with the project's own weight-site discovery."""
+    from optimum.adaround.graph_passes.sites import find_weight_sites
+
+    model = ir.load(tiny_hf_onnx(arch) / "model.onnx")
+    sites = find_weight_sites(model, quantize_lm_head=True).sites
+    assert sites[-1].kind == "lm_head"
+    ids = np.random.default_rng(4).integers(0, 320, (3, 9), dtype=np.int64)
+    one, fp = Recorder(), Recorder()
+    run_calibration(model, sites, ids, one, sequential=False, batch_size=2, progress=False)
+    report = run_calibration(model, sites, ids, fp, batch_size=2, progress=False)
+    assert [c[0].split(".")[-1] for c in fp.calls][-1] == "lm_head"
+    assert len(fp.calls) == 3  # block 0, block 1, epilogue
+    for s in sites:
+        np.testing.assert_allclose(fp.hessians[s.name], one.hessians[s.name], rtol=1e-6, atol=1e-9)
+
+    def rtn_site(s: WeightSite) -> QuantizedWeight:
+        w = model.graph.initializers[s.weight_name].const_value.numpy()
+        return rtn(np.ascontiguousarray(w if s.transposed else w.T))
+
+    q = Recorder(rtn_site)
+    report = run_calibration(model, sites, ids, q, batch_size=2, progress=False)
+    assert report.n_quantized == len(sites)
+    last = sites[-1]  # the head reads the final norm of the quantized stack
+    assert (
+        np.abs(q.hessians[last.name] - fp.hessians[last.name]).max()
+        > 1e-3 * np.abs(fp.hessians[last.name]).max()
+    )
+
+
+def test_float32_hessian_precision(tiny_llama, ids):
+    sites = weight_sites(tiny_llama)
+    f64, f32 = Recorder(), Recorder()
+    run_calibration(tiny_llama, sites, ids, f64, sequential=False, progress=False)
+    run_calibration(
+        tiny_llama, sites, ids, f32, sequential=False, progress=False, hessian_precision="float32"
+    )
+    for s in sites:
+        h = f64.hessians[s.name]
+        assert f32.hessians[s.name].dtype == np.float64
+        np.testing.assert_allclose(f32.hessians[s.name], h, rtol=0, atol=1e-5 * np.abs(h).max())
+    with pytest.raises(CalibrationError, match="precision"):
+        run_calibration(tiny_llama, sites, ids, f32, progress=False, hessian_precision="float16")
