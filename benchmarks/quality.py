@@ -443,16 +443,17 @@ def decode_speed(
     threads: int = 0,
 ) -> dict[str, float]:
     """Greedy generation through onnxruntime with the KV cache: prefill once, then one token per call."""
+    from optimum.adaround.custom_ops import uses_custom_domain
     from optimum.adaround.evaluation import _InputView, create_session
     from optimum.adaround.graph_passes.calibration.feeds import InputKind, feed_specs
-    from optimum.adaround.graph_passes.model_io import find_model_file, load_model
+    from optimum.adaround.graph_passes.model_io import find_model_file
 
     model_file = find_model_file(model_dir)
-    model = load_model(model_file).model
-    uses_custom = any(n.domain == "com.optimum.adaround" for n in model.graph)
-    del model
     session = create_session(
-        model_file, uses_custom_ops=uses_custom, session_config=session_config, intra_op_threads=threads
+        model_file,
+        uses_custom_ops=uses_custom_domain(model_file),
+        session_config=session_config,
+        intra_op_threads=threads,
     )
     specs = feed_specs([_InputView(i) for i in session.get_inputs()])
     past_names = [s.name for s in specs if s.kind == InputKind.PAST]

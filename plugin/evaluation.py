@@ -34,12 +34,14 @@ import numpy as np
 import onnx_ir as ir
 from tqdm.auto import tqdm
 
+from .custom_ops import DOMAIN as CUSTOM_DOMAIN
+from .custom_ops import uses_custom_domain
 from .data.text import evaluation_text, load_tokenizer, special_prefix, token_stream
 from .graph_passes.calibration.feeds import feed_specs, make_feeds
 from .graph_passes.errors import InvalidModelError, UserError
 from .graph_passes.model_io import find_model_file, load_model, read_weight
 from .graph_passes.packing.base import PackedWeight, get_packer
-from .graph_passes.scheme import QuantScheme, WeightFormat
+from .graph_passes.scheme import PER_CHANNEL, DataType, QuantScheme, WeightFormat
 from .graph_passes.sites import find_weight_sites, module_path
 
 __all__ = [
@@ -57,8 +59,6 @@ __all__ = [
     "weight_sqnr",
     "window_nll",
 ]
-
-CUSTOM_DOMAIN = "com.optimum.adaround"
 
 
 class EvaluationError(UserError):
@@ -103,12 +103,6 @@ def window_nll(logits: np.ndarray, ids: np.ndarray, first_target: int = 1) -> tu
 # -- onnxruntime session ----------------------------------------------------------------------------
 
 
-def _uses_custom_domain(model: ir.Model) -> bool:
-    return CUSTOM_DOMAIN in model.opset_imports or any(
-        n.domain == CUSTOM_DOMAIN for n in ir.traversal.RecursiveGraphIterator(model.graph)
-    )
-
-
 def create_session(
     model_file: str | Path,
     *,
@@ -121,18 +115,16 @@ def create_session(
     import onnxruntime as ort
 
     if uses_custom_ops:
-        try:
-            from .custom_ops import session_options
-        except ImportError as e:
-            raise EvaluationError(
-                f"{model_file} uses {CUSTOM_DOMAIN} ops but the custom-op library is not available ({e})"
-            ) from e
-        so = session_options()
+        from .custom_ops import session_options
+
+        so = session_options()  # a missing/unbuilt library raises the loader's own clear error
     else:
         so = ort.SessionOptions()
     for key, value in (session_config or {}).items():
         so.add_session_config_entry(key, value)
     so.intra_op_num_threads = intra_op_threads
+    # Spinning worker threads only burn a shared CPU between the many small calls of decoding.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.log_severity_level = 3
     try:
         return ort.InferenceSession(str(model_file), sess_options=so, providers=list(providers))
@@ -197,7 +189,7 @@ def perplexity(
         model = load_model(model_file).model
         session = create_session(
             model_file,
-            uses_custom_ops=_uses_custom_domain(model),
+            uses_custom_ops=uses_custom_domain(model),
             providers=providers,
             session_config=session_config,
         )
@@ -391,8 +383,53 @@ def _dequantize_dq(site: QuantizedSite) -> np.ndarray:
     return ((q - z) * s).T.astype(np.float32)
 
 
-_SITE_FINDERS = {("com.microsoft", "MatMulNBits"): _matmulnbits_site, ("", "DequantizeLinear"): _dq_site}
-_DEQUANTIZERS = {"MatMulNBits": _dequantize_matmulnbits, "DequantizeLinear": _dequantize_dq}
+def _lowbit_site(node: ir.Node) -> QuantizedSite | None:
+    """Our ``MatMulLowBit`` (A, B, scales, zero_points, bias) / ``MatMulCodebook`` (A, B, scales, codebook, bias)."""
+    fourth = "codebook" if node.op_type == "MatMulCodebook" else "zero_points"
+    tensors = _const_inputs(node, ("A", "B", "scales", fourth))
+    if "B" not in tensors or "scales" not in tensors:
+        return None
+    tensors.pop("A", None)
+    return QuantizedSite(
+        module_path(node.name or ""),
+        node.op_type,
+        int(_attr(node, "K")),
+        int(_attr(node, "N")),
+        int(_attr(node, "bits")),
+        int(_attr(node, "block_size")),
+        sum(_tensor_bytes(t) for t in tensors.values()),
+        tensors,
+        {},
+    )
+
+
+def _dequantize_lowbit(site: QuantizedSite) -> np.ndarray:
+    codebook = site.op_type == "MatMulCodebook"
+    scheme = QuantScheme(
+        bits=site.bits,
+        group_size=PER_CHANNEL if site.block_size == site.k else site.block_size,
+        symmetric="zero_points" not in site.tensors,
+        format=WeightFormat.LOWBIT,
+        data_type=DataType.CODEBOOK if codebook else DataType.INT,
+    )
+    arrays = {role: _numpy(t) for role, t in site.tensors.items()}
+    return (
+        get_packer(WeightFormat.LOWBIT).unpack(PackedWeight(arrays, {}), scheme, site.k, site.n).dequantize()
+    )
+
+
+_SITE_FINDERS = {
+    ("com.microsoft", "MatMulNBits"): _matmulnbits_site,
+    ("", "DequantizeLinear"): _dq_site,
+    (CUSTOM_DOMAIN, "MatMulLowBit"): _lowbit_site,
+    (CUSTOM_DOMAIN, "MatMulCodebook"): _lowbit_site,
+}
+_DEQUANTIZERS = {
+    "MatMulNBits": _dequantize_matmulnbits,
+    "DequantizeLinear": _dequantize_dq,
+    "MatMulLowBit": _dequantize_lowbit,
+    "MatMulCodebook": _dequantize_lowbit,
+}
 
 
 def quantized_sites(model: ir.Model) -> tuple[list[QuantizedSite], list[str]]:
@@ -489,7 +526,7 @@ def evaluate(
     if not skip_perplexity:
         session = create_session(
             loaded.path,
-            uses_custom_ops=_uses_custom_domain(model),
+            uses_custom_ops=uses_custom_domain(model),
             providers=providers,
             session_config=session_config,
         )
