@@ -78,6 +78,8 @@ class AdaRoundOptions:
     beta_end: float = 2.0
     soft_init: float = 0.6
     """Start at ``h = 0.5 + soft_init * (h0 - 0.5)``: 1.0 starts exactly at the init's binary rounding."""
+    start: Literal["init", "frac"] = "init"
+    """Relaxed start: the init's rounding softened by ``soft_init``, or ``frac`` (relaxed weight = W)."""
     tile_rows: int = 64
     free_cols: int | None = 128
     """Columns optimised per row tile and round; None: every column (plain AdaRound)."""
@@ -90,6 +92,8 @@ class AdaRoundOptions:
 
         if self.iters < 0 or self.rounds < 0:
             raise bad(f"iters={self.iters}/rounds={self.rounds}: use non-negative integers")
+        if self.start not in ("init", "frac"):
+            raise bad(f"start={self.start!r}: use 'init' or 'frac'")
         if not 0 < self.soft_init <= 1:
             raise bad(f"soft_init={self.soft_init}: use a value in (0, 1]")
         if not 0 <= self.warmup < 1:
@@ -275,6 +279,11 @@ def adaround_refine(
         h0 = _tiles(st.h, tile, idx)
         live = _tiles(st.live.to(torch.float32), tile, idx) > 0
         h_soft = 0.5 + opts.soft_init * (h0 - 0.5)
+        if opts.start == "frac":  # the paper's start: the relaxed weight equals W (clipped to the pair)
+            frac = (st.w / torch.where(st.live, st.s, torch.ones_like(st.s)) + st.z - st.base).clamp(
+                0.01, 0.99
+            )
+            h_soft = _tiles(frac, tile, idx)
         v = inverse_rectified_sigmoid(torch.where(live, h_soft, h0))
         h_rel = _optimise(
             v,
@@ -370,6 +379,7 @@ class AdaRound:
     lam: float = AdaRoundOptions.lam
     warmup: float = AdaRoundOptions.warmup
     soft_init: float = AdaRoundOptions.soft_init
+    start: Literal["init", "frac"] = AdaRoundOptions.start
     tile_rows: int = AdaRoundOptions.tile_rows
     free_cols: int | None = AdaRoundOptions.free_cols
     polish_steps: int = AdaRoundOptions.polish_steps
@@ -391,6 +401,7 @@ class AdaRound:
             lam=self.lam,
             warmup=self.warmup,
             soft_init=self.soft_init,
+            start=self.start,
             tile_rows=self.tile_rows,
             free_cols=self.free_cols,
             polish_steps=self.polish_steps,
