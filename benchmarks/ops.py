@@ -35,10 +35,20 @@ from optimum.adaround import custom_ops
 from optimum.adaround.custom_ops import reference as ref
 
 SIZES = (576, 1536, 4096, 11008)
-VARIANTS = ("fp32", "nbits4_acc0", "nbits4_acc4", "lowbit3_acc0", "lowbit3_acc4", "lowbit4_acc0", "lowbit4_acc4")
+VARIANTS = (
+    "fp32",
+    "nbits4_acc0",
+    "nbits4_acc4",
+    "lowbit3_acc0",
+    "lowbit3_acc4",
+    "lowbit4_acc0",
+    "lowbit4_acc4",
+)
 
 
-def _model(variant: str, k: int, n: int, block: int, copies: int, rng: np.random.Generator) -> tuple[onnx.ModelProto, int]:
+def _model(
+    variant: str, k: int, n: int, block: int, copies: int, rng: np.random.Generator
+) -> tuple[onnx.ModelProto, int]:
     """A model with ``copies`` ops reading X; returns it and the weight bytes one op reads."""
     nb = -(-k // block)
     nodes, inits, outputs = [], [], []
@@ -55,7 +65,10 @@ def _model(variant: str, k: int, n: int, block: int, copies: int, rng: np.random
         elif variant.startswith("nbits"):
             bits, acc = int(variant[5]), int(variant[-1])
             b = rng.integers(0, 256, (n, nb, block * bits // 8), dtype=np.uint8)
-            inits += [numpy_helper.from_array(b, f"B{i}"), numpy_helper.from_array(scales.reshape(-1), f"S{i}")]
+            inits += [
+                numpy_helper.from_array(b, f"B{i}"),
+                numpy_helper.from_array(scales.reshape(-1), f"S{i}"),
+            ]
             nodes.append(
                 helper.make_node(
                     "MatMulNBits", ["X", f"B{i}", f"S{i}"], [y], domain="com.microsoft",
@@ -74,13 +87,21 @@ def _model(variant: str, k: int, n: int, block: int, copies: int, rng: np.random
                 )
             )  # fmt: skip
             nbytes = b.nbytes + scales.nbytes
-    graph = helper.make_graph(nodes, "bench", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["M", k])], outputs, inits)
-    opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1), helper.make_opsetid(custom_ops.DOMAIN, 1)]
+    graph = helper.make_graph(
+        nodes, "bench", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["M", k])], outputs, inits
+    )
+    opsets = [
+        helper.make_opsetid("", 21),
+        helper.make_opsetid("com.microsoft", 1),
+        helper.make_opsetid(custom_ops.DOMAIN, 1),
+    ]
     return helper.make_model(graph, opset_imports=opsets, ir_version=10), nbytes
 
 
 def _session(model: onnx.ModelProto, threads: int) -> ort.InferenceSession:
-    so = custom_ops.session_options(intra_op_num_threads=threads, inter_op_num_threads=1, log_severity_level=3)
+    so = custom_ops.session_options(
+        intra_op_num_threads=threads, inter_op_num_threads=1, log_severity_level=3
+    )
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
@@ -96,15 +117,28 @@ def bench_shape(m: int, k: int, n: int, *, block: int, threads: int, reps: int, 
         del model
         for _ in range(2):  # warm-up (first run allocates)
             sessions[v].run(None, {"X": x})
-    times: dict[str, list[float]] = {v: [] for v in variants}
+    wall: dict[str, list[float]] = {v: [] for v in variants}
+    cpu: dict[str, list[float]] = {v: [] for v in variants}
     for r in range(reps):
         order = variants[r % len(variants) :] + variants[: r % len(variants)]
         for v in order:
-            t0 = time.perf_counter()
+            c0, t0 = time.thread_time(), time.perf_counter()
             sessions[v].run(None, {"X": x})
-            times[v].append((time.perf_counter() - t0) / copies)
-    med = {v: statistics.median(t) for v, t in times.items()}
-    res = {"M": m, "K": k, "N": n, "copies": copies, "median_ms": {v: med[v] * 1e3 for v in variants}}
+            wall[v].append((time.perf_counter() - t0) / copies)
+            cpu[v].append((time.thread_time() - c0) / copies)
+    # With one intra-op thread the ops run on this thread, so its CPU time excludes the time other
+    # processes on a shared machine take from us; with more threads only wall time means anything.
+    primary = cpu if threads == 1 else wall
+    med = {v: statistics.median(t) for v, t in primary.items()}
+    res = {
+        "M": m,
+        "K": k,
+        "N": n,
+        "copies": copies,
+        "timer": "thread CPU time" if threads == 1 else "wall clock",
+        "median_ms": {v: med[v] * 1e3 for v in variants},
+        "median_wall_ms": {v: statistics.median(t) * 1e3 for v, t in wall.items()},
+    }
     res["weight_GBps"] = {v: nbytes[v] / med[v] / 1e9 for v in variants}
     res["weight_MB"] = {v: nbytes[v] / 1e6 for v in variants}
     return res
@@ -120,7 +154,9 @@ def ratios(r: dict) -> dict[str, float]:
             out[f"fp32/lowbit{bits}_acc4"] = t["fp32"] / t[f"lowbit{bits}_acc4"]
         for acc in (0, 4):
             if f"lowbit{bits}_acc{acc}" in t and f"nbits4_acc{acc}" in t:
-                out[f"lowbit{bits}_acc{acc}/nbits4_acc{acc}"] = t[f"lowbit{bits}_acc{acc}"] / t[f"nbits4_acc{acc}"]
+                out[f"lowbit{bits}_acc{acc}/nbits4_acc{acc}"] = (
+                    t[f"lowbit{bits}_acc{acc}"] / t[f"nbits4_acc{acc}"]
+                )
     return out
 
 
@@ -133,30 +169,32 @@ def to_markdown(meta: dict, results: list[dict]) -> str:
         f"Load average before / after: {meta['load_before']} / {meta['load_after']} "
         "(the machine is shared by several people: treat small differences as noise).",
         "",
-        "Times are per op in ms. `acc0` = exact fp32 accumulation, `acc4` = int8 activations "
+        f"Times are per op in ms ({results[0]['timer'] if results else ''} medians; wall-clock medians are in the JSON). `acc0` = exact fp32 accumulation, `acc4` = int8 activations "
         "(MatMulNBits accuracy_level 4 semantics). Ratio columns: fp32 time / ours (speed-up), and ours / "
         "MatMulNBits 4-bit at the same accuracy level (< 1 = we are faster).",
         "",
     ]
     cols = meta["variants"]
-    head = "| M | K | N | " + " | ".join(cols) + " | fp32/lb3 acc0 | fp32/lb3 acc4 | lb3/nb4 acc0 | lb3/nb4 acc4 | lb4/nb4 acc4 | lb3 acc4 GB/s |"
+    head = (
+        "| M | K | N | "
+        + " | ".join(cols)
+        + " | fp32/lb3 acc0 | fp32/lb3 acc4 | lb3/nb4 acc0 | lb3/nb4 acc4 | lb4/nb4 acc4 | lb3 acc4 GB/s |"
+    )
     lines += [head, "|" + "---|" * (len(cols) + 9)]
     for r in results:
         q = ratios(r)
         t = r["median_ms"]
-        cells = [f"{t[v]:.3f}" for v in cols]
-
-        def g(key: str) -> str:
-            return f"{q[key]:.2f}" if key in q else "-"
-
-        gbs = r["weight_GBps"].get("lowbit3_acc4")
-        lines.append(
-            f"| {r['M']} | {r['K']} | {r['N']} | " + " | ".join(cells)
-            + f" | {g('fp32/lowbit3_acc0')} | {g('fp32/lowbit3_acc4')} | {g('lowbit3_acc0/nbits4_acc0')}"
-            + f" | {g('lowbit3_acc4/nbits4_acc4')} | {g('lowbit4_acc4/nbits4_acc4')} | {gbs:.1f} |"
-            if gbs is not None
-            else "| - |"
+        keys = (
+            "fp32/lowbit3_acc0",
+            "fp32/lowbit3_acc4",
+            "lowbit3_acc0/nbits4_acc0",
+            "lowbit3_acc4/nbits4_acc4",
+            "lowbit4_acc4/nbits4_acc4",
         )
+        cells = [f"{t[v]:.3f}" for v in cols] + [f"{q[key]:.2f}" if key in q else "-" for key in keys]
+        gbs = r["weight_GBps"].get("lowbit3_acc4")
+        cells.append(f"{gbs:.1f}" if gbs is not None else "-")
+        lines.append(f"| {r['M']} | {r['K']} | {r['N']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -177,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     rng = np.random.default_rng(0)
     meta = {
-        "command": "python " + " ".join([os.path.relpath(__file__, Path.cwd()), *(argv if argv is not None else sys.argv[1:])]),
+        "command": "python "
+        + " ".join([os.path.relpath(__file__, Path.cwd()), *(argv if argv is not None else sys.argv[1:])]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "cpu": platform.processor() or platform.machine(),
         "onnxruntime": ort.__version__,
@@ -197,10 +236,22 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for m in args.m:
         for k, n in shapes:
-            r = bench_shape(m, k, n, block=args.block, threads=args.threads, reps=args.reps, variants=args.variants, rng=rng)
+            r = bench_shape(
+                m,
+                k,
+                n,
+                block=args.block,
+                threads=args.threads,
+                reps=args.reps,
+                variants=args.variants,
+                rng=rng,
+            )
             r["ratios"] = ratios(r)
             results.append(r)
-            print(f"M={m} K={k} N={n}: " + ", ".join(f"{v} {t:.3f} ms" for v, t in r["median_ms"].items()), flush=True)
+            print(
+                f"M={m} K={k} N={n}: " + ", ".join(f"{v} {t:.3f} ms" for v, t in r["median_ms"].items()),
+                flush=True,
+            )
             print("   " + ", ".join(f"{key} {v:.2f}" for key, v in r["ratios"].items()), flush=True)
     meta["load_after"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
     out = Path(args.out)

@@ -176,9 +176,10 @@ void release(Isa isa, void* prep) {
 void cpu_gemm(const CpuProblem& p, ParallelFor pfor, void* runner) {
   Task t{&p, nullptr, 0, cpu_isa()};
   t.prep = prepare(t.isa, p);
-  // ~64 tasks give the pool room to balance; multiples of 4 rows keep the GEMM tiles full.
+  // ~48-64 tasks give the pool room to balance; the GEMM path (M >= 4) wants whole 16-row panels.
   const int64_t N = p.shape.N;
-  t.rows_per_task = std::max<int64_t>(4, ((N + 63) / 64 + 3) / 4 * 4);
+  const int64_t unit = p.shape.M >= 4 ? 16 : 4;
+  t.rows_per_task = std::max<int64_t>(unit, ((N + 47) / 48 + unit - 1) / unit * unit);
   const size_t total = static_cast<size_t>((N + t.rows_per_task - 1) / t.rows_per_task);
   pfor(runner, run_task, total, &t);
   release(t.isa, const_cast<void*>(t.prep));

@@ -1,0 +1,303 @@
+"""Validate and time the CUDA kernels of the custom-op library without onnxruntime-gpu.
+
+Calls the library's C entry point ``oa_lowbit_matmul_cuda`` through ctypes on device buffers owned by
+torch (CUDA build) or CuPy, checks every case against the NumPy reference, then times the M = 1 GEMV with
+CUDA events and reports the achieved weight bandwidth (packed codes + scales read per call).
+
+Needs a GPU, a CUDA build of the library (``OPTIMUM_ADAROUND_CUDA=ON cmake -S . -B build/custom_ops ...``,
+pointed to by ``OPTIMUM_ADAROUND_CUSTOM_OPS_LIB`` if it is not the default build) and torch with CUDA or
+CuPy. Written on a machine without a GPU: it has not been run yet.
+
+    python benchmarks/cuda_gemv.py                     # check + time, writes benchmarks/results/cuda_gemv.{json,md}
+    python benchmarks/cuda_gemv.py --check-only
+    python benchmarks/cuda_gemv.py --peak-gbps 3350    # H100 SXM HBM3, to report % of peak
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from optimum.adaround import custom_ops
+from optimum.adaround.custom_ops import reference as ref
+
+
+class OaCudaArgs(ctypes.Structure):
+    """Mirror of ``OaCudaArgs`` in custom_ops/cuda/lowbit_cuda.h (field order and types must match)."""
+
+    _fields_ = [
+        ("x", ctypes.c_void_p),
+        ("b", ctypes.c_void_p),
+        ("scales", ctypes.c_void_p),
+        ("zp", ctypes.c_void_p),
+        ("codebook", ctypes.c_void_p),
+        ("bias", ctypes.c_void_p),
+        ("y", ctypes.c_void_p),
+        ("M", ctypes.c_int64),
+        ("K", ctypes.c_int64),
+        ("N", ctypes.c_int64),
+        ("block_size", ctypes.c_int64),
+        ("bits", ctypes.c_int32),
+        ("x_half", ctypes.c_int32),
+        ("scales_half", ctypes.c_int32),
+    ]
+
+
+class Device:
+    """Device arrays through torch (preferred) or CuPy: upload, download, pointer, events."""
+
+    def __init__(self) -> None:
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                self.torch = torch
+                self.name = torch.cuda.get_device_name()
+                return
+        except ImportError:
+            pass
+        self.torch = None
+        try:
+            import cupy
+
+            self.cupy = cupy
+            self.name = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
+        except ImportError:
+            sys.exit("needs torch with CUDA or cupy, and a GPU")
+
+    def upload(self, a: np.ndarray):
+        if self.torch is not None:
+            return self.torch.from_numpy(np.ascontiguousarray(a)).cuda()
+        return self.cupy.asarray(a)
+
+    def empty(self, shape, dtype):
+        if self.torch is not None:
+            t = {np.float32: self.torch.float32, np.float16: self.torch.float16}[dtype]
+            return self.torch.empty(shape, dtype=t, device="cuda")
+        return self.cupy.empty(shape, dtype=dtype)
+
+    def ptr(self, a) -> int | None:
+        if a is None:
+            return None
+        return a.data_ptr() if self.torch is not None else a.data.ptr
+
+    def download(self, a) -> np.ndarray:
+        return a.cpu().numpy() if self.torch is not None else self.cupy.asnumpy(a)
+
+    def sync(self) -> None:
+        if self.torch is not None:
+            self.torch.cuda.synchronize()
+        else:
+            self.cupy.cuda.runtime.deviceSynchronize()
+
+    def time_ms(self, fn, iters: int) -> float:
+        """Median of `iters` launches timed one by one with CUDA events."""
+        times = []
+        for _ in range(iters):
+            if self.torch is not None:
+                start, end = (
+                    self.torch.cuda.Event(enable_timing=True),
+                    self.torch.cuda.Event(enable_timing=True),
+                )
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                start, end = self.cupy.cuda.Event(), self.cupy.cuda.Event()
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(self.cupy.cuda.get_elapsed_time(start, end))
+        return float(np.median(times))
+
+
+def load_library() -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(custom_ops.library_path()))
+    if not lib.oa_has_cuda():
+        sys.exit(
+            f"{custom_ops.library_path()} was built without CUDA kernels (build with OPTIMUM_ADAROUND_CUDA=ON)"
+        )
+    lib.oa_lowbit_matmul_cuda.argtypes = [ctypes.POINTER(OaCudaArgs), ctypes.c_void_p]
+    lib.oa_lowbit_matmul_cuda.restype = ctypes.c_int
+    lib.oa_cuda_error_string.argtypes = [ctypes.c_int]
+    lib.oa_cuda_error_string.restype = ctypes.c_char_p
+    return lib
+
+
+class Case:
+    """One problem: host data, its device copies, and the reference result."""
+
+    def __init__(
+        self, dev, rng, *, m, k, n, bits, block, zp, dtype, scale_dtype=np.float32, codebook=False, bias=False
+    ):
+        nb = -(-k // block)
+        codes = rng.integers(0, 1 << bits, (n, k), dtype=np.uint8)
+        self.packed = ref.pack_lowbit(codes, bits)
+        self.scales = (rng.uniform(0.5, 1.5, (n, nb)) * 0.02).astype(scale_dtype)
+        self.zp = rng.integers(0, 1 << bits, (n, nb), dtype=np.uint8) if zp and not codebook else None
+        self.cb = np.sort(rng.standard_normal(1 << bits)).astype(np.float32) if codebook else None
+        self.bias = rng.standard_normal(n).astype(dtype) if bias else None
+        self.x = rng.standard_normal((m, k)).astype(dtype)
+        kw = {"k": k, "bits": bits, "block_size": block}
+        xf = self.x.astype(np.float32)
+        if codebook:
+            self.want = ref.matmul_codebook_ref(xf, self.packed, self.scales, self.cb, self.bias, **kw)
+        else:
+            self.want = ref.matmul_lowbit_ref(xf, self.packed, self.scales, self.zp, self.bias, **kw)
+        self.dev = dev
+        self.d = {name: (dev.upload(a) if a is not None else None) for name, a in self._host().items()}
+        self.y = dev.empty((m, n), dtype)
+        self.args = OaCudaArgs(
+            x=dev.ptr(self.d["x"]), b=dev.ptr(self.d["b"]), scales=dev.ptr(self.d["scales"]), zp=dev.ptr(self.d["zp"]),
+            codebook=dev.ptr(self.d["cb"]), bias=dev.ptr(self.d["bias"]), y=dev.ptr(self.y),
+            M=m, K=k, N=n, block_size=block, bits=bits, x_half=int(dtype == np.float16),
+            scales_half=int(scale_dtype == np.float16),
+        )  # fmt: skip
+        self.weight_bytes = (
+            self.packed.nbytes + self.scales.nbytes + (self.zp.nbytes if self.zp is not None else 0)
+        )
+
+    def _host(self) -> dict:
+        return {
+            "x": self.x,
+            "b": self.packed,
+            "scales": self.scales,
+            "zp": self.zp,
+            "cb": self.cb,
+            "bias": self.bias,
+        }
+
+    def run(self, lib) -> None:
+        err = lib.oa_lowbit_matmul_cuda(ctypes.byref(self.args), None)
+        if err:
+            raise RuntimeError(lib.oa_cuda_error_string(err).decode())
+
+    def error(self, lib) -> float:
+        self.run(lib)
+        self.dev.sync()
+        y = self.dev.download(self.y).astype(np.float64)
+        return float(np.max(np.abs(y - self.want)) / max(float(np.max(np.abs(self.want))), 1e-12))
+
+
+def check(lib, dev) -> list[dict]:
+    rng = np.random.default_rng(0)
+    rows = []
+    for bits in range(2, 9):
+        for block in (16, 32, 128, -1):
+            for zp in (False, True):
+                for dtype in (np.float32, np.float16):
+                    for m in (1, 3, 37):
+                        k = 200 if block == -1 else 3 * block + 5
+                        blk = k if block == -1 else block
+                        c = Case(
+                            dev, rng, m=m, k=k, n=45, bits=bits, block=blk, zp=zp, dtype=dtype, bias=m == 3
+                        )
+                        rows.append(
+                            {
+                                "bits": bits,
+                                "block": blk,
+                                "zp": zp,
+                                "dtype": np.dtype(dtype).name,
+                                "M": m,
+                                "rel_err": c.error(lib),
+                            }
+                        )
+    for bits in (3, 4):
+        for m in (1, 37):
+            c = Case(
+                dev,
+                rng,
+                m=m,
+                k=300,
+                n=45,
+                bits=bits,
+                block=64,
+                zp=False,
+                dtype=np.float32,
+                codebook=True,
+                scale_dtype=np.float16,
+            )
+            rows.append({"bits": bits, "block": 64, "codebook": True, "M": m, "rel_err": c.error(lib)})
+    return rows
+
+
+def bench(lib, dev, iters: int, peak: float | None) -> list[dict]:
+    rng = np.random.default_rng(1)
+    rows = []
+    for k, n in ((4096, 4096), (4096, 11008), (11008, 4096), (8192, 28672)):
+        for bits in (3, 4):
+            for dtype in (np.float16, np.float32):
+                c = Case(dev, rng, m=1, k=k, n=n, bits=bits, block=128, zp=False, dtype=dtype)
+                for _ in range(5):
+                    c.run(lib)
+                ms = dev.time_ms(lambda c=c: c.run(lib), iters)
+                gbps = c.weight_bytes / (ms * 1e-3) / 1e9
+                row = {
+                    "K": k,
+                    "N": n,
+                    "bits": bits,
+                    "dtype": np.dtype(dtype).name,
+                    "ms": ms,
+                    "weight_GBps": gbps,
+                }
+                if peak:
+                    row["pct_of_peak"] = 100 * gbps / peak
+                rows.append(row)
+                print(row, flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check-only", action="store_true")
+    ap.add_argument("--iters", type=int, default=200)
+    ap.add_argument("--peak-gbps", type=float, help="the GPU's peak memory bandwidth, to report % of peak")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "cuda_gemv"))
+    args = ap.parse_args(argv)
+    lib, dev = load_library(), Device()
+    checks = check(lib, dev)
+    worst = max(r["rel_err"] for r in checks)
+    bad = [r for r in checks if r["rel_err"] > (2e-3 if r.get("dtype") == "float16" else 1e-5)]
+    print(
+        f"{len(checks)} cases checked against the NumPy reference, worst relative error {worst:.2e}, {len(bad)} over tolerance"
+    )
+    for r in bad:
+        print("  FAIL", r)
+    result = {
+        "device": dev.name,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "checks": checks,
+    }
+    if not args.check_only:
+        result["gemv"] = bench(lib, dev, args.iters, args.peak_gbps)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    lines = [
+        f"# CUDA GEMV ({dev.name}, {result['date']})",
+        "",
+        f"Checks: {len(checks)} cases, worst rel. error {worst:.2e}, {len(bad)} failures.",
+        "",
+    ]
+    if "gemv" in result:
+        lines += ["| K | N | bits | dtype | ms | weight GB/s | % peak |", "|---|---|---|---|---|---|---|"]
+        for r in result["gemv"]:
+            pct = f"{r['pct_of_peak']:.0f}" if "pct_of_peak" in r else "-"
+            lines.append(
+                f"| {r['K']} | {r['N']} | {r['bits']} | {r['dtype']} | {r['ms']:.4f} | {r['weight_GBps']:.0f} | {pct} |"
+            )
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
