@@ -3,6 +3,7 @@
 Each subcommand lives in ``commands/<name>.py`` and exposes ``add_parser(subparsers)`` (which sets
 ``func`` on its parser) ; this module only dispatches and maps errors to exit codes:
 0 ok, 2 user error (one line on stderr, no traceback unless ``--debug``), 1 internal error, 130 Ctrl-C.
+Any other exception is a bug: exit 1 with one line too (the traceback only with ``--debug``).
 Running ``optimum-adaround`` with no subcommand runs the default job (``run``).
 """
 
@@ -63,6 +64,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"optimum-adaround: internal error: {e} (rerun with --debug for a traceback)", file=sys.stderr)
+        return 1
+    except Exception as e:  # a bug (not raised on purpose): still one line and exit 1 unless --debug
+        if args.debug:
+            raise
+        first = (str(e).splitlines() or [""])[0][:200]
+        print(
+            f"optimum-adaround: internal error: {type(e).__name__}: {first} (rerun with --debug for a traceback)",
+            file=sys.stderr,
+        )
         return 1
 
 
