@@ -9,6 +9,7 @@ Dispatch is by registry lookup, never by string ``if``s.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable
 from typing import Any, ClassVar, Protocol
 
@@ -68,4 +69,16 @@ def get_method(name: str, **options: Any) -> RoundingMethod:
     """Instantiate a registered method by name with its options; clear error for unknown names."""
     if name not in METHODS:
         raise UnsupportedSchemeError(f"unknown rounding method {name!r}; choose one of {sorted(METHODS)}")
-    return METHODS[name](**options)
+    cls = METHODS[name]
+    try:
+        params = inspect.signature(cls).parameters
+    except (TypeError, ValueError):  # no readable signature: let the constructor judge
+        params = None
+    if params is not None and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(set(options) - set(params))
+        if unknown:
+            known = sorted(k for k, p in params.items() if p.kind is not p.VAR_POSITIONAL)
+            raise UnsupportedSchemeError(
+                f"rounding method {name!r} has no option {unknown[0]!r}; its options are {known}"
+            )
+    return cls(**options)
