@@ -16,6 +16,7 @@ from collections.abc import Iterable, Sequence
 
 import onnx_ir as ir
 
+from .errors import UserError
 from .records import SiteReport, SkippedSite, WeightSite
 
 __all__ = ["ALREADY_QUANTIZED", "find_weight_sites", "layer_index", "module_path"]
@@ -153,8 +154,8 @@ def find_weight_sites(
     must match one include (if any) and no exclude. The output projection (``kind="lm_head"``) is left in
     float unless ``quantize_lm_head``. Sites with K or N below ``min_features`` are skipped.
     """
-    includes = [re.compile(p) for p in include]
-    excludes = [re.compile(p) for p in exclude]
+    includes = [_compile(p, "include") for p in include]
+    excludes = [_compile(p, "exclude") for p in exclude]
     sites: list[WeightSite] = []
     skipped: list[SkippedSite] = []
     cands: list[_Candidate] = []
@@ -209,6 +210,13 @@ def find_weight_sites(
         else:
             sites.append(site)
     return SiteReport(sites=sites, skipped=skipped)
+
+
+def _compile(pattern: str, option: str) -> re.Pattern[str]:
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise UserError(f"{option} pattern {pattern!r} is not a valid regular expression ({e})") from None
 
 
 def _unique_names(cands: Sequence[_Candidate]) -> list[str]:
