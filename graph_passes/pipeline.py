@@ -21,7 +21,7 @@ from onnx_ir.passes.common import LiftConstantsToInitializersPass
 from tqdm.auto import tqdm
 
 from . import packing, rounding  # noqa: F401  (importing the packages registers packers and methods)
-from .errors import CalibrationError, NoQuantizableWeightsError, UnsupportedSchemeError
+from .errors import CalibrationError, NoQuantizableWeightsError, UnsupportedSchemeError, UserError
 from .model_io import read_weight
 from .packing.base import PackedWeight, Packer, get_packer
 from .records import QuantizedWeight, SiteReport, SkippedSite, WeightSite
@@ -165,7 +165,12 @@ class _SiteQuantizer:
     def __call__(self, site: WeightSite, stats: SiteStats | None) -> QuantizedWeight:
         t0 = time.perf_counter()
         weight = read_weight(self.model, site)
-        qw = self.method.quantize(weight, self.scheme, stats)
+        try:
+            qw = self.method.quantize(weight, self.scheme, stats)
+        except UserError as e:  # name the layer: a method only sees an array (its "site ?" placeholder)
+            msg = str(e).removeprefix("site ?: ")
+            e.args = (f"{site.name} (node {site.node_name!r}, initializer {site.weight_name!r}): {msg}",)
+            raise
         packed = _spill(self.packer.pack(qw), self.folder, f"{len(self.rewrites):05d}")
         self.rewrites.append(SiteRewrite(site, packed))
         stored = self.model.graph.initializers[site.weight_name].const_value
