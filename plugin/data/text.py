@@ -224,7 +224,13 @@ def load_tokenizer(tokenizer_dir: str | Path):  # -> transformers.PreTrainedToke
     try:
         return AutoTokenizer.from_pretrained(str(tokenizer_dir))
     except (OSError, ValueError) as e:
-        raise TextSourceError(f"{tokenizer_dir}: no loadable tokenizer ({e})".splitlines()[0]) from e
+        # transformers' messages can run to pages (every known model type): keep the first 160 characters.
+        why = (str(e).splitlines() or [""])[0]
+        why = why if len(why) <= 160 else why[:160] + "..."
+        raise TextSourceError(
+            f"{tokenizer_dir}: no loadable tokenizer ({why}); calibration text needs the exported folder's "
+            "tokenizer files, or pass token ids"
+        ) from e
 
 
 def token_stream(tokenizer, documents: Sequence[str]) -> np.ndarray:
