@@ -266,3 +266,45 @@ def test_float32_hessian_precision(tiny_llama, ids):
         np.testing.assert_allclose(f32.hessians[s.name], h, rtol=0, atol=1e-5 * np.abs(h).max())
     with pytest.raises(CalibrationError, match="precision"):
         run_calibration(tiny_llama, sites, ids, f32, progress=False, hessian_precision="float16")
+
+
+def test_callback_results_are_checked(handmade):
+    from optimum.adaround.graph_passes.errors import InternalError
+
+    sites = weight_sites(handmade)
+    ids = np.zeros((1, 4), np.int64)
+    stray = Recorder(lambda s: None)
+    with pytest.raises(InternalError, match="not in this block"):
+        run_calibration(
+            handmade, sites, ids, lambda b, st: {"nope": rtn(np.ones((4, 16), np.float32))}, progress=False
+        )
+    with pytest.raises(InternalError, match="expected"):
+        run_calibration(
+            handmade, sites, ids, lambda b, st: {b[0].name: rtn(np.ones((4, 16), np.float32))}, progress=False
+        )
+    run_calibration(handmade, sites, ids, stray, progress=False)  # returning nothing keeps fp weights
+    assert len(stray.calls) == 2
+
+
+@pytest.mark.slow
+def test_smollm2_sequential_smoke():
+    """The real model: a short sequential pass gives finite, symmetric H with positive diagonals everywhere."""
+    from optimum.adaround.data.default_model import default_onnx_dir
+    from optimum.adaround.graph_passes.sites import find_weight_sites
+
+    try:
+        folder = default_onnx_dir()
+    except CalibrationError:  # pragma: no cover
+        raise
+    except Exception as e:  # the default model's package is optional
+        pytest.skip(f"default model unavailable: {e}")
+    model = ir.load(folder / "model.onnx")
+    sites = find_weight_sites(model).sites
+    ids = np.random.default_rng(0).integers(0, 49152, (2, 64), dtype=np.int64)
+    rec = Recorder()
+    report = run_calibration(model, sites, ids, rec, batch_size=2, progress=False)
+    assert len(rec.calls) == 30 and report.n_activations == 120
+    for s in sites:
+        h = rec.hessians[s.name]
+        assert np.isfinite(h).all() and np.allclose(h, h.T) and (np.diag(h) > 0).all()
+        assert rec.n_tokens[s.name] == ids.size
