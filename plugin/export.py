@@ -172,9 +172,13 @@ def _merge_recipe(
         changes["method"] = method
     recipe_keys = set(Recipe().to_dict()) - {"version", "name", "overrides"}
     for key in list(kw):
+        if key == "calib_data" and kw[key] is not None and not isinstance(kw[key], (str, os.PathLike)):
+            continue  # token ids given as an array: passed to quantize as is, not a recipe value
         if key in recipe_keys and kw[key] is not None:
             value = kw.pop(key)
-            changes[key] = tuple(value) if key in ("include", "exclude") else value
+            if key in ("include", "exclude"):
+                value = tuple(value)
+            changes[key] = str(value) if key == "calib_data" else value
         elif key in recipe_keys:
             kw.pop(key)
     if changes and recipe is not None and recipe.name:
@@ -229,7 +233,7 @@ def _run_quantize(src: Path, dest: Path, recipe: Recipe, extra: Mapping[str, Any
             last = i == len(passes) - 1
             out = dest if last else stack.enter_context(_temp_sibling(dest, f"pass{i}")) / "out"
             try:
-                quantize(current, out, **kw, **extra)
+                quantize(current, out, **{**kw, **extra})
             except NoQuantizableWeightsError as e:
                 if pattern is not None:
                     raise NoQuantizableWeightsError(
@@ -251,7 +255,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _calib_tokens_hash(recipe: Recipe, model_dir: Path) -> str | None:
+def _calib_tokens_hash(recipe: Recipe, model_dir: Path, given: Any = None) -> str | None:
     """sha256 of the calibration token ids (same sampler and arguments as quantize); None for data-free methods."""
     from .graph_passes.rounding import base
 
@@ -262,6 +266,8 @@ def _calib_tokens_hash(recipe: Recipe, model_dir: Path) -> str | None:
 
     from .data.text import calibration_token_ids
 
+    if given is not None:  # token ids passed by the caller
+        return hashlib.sha256(np.ascontiguousarray(given, dtype=np.int64).tobytes()).hexdigest()
     tokens = calibration_token_ids(
         model_dir, recipe.calib_data, recipe.calib_samples, recipe.seq_len, seed=recipe.seed
     )
@@ -361,9 +367,11 @@ def export(
     after and puts it in the model card; ``push_to_hub="user/name"`` uploads the finished folder.
     """
     output = Path(output_dir).expanduser()
-    merged = _merge_recipe(resolve_recipe(recipe), scheme, method, dict(quantize_kwargs))
+    extra = dict(
+        quantize_kwargs
+    )  # _merge_recipe moves the recipe's keys out; the rest goes to quantize as is
+    merged = _merge_recipe(resolve_recipe(recipe), scheme, method, extra)
     _preflight(merged)
-    extra = {k: v for k, v in quantize_kwargs.items() if k not in set(Recipe().to_dict())}
     extra.pop("overwrite", None)
     model, local_only = resolve_source(model_id_or_path, trust_remote_code=trust_remote_code)
     local = Path(model) if Path(model).is_dir() else None
@@ -386,9 +394,15 @@ def export(
         staged = work / "quantized"
         passes = _run_quantize(exported, staged, merged, extra)
         save_recipe(merged, staged / RECIPE_FILE_NAME)
+        calib = _read_json(staged / "quantization_config.json").get("calibration")
+        tokens_sha = (
+            _calib_tokens_hash(merged, exported, extra.get("calib_data"))
+            if isinstance(calib, dict) and "tokens_sha256" not in calib  # quantize may record it itself
+            else None
+        )
         _extend_qconfig(
             staged, source=str(model_id_or_path), task=None if onnx_input else task, recipe=merged,
-            passes=passes, tokens_sha=_calib_tokens_hash(merged, exported),
+            passes=passes, tokens_sha=tokens_sha,
         )  # fmt: skip
         if eval:
             record = _evaluate(exported, staged, dict(eval_options or {}))

@@ -158,11 +158,33 @@ def test_calibration_source_and_token_hash_recorded(tiny_hf_onnx, tmp_path):
     from optimum.adaround.data.text import calibration_token_ids
 
     src = tiny_hf_onnx("llama")
-    out = export(src, tmp_path / "g", "w4-g32", "gptq", calib_samples=4, seq_len=64, progress=False)
+    text = tmp_path / "calib.txt"  # a small user text keeps tokenization cheap
+    text.write_text(" ".join(f"Line {i}: the quick brown fox jumps over the lazy dog." for i in range(60)))
+    out = export(
+        src,
+        tmp_path / "g",
+        "w4-g32",
+        "gptq",
+        calib_data=str(text),
+        calib_samples=4,
+        seq_len=64,
+        progress=False,
+    )
     calib = json.loads((out / "quantization_config.json").read_text())["calibration"]
-    ids = calibration_token_ids(src, None, 4, 64, seed=0)
+    assert calib["source"] == str(text)
+    ids = calibration_token_ids(src, str(text), 4, 64, seed=0)
     assert calib["tokens_sha256"] == hashlib.sha256(np.ascontiguousarray(ids, np.int64).tobytes()).hexdigest()
     assert calib["n_samples"] == 4
+
+
+@pytest.mark.skipif("gptq" not in METHODS, reason="no calibrated method registered yet")
+def test_calibration_token_ids_given_as_an_array(tiny_hf_onnx, tmp_path):
+    ids = np.random.default_rng(1).integers(0, 320, (2, 32), dtype=np.int64)
+    out = export(tiny_hf_onnx("llama"), tmp_path / "a", "w4-g32", "gptq", calib_data=ids, progress=False)
+    qconfig = json.loads((out / "quantization_config.json").read_text())
+    assert qconfig["calibration"]["source"] == "token ids given by the caller"
+    assert qconfig["calibration"]["tokens_sha256"] == hashlib.sha256(ids.tobytes()).hexdigest()
+    assert yaml.safe_load((out / "quantization_recipe.yaml").read_text())["calib_data"] is None
 
 
 # -- bad inputs -------------------------------------------------------------------------------------------
