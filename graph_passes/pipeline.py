@@ -27,10 +27,17 @@ from .packing.base import PackedWeight, Packer, get_packer
 from .records import QuantizedWeight, SiteReport, SkippedSite, WeightSite
 from .rewrite import ReplaceWeightSitesPass, SiteRewrite
 from .rounding.base import RoundingMethod, SiteStats, get_method
-from .scheme import QuantScheme
+from .scheme import QuantScheme, WeightFormat
 from .sites import ALREADY_QUANTIZED, find_weight_sites
 
-__all__ = ["QuantizationResult", "SiteResult", "check_sites", "prepare_sites", "quantize_model"]
+__all__ = [
+    "QuantizationResult",
+    "SiteResult",
+    "check_opset",
+    "check_sites",
+    "prepare_sites",
+    "quantize_model",
+]
 
 
 @dataclasses.dataclass
@@ -125,6 +132,23 @@ def prepare_sites(
     raise NoQuantizableWeightsError(f"no quantizable weight selected ({len(report.skipped)} skipped: {why})")
 
 
+# QDQ needs default-domain opset 21; the rewrite bumps the model's opset to it. From 18 on that only adds
+# types; below 18 ops such as ReduceMean/Split/Unsqueeze take attributes that opset 21 reads as inputs,
+# so a bumped graph would no longer load.
+_MIN_BUMPABLE_OPSET = 18
+
+
+def check_opset(model: ir.Model, scheme: QuantScheme) -> None:
+    """Refuse a format that would need an opset bump the model's ops cannot survive."""
+    default = model.opset_imports.get("", 0)
+    if scheme.format is WeightFormat.QDQ and default < _MIN_BUMPABLE_OPSET:
+        raise UnsupportedSchemeError(
+            f"format qdq needs opset 21 and the model imports opset {default}; raising an opset below "
+            f"{_MIN_BUMPABLE_OPSET} would break its other ops: re-export with --opset 18 or newer, or use "
+            "format matmulnbits"
+        )
+
+
 def check_sites(packer: Packer, scheme: QuantScheme, sites: Sequence[WeightSite]) -> None:
     """Fail before any work if the packer cannot store one of the sites under ``scheme``."""
     for site in sites:
@@ -217,6 +241,7 @@ def quantize_model(
     report = sites if sites is not None else prepare_sites(model)
     timings["find_sites"] = time.perf_counter() - t0
     packer = get_packer(scheme.format, **dict(packer_options or {}))
+    check_opset(model, scheme)
     check_sites(packer, scheme, report.sites)
     options = dict(method_options or {})
     rounding_method = get_method(method, **options)
