@@ -95,23 +95,41 @@ def atomic_output(
 ) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it becomes ``output``, on any failure it is removed."""
     out = check_output_path(output, inputs, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
     tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp = out.parent / f".{out.name}.tmp-{tag}"
-    tmp.mkdir()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    except OSError as e:
+        raise _write_error(output, e) from e
     try:
         yield tmp
         if out.exists():
             # Move the old output aside first so that at every instant either it or the new one is in place.
             old = out.parent / f".{out.name}.old-{tag}"
             os.replace(out, old)
-            os.replace(tmp, out)
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                os.replace(old, out)  # put the old output back
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
+    except OSError as e:  # full disk, permissions, quota: the user's to fix, so a one-line UserError
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_error(output, e) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _write_error(output: str | os.PathLike, e: OSError) -> OutputPathError:
+    where = f" at {e.filename}" if e.filename else ""
+    return OutputPathError(
+        f"writing the output {output} failed ({e.strerror or e}{where}): free space or choose another "
+        "folder; nothing was written"
+    )
 
 
 def copy_side_files(src_folder: Path, dst_folder: Path) -> list[str]:
