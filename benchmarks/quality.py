@@ -44,12 +44,28 @@ HERE = Path(__file__).resolve().parent
 # so asymmetric int4 at a block dividing 32 would reproduce it losslessly and measure nothing.
 SCHEMES: dict[str, tuple[int, int]] = {
     "w4-g128": (4, 128),
-    "w4-g64": (4, 64),
     "w3-g128": (3, 128),
+    "w4-g64": (4, 64),
     "w2-g64": (2, 64),
 }
 ORT_ALGOS = ("default", "rtn", "gptq", "hqq", "kquant")
-OUR_METHODS = ("rtn", "gptq", "adaround")
+OUR_METHODS = ("rtn", "gptq", "adaround", "adaround_ls")
+# Minutes per scheme on 2 shared cores: run only at --slow-schemes unless asked otherwise.
+SLOW_ORDER = ("adaround", "adaround_ls", "hqq")
+SLOW = frozenset(SLOW_ORDER)
+# Row order within a scheme: the most informative rows first (a run stopped early keeps those).
+ORDER = (
+    ("onnxruntime", "default"),
+    ("ours", "rtn"),
+    ("ours", "gptq"),
+    ("onnxruntime", "rtn"),
+    ("onnxruntime", "gptq"),
+    ("onnxruntime", "kquant"),
+    ("ours", "adaround"),
+    ("ours", "adaround_ls"),
+    ("onnxruntime", "hqq"),
+)
+NOT_REACHED = "not reached"
 # Side files of an export folder that every quantized folder needs for evaluation (tokenizer, config).
 _SIDE_SUFFIXES = (".json", ".jinja", ".txt", ".model")
 
@@ -324,93 +340,231 @@ def _log(msg: str) -> None:
     print(f"[{dt.datetime.now(dt.timezone.utc).strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def quality(
-    args: argparse.Namespace, work: Path, fp32_dir: Path, text: str, token_ids_file: Path
-) -> tuple[list[Row], dict[str, dict[str, float]]]:
-    from optimum.adaround.api import quantize  # noqa: F401  (fail early when the API is missing)
-    from optimum.adaround.graph_passes.rounding.base import METHODS
+class Bench:
+    """The run's state; ``flush()`` rewrites RESULTS.md and results/*.json after every row, so a run that
+    is stopped early still leaves every finished number (rows not reached are marked so)."""
 
-    sqnr: dict[str, dict[str, float]] = {}
-    rows: list[Row] = []
-    fp32 = Row("fp32", "fp32", "fp32", format="fp32", path=str(fp32_dir))
-    _log("evaluating fp32")
-    _evaluate_into(fp32, fp32_dir, args, text, fp32_dir, sqnr)
-    rows.append(fp32)
-    _log(f"fp32 perplexity {fp32.perplexity}")
-    lowbit = _lowbit_available()
-    for label in args.schemes:
-        bits, group = SCHEMES[label]
-        rtn_digest = None
-        for algo in args.ort:
-            row = Row(label, "onnxruntime", algo, format="matmulnbits")
-            rows.append(row)
-            if algo in ("rtn", "gptq", "kquant") and bits != 4:
-                row.status, row.note = "n/a", "4-bit only in onnxruntime's quantizer"
-                continue
-            if algo == "hqq" and label not in args.hqq_schemes:
-                row.status, row.note = "n/a", "not run (slow; --hqq-schemes)"
-                continue
-            out = work / f"{label}-ort-{algo}"
-            _log(f"{label}: onnxruntime {algo}")
-            res = run_measured(
-                ort_job,
-                src=str(fp32_dir),
-                out=str(out),
-                algo=algo,
-                bits=bits,
-                group=group,
-                token_ids_file=str(token_ids_file) if algo == "gptq" else None,
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        work: Path,
+        fp32_dir: Path,
+        text: str,
+        token_ids_file: Path,
+        command: str,
+    ) -> None:
+        self.args, self.work, self.fp32_dir, self.text = args, work, fp32_dir, text
+        self.token_ids_file, self.command = token_ids_file, command
+        self.rows: list[Row] = []
+        self.sqnr: dict[str, dict[str, float]] = {}
+        self.speed_rows: list[dict[str, Any]] = []
+        self.plots: list[str] = []
+        self.results = args.out / "results"
+        self.results.mkdir(parents=True, exist_ok=True)
+        self.t_start = time.perf_counter()
+        self.prompt = np.zeros(0, np.int64)
+
+    # -- one row --------------------------------------------------------------------------------------
+    def _finish(self, row: Row, out: Path, res: dict[str, Any]) -> bool:
+        row.quant_seconds, row.peak_rss_anon_mb = res["wall_seconds"], res["peak_rss_anon_mb"]
+        if not res["ok"]:
+            row.status, row.note = "error", res["error"]
+            _log(f"  failed: {res['error']}")
+            return False
+        row.status, row.path = "ok", str(out)
+        return True
+
+    def _evaluate(self, row: Row) -> None:
+        from optimum.adaround.plots import plot_sqnr_bars
+
+        _evaluate_into(row, Path(row.path), self.args, self.text, self.fp32_dir, self.sqnr)
+        _log(
+            f"  ppl {row.perplexity}  ({_fmt(row.quant_seconds, '.0f')} s, {_fmt(row.peak_rss_anon_mb, '.0f')} MB)"
+        )
+        key = f"{row.scheme} {row.tool}:{row.method}"
+        if key in self.sqnr and (row.tool == "ours" or row.method == "default"):
+            name = f"sqnr_{row.scheme}_{row.tool}_{row.method}.png"
+            plot_sqnr_bars(
+                self.sqnr[key],
+                self.results / name,
+                title=f"Per-layer weight SQNR, {row.scheme}, {row.tool} {row.method}",
             )
-            row.quant_seconds, row.peak_rss_anon_mb = res["wall_seconds"], res["peak_rss_anon_mb"]
-            if not res["ok"]:
-                row.status, row.note = "error", res["error"]
-                _log(f"  failed: {res['error']}")
-                continue
-            row.path = str(out)
-            try:
-                digest = _weights_digest(out)
-            except Exception as e:  # a model our reader cannot parse still gets evaluated
-                digest = None
-                row.note = f"weights not readable: {type(e).__name__}"
-            if algo == "rtn":
-                rtn_digest = digest
-            if algo == "gptq" and digest is not None and digest == rtn_digest:
-                row.note = "packed weights byte-identical to onnxruntime rtn (its GPTQ propagates no error)"
-            elif algo == "gptq" and rtn_digest is not None:
-                row.note = "packed weights differ from onnxruntime rtn"
-            _evaluate_into(row, out, args, text, fp32_dir, sqnr)
-            _log(f"  ppl {row.perplexity}  ({row.quant_seconds:.0f} s, {row.peak_rss_anon_mb:.0f} MB)")
-        for method in args.ours:
-            fmt = _our_format(bits, lowbit)
-            row = Row(label, "ours", method, format=fmt if fmt != "qdq" else "qdq (emulated 3-bit in int4)")
-            rows.append(row)
-            if method not in METHODS:
-                row.status, row.note = (
-                    "n/a",
-                    f"method {method!r} not registered (registered: {sorted(METHODS)})",
-                )
-                continue
-            out = work / f"{label}-ours-{method}"
-            _log(f"{label}: ours {method} ({fmt})")
-            res = run_measured(
-                ours_job,
-                src=str(fp32_dir),
-                out=str(out),
-                method=method,
-                scheme=f"{label}-sym",
-                fmt=fmt,
-                token_ids_file=str(token_ids_file),
+            self.plots.append(name)
+
+    def run_ort(self, row: Row, bits: int, group: int, rtn_digest: list[str | None]) -> None:
+        algo, label = row.method, row.scheme
+        if algo in ("rtn", "gptq", "kquant") and bits != 4:
+            row.status, row.note = "n/a", "4-bit only in onnxruntime's quantizer"
+            return
+        if algo == "hqq" and bits not in (2, 4, 8):
+            row.status, row.note = "n/a", "MatMulNBits runs 2/4/8 bits only (3-bit HQQ could not be run)"
+            return
+        if algo in SLOW and label not in self.args.slow_schemes:
+            row.status, row.note = "n/a", "not run: slow, limited to --slow-schemes in this run"
+            return
+        out = self.work / f"{label}-ort-{algo}"
+        _log(f"{label}: onnxruntime {algo}")
+        res = run_measured(
+            ort_job,
+            src=str(self.fp32_dir),
+            out=str(out),
+            algo=algo,
+            bits=bits,
+            group=group,
+            token_ids_file=str(self.token_ids_file) if algo == "gptq" else None,
+        )
+        if not self._finish(row, out, res):
+            return
+        try:
+            digest: str | None = _weights_digest(out)
+        except Exception as e:  # a model our reader cannot parse still gets evaluated
+            digest, row.note = None, f"weights not readable: {type(e).__name__}"
+        if algo == "gptq" and digest is not None and digest == rtn_digest[0]:
+            # Same packed bytes and same graph as the rtn row: its evaluation applies unchanged.
+            rtn = next(r for r in self.rows if r.scheme == label and r.tool == row.tool and r.method == "rtn")
+            for f in ("perplexity", "tokens", "model_mb", "bits_per_weight", "mean_weight_sqnr_db"):
+                setattr(row, f, getattr(rtn, f))
+            row.note = (
+                "packed weights byte-identical to onnxruntime rtn (its GPTQ propagates no error): "
+                "evaluation of the rtn row reused"
             )
-            row.quant_seconds, row.peak_rss_anon_mb = res["wall_seconds"], res["peak_rss_anon_mb"]
-            if not res["ok"]:
-                row.status, row.note = "error", res["error"]
-                _log(f"  failed: {res['error']}\n{res.get('traceback', '')}")
-                continue
-            row.path = str(out)
-            _evaluate_into(row, out, args, text, fp32_dir, sqnr)
-            _log(f"  ppl {row.perplexity}  ({row.quant_seconds:.0f} s, {row.peak_rss_anon_mb:.0f} MB)")
-    _fill_deltas(rows)
-    return rows, sqnr
+            return
+        if algo == "rtn":
+            rtn_digest[0] = digest
+        elif algo == "gptq" and digest is not None and rtn_digest[0] is not None:
+            row.note = (
+                "packed weights byte-identical to onnxruntime rtn (its GPTQ propagates no error)"
+                if digest == rtn_digest[0]
+                else "packed weights differ from onnxruntime rtn"
+            )
+        self._evaluate(row)
+
+    def run_ours(self, row: Row, fmt: str) -> None:
+        from optimum.adaround.graph_passes.rounding.base import METHODS
+
+        method, label = row.method, row.scheme
+        if method not in METHODS:
+            row.status, row.note = "n/a", f"method {method!r} not registered (registered: {sorted(METHODS)})"
+            return
+        if method in SLOW and label not in self.args.slow_schemes:
+            row.status, row.note = "n/a", "not run: slow, limited to --slow-schemes in this run"
+            return
+        out = self.work / f"{label}-ours-{method}"
+        _log(f"{label}: ours {method} ({fmt})")
+        res = run_measured(
+            ours_job,
+            src=str(self.fp32_dir),
+            out=str(out),
+            method=method,
+            scheme=f"{label}-sym",
+            fmt=fmt,
+            token_ids_file=str(self.token_ids_file),
+        )
+        if self._finish(row, out, res):
+            self._evaluate(row)
+
+    # -- the whole run --------------------------------------------------------------------------------
+    def plan(self) -> list[Row]:
+        lowbit = _lowbit_available()
+        rows = [Row("fp32", "fp32", "fp32", status=NOT_REACHED, format="fp32")]
+        for label in self.args.schemes:
+            fmt = _our_format(SCHEMES[label][0], lowbit)
+            for tool, method in ORDER:
+                if (tool == "onnxruntime" and method in self.args.ort) or (
+                    tool == "ours" and method in self.args.ours
+                ):
+                    shown = fmt if tool == "ours" else "matmulnbits"
+                    shown = "qdq (3-bit emulated in int4)" if shown == "qdq" else shown
+                    rows.append(Row(label, tool, method, status=NOT_REACHED, format=shown))
+        return rows
+
+    def run(self) -> None:
+        from optimum.adaround.data.text import load_tokenizer, token_stream
+
+        self.prompt = token_stream(load_tokenizer(str(self.fp32_dir)), [self.text])[: self.args.prompt_tokens]
+        self.rows = self.plan()
+        fp32 = self.rows[0]
+        fp32.status, fp32.path = "ok", str(self.fp32_dir)
+        _log("evaluating fp32")
+        self._evaluate(fp32)
+        self.flush()
+        rtn_digests: dict[str, list[str | None]] = {}
+        current = None
+        # Breadth first: the fast rows of every scheme, then the slow methods (minutes per scheme) in SLOW_ORDER;
+        # the table keeps the plan's order. A run stopped early has then a complete rtn/gptq picture.
+        for row in sorted(
+            self.rows[1:], key=lambda r: SLOW_ORDER.index(r.method) + 1 if r.method in SLOW else 0
+        ):
+            if (
+                current == "w3-g128"  # speed after the 3-bit scheme, whose lowbit model it times
+                and row.scheme != current
+                and not self.args.no_speed
+                and not self.speed_rows
+            ):
+                self.speed_rows = speed(self.args, self.work, self.fp32_dir, self.prompt, self.rows)
+                self.flush()
+            current = row.scheme
+            bits, group = SCHEMES[row.scheme]
+            if row.tool == "onnxruntime":
+                self.run_ort(row, bits, group, rtn_digests.setdefault(row.scheme, [None]))
+            else:
+                self.run_ours(row, row.format.split(" ")[0])
+            self.flush()
+        if not self.args.no_speed and not self.speed_rows:
+            self.speed_rows = speed(self.args, self.work, self.fp32_dir, self.prompt, self.rows)
+        self.flush(final=True)
+
+    def flush(self, final: bool = False) -> None:
+        from optimum.adaround.plots import plot_perplexity_vs_bits
+
+        _fill_deltas(self.rows)
+        points = [
+            {
+                "method": f"{r.tool}:{r.method}",
+                "bits_per_weight": r.bits_per_weight,
+                "perplexity": r.perplexity,
+                "label": r.scheme,
+            }
+            for r in self.rows
+            if r.tool != "fp32" and r.perplexity is not None
+        ]
+        if points:
+            plot_perplexity_vs_bits(
+                points,
+                self.results / "ppl_vs_bits.png",
+                fp32_perplexity=self.rows[0].perplexity,
+                title="SmolLM2-135M: perplexity vs bits per weight",
+            )
+        plots = (["ppl_vs_bits.png"] if points else []) + self.plots
+        meta = {
+            "command": self.command,
+            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "complete": final,
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared), Python {platform.python_version()}",
+            "load_average": os.getloadavg(),
+            "eval_tokens_scored": self.rows[0].tokens,
+            "context": self.args.context,
+            "calib_samples": self.args.calib_samples,
+            "calib_seq_len": self.args.calib_seq_len,
+            "prompt_tokens": int(self.prompt.size),
+            "new_tokens": self.args.new_tokens,
+            "threads": self.args.threads,
+            "quantized_sites": len(next(iter(self.sqnr.values()))) if self.sqnr else None,
+            "elapsed_seconds": time.perf_counter() - self.t_start,
+        }
+        rows = [dataclasses.replace(r, path="") for r in self.rows]  # scratch paths mean nothing later
+        (self.results / "quality.json").write_text(
+            json.dumps(
+                {"meta": meta, "rows": [dataclasses.asdict(r) for r in rows], "weight_sqnr_db": self.sqnr},
+                indent=1,
+                default=str,
+            )
+            + "\n"
+        )
+        (self.results / "speed.json").write_text(
+            json.dumps({"meta": meta, "rows": self.speed_rows}, indent=1) + "\n"
+        )
+        write_markdown(self.args.out / "RESULTS.md", meta, rows, self.speed_rows, plots)
 
 
 def _fill_deltas(rows: list[Row]) -> None:
@@ -617,6 +771,24 @@ def write_markdown(
             f"{_fmt(r.model_mb, '.1f')} | {_fmt(r.bits_per_weight, '.3f')} | {_fmt(r.mean_weight_sqnr_db, '.2f')} | "
             f"{_fmt(r.quant_seconds, '.0f')} | {_fmt(r.peak_rss_anon_mb, '.0f')} | {status}{r.note.replace('|', '/')} |"
         )
+    lines += ["", "### Summary per scheme (computed from the table above)", ""]
+    for scheme in dict.fromkeys(r.scheme for r in rows if r.tool != "fp32"):
+        ours = [r for r in rows if r.scheme == scheme and r.tool == "ours" and r.perplexity is not None]
+        ort = [r for r in rows if r.scheme == scheme and r.tool == "onnxruntime" and r.perplexity is not None]
+        best_ours = min(ours, key=lambda r: r.perplexity or math.inf, default=None)
+        best_ort = min(ort, key=lambda r: r.perplexity or math.inf, default=None)
+        parts = []
+        if best_ours is not None:
+            parts.append(
+                f"our best: {best_ours.method} {best_ours.perplexity:.2f} ({best_ours.delta_pct:+.1f}%)"
+            )
+        if best_ort is not None:
+            parts.append(
+                f"onnxruntime's best: {best_ort.method} {best_ort.perplexity:.2f} ({best_ort.delta_pct:+.1f}%)"
+            )
+        if best_ours is not None and best_ours.rel_to_ort_best is not None:
+            parts.append(f"our increase = {best_ours.rel_to_ort_best:.2f}x onnxruntime's")
+        lines.append(f"- {scheme}: " + ("; ".join(parts) if parts else "no finished row"))
     lines += [
         "",
         "## Decode speed (greedy generation, onnxruntime CPU)",
@@ -650,14 +822,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=list(SCHEMES))
     p.add_argument("--ort", nargs="*", default=list(ORT_ALGOS), choices=list(ORT_ALGOS))
     p.add_argument(
-        "--hqq-schemes", nargs="*", default=["w4-g128"], help="schemes at which HQQ runs (it is slow)"
+        "--slow-schemes",
+        nargs="*",
+        default=["w4-g128", "w3-g128"],
+        help=f"schemes at which the slow methods ({', '.join(sorted(SLOW))}) run",
     )
     p.add_argument("--ours", nargs="*", default=list(OUR_METHODS))
-    p.add_argument("--eval-tokens", type=int, default=6144)
+    p.add_argument("--eval-tokens", type=int, default=2048)
     p.add_argument("--context", type=int, default=256)
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--calib-seq-len", type=int, default=256)
     p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads for the speed test")
     p.add_argument("--no-speed", action="store_true")
     p.add_argument("--out", type=Path, default=HERE, help="folder for RESULTS.md and results/")
@@ -672,14 +848,9 @@ def main(argv: list[str] | None = None) -> int:
         args.eval_tokens, args.new_tokens = 1024, 16
     command = "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
 
+    from optimum.adaround.api import quantize  # noqa: F401  (fail early when our API is missing)
     from optimum.adaround.data.default_model import default_onnx_dir
-    from optimum.adaround.data.text import (
-        calibration_token_ids,
-        evaluation_text,
-        load_tokenizer,
-        token_stream,
-    )
-    from optimum.adaround.plots import plot_perplexity_vs_bits, plot_sqnr_bars
+    from optimum.adaround.data.text import calibration_token_ids, evaluation_text
 
     t_start = time.perf_counter()
     fp32_dir = default_onnx_dir()
@@ -690,68 +861,10 @@ def main(argv: list[str] | None = None) -> int:
     np.save(
         token_ids_file, calibration_token_ids(fp32_dir, None, args.calib_samples, args.calib_seq_len, seed=0)
     )
-    results = args.out / "results"
-    results.mkdir(parents=True, exist_ok=True)
     try:
-        rows, sqnr = quality(args, work, fp32_dir, text, token_ids_file)
-        speed_rows: list[dict[str, Any]] = []
-        prompt = token_stream(load_tokenizer(str(fp32_dir)), [text])[:32]
-        if not args.no_speed:
-            speed_rows = speed(args, work, fp32_dir, prompt, rows)
-        plots = []
-        points = [
-            {
-                "method": f"{r.tool}:{r.method}",
-                "bits_per_weight": r.bits_per_weight,
-                "perplexity": r.perplexity,
-                "label": r.scheme,
-            }
-            for r in rows
-            if r.tool != "fp32" and r.status == "ok"
-        ]
-        fp32_ppl = next((r.perplexity for r in rows if r.tool == "fp32"), None)
-        if any(pt["perplexity"] is not None for pt in points):
-            plot_perplexity_vs_bits(
-                points,
-                results / "ppl_vs_bits.png",
-                fp32_perplexity=fp32_ppl,
-                title="SmolLM2-135M: perplexity vs bits per weight",
-            )
-            plots.append("ppl_vs_bits.png")
-        for key, values in sqnr.items():
-            scheme, who = key.split(" ", 1)
-            if who.startswith("ours:") or key == next(iter(sqnr)):
-                name = f"sqnr_{scheme}_{who.replace(':', '_')}.png"
-                plot_sqnr_bars(values, results / name, title=f"Per-layer weight SQNR, {scheme}, {who}")
-                plots.append(name)
-        sites = next((r for r in rows if r.bits_per_weight is not None), None)
-        meta = {
-            "command": command,
-            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
-            "eval_tokens_scored": next((r.tokens for r in rows if r.tokens), None),
-            "context": args.context,
-            "calib_samples": args.calib_samples,
-            "calib_seq_len": args.calib_seq_len,
-            "prompt_tokens": int(prompt.size),
-            "new_tokens": args.new_tokens,
-            "threads": args.threads,
-            "quantized_sites": len(next(iter(sqnr.values()))) if sqnr else ("?" if sites is None else "the"),
-            "total_seconds": time.perf_counter() - t_start,
-        }
-        for r in rows:  # scratch paths mean nothing once the run is over
-            r.path = ""
-        (results / "quality.json").write_text(
-            json.dumps(
-                {"meta": meta, "rows": [dataclasses.asdict(r) for r in rows], "weight_sqnr_db": sqnr},
-                indent=1,
-                default=str,
-            )
-            + "\n"
-        )
-        (results / "speed.json").write_text(json.dumps({"meta": meta, "rows": speed_rows}, indent=1) + "\n")
-        write_markdown(args.out / "RESULTS.md", meta, rows, speed_rows, plots)
-        _log(f"done in {meta['total_seconds'] / 60:.1f} min: {args.out / 'RESULTS.md'}")
+        bench = Bench(args, work, fp32_dir, text, token_ids_file, command)
+        bench.run()
+        _log(f"done in {(time.perf_counter() - t_start) / 60:.1f} min: {args.out / 'RESULTS.md'}")
     finally:
         if not args.keep and args.work is None:
             shutil.rmtree(work, ignore_errors=True)
