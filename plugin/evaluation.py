@@ -41,6 +41,7 @@ from .graph_passes.calibration.feeds import feed_specs, make_feeds
 from .graph_passes.errors import InvalidModelError, UserError
 from .graph_passes.model_io import find_model_file, load_model, read_weight
 from .graph_passes.packing.base import PackedWeight, get_packer
+from .graph_passes.rounding.metrics import sqnr_db
 from .graph_passes.scheme import PER_CHANNEL, DataType, QuantScheme, WeightFormat
 from .graph_passes.sites import find_weight_sites, module_path
 
@@ -186,14 +187,12 @@ def perplexity(
     if not windows:
         raise EvaluationError("the evaluation text is empty after tokenization")
     if session is None:
-        model = load_model(model_file).model
         session = create_session(
             model_file,
-            uses_custom_ops=uses_custom_domain(model),
+            uses_custom_ops=uses_custom_domain(model_file),  # reads the graph only, not external data
             providers=providers,
             session_config=session_config,
         )
-        del model
     specs = feed_specs([_InputView(i) for i in session.get_inputs()])
     if "logits" not in [o.name for o in session.get_outputs()]:
         raise EvaluationError(f"{model_file} has no 'logits' output")
@@ -445,16 +444,6 @@ def quantized_sites(model: ir.Model) -> tuple[list[QuantizedSite], list[str]]:
         elif node.domain == CUSTOM_DOMAIN:
             unknown.append(f"{node.name} ({node.op_type})")
     return sites, unknown
-
-
-def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
-    """Signal-to-quantization-noise ratio in dB (inf when identical)."""
-    ref = np.asarray(reference, np.float64)
-    noise = float(np.sum((ref - np.asarray(approx, np.float64)) ** 2))
-    signal = float(np.sum(ref**2))
-    if noise == 0.0:
-        return math.inf
-    return 10.0 * math.log10(max(signal, 1e-300) / noise)
 
 
 def weight_sqnr(
