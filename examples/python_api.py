@@ -22,6 +22,9 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--method", default=None, help="overrides the recipe's method (rtn, gptq, adaround)")
     parser.add_argument("--scheme", default=None, help="overrides the recipe's scheme, e.g. w4-g128")
     parser.add_argument("--calib-samples", type=int, default=None)
+    parser.add_argument(
+        "--eval-data", default=None, help="evaluation text (default: embedded Wikipedia eval split)"
+    )
     parser.add_argument("--eval-tokens", type=int, default=None, help="evaluate on the first N tokens only")
     args = parser.parse_args(argv)
 
@@ -33,7 +36,7 @@ def main(argv: list[str] | None = None) -> Path:
         method=args.method,
         recipe=args.recipe,
         eval=True,
-        eval_options={"max_tokens": args.eval_tokens},
+        eval_options={"max_tokens": args.eval_tokens, "dataset": args.eval_data},
         overwrite=True,
         **extra,
     )

@@ -324,7 +324,7 @@ def _evaluate(original: Path, quantized: Path, eval_options: Mapping[str, Any]) 
     """Perplexity of both models on the same text (the evaluation module's protocol) + size/bpw/SQNR."""
     from .evaluation import evaluate
 
-    opts = dict(eval_options)
+    opts = {k: v for k, v in eval_options.items() if v is not None}
     dataset = opts.pop("dataset", None)
     sqnr = bool(opts.pop("sqnr", False))  # per-site weight SQNR against the fp32 export (slower)
     if dataset is not None:

@@ -41,9 +41,13 @@ def test_recipe_example_is_valid():
 
 
 def test_python_api_with_recipe_then_load_and_generate(tiny_hf_model, tmp_path, capsys):
+    text = (
+        tmp_path / "eval.txt"
+    )  # short evaluation text: the tiny byte-level tokenizer is slow on the full split
+    text.write_text(" ".join(f"Paragraph {i} is about a quick brown fox." for i in range(50)))
     out = run_example(
         "python_api.py", str(tiny_hf_model("llama")), str(tmp_path / "q"),
-        "--recipe", str(EXAMPLES / "recipe.yaml"), "--method", "rtn", "--eval-tokens", "400",
+        "--recipe", str(EXAMPLES / "recipe.yaml"), "--method", "rtn", "--eval-data", str(text),
     )  # fmt: skip
     printed = capsys.readouterr().out
     assert "perplexity:" in printed and "bits per weight" in printed
