@@ -55,7 +55,7 @@ class PartReport:
     n_activations: int
     weight_bytes: int
     forward_s: float = 0.0
-    """onnxruntime time of the statistics pass (incl. session creation)."""
+    """Time of the statistics pass without X^T X: extraction, serialization, session, onnxruntime runs."""
     stats_s: float = 0.0
     """Time spent reducing activations into H."""
     callback_s: float = 0.0
@@ -141,15 +141,34 @@ def _weight_bytes(model: ir.Model) -> int:
     return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 
 
-def _session(model: ir.Model, providers: Sequence[str]) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if _weight_bytes(model) < _INLINE_LIMIT:
-        return ort.InferenceSession(ir.to_proto(model).SerializeToString(), opts, providers=list(providers))
-    with tempfile.TemporaryDirectory(prefix="adaround-calib-") as tmp:
-        path = Path(tmp) / "part.onnx"
-        ir.save(model, path, external_data="part.onnx.data")
-        return ort.InferenceSession(str(path), opts, providers=list(providers))
+class _PartSessions:
+    """Opens onnxruntime sessions of one extracted part, first with its own weights, then with replacements.
+
+    Replacements are written into the part (a clone sharing the caller's tensors, so the caller's model is
+    untouched) and the part is serialized again. Not ``SessionOptions.add_initializer``: onnxruntime 1.31
+    constant-folds from the model's initializer, so a weight reached through a Transpose (tied lm_head,
+    Gemm exports) would silently keep its float values.
+    """
+
+    def __init__(self, model: ir.Model, providers: Sequence[str]) -> None:
+        self.model = model
+        self.providers = list(providers)
+
+    def open(self, weights: dict[str, np.ndarray] | None = None) -> ort.InferenceSession:
+        inits = self.model.graph.initializers
+        for name, arr in (weights or {}).items():
+            inits[name].const_value = ir.tensor(arr, name=name)
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if _weight_bytes(self.model) < _INLINE_LIMIT:
+            return ort.InferenceSession(
+                ir.to_proto(self.model).SerializeToString(), opts, providers=self.providers
+            )
+        # protobuf's 2 GiB limit: go through a file with external data
+        with tempfile.TemporaryDirectory(prefix="adaround-calib-") as tmp:
+            path = Path(tmp) / "part.onnx"
+            ir.save(self.model, path, external_data="part.onnx.data")
+            return ort.InferenceSession(str(path), opts, providers=self.providers)
 
 
 def _check_returned(sites: dict[str, WeightSite], qws: dict[str, QuantizedWeight]) -> None:
@@ -164,9 +183,12 @@ def _check_returned(sites: dict[str, WeightSite], qws: dict[str, QuantizedWeight
             )
 
 
-def _substitute(part_model: ir.Model, sites: dict[str, WeightSite], qws: dict[str, QuantizedWeight]) -> None:
-    """Replace the part's copies of the sites' weights by the dequantized codes (graph layout, dtype)."""
+def _graph_weights(
+    part_model: ir.Model, sites: dict[str, WeightSite], qws: dict[str, QuantizedWeight]
+) -> dict[str, np.ndarray]:
+    """The dequantized codes of the returned sites, in each initializer's layout and dtype, by name."""
     inits = part_model.graph.initializers
+    out = {}
     for name, qw in qws.items():
         site = sites[name]
         value = inits.get(site.weight_name)
@@ -179,7 +201,8 @@ def _substitute(part_model: ir.Model, sites: dict[str, WeightSite], qws: dict[st
         arr = np.ascontiguousarray(w if site.transposed else w.T, dtype=old.dtype.numpy())
         if tuple(old.shape) != arr.shape:
             raise InternalError(f"site {name!r}: graph weight has shape {tuple(old.shape)}, got {arr.shape}")
-        value.const_value = ir.tensor(arr, name=old.name)
+        out[site.weight_name] = arr
+    return out
 
 
 def _batches(n: int, batch_size: int) -> list[slice]:
@@ -274,7 +297,7 @@ class _Run:
         rep = PartReport("model", len(self.sites), len(acc.activations), _weight_bytes(sub))
         self.peak_part_weight_bytes = rep.weight_bytes
         t0 = time.perf_counter()
-        sess = _session(sub, self.providers)
+        sess = _PartSessions(sub, self.providers).open()
         wanted = {i.name for i in sess.get_inputs()}
         del sub
         for b in tqdm(
@@ -334,6 +357,7 @@ class _Run:
         rep = PartReport(part.label, len(sites), len(acc.activations), 0)
         if not outputs and not sites:
             return rep  # nothing downstream reads it
+        t_build = time.perf_counter()
         sub = None
         if outputs or produced:  # else the part's activations are all cached inputs: no session needed
             examples = {k: v[0] for k, v in cache.items()}
@@ -341,13 +365,29 @@ class _Run:
             rep.weight_bytes = _weight_bytes(sub)
             self.peak_part_weight_bytes = max(self.peak_part_weight_bytes, rep.weight_bytes)
 
+        builder = None if sub is None else _PartSessions(sub, self.providers)
+        rep.forward_s = time.perf_counter() - t_build
+        return self._passes(part, sites, cache, sub, builder, acc, outputs, produced, rep)
+
+    def _passes(
+        self,
+        part: Part,
+        sites: list[WeightSite],
+        cache: dict[str, list[np.ndarray]],
+        sub: ir.Model | None,
+        builder: _PartSessions | None,
+        acc: HessianAccumulator,
+        outputs: list[str],
+        produced: list[str],
+        rep: PartReport,
+    ) -> PartReport:
         # Pass 1: fp weights of this part; activations -> H, boundary outputs kept in case nothing changes.
         t0 = time.perf_counter()
-        sess = None if sub is None else _session(sub, self.providers)
+        sess = None if builder is None else builder.open()
         fp_outputs = self._forward(sess, part, cache, outputs, produced, acc, rep)
         del sess  # its arena (attention scores of a whole batch) is the largest transient allocation
         _release_memory()
-        rep.forward_s = time.perf_counter() - t0 - rep.stats_s
+        rep.forward_s += time.perf_counter() - t0 - rep.stats_s
         if not sites:
             self._store(cache, outputs, fp_outputs)
             return rep
@@ -362,8 +402,8 @@ class _Run:
             assert sub is not None
             t2 = time.perf_counter()
             del fp_outputs
-            _substitute(sub, {s.name: s for s in sites}, qws)
-            sess = _session(sub, self.providers)
+            assert builder is not None
+            sess = builder.open(_graph_weights(sub, {s.name: s for s in sites}, qws))
             self._store(cache, outputs, self._forward(sess, part, cache, outputs, [], None, rep))
             del sess
             _release_memory()
