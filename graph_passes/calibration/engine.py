@@ -246,7 +246,7 @@ def run_calibration(
     HessianAccumulator([], hessian_precision)  # validate the option before any work
     run = _Run(model, list(sites), ids, specs, batches, provs, on_block, progress, hessian_precision)
     parts = run.sequential() if sequential else run.one_pass()
-    return CalibrationReport(
+    report = CalibrationReport(
         sequential=sequential,
         n_sequences=n,
         seq_len=t,
@@ -261,6 +261,8 @@ def run_calibration(
         seconds=time.perf_counter() - t_start,
         cpu_seconds=time.process_time() - cpu_start,
     )
+    logger.info("%s", report.summary())
+    return report
 
 
 class _Run:
