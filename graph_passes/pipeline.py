@@ -195,7 +195,13 @@ class _SiteQuantizer:
             msg = str(e).removeprefix("site ?: ")
             e.args = (f"{site.name} (node {site.node_name!r}, initializer {site.weight_name!r}): {msg}",)
             raise
-        packed = _spill(self.packer.pack(qw), self.folder, f"{len(self.rewrites):05d}")
+        try:
+            packed = _spill(self.packer.pack(qw), self.folder, f"{len(self.rewrites):05d}")
+        except OSError as e:  # the scratch folder is full or unwritable: the user's to fix
+            raise UserError(
+                f"{site.name}: writing its packed weight to the scratch folder {self.folder} failed "
+                f"({e.strerror or e}): free space there or point TMPDIR at a larger folder"
+            ) from e
         self.rewrites.append(SiteRewrite(site, packed))
         stored = self.model.graph.initializers[site.weight_name].const_value
         float_bytes = int(stored.nbytes) if stored is not None else int(weight.nbytes)
