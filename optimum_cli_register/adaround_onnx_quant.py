@@ -79,9 +79,17 @@ def add_quant_arguments(parser: Any) -> None:
 
 def add_export_arguments(parser: Any) -> None:
     """Optimum's own ``export onnx`` flags, then ours; the task defaults to text generation with past."""
-    from optimum.commands.export.onnx import parse_args_onnx
-
-    parse_args_onnx(parser)
+    try:
+        from optimum.commands.export.onnx import parse_args_onnx
+    except Exception:  # optimum-onnx missing or broken: keep optimum-cli usable, with the essential flags
+        parser.add_argument("-m", "--model", required=True, help="model id on the Hub or local folder")
+        parser.add_argument("output", help="output folder")
+        parser.add_argument("--task", default=DEFAULT_TASK)
+        parser.add_argument("--opset", type=int, default=None)
+        parser.add_argument("--device", default="cpu")
+        parser.add_argument("--trust-remote-code", action="store_true")
+    else:
+        parse_args_onnx(parser)
     parser.set_defaults(task=DEFAULT_TASK)
     add_quant_arguments(parser)
 

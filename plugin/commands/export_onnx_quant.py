@@ -59,27 +59,28 @@ def quantize_options(args: argparse.Namespace) -> dict[str, Any]:
         "seed": args.seed,
     }
     kw.update({k: v for k, v in optional.items() if v is not None})
+    opt = vars(args)  # Optimum's own flags (absent when optimum-onnx's parser could not be imported)
     export_options = {
-        "dtype": args.dtype,
-        "atol": args.atol,
-        "pad_token_id": args.pad_token_id,
-        "cache_dir": args.cache_dir,
-        "library_name": args.library_name,
-        "model_kwargs": args.model_kwargs,
-        "no_dynamic_axes": args.no_dynamic_axes,
-        "do_constant_folding": not args.no_constant_folding,
-        "_variant": args.variant,
+        "dtype": opt.get("dtype"),
+        "atol": opt.get("atol"),
+        "pad_token_id": opt.get("pad_token_id"),
+        "cache_dir": opt.get("cache_dir"),
+        "library_name": opt.get("library_name"),
+        "model_kwargs": opt.get("model_kwargs"),
+        "no_dynamic_axes": opt.get("no_dynamic_axes") or None,
+        "do_constant_folding": not opt.get("no_constant_folding", False),
+        "_variant": opt.get("variant"),
         "device": args.device,
-        "optimize": args.optimize,
-        "monolith": args.monolith or None,
-        "no_post_process": args.no_post_process or None,
-        "slim": args.slim or None,
-        "framework": args.framework,
+        "optimize": opt.get("optimize"),
+        "monolith": opt.get("monolith") or None,
+        "no_post_process": opt.get("no_post_process") or None,
+        "slim": opt.get("slim") or None,
+        "framework": opt.get("framework"),
     }
     # Optimum's dummy-input shapes (--batch_size, --sequence_length...), passed through like `export onnx` does
     from optimum.utils.input_generators import DEFAULT_DUMMY_SHAPES
 
-    export_options.update({k: getattr(args, k) for k in DEFAULT_DUMMY_SHAPES if hasattr(args, k)})
+    export_options.update({k: opt[k] for k in DEFAULT_DUMMY_SHAPES if k in opt})
     kw["export_options"] = {k: v for k, v in export_options.items() if v is not None}
     eval_options = {"dataset": args.eval_data, "max_tokens": args.eval_tokens}
     kw["eval_options"] = {k: v for k, v in eval_options.items() if v is not None}

@@ -78,6 +78,21 @@ def test_broken_package_does_not_break_optimum_cli():
     assert "optimum-adaround failed to import" in res.stderr and "Traceback" not in res.stderr
 
 
+def test_help_without_optimum_onnx_parser():
+    res = run_python(
+        """
+        import sys, types
+        # as if optimum-onnx were not installed: no `export onnx` parser, no register_export module
+        sys.modules["optimum.commands.export.onnx"] = None
+        sys.modules["optimum.commands.register.register_export"] = types.ModuleType("register_export")
+        from optimum.commands.optimum_cli import main
+        sys.argv = ["optimum-cli", "export", "onnx-quant", "--help"]
+        main()
+        """
+    )
+    assert "--weight-bits" in res.stdout and "--model" in res.stdout, res.stderr[-2000:]
+
+
 def test_hook_without_optimum_cli_classes_registers_nothing():
     res = run_python(
         """
