@@ -195,7 +195,30 @@ def to_markdown(meta: dict, results: list[dict]) -> str:
         gbs = r["weight_GBps"].get("lowbit3_acc4")
         cells.append(f"{gbs:.1f}" if gbs is not None else "-")
         lines.append(f"| {r['M']} | {r['K']} | {r['N']} | " + " | ".join(cells) + " |")
+    lines += ["", "Geometric means over the K x N grid (same run):", ""]
+    lines += ["| M | " + " | ".join(SUMMARY_KEYS) + " |", "|---|" + "---|" * len(SUMMARY_KEYS)]
+    for m in sorted({r["M"] for r in results}):
+        rs = [r["ratios"] for r in results if r["M"] == m]
+        cells = [
+            f"{geomean([q[k] for q in rs if k in q]):.2f}" if any(k in q for q in rs) else "-"
+            for k in SUMMARY_KEYS
+        ]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+SUMMARY_KEYS = (
+    "fp32/lowbit3_acc0",
+    "fp32/lowbit3_acc4",
+    "lowbit3_acc0/nbits4_acc0",
+    "lowbit3_acc4/nbits4_acc4",
+    "lowbit4_acc0/nbits4_acc0",
+    "lowbit4_acc4/nbits4_acc4",
+)
+
+
+def geomean(values: list[float]) -> float:
+    return float(np.exp(np.mean(np.log(values))))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,7 +230,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=11)
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS))
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "ops"))
+    ap.add_argument("--render", action="store_true", help="only rewrite <out>.md from an existing <out>.json")
     args = ap.parse_args(argv)
+    if args.render:
+        data = json.loads(Path(args.out).with_suffix(".json").read_text())
+        Path(args.out).with_suffix(".md").write_text(to_markdown(data["meta"], data["results"]))
+        return 0
     shapes = (
         [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes]
         if args.shapes

@@ -92,7 +92,9 @@ class LowbitPacker:
         self._check(scheme, k, n)
         b = packed.tensors["B"]
         if b.shape != packed_shape(n, k, scheme.bits):
-            raise UnsupportedSchemeError(f"lowbit B has shape {b.shape}, expected {packed_shape(n, k, scheme.bits)}")
+            raise UnsupportedSchemeError(
+                f"lowbit B has shape {b.shape}, expected {packed_shape(n, k, scheme.bits)}"
+            )
         codes = unpack_lowbit(b, k, scheme.bits)
         nb = scheme.n_blocks(k)
         scales = packed.tensors["scales"].astype(np.float32).reshape(n, nb)
@@ -119,7 +121,10 @@ class LowbitPacker:
         dtype = activation_dtype(x)
         codebook = "codebook" in packed.tensors
         op_type = "MatMulCodebook" if codebook else "MatMulLowBit"
-        inits = [initializer(f"{name}.B", packed.tensors["B"]), initializer(f"{name}.scales", packed.tensors["scales"])]
+        inits = [
+            initializer(f"{name}.B", packed.tensors["B"]),
+            initializer(f"{name}.scales", packed.tensors["scales"]),
+        ]
         inputs: list[ir.Value | None] = [x, *inits]
         if codebook:
             cb = initializer(f"{name}.codebook", packed.tensors["codebook"])
@@ -136,7 +141,9 @@ class LowbitPacker:
             else:
                 add_bias = bias
         out = output_value(x, site.n, f"{name}/{op_type}_output" if add_bias else f"{name}/output", dtype)
-        node = ir.node(op_type, inputs, dict(packed.attributes), domain=DOMAIN, outputs=[out], name=f"{name}/{op_type}")
+        node = ir.node(
+            op_type, inputs, dict(packed.attributes), domain=DOMAIN, outputs=[out], name=f"{name}/{op_type}"
+        )
         nodes = [node]
         if add_bias is not None:
             final = output_value(x, site.n, f"{name}/output", dtype)

@@ -66,7 +66,9 @@ def op_model(
     )
 
 
-def session(model: onnx.ModelProto, threads: int = 1, provider: str = "CPUExecutionProvider") -> ort.InferenceSession:
+def session(
+    model: onnx.ModelProto, threads: int = 1, provider: str = "CPUExecutionProvider"
+) -> ort.InferenceSession:
     so = custom_ops.session_options(intra_op_num_threads=threads, log_severity_level=4)
     return ort.InferenceSession(model.SerializeToString(), so, providers=[provider])
 

@@ -35,7 +35,9 @@ def _inputs(rng, *, m, k, n, bits, block, zp, bias, x_dtype=np.float32, scale_dt
     return feeds, zpa, b
 
 
-def _run_lowbit(rng, *, m, k, bits, block, zp, bias, x_dtype=np.float32, scale_dtype=np.float32, acc=0, x_rank=2):
+def _run_lowbit(
+    rng, *, m, k, bits, block, zp, bias, x_dtype=np.float32, scale_dtype=np.float32, acc=0, x_rank=2
+):
     key = (
         "MatMulLowBit",
         tuple(
@@ -84,7 +86,9 @@ def test_lowbit_matches_reference(bits, block, zp, dtype):
 def test_scale_dtype_independent_of_x(x_dtype, scale_dtype):
     rng = np.random.default_rng(1)
     for m in (1, 5):
-        y, want = _run_lowbit(rng, m=m, k=96, bits=3, block=32, zp=True, bias=True, x_dtype=x_dtype, scale_dtype=scale_dtype)
+        y, want = _run_lowbit(
+            rng, m=m, k=96, bits=3, block=32, zp=True, bias=True, x_dtype=x_dtype, scale_dtype=scale_dtype
+        )
         assert rel_err(y, want) < (1e-5 if x_dtype == np.float32 else 2e-3)
 
 
@@ -151,13 +155,25 @@ def test_codebook_matches_reference(name, block, dtype):
     rng = np.random.default_rng(len(name) + block)
     k = 150 if block == -1 else 3 * block + 5
     block = k if block == -1 else block
-    key = ("MatMulCodebook", tuple(dict(k=k, n=N_ROWS, bits=bits, block_size=block, x_dtype=dtype, bias=True).items()))
+    key = (
+        "MatMulCodebook",
+        tuple(dict(k=k, n=N_ROWS, bits=bits, block_size=block, x_dtype=dtype, bias=True).items()),
+    )
     for m in (1, 5):
-        feeds, _, b = _inputs(rng, m=m, k=k, n=N_ROWS, bits=bits, block=block, zp=False, bias=True, x_dtype=dtype)
+        feeds, _, b = _inputs(
+            rng, m=m, k=k, n=N_ROWS, bits=bits, block=block, zp=False, bias=True, x_dtype=dtype
+        )
         feeds["codebook"] = cb
         (y,) = cached_session(key).run(None, feeds)
         want = ref.matmul_codebook_ref(
-            feeds["X"].astype(np.float32), feeds["B"], feeds["scales"], cb, b, k=k, bits=bits, block_size=block
+            feeds["X"].astype(np.float32),
+            feeds["B"],
+            feeds["scales"],
+            cb,
+            b,
+            k=k,
+            bits=bits,
+            block_size=block,
         )
         assert rel_err(y, want) < (1e-5 if dtype == np.float32 else 2e-3)
 
@@ -204,17 +220,33 @@ def _feeds(k=64, n=8, bits=4, block=32, m=1):
 @pytest.mark.parametrize(
     ("change", "match"),
     [
-        (lambda f: f.update(X=np.zeros((1, 63), np.float32)), r"X has shape \[1, 63\]: its last dimension must equal K=64"),
-        (lambda f: f.update(B=f["B"].reshape(-1)[:-1]), r"B has 255 bytes \[255\], expected N\*ceil\(K/32\)\*4\*bits = 256"),
+        (
+            lambda f: f.update(X=np.zeros((1, 63), np.float32)),
+            r"X has shape \[1, 63\]: its last dimension must equal K=64",
+        ),
+        (
+            lambda f: f.update(B=f["B"].reshape(-1)[:-1]),
+            r"B has 255 bytes \[255\], expected N\*ceil\(K/32\)\*4\*bits = 256",
+        ),
         (lambda f: f.update(B=np.zeros((8, 3, 16), np.uint8)), r"B has 384 bytes"),
-        (lambda f: f.update(scales=f["scales"][:, :1].copy()), r"scales has 8 values \[8, 1\], expected N\*n_blocks = 16"),
-        (lambda f: f.update(zero_points=f["zero_points"][:3]), r"zero_points has 6 values \[3, 2\], expected N\*n_blocks = 16"),
+        (
+            lambda f: f.update(scales=f["scales"][:, :1].copy()),
+            r"scales has 8 values \[8, 1\], expected N\*n_blocks = 16",
+        ),
+        (
+            lambda f: f.update(zero_points=f["zero_points"][:3]),
+            r"zero_points has 6 values \[3, 2\], expected N\*n_blocks = 16",
+        ),
         (lambda f: f.update(bias=np.zeros(7, np.float32)), r"bias has 7 values, expected N=8"),
     ],
 )
 def test_bad_inputs_fail_at_run(change, match):
     # symbolic K in the graph input, so that onnxruntime's own shape check leaves X to the kernel
-    sess = session(op_model("MatMulLowBit", k=64, n=8, bits=4, block_size=32, zero_points=True, bias=True, symbolic_k=True))
+    sess = session(
+        op_model(
+            "MatMulLowBit", k=64, n=8, bits=4, block_size=32, zero_points=True, bias=True, symbolic_k=True
+        )
+    )
     feeds = _feeds()
     sess.run(None, feeds)  # the unmodified feeds run
     change(feeds)
@@ -261,7 +293,9 @@ def test_other_isa_kernels_match_reference(isa):
     )
     env = {**os.environ, "OPTIMUM_ADAROUND_ISA": isa}
     here = os.path.dirname(__file__)
-    out = subprocess.run([sys.executable, "-c", code, here, isa], env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code, here, isa], env=env, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
@@ -279,16 +313,31 @@ def _cuda_available() -> bool:
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not _cuda_available(), reason="needs onnxruntime-gpu, a GPU and a CUDA build of the library")
+@pytest.mark.skipif(
+    not _cuda_available(), reason="needs onnxruntime-gpu, a GPU and a CUDA build of the library"
+)
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_cuda_matches_reference(bits, dtype):
     rng = np.random.default_rng(bits)
     k, block = 300, 64
-    model = op_model("MatMulLowBit", k=k, n=N_ROWS, bits=bits, block_size=block, x_dtype=dtype, zero_points=True, bias=True)
+    model = op_model(
+        "MatMulLowBit", k=k, n=N_ROWS, bits=bits, block_size=block, x_dtype=dtype, zero_points=True, bias=True
+    )
     sess = session(model, provider="CUDAExecutionProvider")
     for m in (1, 37):
-        feeds, zpa, b = _inputs(rng, m=m, k=k, n=N_ROWS, bits=bits, block=block, zp=True, bias=True, x_dtype=dtype)
+        feeds, zpa, b = _inputs(
+            rng, m=m, k=k, n=N_ROWS, bits=bits, block=block, zp=True, bias=True, x_dtype=dtype
+        )
         (y,) = sess.run(None, feeds)
-        want = ref.matmul_lowbit_ref(feeds["X"].astype(np.float32), feeds["B"], feeds["scales"], zpa, b, k=k, bits=bits, block_size=block)
+        want = ref.matmul_lowbit_ref(
+            feeds["X"].astype(np.float32),
+            feeds["B"],
+            feeds["scales"],
+            zpa,
+            b,
+            k=k,
+            bits=bits,
+            block_size=block,
+        )
         assert rel_err(y, want) < (1e-5 if dtype == np.float32 else 2e-3)

@@ -33,11 +33,15 @@ needs_lib = pytest.mark.skipif(not HAVE_LIB, reason="custom-op library not built
 
 def _session(model: ir.Model) -> ort.InferenceSession:
     so = custom_ops.session_options(intra_op_num_threads=1, log_severity_level=3)
-    return ort.InferenceSession(ir.to_proto(model).SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(
+        ir.to_proto(model).SerializeToString(), so, providers=["CPUExecutionProvider"]
+    )
 
 
 def _codebook_qweight(rng, scheme: QuantScheme, n: int, k: int) -> QuantizedWeight:
-    qw = random_qweight(rng, dataclasses.replace(scheme, data_type=DataType.INT, format=WeightFormat.LOWBIT), n, k)
+    qw = random_qweight(
+        rng, dataclasses.replace(scheme, data_type=DataType.INT, format=WeightFormat.LOWBIT), n, k
+    )
     cb = {
         DataType.NF4: ref.NF4_CODEBOOK,
         DataType.FP4: ref.FP4_E2M1_CODEBOOK,
@@ -70,7 +74,12 @@ def _cases() -> list[tuple]:
 def test_matches_dequantize_in_onnxruntime(bits, group, sym, scale_dtype, dtype, k, kind):
     rng = np.random.default_rng(bits * 1000 + k + (group % 97))
     scheme = QuantScheme(
-        bits=bits, group_size=group, symmetric=sym, scale_dtype=scale_dtype, data_type=dtype, format=WeightFormat.LOWBIT
+        bits=bits,
+        group_size=group,
+        symmetric=sym,
+        scale_dtype=scale_dtype,
+        data_type=dtype,
+        format=WeightFormat.LOWBIT,
     )
     qw = random_qweight(rng, scheme, N, k) if dtype == "int" else _codebook_qweight(rng, scheme, N, k)
     bias = rng.standard_normal(N).astype(np.float32) if kind == "gemm" else None
@@ -92,7 +101,13 @@ def test_matches_dequantize_in_onnxruntime(bits, group, sym, scale_dtype, dtype,
 @pytest.mark.parametrize("dtype", ["int", "nf4", "codebook"])
 def test_pack_unpack_round_trip(dtype):
     rng = np.random.default_rng(0)
-    scheme = QuantScheme(bits=4 if dtype == "nf4" else 3, group_size=32, symmetric=dtype != "int", data_type=dtype, format="lowbit")
+    scheme = QuantScheme(
+        bits=4 if dtype == "nf4" else 3,
+        group_size=32,
+        symmetric=dtype != "int",
+        data_type=dtype,
+        format="lowbit",
+    )
     qw = random_qweight(rng, scheme, 7, 77) if dtype == "int" else _codebook_qweight(rng, scheme, 7, 77)
     packer = get_packer("lowbit")
     packed = packer.pack(qw)
@@ -118,7 +133,13 @@ def test_round_trip_property(bits, group, sym, n, k, seed):
     qw = random_qweight(np.random.default_rng(seed), scheme, n, k)
     packer = LowbitPacker(accuracy_level=4)
     packed = packer.pack(qw)
-    assert packed.attributes == {"K": k, "N": n, "bits": bits, "block_size": scheme.block_size(k), "accuracy_level": 4}
+    assert packed.attributes == {
+        "K": k,
+        "N": n,
+        "bits": bits,
+        "block_size": scheme.block_size(k),
+        "accuracy_level": 4,
+    }
     back = packer.unpack(packed, scheme, k, n)
     np.testing.assert_array_equal(back.dequantize(), qw.dequantize())
 
@@ -134,7 +155,9 @@ def test_rejections():
     qw = random_qweight(np.random.default_rng(0), scheme, 4, 64)
     packed = packer.pack(qw)
     packed.tensors["B"] = packed.tensors["B"][:, :1]
-    with pytest.raises(UnsupportedSchemeError, match=r"lowbit B has shape \(4, 1, 12\), expected \(4, 2, 12\)"):
+    with pytest.raises(
+        UnsupportedSchemeError, match=r"lowbit B has shape \(4, 1, 12\), expected \(4, 2, 12\)"
+    ):
         packer.unpack(packed, scheme, 64, 4)
     asym = dataclasses.replace(scheme, symmetric=False)
     with pytest.raises(UnsupportedSchemeError, match="lacks zero points but the scheme is asymmetric"):
