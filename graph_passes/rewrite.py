@@ -101,5 +101,9 @@ class ReplaceWeightSitesPass(ir.passes.InPlacePass):
                 if t.name == site.transpose_node and not out.uses() and not out.is_graph_output():
                     graph.remove(t, safe=True)
         if weight is not None and not weight.uses() and not weight.is_graph_output():
+            if weight.is_graph_input():
+                # Exports with keep_initializers_as_inputs list every weight as an input too: drop it with its
+                # data, else the quantized model would demand it as a required input.
+                graph.inputs.remove(weight)
             del graph.initializers[site.weight_name]
         return dict(repl.opset_imports)
