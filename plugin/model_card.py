@@ -215,7 +215,8 @@ def build_model_card(
     method = _method_of(qconfig)
     fmt = qconfig.get("format") or scheme.get("format")
     after = evaluation.get("quantized") or measure(folder)
-    source = qconfig.get("source") if isinstance(qconfig.get("source"), Mapping) else {}
+    raw_source = qconfig.get("source")
+    source: Mapping[str, Any] = raw_source if isinstance(raw_source, Mapping) else {}
     base = base_model or infer_base_model(source.get("model"))
     name = base or (Path(str(source["model"])).name if source.get("model") else folder.name)
 
