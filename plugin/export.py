@@ -383,8 +383,8 @@ def export(
         opset = _QDQ_MIN_OPSET
 
     with _temp_sibling(output, "export") as work:
-        if onnx_input:
-            exported = local
+        if local is not None and onnx_input:
+            exported: Path = local
         else:
             exported = work / "onnx"
             _optimum_export(
