@@ -485,9 +485,10 @@ class Bench:
         self.rows = self.plan()
         fp32 = self.rows[0]
         fp32.status, fp32.path = "ok", str(self.fp32_dir)
-        _log("evaluating fp32")
-        self._evaluate(fp32)
-        self.flush()
+        if not self.args.speed_only:
+            _log("evaluating fp32")
+            self._evaluate(fp32)
+            self.flush()
         rtn_digests: dict[str, list[str | None]] = {}
         current = None
         # Breadth first: the fast rows of every scheme, then the slow methods (minutes per scheme) in SLOW_ORDER;
@@ -691,6 +692,20 @@ def speed(
     low = next(
         (r for r in rows if r.tool == "ours" and r.format == "lowbit" and r.status == "ok" and r.path), None
     )
+    if low is None and args.speed_only and _lowbit_available():
+        # --speed-only has no quality rows: make the 3-bit model with our (data-free) rtn
+        d = work / "speed-ours-w3-g128-rtn-lowbit"
+        res = run_measured(
+            ours_job,
+            src=str(fp32_dir),
+            out=str(d),
+            method="rtn",
+            scheme="w3-g128-sym",
+            fmt="lowbit",
+            token_ids_file=None,
+        )
+        if res["ok"]:
+            low = Row("w3-g128", "ours", "rtn", format="lowbit", path=str(d))
     if low is not None:
         plans.append((f"3-bit MatMulLowBit g128 (ours {low.method}), accuracy_level=0", Path(low.path), None))
     else:
@@ -805,7 +820,13 @@ def write_markdown(
         "",
         f"Prompt of {meta['prompt_tokens']} tokens, {meta['new_tokens']} new tokens, batch 1, KV cache, "
         f"intra-op threads: {meta['threads'] or 'onnxruntime default'}. The machine is shared with other jobs, "
-        "so absolute numbers are noisy; compare rows.",
+        "so absolute numbers are noisy; compare rows."
+        + (
+            f" Measured by a separate run, `{meta['speed_command']}` ({meta['speed_date']}), while the quality run "
+            "was going on."
+            if meta.get("speed_command")
+            else ""
+        ),
         "",
         "| model | MB | prefill tok/s | decode tok/s | note |",
         "|---|---:|---:|---:|---|",
@@ -832,7 +853,11 @@ def render(out: Path) -> None:
     rows = [Row(**r) for r in quality_data["rows"]]
     plots = ["ppl_vs_bits.png"] if (results / "ppl_vs_bits.png").is_file() else []
     plots += sorted(p.name for p in results.glob("sqnr_*.png"))
-    write_markdown(out / "RESULTS.md", quality_data["meta"], rows, speed_data["rows"], plots)
+    meta = dict(quality_data["meta"])
+    if speed_data["meta"]["command"] != meta["command"]:
+        meta["speed_command"] = speed_data["meta"]["command"]
+        meta["speed_date"] = speed_data["meta"]["date"]
+    write_markdown(out / "RESULTS.md", meta, rows, speed_data["rows"], plots)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -857,6 +882,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads for the speed test")
     p.add_argument("--no-speed", action="store_true")
+    p.add_argument(
+        "--speed-only", action="store_true", help="fp32 perplexity and the decode-speed table only"
+    )
     p.add_argument("--out", type=Path, default=HERE, help="folder for RESULTS.md and results/")
     p.add_argument(
         "--work", type=Path, default=None, help="scratch folder for quantized models (default: temp)"
@@ -872,6 +900,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.render:
         render(args.out)
         return 0
+    if args.speed_only:
+        args.schemes, args.ort, args.ours = [], [], []
     if args.quick:
         args.schemes, args.ort, args.ours = ["w4-g128"], ["default"], ["rtn", "gptq"]
         args.eval_tokens, args.new_tokens = 1024, 16
