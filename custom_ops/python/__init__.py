@@ -55,14 +55,17 @@ def _candidates() -> list[Path]:
 
 
 def library_path() -> Path:
-    """Path of the compiled library: ``$OPTIMUM_ADAROUND_CUSTOM_OPS_LIB``, the package folder, or the
-    in-tree build folder ``build/custom_ops`` (first that exists)."""
+    """Path of the compiled library: ``$OPTIMUM_ADAROUND_CUSTOM_OPS_LIB`` if set, else the newer of the
+    package folder's copy (installed or ``pip install -e``) and the in-tree build ``build/custom_ops``, so
+    that a developer's ``ninja -C build/custom_ops`` is not shadowed by an older installed copy."""
     env = os.environ.get(ENV_VAR)
-    if env and not Path(env).is_file():
-        raise CustomOpsNotBuiltError(f"{ENV_VAR}={env} does not name a file")
-    for p in _candidates():
-        if p.is_file():
-            return p
+    if env:
+        if not Path(env).is_file():
+            raise CustomOpsNotBuiltError(f"{ENV_VAR}={env} does not name a file")
+        return Path(env)
+    found = [p for p in _candidates() if p.is_file()]
+    if found:
+        return max(found, key=lambda p: p.stat().st_mtime)
     tried = ", ".join(str(p) for p in _candidates())
     raise CustomOpsNotBuiltError(
         f"the optimum-adaround custom-op library ({LIB_NAME}) is not built; looked in: {tried}. Build it with "
