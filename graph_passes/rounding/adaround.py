@@ -38,7 +38,7 @@ from ..records import QuantizedWeight
 from ..scheme import QuantScheme
 from . import hessian as hs
 from .base import SiteStats, register_method
-from .gptq import _check_scheme, gptq_quantize, round_to_nearest
+from .gptq import _check_scheme, gptq_quantize, round_to_nearest, torch_threads
 from .grid import check_finite
 from .metrics import output_sqnr_db, proxy_loss, quadratic_form, sqnr_db
 
@@ -387,6 +387,8 @@ class AdaRound:
     act_order: bool = True
     mse_clip: bool = False
     seed: int = 0
+    threads: int | None = 1
+    """torch intra-op threads while rounding (see ``gptq.torch_threads``); None keeps torch's setting."""
 
     def __post_init__(self) -> None:
         if self.init not in ("gptq", "rtn"):
@@ -409,6 +411,12 @@ class AdaRound:
 
     def quantize(
         self, weight: np.ndarray, scheme: QuantScheme, stats: SiteStats | None = None, *, site: str = "?"
+    ) -> QuantizedWeight:
+        with torch_threads(self.threads):
+            return self._quantize(weight, scheme, stats, site)
+
+    def _quantize(
+        self, weight: np.ndarray, scheme: QuantScheme, stats: SiteStats | None, site: str
     ) -> QuantizedWeight:
         _check_scheme(scheme, self.name)
         t0 = time.perf_counter()
