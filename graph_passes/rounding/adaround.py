@@ -40,7 +40,7 @@ from . import hessian as hs
 from .base import SiteStats, register_method
 from .gptq import _check_scheme, gptq_quantize, round_to_nearest, torch_threads
 from .grid import check_finite
-from .metrics import output_sqnr_db, proxy_loss, quadratic_form, sqnr_db
+from .metrics import quadratic_form, site_quality
 
 __all__ = ["AdaRound", "AdaRoundOptions", "RoundingState", "adaround_refine", "rectified_sigmoid"]
 
@@ -353,11 +353,7 @@ def site_metrics(
     w: np.ndarray, wq: np.ndarray, h: np.ndarray, n_tokens: int, extra: dict[str, np.ndarray]
 ) -> dict[str, float]:
     """proxy_loss, sqnr_db, output_sqnr_db, and ``proxy_loss_<name>`` for each reference rounding."""
-    m = {
-        "proxy_loss": proxy_loss(w, wq, h, n_tokens),
-        "sqnr_db": sqnr_db(w, wq),
-        "output_sqnr_db": output_sqnr_db(w, wq, h),
-    }
+    m = site_quality(w, wq, h, n_tokens)
     for name, ref in extra.items():
         m[f"proxy_loss_{name}"] = quadratic_form(ref - w, h) / max(n_tokens, 1)
     return m

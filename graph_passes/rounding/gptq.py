@@ -35,7 +35,7 @@ from ..scheme import DataType, QuantScheme
 from . import hessian as hs
 from .base import SiteStats, register_method
 from .grid import check_finite, grid_params
-from .metrics import output_sqnr_db, proxy_loss, sqnr_db
+from .metrics import proxy_loss, site_quality
 from .rtn import clip_ratios, mse_clip_search
 
 __all__ = ["GPTQ", "block_grid", "gptq_round", "quantize_columns", "round_to_nearest"]
@@ -224,12 +224,7 @@ def gptq_round(
 def _metrics(
     w: np.ndarray, qw: QuantizedWeight, h: np.ndarray, n_tokens: int, rtn: QuantizedWeight | None
 ) -> dict[str, float]:
-    wq = qw.dequantize()
-    m = {
-        "proxy_loss": proxy_loss(w, wq, h, n_tokens),
-        "sqnr_db": sqnr_db(w, wq),
-        "output_sqnr_db": output_sqnr_db(w, wq, h),
-    }
+    m = site_quality(w, qw.dequantize(), h, n_tokens)
     if rtn is not None:
         m["proxy_loss_rtn"] = proxy_loss(w, rtn.dequantize(), h, n_tokens)
     return m

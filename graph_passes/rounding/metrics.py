@@ -12,7 +12,7 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["output_sqnr_db", "proxy_loss", "quadratic_form", "sqnr_db"]
+__all__ = ["output_sqnr_db", "proxy_loss", "quadratic_form", "site_quality", "sqnr_db"]
 
 ArrayLike = np.ndarray | torch.Tensor
 
@@ -51,3 +51,13 @@ def sqnr_db(w: ArrayLike, wq: ArrayLike) -> float:
 def output_sqnr_db(w: ArrayLike, wq: ArrayLike, h: ArrayLike) -> float:
     """Output SQNR over the calibration data: ``10 log10(tr(W H W^T) / tr(dW H dW^T))``."""
     return _db(quadratic_form(w, h), quadratic_form(_t64(wq) - _t64(w), h))
+
+
+def site_quality(w: ArrayLike, wq: ArrayLike, h: ArrayLike, n_tokens: int) -> dict[str, float]:
+    """``proxy_loss``, ``sqnr_db`` and ``output_sqnr_db`` together (two quadratic forms instead of three)."""
+    err = quadratic_form(_t64(wq) - _t64(w), h)
+    return {
+        "proxy_loss": err / max(int(n_tokens), 1),
+        "sqnr_db": sqnr_db(w, wq),
+        "output_sqnr_db": _db(quadratic_form(w, h), err),
+    }

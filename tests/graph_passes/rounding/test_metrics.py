@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from optimum.adaround.graph_passes.rounding.metrics import output_sqnr_db, proxy_loss, quadratic_form, sqnr_db
+from optimum.adaround.graph_passes.rounding.metrics import (
+    output_sqnr_db,
+    proxy_loss,
+    quadratic_form,
+    site_quality,
+    sqnr_db,
+)
 
 
 def test_proxy_loss_is_the_mean_output_error_per_token():
@@ -42,3 +48,15 @@ def test_sqnr_values():
     wq = w.copy()
     wq[0, 0] += 0.5
     assert output_sqnr_db(w, wq, np.diag([0.0, 1.0, 1.0])) == math.inf
+
+
+def test_site_quality_matches_the_single_metrics():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((30, 8))
+    h = x.T @ x
+    w = rng.standard_normal((4, 8)).astype(np.float32)
+    wq = (w + 0.05 * rng.standard_normal((4, 8))).astype(np.float32)
+    q = site_quality(w, wq, h, 30)
+    assert q["proxy_loss"] == pytest.approx(proxy_loss(w, wq, h, 30))
+    assert q["sqnr_db"] == pytest.approx(sqnr_db(w, wq))
+    assert q["output_sqnr_db"] == pytest.approx(output_sqnr_db(w, wq, h))
