@@ -21,6 +21,15 @@ How it is made cheap enough for ~2 s per LLM site on two CPU cores (measured, se
   did not increase; the method's result is therefore never worse than its initialisation.
 - The reconstruction term of each row is divided by that row's mean single-weight cost ``mean_j s^2 H_jj``
   so one ``lambda`` fits every row and site (a scaled H, well conditioned for Adam).
+- *Exact flip descent* (``greedy_flips``, ``polish_steps``) finishes: steepest single-code flips per row until
+  none lowers the row loss.
+
+Measured on 35 real SmolLM2-135M sites (5 of 30 layers, 4096 calibration tokens, W4 g128 sym, defaults):
+proxy loss 4.7% below GPTQ (act_order) in geometric mean, lower on 35 of 35 sites. Most of that comes
+from the flip descent: the relaxation rounds add about 0.2% on top of it at this budget. Paper-style
+AdaRound (every weight free, relaxed start at W, 1000 Adam steps) reached only 0.48x RTN's proxy loss on
+layer 22's q_proj, where GPTQ with act_order reaches 0.12x: on these strongly correlated Hessians the
+GPTQ start is what matters, so it is the default.
 """
 
 from __future__ import annotations
