@@ -27,9 +27,9 @@ How it is made cheap enough for ~2 s per LLM site on two CPU cores (measured, se
 Measured on 35 real SmolLM2-135M sites (5 of 30 layers, 4096 calibration tokens, W4 g128 sym, defaults):
 proxy loss 4.7% below GPTQ (act_order) in geometric mean, lower on 35 of 35 sites. Most of that comes
 from the flip descent: the relaxation rounds add about 0.2% on top of it at this budget. Paper-style
-AdaRound (every weight free, relaxed start at W, 1000 Adam steps) reached only 0.48x RTN's proxy loss on
-layer 22's q_proj, where GPTQ with act_order reaches 0.12x: on these strongly correlated Hessians the
-GPTQ start is what matters, so it is the default.
+AdaRound (every weight free, relaxed start at W, 1000 Adam steps) reached only 0.48x the proxy loss of
+min-max RTN on the same grid on layer 22's q_proj, where GPTQ with act_order reaches 0.12x: on these
+strongly correlated Hessians the GPTQ start is what matters, so it is the default.
 """
 
 from __future__ import annotations
