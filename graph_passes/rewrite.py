@@ -94,6 +94,11 @@ class ReplaceWeightSitesPass(ir.passes.InPlacePass):
         graph.remove(node, safe=True)
         old.name = None
         repl.output.name = old_name  # keep the output's name: graph outputs (logits) and readers rely on it
+        # ...and its type and shape: onnx.checker requires them on graph outputs, and the value is the same.
+        if repl.output.type is None:
+            repl.output.type = old.type
+        if repl.output.shape is None:
+            repl.output.shape = old.shape
         weight = graph.initializers.get(site.weight_name)
         if site.transpose_node is not None and weight is not None:
             for t in {id(u.node): u.node for u in weight.uses()}.values():
