@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
+import subprocess
+import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from reliability_helpers import leftovers
+from reliability_helpers import leftovers, matmul_model, save
 
 from optimum.adaround import api, output
 from optimum.adaround.cli import main
@@ -157,3 +161,31 @@ def _fixed_tokens(calib_data: Any, loaded: Any, n: int, seq_len: int, seed: int)
     """Calibration ids without text (fast): a deterministic pattern over the tiny vocabulary."""
     ids = (np.arange(n * seq_len, dtype=np.int64).reshape(n, seq_len) * 7 + seed) % 300
     return ids, {"source": "test ids", "n_samples": n, "seq_len": seq_len}
+
+
+def test_real_sigint_in_a_subprocess_mid_quantization(tmp_path):
+    """A real Ctrl-C (SIGINT) to the console script while sites are being quantized: exit 130, nothing left."""
+    rng = np.random.default_rng(0)
+    src = save(
+        matmul_model([rng.standard_normal((768, 768)).astype(np.float32) for _ in range(16)]),
+        tmp_path / "src",
+    )
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    exe = Path(sys.executable).with_name("optimum-adaround")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "optimum.adaround.cli"]
+    env = {**os.environ, "TMPDIR": str(scratch)}
+    proc = subprocess.Popen(
+        [*cmd, "quantize", str(src), str(tmp_path / "out"), "--no-progress"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    deadline = time.monotonic() + 240
+    while not list(scratch.glob("adaround-spill-*/*.bin")) and proc.poll() is None:
+        assert time.monotonic() < deadline, "quantization never started"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+    assert list(scratch.iterdir()) == []
