@@ -502,3 +502,14 @@ def test_input_folder_is_never_written_even_on_success(llama, tmp_path, tree_has
     names = sorted(p.name for p in llama.iterdir())
     quantize(llama, tmp_path / "ok", scheme="w4-g32", progress=False)
     assert tree_hash(llama) == before and sorted(p.name for p in llama.iterdir()) == names
+
+
+def test_quantized_lm_head_keeps_the_logits_type_and_shape(llama, tmp_path):
+    """Replacing the node that produces a graph output (logits, with --lm-head) keeps the output's type and
+    shape: onnx.checker rejects a graph output without them."""
+    out = quantize(llama, tmp_path / "q", scheme="w4-g32", quantize_lm_head=True, progress=False)
+    proto = onnx.load(str(out / "model.onnx"))
+    logits = next(o for o in proto.graph.output if o.name == "logits")
+    assert logits.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert len(logits.type.tensor_type.shape.dim) == 3
+    onnx.checker.check_model(proto, full_check=True)
