@@ -406,6 +406,7 @@ class Bench:
         _log(f"{label}: onnxruntime {algo}")
         res = run_measured(
             ort_job,
+            timeout_s=self.args.job_timeout,
             src=str(self.fp32_dir),
             out=str(out),
             algo=algo,
@@ -453,6 +454,7 @@ class Bench:
         _log(f"{label}: ours {method} ({fmt})")
         res = run_measured(
             ours_job,
+            timeout_s=self.args.job_timeout,
             src=str(self.fp32_dir),
             out=str(out),
             method=method,
@@ -882,6 +884,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads for the speed test")
     p.add_argument("--no-speed", action="store_true")
+    p.add_argument(
+        "--job-timeout", type=float, default=1800, help="seconds after which one quantization job is stopped"
+    )
     p.add_argument(
         "--speed-only", action="store_true", help="fp32 perplexity and the decode-speed table only"
     )
