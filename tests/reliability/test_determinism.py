@@ -90,7 +90,10 @@ def test_rtn_is_byte_identical_across_runs_and_threads(llama, tmp_path, threads)
 
 
 @pytest.mark.parametrize(
-    ("method", "options"), [("gptq", {}), ("adaround", {"iters": 20, "rounds": 1})], ids=["gptq", "adaround"]
+    ("method", "options"),
+    # threads=None: the methods pin torch to 1 thread by default; None lets the global count (1 or 2) apply.
+    [("gptq", {"threads": None}), ("adaround", {"iters": 20, "rounds": 1, "threads": None})],
+    ids=["gptq", "adaround"],
 )
 def test_calibrated_methods_are_byte_identical_across_runs_and_threads(
     llama, text, tmp_path, threads, method, options
