@@ -95,10 +95,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminate_as_interrupt() -> None:
+    """Treat SIGTERM (``timeout``, job schedulers) like Ctrl-C, so temporary folders are removed on the way out."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def run_export(args: argparse.Namespace) -> int:
     """Run the export; map errors to exit codes like ``optimum-adaround`` (2 user error, 130 Ctrl-C)."""
     from optimum.adaround.graph_passes.errors import AdaroundError, UserError
 
+    _terminate_as_interrupt()
     try:
         from optimum.adaround.export import export
 

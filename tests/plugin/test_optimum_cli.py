@@ -221,3 +221,24 @@ def test_same_command_in_optimum_adaround_cli(tmp_path, capsys):
 
     assert main(["export", "--model", str(tmp_path / "missing"), str(tmp_path / "o"), "--method", "rtn"]) == 2
     assert "no such folder" in capsys.readouterr().err
+
+
+def test_sigterm_cleans_up_like_ctrl_c(tiny_hf_onnx, tmp_path, capsys, monkeypatch):
+    import importlib
+    import signal
+
+    api = importlib.import_module("optimum.adaround.api")
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def terminated(*a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)  # e.g. `timeout` expiring in the middle of quantization
+
+    monkeypatch.setattr(api, "quantize", terminated)
+    try:
+        code, err = cli(
+            ["--model", str(tiny_hf_onnx("llama")), str(tmp_path / "o"), "--method", "rtn"], capsys
+        )
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert code == 130 and "interrupted" in err
+    assert list(tmp_path.iterdir()) == []  # no output, no temporary siblings
