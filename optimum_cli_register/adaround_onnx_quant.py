@@ -43,10 +43,10 @@ def add_quant_arguments(parser: Any) -> None:
         "--calib-data", default=None, help="calibration text: file, folder, 'wikipedia', 'news', hf:NAME"
     )
     g.add_argument(
-        "--calib-samples", type=int, default=None, help="number of calibration sequences (default 128)"
+        "--calib-samples", type=int, default=None, help="number of calibration sequences (default 32)"
     )
     g.add_argument(
-        "--seq-len", type=int, default=None, help="calibration sequence length in tokens (default 512)"
+        "--seq-len", type=int, default=None, help="calibration sequence length in tokens (default 256)"
     )
     g.add_argument(
         "--include", action="append", default=None, metavar="REGEX", help="quantize only matching modules"

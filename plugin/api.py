@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from .defaults import DEFAULT_CALIB_SAMPLES, DEFAULT_SEQ_LEN
 from .graph_passes.errors import CalibrationError, UnsupportedSchemeError
 from .graph_passes.model_io import LoadedModel, initializer_bytes, load_model, save_model, to_source_kind
 from .graph_passes.pipeline import QuantizationResult, prepare_sites, quantize_model
@@ -119,8 +120,8 @@ def quantize(
     method_options: Mapping[str, Any] | None = None,
     format: str | WeightFormat | None = None,
     calib_data: Any = None,
-    calib_samples: int = 128,
-    seq_len: int = 512,
+    calib_samples: int = DEFAULT_CALIB_SAMPLES,
+    seq_len: int = DEFAULT_SEQ_LEN,
     sequential: bool = True,
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),

@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .defaults import DEFAULT_CALIB_SAMPLES, DEFAULT_SEQ_LEN
 from .graph_passes.errors import UserError
 from .graph_passes.scheme import QuantScheme, WeightFormat
 
@@ -80,8 +81,8 @@ class Recipe:
     """matmulnbits | qdq | lowbit; None lets quantize pick the format that runs the scheme."""
     calib_data: str | None = None
     """Calibration text source (file, folder, or a name the data module knows); None = built-in text."""
-    calib_samples: int = 128
-    seq_len: int = 512
+    calib_samples: int = DEFAULT_CALIB_SAMPLES
+    seq_len: int = DEFAULT_SEQ_LEN
     sequential: bool = True
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()

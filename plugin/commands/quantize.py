@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from ..defaults import DEFAULT_CALIB_SAMPLES, DEFAULT_SEQ_LEN
 from ..graph_passes.errors import UnsupportedSchemeError
 from ..graph_passes.scheme import PER_CHANNEL, QuantScheme, WeightFormat
 
@@ -48,8 +49,18 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="option of the rounding method (repeatable; VALUE parsed as JSON when it can be)",
     )
     m.add_argument("--calib-data", default=None, help="calibration text: a file/folder or a source name")
-    m.add_argument("--calib-samples", type=int, default=128, help="calibration sequences (default 128)")
-    m.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence (default 512)")
+    m.add_argument(
+        "--calib-samples",
+        type=int,
+        default=DEFAULT_CALIB_SAMPLES,
+        help=f"calibration sequences (default {DEFAULT_CALIB_SAMPLES})",
+    )
+    m.add_argument(
+        "--seq-len",
+        type=int,
+        default=DEFAULT_SEQ_LEN,
+        help=f"tokens per calibration sequence (default {DEFAULT_SEQ_LEN})",
+    )
     m.add_argument(
         "--one-pass", dest="sequential", action="store_false", help="calibrate the float model in one pass"
     )

@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..defaults import DEFAULT_CALIB_SAMPLES, DEFAULT_SEQ_LEN
+
 DEFAULT_OUTPUT = Path("optimum-adaround-output")
 # Symmetric 4-bit, blocks of 128: the embedded model's weights were stored as *asymmetric* 4-bit blocks of
 # 32 (GGUF Q4_1), so asymmetric int4 g32 would re-quantize losslessly and show nothing.
@@ -33,8 +35,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--output", type=Path, default=None, help=f"output folder (default under ./{DEFAULT_OUTPUT})"
     )
-    p.add_argument("--calib-samples", type=int, default=64, help="calibration sequences (default 64)")
-    p.add_argument("--seq-len", type=int, default=256, help="calibration sequence length (default 256)")
+    p.add_argument("--calib-samples", type=int, default=DEFAULT_CALIB_SAMPLES, help="calibration sequences")
+    p.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN, help="calibration sequence length")
     p.add_argument("--eval-tokens", type=int, default=8192, help="evaluation tokens (default 8192)")
     p.add_argument("--context-length", type=int, default=256, help="evaluation window (default 256)")
     p.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluation")
