@@ -798,7 +798,16 @@ def write_markdown(
             f"{_fmt(r.model_mb, '.1f')} | {_fmt(r.bits_per_weight, '.3f')} | {_fmt(r.mean_weight_sqnr_db, '.2f')} | "
             f"{_fmt(r.quant_seconds, '.0f')} | {_fmt(r.peak_rss_anon_mb, '.0f')} | {status}{r.note.replace('|', '/')} |"
         )
-    lines += ["", "### Summary per scheme (computed from the table above)", ""]
+    lines += [
+        "",
+        '`error` rows quote the failure. "process ended without a result" means the quantization process was '
+        "killed: exit code -9 when it ran past `--job-timeout` (the timeout in the message), -15 when it was "
+        "terminated from outside (SIGTERM) to free the shared machine. `n/a`: the tool does not offer that "
+        "configuration or the run skipped it, as the note says.",
+        "",
+        "### Summary per scheme (computed from the table above)",
+        "",
+    ]
     for scheme in dict.fromkeys(r.scheme for r in rows if r.tool != "fp32"):
         ours = [r for r in rows if r.scheme == scheme and r.tool == "ours" and r.perplexity is not None]
         ort = [r for r in rows if r.scheme == scheme and r.tool == "onnxruntime" and r.perplexity is not None]
