@@ -113,7 +113,9 @@ class RTN:
         if grid not in _GRIDS:
             raise UnsupportedSchemeError(f"rtn: grid={grid!r}; choose one of {list(_GRIDS)}")
         if grid == "ort" and search != "minmax":
-            raise UnsupportedSchemeError("rtn: grid='ort' reproduces onnxruntime's min-max RTN; use search='minmax'")
+            raise UnsupportedSchemeError(
+                "rtn: grid='ort' reproduces onnxruntime's min-max RTN; use search='minmax'"
+            )
         if not (isinstance(n_grid, int) and n_grid >= 1):
             raise UnsupportedSchemeError(f"rtn: n_grid={n_grid!r}; use an integer >= 1")
         if not 0.0 < min_clip <= 1.0:
