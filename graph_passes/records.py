@@ -14,7 +14,7 @@ import numpy as np
 
 from .scheme import DataType, QuantScheme
 
-__all__ = ["QuantizedWeight", "SkippedSite", "SiteReport", "WeightSite"]
+__all__ = ["QuantizedWeight", "SiteReport", "SkippedSite", "WeightSite"]
 
 SiteKind = Literal["linear", "lm_head"]
 

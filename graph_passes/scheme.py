@@ -104,7 +104,9 @@ class QuantScheme:
         if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
             raise UnsupportedSchemeError(f"bits={self.bits!r}: supported bit widths are 2..8")
         if self.group_size != PER_CHANNEL and (
-            not isinstance(self.group_size, int) or self.group_size < 16 or self.group_size & (self.group_size - 1)
+            not isinstance(self.group_size, int)
+            or self.group_size < 16
+            or self.group_size & (self.group_size - 1)
         ):
             raise UnsupportedSchemeError(
                 f"group_size={self.group_size!r}: use a power of two >= 16, or -1 for per-channel"
@@ -112,7 +114,9 @@ class QuantScheme:
         if self.scale_dtype not in ("float32", "float16"):
             raise UnsupportedSchemeError(f"scale_dtype={self.scale_dtype!r}: use float32 or float16")
         if self.data_type in (DataType.NF4, DataType.FP4) and self.bits != 4:
-            raise UnsupportedSchemeError(f"data_type={self.data_type.value} needs bits=4, got bits={self.bits}")
+            raise UnsupportedSchemeError(
+                f"data_type={self.data_type.value} needs bits=4, got bits={self.bits}"
+            )
         if self.data_type is not DataType.INT and self.format is not WeightFormat.LOWBIT:
             raise UnsupportedSchemeError(
                 f"data_type={self.data_type.value} runs only through format=lowbit (our custom op), "

@@ -24,7 +24,9 @@ def test_no_top_level_import_of_source_folders(tmp_path):
     # The folders map under optimum.adaround; the installed package must not expose them by folder name.
     # Run outside the checkout: `python -m pytest` puts the repository root itself on sys.path.
     code = "import importlib.util as u; print([n for n in ('plugin', 'graph_passes', 'custom_ops') if u.find_spec(n)])"
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True
+    )
     assert out.stdout.strip() == "[]"
 
 

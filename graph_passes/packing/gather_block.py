@@ -82,7 +82,9 @@ class GatherBlockQuantizedPacker:
         zp = packed.tensors.get("zero_points")
         zero_points = None if zp is None else unpack_lsb(zp, scheme.bits, scheme.n_blocks(k))
         if (zero_points is None) != scheme.symmetric:
-            raise UnsupportedSchemeError("GatherBlockQuantized zero points do not match the scheme's symmetry")
+            raise UnsupportedSchemeError(
+                "GatherBlockQuantized zero points do not match the scheme's symmetry"
+            )
         return QuantizedWeight(codes, scales, zero_points, scheme)
 
     def build(

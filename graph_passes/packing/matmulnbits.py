@@ -119,7 +119,9 @@ class MatMulNBitsPacker:
         block, nb, bits = scheme.block_size(k), scheme.n_blocks(k), scheme.bits
         b = packed.tensors["B"]
         if b.shape != (n, nb, block * bits // 8):
-            raise UnsupportedSchemeError(f"MatMulNBits B has shape {b.shape}, expected {(n, nb, block * bits // 8)}")
+            raise UnsupportedSchemeError(
+                f"MatMulNBits B has shape {b.shape}, expected {(n, nb, block * bits // 8)}"
+            )
         codes = unpack_lsb(b, bits, block).reshape(n, nb * block)[:, :k]
         scales = packed.tensors["scales"].astype(np.float32).reshape(n, nb)
         zp = packed.tensors.get("zero_points")

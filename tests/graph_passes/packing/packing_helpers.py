@@ -124,7 +124,9 @@ def exact_session(model: ir.Model) -> ort.InferenceSession:
     so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
     so.log_severity_level = 3
     so.intra_op_num_threads = 1
-    return ort.InferenceSession(ir.to_proto(model).SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(
+        ir.to_proto(model).SerializeToString(), so, providers=["CPUExecutionProvider"]
+    )
 
 
 def reference(x: np.ndarray, qw: QuantizedWeight, bias: np.ndarray | None) -> np.ndarray:

@@ -22,8 +22,9 @@ def _float_gather(table: np.ndarray) -> ir.Model:
     t = ir.Tensor(table, name="E")
     e = ir.Value(name="E", type=ir.TensorType(t.dtype), shape=ir.Shape(t.shape), const_value=t)
     y = ir.Value(name="y", type=ir.TensorType(ir.DataType.FLOAT))
-    g = ir.Graph([ids], [y], nodes=[ir.node("Gather", [e, ids], outputs=[y])], initializers=[e],
-                 opset_imports={"": 21})
+    g = ir.Graph(
+        [ids], [y], nodes=[ir.node("Gather", [e, ids], outputs=[y])], initializers=[e], opset_imports={"": 21}
+    )
     return ir.Model(g, ir_version=10)
 
 
@@ -31,8 +32,13 @@ def _quantized_gather(packed) -> ir.Model:
     ids = ir.Value(name="ids", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape(["B", "S"]))
     rep = GatherBlockQuantizedPacker().build(ids, packed, "embed")
     rep.output.name = "y"
-    g = ir.Graph([ids], [rep.output], nodes=rep.nodes, initializers=rep.initializers,
-                 opset_imports={"": 21, **rep.opset_imports})
+    g = ir.Graph(
+        [ids],
+        [rep.output],
+        nodes=rep.nodes,
+        initializers=rep.initializers,
+        opset_imports={"": 21, **rep.opset_imports},
+    )
     return ir.Model(g, ir_version=10)
 
 
@@ -60,13 +66,27 @@ def test_tied_embedding_and_head_share_one_quantization():
     qw = random_qweight(rng, scheme, VOCAB, 192)
     ids = ir.Value(name="ids", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([1, "S"]))
     emb = GatherBlockQuantizedPacker().build(ids, GatherBlockQuantizedPacker().pack(qw), "embed")
-    site = WeightSite("lm_head", "lm_head/MatMul", "MatMul", "E", 192, VOCAB, True, emb.output.name,
-                      kind="lm_head", tied=True)
+    site = WeightSite(
+        "lm_head",
+        "lm_head/MatMul",
+        "MatMul",
+        "E",
+        192,
+        VOCAB,
+        True,
+        emb.output.name,
+        kind="lm_head",
+        tied=True,
+    )
     head = MatMulNBitsPacker().build(site, emb.output, MatMulNBitsPacker().pack(qw), None, "lm_head")
     head.output.name = "logits"
-    g = ir.Graph([ids], [head.output], nodes=[*emb.nodes, *head.nodes],
-                 initializers=[*emb.initializers, *head.initializers],
-                 opset_imports={"": 21, "com.microsoft": 1})
+    g = ir.Graph(
+        [ids],
+        [head.output],
+        nodes=[*emb.nodes, *head.nodes],
+        initializers=[*emb.initializers, *head.initializers],
+        opset_imports={"": 21, "com.microsoft": 1},
+    )
     tokens = np.array([[3, 0, 49, 3]], np.int64)
     (logits,) = exact_session(ir.Model(g, ir_version=10)).run(None, {"ids": tokens})
     w = qw.dequantize().astype(np.float64)

@@ -184,9 +184,13 @@ def test_3d_activations_and_2d_gemm_bias(fmt):
     gsite = WeightSite("gemm", "gemm/Gemm", "Gemm", "W2", k, N, True, "x2", bias_name="bias")
     rep2 = packer.build(gsite, x2, packer.pack(qw), bv, "gemm")
     rep.output.name, rep2.output.name = "y", "y2"
-    g = ir.Graph([x, x2], [rep.output, rep2.output], nodes=[*rep.nodes, *rep2.nodes],
-                 initializers=[*rep.initializers, *rep2.initializers, bv],
-                 opset_imports={"": 21, **rep.opset_imports})
+    g = ir.Graph(
+        [x, x2],
+        [rep.output, rep2.output],
+        nodes=[*rep.nodes, *rep2.nodes],
+        initializers=[*rep.initializers, *rep2.initializers, bv],
+        opset_imports={"": 21, **rep.opset_imports},
+    )
     xs = rng.standard_normal((2, 3, k)).astype(np.float32)
     x2s = rng.standard_normal((4, k)).astype(np.float32)
     y, y2 = exact_session(ir.Model(g, ir_version=10)).run(None, {"x": xs, "x2": x2s})

@@ -62,7 +62,13 @@ def _ort_quantize(w: np.ndarray, bits: int, block: int, sym: bool, qdq: bool) ->
     out: dict[str, np.ndarray] = {}
     for init in q.model.model.graph.initializer:
         arr = numpy_helper.to_array(init)
-        role = "zero_points" if init.name.endswith("zero_points") else "scales" if init.name.endswith("scales") else "q"
+        role = (
+            "zero_points"
+            if init.name.endswith("zero_points")
+            else "scales"
+            if init.name.endswith("scales")
+            else "q"
+        )
         out[role] = arr
     op_types = [n.op_type for n in q.model.model.graph.node]
     assert op_types == (["DequantizeLinear", "MatMul"] if qdq else ["MatMulNBits"]), op_types

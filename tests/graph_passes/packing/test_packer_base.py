@@ -76,8 +76,13 @@ def test_float16_graph(fmt, scale_dtype):
     rep = packer.build(site, x, packer.pack(qw), None, "lin")
     assert rep.output.dtype == ir.DataType.FLOAT16
     rep.output.name = "y"
-    g = ir.Graph([x], [rep.output], nodes=rep.nodes, initializers=rep.initializers,
-                 opset_imports={"": 21, **rep.opset_imports})
+    g = ir.Graph(
+        [x],
+        [rep.output],
+        nodes=rep.nodes,
+        initializers=rep.initializers,
+        opset_imports={"": 21, **rep.opset_imports},
+    )
     xs = (rng.standard_normal((3, k)) * 0.5).astype(np.float16)
     (y,) = exact_session(ir.Model(g, ir_version=10)).run(None, {"x": xs})
     assert y.dtype == np.float16

@@ -70,7 +70,9 @@ def test_stored_types_and_orientation():
     assert p.tensors["scales"].shape == (3, 8) and "zero_points" not in p.tensors
     assert p.attributes == {"axis": 0, "block_size": 32}
     np.testing.assert_array_equal(p.tensors["q"].astype(np.int16).T, sym.codes.astype(np.int16) - 8)
-    asym = random_qweight(rng, QuantScheme(bits=8, group_size=PER_CHANNEL, symmetric=False, format="qdq"), 8, 70)
+    asym = random_qweight(
+        rng, QuantScheme(bits=8, group_size=PER_CHANNEL, symmetric=False, format="qdq"), 8, 70
+    )
     p = packer.pack(asym)
     assert p.tensors["q"].dtype == np.uint8 and p.tensors["zero_points"].shape == (8,)
     assert p.tensors["scales"].shape == (8,) and p.attributes == {"axis": 1}

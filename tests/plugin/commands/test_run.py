@@ -21,7 +21,11 @@ def test_main_job_quantizes_and_evaluates_the_default_model(tmp_path, capsys):
     assert fp32["perplexity"]["tokens"] == q["perplexity"]["tokens"] >= 1000
     # A real trained model: fp32 perplexity on Wikipedia is tens, not tens of thousands (random weights).
     assert 5 < fp32["perplexity"]["perplexity"] < 60
-    assert fp32["perplexity"]["perplexity"] < q["perplexity"]["perplexity"] < 3 * fp32["perplexity"]["perplexity"]
+    assert (
+        fp32["perplexity"]["perplexity"]
+        < q["perplexity"]["perplexity"]
+        < 3 * fp32["perplexity"]["perplexity"]
+    )
     assert q["sites"] == 210  # 30 layers x 7 linear layers; the tied lm_head stays fp32 by default
     assert 4.0 < q["bits_per_weight"] < 5.0
     assert q["model_bytes"] < fp32["model_bytes"] / 2
