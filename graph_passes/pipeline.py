@@ -190,9 +190,9 @@ class _SiteQuantizer:
         t0 = time.perf_counter()
         weight = read_weight(self.model, site)
         try:
-            qw = self.method.quantize(weight, self.scheme, stats)
-        except UserError as e:  # name the layer: a method only sees an array (its "site ?" placeholder)
-            msg = str(e).removeprefix("site ?: ")
+            qw = self.method.quantize(weight, self.scheme, stats, site=site.name)
+        except UserError as e:  # add the node and initializer to the method's "site <name>: ..." message
+            msg = str(e).removeprefix(f"site {site.name}: ").removeprefix("site ?: ")
             e.args = (f"{site.name} (node {site.node_name!r}, initializer {site.weight_name!r}): {msg}",)
             raise
         try:

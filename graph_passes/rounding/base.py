@@ -43,9 +43,11 @@ class RoundingMethod(Protocol):
     """Statistics required, e.g. ``frozenset({"hessian"})``; empty for data-free methods."""
 
     def quantize(
-        self, weight: np.ndarray, scheme: QuantScheme, stats: SiteStats | None = None
+        self, weight: np.ndarray, scheme: QuantScheme, stats: SiteStats | None = None, *, site: str = "?"
     ) -> QuantizedWeight:
         """Quantize ``weight[N, K]`` (float32, not modified) and return codes/scales/zero points.
+
+        ``site`` names the weight in warnings and errors (``site <name>: ...``).
 
         ``QuantizedWeight.metrics`` should carry at least ``sqnr_db`` and, when a Hessian is given,
         ``proxy_loss`` = ``tr(dW H dW^T) / n_tokens`` for the returned rounding.

@@ -127,7 +127,7 @@ class RTN:
         self.progress = progress
 
     def quantize(
-        self, weight: np.ndarray, scheme: QuantScheme, stats: SiteStats | None = None
+        self, weight: np.ndarray, scheme: QuantScheme, stats: SiteStats | None = None, *, site: str = "?"
     ) -> QuantizedWeight:
         if scheme.data_type is not DataType.INT:
             raise UnsupportedSchemeError(

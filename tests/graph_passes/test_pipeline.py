@@ -86,7 +86,7 @@ class _Recorder:
     needs: frozenset[str] = frozenset()
     calls: ClassVar[list[tuple[int, int, SiteStats | None]]] = []
 
-    def quantize(self, weight, scheme, stats=None):
+    def quantize(self, weight, scheme, stats=None, *, site="?"):
         type(self).calls.append((*weight.shape, stats))
         return get_method("rtn").quantize(weight, scheme)
 

@@ -79,7 +79,7 @@ def test_calibrated_method_reads_text_through_the_tokenizer(llama, tmp_path, mon
         name = "needy_api"
         needs = frozenset({"hessian"})
 
-        def quantize(self, weight, scheme, stats=None):
+        def quantize(self, weight, scheme, stats=None, *, site="?"):
             seen.append(stats.n_tokens)
             return get_method("rtn").quantize(weight, scheme)
 
