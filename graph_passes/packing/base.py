@@ -205,6 +205,13 @@ def output_value(x: ir.Value, n: int, name: str, dtype: ir.DataType) -> ir.Value
     return ir.Value(name=name, type=ir.TensorType(dtype), shape=shape)
 
 
+def check_supported(packer: Packer, scheme: QuantScheme, k: int, n: int) -> None:
+    """Raise the packer's reason (naming the scheme and shape) when it cannot store this weight."""
+    reason = packer.supports(scheme, k, n)
+    if reason is not None:
+        raise UnsupportedSchemeError(f"{scheme.label}, weight [{n}, {k}]: {reason}")
+
+
 def check_record(qw: QuantizedWeight) -> None:
     """Turn a broken record (a bug upstream, not user input) into an InternalError."""
     try:

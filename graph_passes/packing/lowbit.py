@@ -34,6 +34,7 @@ from .base import (
     ReplacementNodes,
     activation_dtype,
     check_record,
+    check_supported,
     initializer,
     output_value,
     register_packer,
@@ -63,15 +64,10 @@ class LowbitPacker:
             return f"data_type={scheme.data_type.value} has no zero points (use a symmetric scheme)"
         return None
 
-    def _check(self, scheme: QuantScheme, k: int, n: int) -> None:
-        reason = self.supports(scheme, k, n)
-        if reason is not None:
-            raise UnsupportedSchemeError(f"{scheme.label}, weight [{n}, {k}]: {reason}")
-
     def pack(self, qw: QuantizedWeight) -> PackedWeight:
         check_record(qw)
         scheme, n, k = qw.scheme, qw.n, qw.k
-        self._check(scheme, k, n)
+        check_supported(self, scheme, k, n)
         tensors = {"B": pack_lowbit(qw.codes, scheme.bits), "scales": stored_scales(qw)}
         attributes: dict[str, int | float | str] = {
             "K": k,
@@ -89,7 +85,7 @@ class LowbitPacker:
         return PackedWeight(tensors, attributes)
 
     def unpack(self, packed: PackedWeight, scheme: QuantScheme, k: int, n: int) -> QuantizedWeight:
-        self._check(scheme, k, n)
+        check_supported(self, scheme, k, n)
         b = packed.tensors["B"]
         if b.shape != packed_shape(n, k, scheme.bits):
             raise UnsupportedSchemeError(

@@ -28,6 +28,7 @@ from .base import (
     ReplacementNodes,
     activation_dtype,
     check_record,
+    check_supported,
     initializer,
     numpy_float,
     output_value,
@@ -76,15 +77,10 @@ class MatMulNBitsPacker:
             return f"MatMulNBits block sizes are {'/'.join(map(str, _BLOCKS))} only, not {block}"
         return None
 
-    def _check(self, scheme: QuantScheme, k: int, n: int) -> None:
-        reason = self.supports(scheme, k, n)
-        if reason is not None:
-            raise UnsupportedSchemeError(f"{scheme.label}, weight [{n}, {k}]: {reason}")
-
     def pack(self, qw: QuantizedWeight) -> PackedWeight:
         check_record(qw)
         scheme, n, k = qw.scheme, qw.n, qw.k
-        self._check(scheme, k, n)
+        check_supported(self, scheme, k, n)
         block, nb, bits = qw.block_size, scheme.n_blocks(k), scheme.bits
         codes = qw.codes
         pad = nb * block - k
@@ -115,7 +111,7 @@ class MatMulNBitsPacker:
         return PackedWeight(tensors, attributes)
 
     def unpack(self, packed: PackedWeight, scheme: QuantScheme, k: int, n: int) -> QuantizedWeight:
-        self._check(scheme, k, n)
+        check_supported(self, scheme, k, n)
         block, nb, bits = scheme.block_size(k), scheme.n_blocks(k), scheme.bits
         b = packed.tensors["B"]
         if b.shape != (n, nb, block * bits // 8):

@@ -34,6 +34,7 @@ from .base import (
     ReplacementNodes,
     activation_dtype,
     check_record,
+    check_supported,
     initializer,
     numpy_float,
     output_value,
@@ -74,15 +75,10 @@ class QDQPacker:
             )
         return None
 
-    def _check(self, scheme: QuantScheme, k: int, n: int) -> None:
-        reason = self.supports(scheme, k, n)
-        if reason is not None:
-            raise UnsupportedSchemeError(f"{scheme.label}, weight [{n}, {k}]: {reason}")
-
     def pack(self, qw: QuantizedWeight) -> PackedWeight:
         check_record(qw)
         scheme = qw.scheme
-        self._check(scheme, qw.k, qw.n)
+        check_supported(self, scheme, qw.k, qw.n)
         qdtype = _CONTAINERS[self.container_bits(scheme.bits), scheme.symmetric]
         if scheme.symmetric:
             q = (qw.codes.T.astype(np.int16) - scheme.implied_zero_point).astype(qdtype)
@@ -103,7 +99,7 @@ class QDQPacker:
         return PackedWeight(tensors, attributes)
 
     def unpack(self, packed: PackedWeight, scheme: QuantScheme, k: int, n: int) -> QuantizedWeight:
-        self._check(scheme, k, n)
+        check_supported(self, scheme, k, n)
         q = packed.tensors["q"]
         if q.shape != (k, n):
             raise UnsupportedSchemeError(f"QDQ weight has shape {q.shape}, expected [K, N] = {(k, n)}")
