@@ -47,7 +47,7 @@ from ..records import QuantizedWeight
 from ..scheme import QuantScheme
 from . import hessian as hs
 from .base import SiteStats, register_method
-from .gptq import _check_scheme, gptq_quantize, round_to_nearest, torch_threads
+from .gptq import GPTQ, _check_scheme, gptq_quantize, round_to_nearest, torch_threads
 from .grid import check_finite
 from .metrics import quadratic_form, site_quality
 
@@ -337,11 +337,21 @@ def init_rounding(
     percdamp: float,
     act_order: bool,
     mse_clip: bool,
+    refit_rounds: int = 0,
+    h_raw: np.ndarray | None = None,
 ) -> tuple[QuantizedWeight, dict[str, float]]:
-    """The starting rounding: GPTQ's (with its fallback policy) or round-to-nearest."""
+    """The starting rounding: GPTQ's (with its fallback policy and scale refits) or round-to-nearest."""
     if init == "gptq":
         return gptq_quantize(
-            w, prep, scheme, site=site, percdamp=percdamp, act_order=act_order, mse_clip=mse_clip
+            w,
+            prep,
+            scheme,
+            site=site,
+            percdamp=percdamp,
+            act_order=act_order,
+            mse_clip=mse_clip,
+            refit_rounds=refit_rounds,
+            h_raw=h_raw,
         )
     codes, scales, zps = round_to_nearest(w, scheme)
     return QuantizedWeight(codes, scales, zps, scheme), {"fallback": 0.0}
@@ -391,6 +401,8 @@ class AdaRound:
     percdamp: float = 0.01
     act_order: bool = True
     mse_clip: bool = False
+    refit_rounds: int = GPTQ.refit_rounds
+    """Scale refits of the GPTQ init (see ``GPTQ.refit_rounds``); AdaRound then rounds on that grid."""
     seed: int = 0
     threads: int | None = 1
     """torch intra-op threads while rounding (see ``gptq.torch_threads``); None keeps torch's setting."""
@@ -398,6 +410,10 @@ class AdaRound:
     def __post_init__(self) -> None:
         if self.init not in ("gptq", "rtn"):
             raise UnsupportedSchemeError(f"{self.name} option init={self.init!r}: use 'gptq' or 'rtn'")
+        if not (isinstance(self.refit_rounds, int) and self.refit_rounds >= 0):
+            raise UnsupportedSchemeError(
+                f"{self.name} option refit_rounds={self.refit_rounds!r}: use an integer >= 0"
+            )
         self.options().validate(self.name)
 
     def options(self) -> AdaRoundOptions:
@@ -441,6 +457,8 @@ class AdaRound:
             percdamp=self.percdamp,
             act_order=self.act_order,
             mse_clip=self.mse_clip,
+            refit_rounds=self.refit_rounds,
+            h_raw=h_raw,
         )
         init_wq = init_qw.dequantize()
         qw = init_qw

@@ -74,7 +74,7 @@ def mse_clip_search(
         s, z = grid_params(bmin, bmax, scheme, clip=c)
         # Error in code units, scaled back by s^2: ((q - z) s - w)^2 = s^2 (q - (w / s + z))^2. Same
         # rounding as quantize_blocks, two fewer passes over the block than dequantizing.
-        live = s > _TINY
+        live = np.abs(s) > _TINY
         t = blocks / np.where(live, s, np.float32(1))[..., None]
         t += mid if z is None else z[..., None].astype(np.float32)
         d = np.rint(t)

@@ -113,40 +113,22 @@ def _ort_record(ort_out: dict[str, np.ndarray], scheme: QuantScheme) -> Quantize
     return get_packer("matmulnbits").unpack(PackedWeight(tensors, {}), scheme, K, N)
 
 
+@pytest.mark.parametrize("sym", [True, False])
 @pytest.mark.parametrize(("bits", "block"), [(4, 16), (4, 128), (8, 32), (2, 32)])
-def test_default_grid_asymmetric_relation(weight, bits, block):
-    """Same scales and zero points; codes equal except where w/s sits on a rounding tie (none here)."""
-    scheme = QuantScheme(bits=bits, group_size=block, symmetric=False)
-    theirs = _ort_record(_ort_quantize(weight, bits, block, False, qdq=False), scheme)
+def test_default_grid_relation(weight, bits, block, sym):
+    """Our default min-max grid is onnxruntime's: same scales (signed-extreme when symmetric) and zero
+    points; codes equal except where w/s sits on a rounding tie (none in this weight)."""
+    scheme = QuantScheme(bits=bits, group_size=block, symmetric=sym)
+    theirs = _ort_record(_ort_quantize(weight, bits, block, sym, qdq=False), scheme)
     ours = get_method("rtn", search="minmax").quantize(weight.T, scheme)
     assert ours.scales.tobytes() == theirs.scales.tobytes()
-    assert ours.zero_points.tobytes() == theirs.zero_points.tobytes()
+    if sym:
+        assert (ours.scales < 0).any() and (ours.scales > 0).any()  # both signs are exercised
+    else:
+        assert ours.zero_points.tobytes() == theirs.zero_points.tobytes()
     diff = ours.codes != theirs.codes
     if diff.any():  # only allowed at a half-way tie of w / s (division vs reciprocal, even vs away)
         t = weight.T / ours.expand(ours.scales)
         assert np.all(np.abs(np.abs(t - np.trunc(t)) - 0.5)[diff] < 1e-5)
         assert np.all(np.abs(ours.codes.astype(int) - theirs.codes)[diff] == 1)
     assert int(diff.sum()) == 0  # measured: no tie occurs in this weight
-
-
-@pytest.mark.parametrize(("bits", "block"), [(4, 16), (4, 128), (8, 32), (2, 32)])
-def test_default_grid_symmetric_relation(weight, bits, block):
-    """|s_ort| == s_ours. Blocks whose extreme is negative get s_ort = s_ours and identical codes; blocks
-    whose extreme is positive get s_ort = -s_ours and mirrored codes ``clip(mid - t)`` vs our ``clip(mid + t)``
-    (``t = round(w / s_ours)``), which dequantize identically except where one side clamps: the positive
-    extreme (ours: qmax, theirs: exact) and values near ``-absmax`` (theirs: qmax, ours: exact)."""
-    scheme = QuantScheme(bits=bits, group_size=block, symmetric=True)
-    theirs = _ort_record(_ort_quantize(weight, bits, block, True, qdq=False), scheme)
-    ours = get_method("rtn", search="minmax").quantize(weight.T, scheme)
-    assert np.abs(theirs.scales).tobytes() == ours.scales.tobytes()
-    neg_blocks = theirs.scales < 0
-    assert neg_blocks.any() and (~neg_blocks).any()
-    mid, qmax = scheme.implied_zero_point, scheme.qmax
-    t = np.rint(weight.T / ours.expand(ours.scales))
-    assert np.array_equal(np.clip(mid + t, 0, qmax), ours.codes)  # our RTN, spelled out
-    neg = ours.expand(neg_blocks)
-    assert np.array_equal(np.where(neg, np.clip(mid - t, 0, qmax), np.clip(mid + t, 0, qmax)), theirs.codes)
-    differs = neg & ((mid + t > qmax) | (mid - t > qmax))
-    same = ours.dequantize() == theirs.dequantize()
-    assert same[~differs].all() and not same[differs].any()
-    assert differs.any()  # the clamping difference is exercised by this weight

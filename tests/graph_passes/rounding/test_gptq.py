@@ -87,10 +87,11 @@ def test_dynamic_groups_dequantize_to_the_fed_back_weights(site):
 
 @pytest.mark.parametrize("act_order", [False, True])
 def test_uncorrelated_inputs_reduce_to_round_to_nearest(minilm_weight, act_order):
-    """With H = c I there is no error to feed back: GPTQ is min-max RTN, code for code."""
+    """With H = c I there is no error to feed back: GPTQ's loop is min-max RTN, code for code."""
     w = np.ascontiguousarray(minilm_weight(FFN)[:32, :200])  # K not a multiple of the group
     scheme = QuantScheme.parse("w4-g64-sym")
-    qw = get_method("gptq", act_order=act_order).quantize(w, scheme, SiteStats(np.eye(200) * 3.0, 10))
+    gptq = get_method("gptq", act_order=act_order, refit_rounds=0)
+    qw = gptq.quantize(w, scheme, SiteStats(np.eye(200) * 3.0, 10))
     codes, scales, _ = round_to_nearest(w, scheme, mse_clip=False)
     np.testing.assert_array_equal(qw.codes, codes)
     np.testing.assert_array_equal(qw.scales, scales)
@@ -144,3 +145,33 @@ def test_deterministic_and_fp16_scales(site):
     np.testing.assert_array_equal(a.codes, b.codes)
     np.testing.assert_array_equal(a.scales, a.scales.astype(np.float16).astype(np.float32))
     assert a.metrics["proxy_loss"] < a.metrics["proxy_loss_rtn"]
+
+
+def test_refit_rounds_lower_the_proxy_loss_row_by_row(site):
+    """Closed-form scale refits after GPTQ (and GPTQ again on the refit grid) never raise a row's loss and
+    lower the total; the codes stay a plain blockwise weight of the scheme."""
+    from optimum.adaround.graph_passes.rounding.metrics import quadratic_form
+
+    w, stats = site
+    scheme = QuantScheme.parse("w4-g128-sym")
+    base = get_method("gptq", refit_rounds=0).quantize(w, scheme, stats)
+    losses = [base.metrics["proxy_loss"]]
+    for rounds in (1, 2):
+        qw = get_method("gptq", refit_rounds=rounds).quantize(w, scheme, stats)
+        qw.check()
+        assert np.array_equal(np.sign(qw.scales), np.sign(base.scales))  # refits never flip a scale
+        for r in range(w.shape[0]):
+            d_new, d_old = (
+                qw.dequantize()[r : r + 1] - w[r : r + 1],
+                base.dequantize()[r : r + 1] - w[r : r + 1],
+            )
+            assert quadratic_form(d_new, stats.hessian) <= quadratic_form(d_old, stats.hessian) * (1 + 1e-9)
+        losses.append(qw.metrics["proxy_loss"])
+    assert losses[1] < 0.99 * losses[0] and losses[2] <= losses[1] * (1 + 1e-9)
+
+
+def test_refit_rounds_must_be_a_count():
+    from optimum.adaround.graph_passes.errors import UserError
+
+    with pytest.raises(UserError, match="refit_rounds"):
+        get_method("gptq", refit_rounds=-1)

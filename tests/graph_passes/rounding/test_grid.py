@@ -35,10 +35,12 @@ def test_symmetric_grid():
     s4 = QuantScheme(bits=4, group_size=PER_CHANNEL)
     w = np.array([[-2.0, -1.0, 0.0, 0.5, 2.0], [-0.5, 0.25, 0.0, 1.0, 0.0]], np.float32)
     scales, zp = grid_params(*blockwise_minmax(w, s4), s4)
-    assert zp is None and scales[:, 0].tolist() == [0.25, 0.125]
+    # The scale keeps the sign of the extreme (row 1: +1.0, so s < 0); a tie max == -min (row 0) is positive.
+    assert zp is None and scales[:, 0].tolist() == [0.25, -0.125]
     codes = codes_from_weight(w, scales, zp, s4)
     assert codes[0].tolist() == [0, 4, 8, 10, 15]  # -absmax exact at code 0, +absmax clamps to 15
-    assert codes[1].tolist() == [4, 10, 8, 15, 8]
+    assert codes[1].tolist() == [12, 6, 8, 0, 8]  # the extreme +1.0 lands exactly on code 0
+    assert np.array_equal(QuantizedWeight(codes, scales, zp, s4).dequantize()[1], w[1])
 
 
 def test_asymmetric_grid_includes_zero():

@@ -35,7 +35,7 @@ def test_refit_never_increases_a_row_loss(minilm_weight, correlated_hessian):
     w = np.ascontiguousarray(minilm_weight(FFN)[:32])
     h, n = correlated_hessian(w.shape[1])
     scheme = QuantScheme.parse("w3-g64-sym", scale_dtype="float16")
-    qw = get_method("gptq").quantize(w, scheme, SiteStats(h, n))
+    qw = get_method("gptq", refit_rounds=0).quantize(w, scheme, SiteStats(h, n))
     new = refit_scales(w, qw.codes, qw.scales, None, scheme, h)
     np.testing.assert_array_equal(new, new.astype(np.float16).astype(np.float32))  # stored dtype respected
     moved = QuantizedWeight(qw.codes, new, None, scheme)
@@ -57,4 +57,5 @@ def test_adaround_ls_is_registered_and_beats_adaround(minilm_weight, correlated_
     ls.check()
     assert ls.metrics["proxy_loss"] < ada.metrics["proxy_loss"] < ls.metrics["proxy_loss_init"]
     assert ls.metrics["kept_init"] == 0
-    assert 0.5 < ls.metrics["clip_mean"] < 1.5 and (ls.scales > 0).all()
+    assert 0.5 < ls.metrics["clip_mean"] < 1.5
+    assert np.array_equal(np.sign(ls.scales), np.sign(ada.scales))  # refits never flip a signed scale

@@ -1,0 +1,73 @@
+"""Closed-form block scales for fixed integer codes under the layer's output loss (pure math).
+
+With codes ``q`` and zero points ``z`` fixed, ``Wq = sum_b s_b (q - z)_b`` is linear in each row's block
+scales, so the scales minimising ``(Wq - w) H (Wq - w)^T`` are a small least-squares solve per row:
+``(A H A^T) s = A H w`` with ``A[b, j] = (q_j - z_b)`` on block ``b``. Used after GPTQ (``gptq``'s
+``refit_scales``) and alternated with AdaRound (``adaround_ls``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..scheme import QuantScheme
+from .grid import round_scales
+
+__all__ = ["refit_scales"]
+
+
+def _block_onehot(k: int, g: int) -> torch.Tensor:
+    nb = -(-k // g)
+    return torch.nn.functional.one_hot(torch.arange(k) // g, nb).to(torch.float64)
+
+
+def refit_scales(
+    w: np.ndarray,
+    codes: np.ndarray,
+    scales: np.ndarray,
+    zero_points: np.ndarray | None,
+    scheme: QuantScheme,
+    h: np.ndarray,
+) -> np.ndarray:
+    """Per-row least-squares block scales for fixed codes under ``H`` (float64); returns ``[N, nb]``.
+
+    Rows whose solution is not finite or flips a scale's sign, or whose loss would increase, keep ``scales``.
+    """
+    n, k = w.shape
+    g = scheme.block_size(k)
+    nb = scheme.n_blocks(k)
+    onehot = _block_onehot(k, g)  # [K, nb]
+    z = (
+        torch.full((n, k), float(scheme.implied_zero_point), dtype=torch.float64)
+        if zero_points is None
+        else torch.from_numpy(np.repeat(zero_points.astype(np.float64), g, axis=1)[:, :k])
+    )
+    a = torch.from_numpy(codes.astype(np.float64)) - z  # codes relative to the zero point
+    h64 = torch.from_numpy(np.asarray(h, dtype=np.float64))
+    w64 = torch.from_numpy(np.asarray(w, dtype=np.float64))
+    rhs = (a * (w64 @ h64)) @ onehot  # [N, nb]
+    gram = torch.empty(n, nb, nb, dtype=torch.float64)
+    for b in range(nb):
+        cols = slice(b * g, min((b + 1) * g, k))
+        gram[:, :, b] = (a * (a[:, cols] @ h64[cols, :])) @ onehot
+    old = torch.from_numpy(scales.astype(np.float64))
+    # A block whose codes all sit on the zero point has no say in the output: pin its scale.
+    empty = torch.diagonal(gram, dim1=1, dim2=2) <= 0
+    eye = torch.eye(nb, dtype=torch.float64)
+    gram = torch.where(empty[:, :, None] | empty[:, None, :], eye.expand(n, nb, nb) * empty[:, :, None], gram)
+    rhs = torch.where(empty, old, rhs)
+    ridge = 1e-12 * torch.diagonal(gram, dim1=1, dim2=2).mean(dim=1).clamp_min(1e-30)
+    sol, info = torch.linalg.solve_ex(gram + ridge[:, None, None] * eye, rhs[..., None])
+    new = sol[..., 0]
+    ok = (info == 0) & torch.isfinite(new).all(dim=1) & ((new * old > 0) | empty).all(dim=1)
+    new = torch.where(ok[:, None], new, old)
+    new_np = round_scales(new.numpy().astype(np.float32), scheme)
+
+    def row_loss(s: np.ndarray) -> torch.Tensor:
+        sw = torch.from_numpy(np.repeat(s.astype(np.float64), g, axis=1)[:, :k])
+        d = a * sw - w64
+        return ((d @ h64) * d).sum(dim=1)
+
+    better = (row_loss(new_np) <= row_loss(scales)).numpy()
+    return np.where(better[:, None], new_np, scales).astype(np.float32)
