@@ -49,7 +49,9 @@ SCHEMES: dict[str, tuple[int, int]] = {
     "w2-g64": (2, 64),
 }
 ORT_ALGOS = ("default", "rtn", "gptq", "hqq", "kquant")
-OUR_METHODS = ("rtn", "gptq", "adaround", "adaround_ls")
+OUR_METHODS = ("rtn", "rtn_mse", "gptq", "adaround", "adaround_ls")
+# Rows that run a registered method with options: label -> (method, method_options).
+OUR_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"rtn_mse": ("rtn", {"search": "mse"})}
 # Minutes per scheme on 2 shared cores: run only at --slow-schemes unless asked otherwise.
 SLOW_ORDER = ("adaround", "adaround_ls", "hqq")
 SLOW = frozenset(SLOW_ORDER)
@@ -58,6 +60,7 @@ ORDER = (
     ("onnxruntime", "default"),
     ("ours", "rtn"),
     ("ours", "gptq"),
+    ("ours", "rtn_mse"),
     ("onnxruntime", "rtn"),
     ("onnxruntime", "gptq"),
     ("onnxruntime", "kquant"),
@@ -229,12 +232,27 @@ def ort_job(
 
 
 def ours_job(
-    src: str, out: str, method: str, scheme: str, fmt: str, token_ids_file: str | None
+    src: str,
+    out: str,
+    method: str,
+    scheme: str,
+    fmt: str,
+    token_ids_file: str | None,
+    method_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     from optimum.adaround.api import quantize
 
     calib = np.load(token_ids_file) if token_ids_file else None
-    quantize(src, out, scheme=scheme, method=method, format=fmt, calib_data=calib, progress=False)
+    quantize(
+        src,
+        out,
+        scheme=scheme,
+        method=method,
+        method_options=method_options,
+        format=fmt,
+        calib_data=calib,
+        progress=False,
+    )
     cfg = Path(out) / "quantization_config.json"
     return {"timings": json.loads(cfg.read_text()).get("timings")} if cfg.is_file() else {}
 
@@ -443,15 +461,16 @@ class Bench:
     def run_ours(self, row: Row, fmt: str) -> None:
         from optimum.adaround.graph_passes.rounding.base import METHODS
 
-        method, label = row.method, row.scheme
+        label = row.scheme
+        method, options = OUR_VARIANTS.get(row.method, (row.method, {}))
         if method not in METHODS:
             row.status, row.note = "n/a", f"method {method!r} not registered (registered: {sorted(METHODS)})"
             return
         if method in SLOW and label not in self.args.slow_schemes:
             row.status, row.note = "n/a", "not run: slow, limited to --slow-schemes in this run"
             return
-        out = self.work / f"{label}-ours-{method}"
-        _log(f"{label}: ours {method} ({fmt})")
+        out = self.work / f"{label}-ours-{row.method}"
+        _log(f"{label}: ours {row.method} ({fmt})")
         res = run_measured(
             ours_job,
             timeout_s=self.args.job_timeout,
@@ -461,6 +480,7 @@ class Bench:
             scheme=f"{label}-sym",
             fmt=fmt,
             token_ids_file=str(self.token_ids_file),
+            method_options=options or None,
         )
         if self._finish(row, out, res):
             self._evaluate(row)
@@ -824,6 +844,16 @@ def write_markdown(
             )
         if best_ours is not None and best_ours.rel_to_ort_best is not None:
             parts.append(f"our increase = {best_ours.rel_to_ort_best:.2f}x onnxruntime's")
+        rtns = [r for r in ours if r.method in ("rtn", "rtn_mse") and r.delta_pct]
+        best_rtn = min(rtns, key=lambda r: r.perplexity or math.inf, default=None)
+        if best_ours is not None and best_rtn is not None and best_rtn.delta_pct and best_rtn.delta_pct > 0:
+            ratio = (best_ours.delta_pct or 0.0) / best_rtn.delta_pct
+            parts.append(f"= {ratio:.2f}x the increase of our best RTN ({best_rtn.method})")
+        elapsed = [r for r in ours if r.quant_seconds is not None and r.method != "rtn_mse"]
+        if elapsed:
+            parts.append(
+                "quantization wall time: " + ", ".join(f"{r.method} {r.quant_seconds:.0f} s" for r in elapsed)
+            )
         lines.append(f"- {scheme}: " + ("; ".join(parts) if parts else "no finished row"))
     lines += [
         "",

@@ -1,10 +1,11 @@
 """Round-to-nearest, with an optional per-block clip-ratio search (data-free baseline).
 
-``search="minmax"`` uses each block's full range. ``search="mse"`` (default) shrinks the range by each
+``search="minmax"`` (default) uses each block's full range. ``search="mse"`` shrinks the range by each
 ratio of a grid (1.0 down to ``min_clip``) and keeps, per block, the ratio whose rounding has the least
 squared error: a few outliers then no longer stretch the grid of the whole block. Ratio 1.0 is tried
 first and only a strictly smaller error replaces it, so weights that already lie on a min-max grid keep
-their exact codes.
+their exact codes. It raises weight SQNR but, measured on SmolLM2 W4 g128 (2048 eval tokens), perplexity
+rose: 35.85 with min-max vs 37.39 with the search, hence min-max by default.
 
 ``grid="ort"`` reproduces onnxruntime's own RTN quantizer bit for bit (its sign-keeping symmetric scale and
 ``roundf`` rounding, see ``grid.py``); it is a min-max method, so it requires ``search="minmax"``.
@@ -94,14 +95,14 @@ def mse_clip_search(
 
 @register_method
 class RTN:
-    """Round-to-nearest on a uniform grid; per-block MSE clip search by default."""
+    """Round-to-nearest on a uniform grid; min-max by default, per-block MSE clip search on request."""
 
     name: ClassVar[str] = "rtn"
     needs: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(
         self,
-        search: str = "mse",
+        search: str = "minmax",
         grid: str = "default",
         n_grid: int = 16,
         min_clip: float = 0.5,

@@ -51,6 +51,7 @@ def refit_scales(
     for b in range(nb):
         cols = slice(b * g, min((b + 1) * g, k))
         gram[:, :, b] = (a * (a[:, cols] @ h64[cols, :])) @ onehot
+    gram0, rhs0 = gram, rhs
     old = torch.from_numpy(scales.astype(np.float64))
     # A block whose codes all sit on the zero point has no say in the output: pin its scale.
     empty = torch.diagonal(gram, dim1=1, dim2=2) <= 0
@@ -65,9 +66,9 @@ def refit_scales(
     new_np = round_scales(new.numpy().astype(np.float32), scheme)
 
     def row_loss(s: np.ndarray) -> torch.Tensor:
-        sw = torch.from_numpy(np.repeat(s.astype(np.float64), g, axis=1)[:, :k])
-        d = a * sw - w64
-        return ((d @ h64) * d).sum(dim=1)
+        # (a s - w) H (a s - w)^T = s G s - 2 s b + w H w^T; the last term is the same for both sides.
+        st = torch.from_numpy(s.astype(np.float64))
+        return torch.einsum("ni,nij,nj->n", st, gram0, st) - 2 * (st * rhs0).sum(dim=1)
 
     better = (row_loss(new_np) <= row_loss(scales)).numpy()
     return np.where(better[:, None], new_np, scales).astype(np.float32)
