@@ -409,6 +409,13 @@ class Bench:
             )
             self.plots.append(name)
 
+    def _skipped_as_slow(self, row: Row, name: str) -> bool:
+        """Mark ``row`` n/a when ``name`` is a slow method outside ``--slow-schemes``."""
+        if name in SLOW and row.scheme not in self.args.slow_schemes:
+            row.status, row.note = "n/a", "not run: slow, limited to --slow-schemes in this run"
+            return True
+        return False
+
     def run_ort(self, row: Row, bits: int, group: int, rtn_digest: list[str | None]) -> None:
         algo, label = row.method, row.scheme
         if algo in ("rtn", "gptq", "kquant") and bits != 4:
@@ -417,8 +424,7 @@ class Bench:
         if algo == "hqq" and bits not in (2, 4, 8):
             row.status, row.note = "n/a", "MatMulNBits runs 2/4/8 bits only (3-bit HQQ could not be run)"
             return
-        if algo in SLOW and label not in self.args.slow_schemes:
-            row.status, row.note = "n/a", "not run: slow, limited to --slow-schemes in this run"
+        if self._skipped_as_slow(row, algo):
             return
         out = self.work / f"{label}-ort-{algo}"
         _log(f"{label}: onnxruntime {algo}")
@@ -466,8 +472,7 @@ class Bench:
         if method not in METHODS:
             row.status, row.note = "n/a", f"method {method!r} not registered (registered: {sorted(METHODS)})"
             return
-        if method in SLOW and label not in self.args.slow_schemes:
-            row.status, row.note = "n/a", "not run: slow, limited to --slow-schemes in this run"
+        if self._skipped_as_slow(row, method):
             return
         out = self.work / f"{label}-ours-{row.method}"
         _log(f"{label}: ours {row.method} ({fmt})")
@@ -844,7 +849,7 @@ def write_markdown(
             )
         if best_ours is not None and best_ours.rel_to_ort_best is not None:
             parts.append(f"our increase = {best_ours.rel_to_ort_best:.2f}x onnxruntime's")
-        rtns = [r for r in ours if r.method in ("rtn", "rtn_mse") and r.delta_pct]
+        rtns = [r for r in ours if OUR_VARIANTS.get(r.method, (r.method,))[0] == "rtn" and r.delta_pct]
         best_rtn = min(rtns, key=lambda r: r.perplexity or math.inf, default=None)
         if best_ours is not None and best_rtn is not None and best_rtn.delta_pct and best_rtn.delta_pct > 0:
             ratio = (best_ours.delta_pct or 0.0) / best_rtn.delta_pct

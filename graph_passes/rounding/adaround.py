@@ -49,7 +49,7 @@ from . import hessian as hs
 from .base import SiteStats, register_method
 from .gptq import GPTQ, _check_scheme, gptq_quantize, round_to_nearest, torch_threads
 from .grid import check_finite
-from .metrics import quadratic_form, site_quality
+from .metrics import quadratic_form, row_quadratic_forms, site_quality
 
 __all__ = ["AdaRound", "AdaRoundOptions", "RoundingState", "adaround_refine", "rectified_sigmoid"]
 
@@ -143,12 +143,6 @@ class RoundingState:
 
     def codes(self) -> torch.Tensor:
         return self.base + self.h
-
-
-def _row_loss(d: torch.Tensor, hm64: torch.Tensor) -> torch.Tensor:
-    """Exact per-row ``d H d^T`` in float64."""
-    d64 = d.to(torch.float64)
-    return ((d64 @ hm64) * d64).sum(dim=1)
 
 
 def _select_columns(
@@ -275,7 +269,7 @@ def adaround_refine(
     cost = (st.s * st.s * hdiag[None, :] * st.live).sum(dim=1) / max(k, 1)
     inv_c = torch.where(cost > 0, 1 / cost, torch.zeros_like(cost))[:, None]
     h_start = st.h.clone()
-    loss = _row_loss(st.dequantize() - st.w, hm64)
+    loss = row_quadratic_forms(st.dequantize() - st.w, hm64)
     nonbinary = total_free = 0
     improved = torch.zeros(n, dtype=torch.bool)
     dense = opts.free_cols is None or opts.free_cols >= k
@@ -310,7 +304,7 @@ def adaround_refine(
         h_hard = (h_rel >= 0.5).to(h0.dtype)
         assert bool(((h_hard == 0) | (h_hard == 1)).all())
         h_new = _untile(h_hard, st.h, idx)
-        new_loss = _row_loss(st.dequantize(h_new) - st.w, hm64)
+        new_loss = row_quadratic_forms(st.dequantize(h_new) - st.w, hm64)
         keep = new_loss <= loss
         improved |= keep & (new_loss < loss)
         st.h = torch.where(keep[:, None], h_new, st.h)

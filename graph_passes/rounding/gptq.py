@@ -35,7 +35,7 @@ from ..scheme import DataType, QuantScheme
 from . import hessian as hs
 from .base import SiteStats, register_method
 from .grid import check_finite, grid_params
-from .metrics import proxy_loss, site_quality
+from .metrics import proxy_loss, row_quadratic_forms, site_quality
 from .rtn import clip_ratios, mse_clip_search
 from .scales import refit_scales
 
@@ -78,13 +78,18 @@ def _check_scheme(scheme: QuantScheme, method: str) -> None:
 
 
 def quantize_columns(
-    w: torch.Tensor, s: torch.Tensor, z: torch.Tensor | float, qmax: int
+    w: torch.Tensor, s: torch.Tensor, z: torch.Tensor | float, qmax: int, all_live: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Round-to-nearest codes (float) and their dequantized values for ``w`` on grid ``(s, z)``.
 
     Same arithmetic as ``grid.codes_from_weight`` and ``QuantizedWeight.dequantize`` (float32, ties to
     even, zero scale -> the zero point), so the values returned here are bit-identical to the reference.
+    ``all_live``: the caller knows no scale is zero, so the masking ops are skipped (same results; GPTQ's
+    column loop calls this K times per site).
     """
+    if all_live:
+        q = torch.round(w / s).add_(z).clamp_(0, qmax)
+        return q, (q - z) * s
     nonzero = s.abs() > _TINY
     safe = torch.where(nonzero, s, torch.ones_like(s))
     q = torch.round(w / safe) + z
@@ -192,7 +197,7 @@ def gptq_round(
         if isinstance(z_cols, torch.Tensor):
             z_cols = z_cols[:, perm].contiguous()
     u32 = upper.to(torch.float32)
-    # A static grid without zero scales needs no per-column masking: same arithmetic, fewer small ops.
+    # A static grid without zero scales needs no per-column masking (see ``quantize_columns``).
     fast = static and bool((s_cols.abs() > _TINY).all())
     codes = torch.zeros(n, k)
     wq = torch.zeros(n, k)
@@ -214,12 +219,7 @@ def gptq_round(
                     z_cols[:, col : col + width] = torch.from_numpy(z_b.astype(np.float32))[:, None]
             z = z_cols[:, col] if isinstance(z_cols, torch.Tensor) else z_cols
             wc = w1[:, j]
-            if fast:
-                sc = s_cols[:, col]
-                q = torch.round(wc / sc).add_(z).clamp_(0, scheme.qmax)
-                deq = (q - z) * sc
-            else:
-                q, deq = quantize_columns(wc, s_cols[:, col], z, scheme.qmax)
+            q, deq = quantize_columns(wc, s_cols[:, col], z, scheme.qmax, all_live=fast)
             codes[:, col] = q
             wq[:, col] = deq
             e = (wc - deq) / u1[j, j]
@@ -374,12 +374,9 @@ def gptq_quantize(
 def keep_lower(w: np.ndarray, a: QuantizedWeight, b: QuantizedWeight, h: np.ndarray) -> QuantizedWeight:
     """Row by row, the one of two roundings of ``w`` with the lower output loss under ``h`` (ties: ``a``)."""
     h64 = torch.from_numpy(np.asarray(h, np.float64))
-
-    def row_loss(q: QuantizedWeight) -> torch.Tensor:
-        d = torch.from_numpy((q.dequantize() - w).astype(np.float64))
-        return ((d @ h64) * d).sum(dim=1)
-
-    take_b = (row_loss(b) < row_loss(a)).numpy()
+    take_b = (
+        row_quadratic_forms(b.dequantize() - w, h64) < row_quadratic_forms(a.dequantize() - w, h64)
+    ).numpy()
     if not take_b.any():
         return a
     pick = take_b[:, None]

@@ -15,10 +15,11 @@ Asymmetric grid: ``s = (max - min) / (2**b - 1)``, ``z = round(-min / s)`` clamp
 When the scheme stores float16 scales, ``grid_params`` rounds them to float16 *before* codes are chosen,
 so the codes fit the scale that is actually stored and packing is exact.
 
-``ort_grid_params`` / ``ort_codes`` reproduce onnxruntime's own blockwise RTN (MLAS, 1.31) bit for bit:
-its symmetric scale is the same signed-extreme scale as ours (up to the tie ``max == -min``, where it
-takes the negative one), and it rounds ``w * (1/s) + z`` with C ``roundf`` (halves away from zero, after
-adding z) where we round ``w / s`` half to even and then add z.
+``ort_grid_params`` / ``ort_codes`` reproduce onnxruntime's own blockwise RTN (MLAS, 1.31) bit for bit.
+Its symmetric scale is our signed-extreme scale (a tie ``max == -min`` gives the positive scale in both;
+an all-zero block gets ``-0.0`` there, ``+0.0`` here); its asymmetric zero point is rounded with C
+``roundf``; and it rounds ``w * (1/s) + z`` with ``roundf`` (halves away from zero, after adding z) where
+we round ``w / s`` half to even and then add z.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["output_sqnr_db", "proxy_loss", "quadratic_form", "site_quality", "sqnr_db"]
+__all__ = ["output_sqnr_db", "proxy_loss", "quadratic_form", "row_quadratic_forms", "site_quality", "sqnr_db"]
 
 ArrayLike = np.ndarray | torch.Tensor
 
@@ -27,6 +27,12 @@ def quadratic_form(d: ArrayLike, h: ArrayLike) -> float:
     """``tr(d H d^T)`` in float64 (``d`` is ``[N, K]``, ``H`` is ``[K, K]``)."""
     d64 = _t64(d)
     return float(((d64 @ _t64(h)) * d64).sum())
+
+
+def row_quadratic_forms(d: ArrayLike, h: ArrayLike) -> torch.Tensor:
+    """Per-row ``d_r H d_r^T`` in float64 (``[N]``): the output error of each row of ``d``."""
+    d64 = _t64(d)
+    return ((d64 @ _t64(h)) * d64).sum(dim=1)
 
 
 def proxy_loss(w: ArrayLike, wq: ArrayLike, h: ArrayLike, n_tokens: int) -> float:

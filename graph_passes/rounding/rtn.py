@@ -7,8 +7,8 @@ first and only a strictly smaller error replaces it, so weights that already lie
 their exact codes. It raises weight SQNR but, measured on SmolLM2 W4 g128 (2048 eval tokens), perplexity
 rose: 35.85 with min-max vs 37.39 with the search, hence min-max by default.
 
-``grid="ort"`` reproduces onnxruntime's own RTN quantizer bit for bit (its sign-keeping symmetric scale and
-``roundf`` rounding, see ``grid.py``); it is a min-max method, so it requires ``search="minmax"``.
+``grid="ort"`` reproduces onnxruntime's own RTN quantizer bit for bit (its ``roundf`` rounding of codes
+and zero points, see ``grid.py``); it is a min-max method, so it requires ``search="minmax"``.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ import torch
 from optimum.adaround.graph_passes.errors import CalibrationError, UnsupportedSchemeError
 from optimum.adaround.graph_passes.rounding import adaround as ar
 from optimum.adaround.graph_passes.rounding.base import SiteStats, get_method
+from optimum.adaround.graph_passes.rounding.metrics import row_quadratic_forms
 from optimum.adaround.graph_passes.scheme import QuantScheme
 
 FFN = "encoder.layer.1.intermediate.dense.weight"  # [1536, 384]
@@ -67,11 +68,11 @@ def test_relaxed_rounding_hardens_to_binary_and_never_gets_worse(site):
     init = get_method("gptq").quantize(w, scheme, stats)
     st = ar.state_from(w, init)
     hm = torch.from_numpy(stats.hessian) / stats.n_tokens
-    before = ar._row_loss(st.dequantize() - st.w, hm)
+    before = row_quadratic_forms(st.dequantize() - st.w, hm)
     opts = ar.AdaRoundOptions(**FAST, polish_steps=0)
     st, info = ar.adaround_refine(st, hm, opts)
     assert bool(((st.h == 0) | (st.h == 1)).all())
-    after = ar._row_loss(st.dequantize() - st.w, hm)
+    after = row_quadratic_forms(st.dequantize() - st.w, hm)
     assert bool((after <= before).all()) and float(after.sum()) < float(before.sum())
     assert info["proxy_loss_before_polish"] == pytest.approx(float(after.sum()), rel=1e-9)
 
@@ -97,11 +98,11 @@ def test_greedy_flips_end_at_a_local_minimum():
     codes = (torch.round(w / s) + z).clamp(0, 7)
     st = ar.RoundingState.from_codes(w, s, z, codes, 7)
     assert ar.greedy_flips(st, hm, 1000) > 0
-    loss = ar._row_loss(st.dequantize() - st.w, hm)
+    loss = row_quadratic_forms(st.dequantize() - st.w, hm)
     for r, j in itertools.product(range(3), range(k)):  # no single flip improves any row
         h = st.h.clone()
         h[r, j] = 1 - h[r, j]
-        assert float(ar._row_loss(st.dequantize(h) - st.w, hm)[r]) >= float(loss[r]) - 1e-9
+        assert float(row_quadratic_forms(st.dequantize(h) - st.w, hm)[r]) >= float(loss[r]) - 1e-9
 
 
 def test_same_seed_same_codes(site):
