@@ -254,7 +254,34 @@ def ours_job(
         progress=False,
     )
     cfg = Path(out) / "quantization_config.json"
-    return {"timings": json.loads(cfg.read_text()).get("timings")} if cfg.is_file() else {}
+    if not cfg.is_file():
+        return {}
+    record = json.loads(cfg.read_text())
+    return {"timings": record.get("timings"), "site_counts": site_counts(record.get("sites", []))}
+
+
+def site_counts(sites: list[dict[str, Any]]) -> dict[str, int]:
+    """Per-site proxy-loss ordering from a quantization_config.json ``sites`` list.
+
+    Each comparison is under the *same* H (the site's own calibration statistics in that run):
+    ``below_rtn`` counts sites whose H-weighted loss is below min-max RTN's, ``below_init`` sites where a
+    refining method (adaround, adaround_ls) ended below its GPTQ start; ``*_of`` is how many sites carry
+    the metric."""
+    out = {"below_rtn": 0, "below_rtn_of": 0, "below_init": 0, "below_init_of": 0}
+    for site in sites:
+        m = site.get("metrics", {})
+        if "proxy_loss_rtn" in m:
+            out["below_rtn_of"] += 1
+            out["below_rtn"] += int(m["proxy_loss"] < m["proxy_loss_rtn"])
+        final, init = (
+            ("fp_target_loss", "fp_target_loss_init")
+            if "fp_target_loss" in m
+            else ("proxy_loss", "proxy_loss_init")
+        )
+        if init in m:
+            out["below_init_of"] += 1
+            out["below_init"] += int(m[final] < m[init])
+    return out
 
 
 # -- rows ---------------------------------------------------------------------------------------------
@@ -280,6 +307,8 @@ class Row:
     quant_seconds: float | None = None
     peak_rss_anon_mb: float | None = None
     eval_seconds: float | None = None
+    site_counts: dict[str, int] | None = None
+    """Per-site proxy-loss ordering (``site_counts``), for our calibrated methods."""
     path: str = ""
 
 
@@ -488,6 +517,7 @@ class Bench:
             method_options=options or None,
         )
         if self._finish(row, out, res):
+            row.site_counts = (res.get("info") or {}).get("site_counts")
             self._evaluate(row)
 
     # -- the whole run --------------------------------------------------------------------------------
@@ -860,6 +890,22 @@ def write_markdown(
                 "quantization wall time: " + ", ".join(f"{r.method} {r.quant_seconds:.0f} s" for r in elapsed)
             )
         lines.append(f"- {scheme}: " + ("; ".join(parts) if parts else "no finished row"))
+    counted = [r for r in rows if r.site_counts and r.site_counts.get("below_rtn_of")]
+    if counted:
+        lines += [
+            "",
+            "### Per-site proxy loss (H-weighted output error of each layer, same H within a run)",
+            "",
+            "Sites whose loss is below min-max RTN's on that site's calibration statistics, and for the refining "
+            "methods, below their GPTQ start (from each output's `quantization_config.json`).",
+            "",
+            "| scheme | method | below RTN | below its GPTQ start |",
+            "|---|---|---:|---:|",
+        ]
+        for r in counted:
+            c = r.site_counts or {}
+            init = f"{c['below_init']}/{c['below_init_of']}" if c.get("below_init_of") else "-"
+            lines.append(f"| {r.scheme} | {r.method} | {c['below_rtn']}/{c['below_rtn_of']} | {init} |")
     lines += [
         "",
         "## Decode speed (greedy generation, onnxruntime CPU)",

@@ -26,7 +26,7 @@ from .model_io import read_weight
 from .packing.base import PackedWeight, Packer, get_packer
 from .records import QuantizedWeight, SiteReport, SkippedSite, WeightSite
 from .rewrite import ReplaceWeightSitesPass, SiteRewrite
-from .rounding.base import RoundingMethod, SiteStats, get_method
+from .rounding.base import FP_CROSS, RoundingMethod, SiteStats, get_method
 from .scheme import QuantScheme, WeightFormat
 from .sites import ALREADY_QUANTIZED, find_weight_sites
 
@@ -283,7 +283,14 @@ def quantize_model(
         with bar:
             if rounding_method.needs:
                 calibration = _calibrated(
-                    model, report, token_ids, quantize_one, sequential, progress, calibration_options
+                    model,
+                    report,
+                    token_ids,
+                    quantize_one,
+                    sequential,
+                    progress,
+                    calibration_options,
+                    rounding_method.needs,
                 )
             else:
                 for site in report.sites:
@@ -319,6 +326,7 @@ def _calibrated(
     sequential: bool,
     progress: bool,
     calibration_options: Mapping[str, Any] | None,
+    needs: frozenset[str] = frozenset(),
 ) -> dict[str, Any] | None:
     """Run the calibration engine, quantizing each block's sites with the statistics it hands over."""
     from .calibration.engine import run_calibration
@@ -338,6 +346,8 @@ def _calibrated(
                 done.add(site.name)
         return out
 
+    options = dict(calibration_options or {})
+    options.setdefault("fp_target", sequential and FP_CROSS in needs)
     calib_report = run_calibration(
         model,
         report.sites,
@@ -345,7 +355,7 @@ def _calibrated(
         on_block,
         sequential=sequential,
         progress=progress,
-        **dict(calibration_options or {}),
+        **options,
     )
     missing = [s.name for s in report.sites if s.name not in done]
     if missing:

@@ -220,6 +220,7 @@ def run_calibration(
     providers: Sequence[str] = ("CPUExecutionProvider",),
     progress: bool = True,
     hessian_precision: Precision = "float64",
+    fp_target: bool = False,
 ) -> CalibrationReport:
     """Gather ``H = sum X^T X`` per activation of ``sites`` on ``token_ids`` and call ``on_block``.
 
@@ -229,6 +230,11 @@ def run_calibration(
     ``on_block(all_sites, stats)``. ``stats`` is keyed by site name; sites sharing an activation share one
     ``SiteStats``. ``model`` is not modified. ``hessian_precision="float32"`` halves the cost of the
     per-batch ``X^T X`` (the sum stays float64; see ``stats.py``).
+
+    ``fp_target=True`` (sequential mode) also runs each block on the full-precision model's boundary
+    tensors and hands every site ``extra[FP_CROSS] = sum X_q^T X_fp`` (``stats.py``), for methods that
+    match the fp model's output rather than the layer's own (one more onnxruntime run per block and one
+    more cached copy of the boundary tensors once a block has been quantized).
     """
     t_start, cpu_start = time.perf_counter(), time.process_time()
     ids = check_token_ids(token_ids)
@@ -245,6 +251,7 @@ def run_calibration(
     n, t = ids.shape
     HessianAccumulator([], hessian_precision)  # validate the option before any work
     run = _Run(model, list(sites), ids, specs, batches, provs, on_block, progress, hessian_precision)
+    run.fp_target = fp_target
     parts = run.sequential() if sequential else run.one_pass()
     report = CalibrationReport(
         sequential=sequential,
@@ -281,6 +288,11 @@ class _Run:
         self.n_quantized = 0
         self.peak_cache_bytes = 0
         self.peak_part_weight_bytes = 0
+        self.fp_target = False
+        # The fp model's boundary tensors, once they differ from ``cache`` (after the first quantized block);
+        # until then both paths are the same tensors and ``fp_cache`` is empty.
+        self.fp_cache: dict[str, list[np.ndarray]] = {}
+        self.diverged = False
 
     def _feeds(self, b: slice) -> dict[str, np.ndarray]:
         return make_feeds(self.specs, self.ids[b])
@@ -347,13 +359,14 @@ class _Run:
                 reports.append(self._run_part(part, by_part.get(part.index, []), cache))
                 for name in [k for k in cache if plan.last_reader.get(k, -1) <= part.index]:
                     del cache[name]
+                    self.fp_cache.pop(name, None)
                 bar.update(1)
         return reports
 
     def _run_part(
         self, part: Part, sites: list[WeightSite], cache: dict[str, list[np.ndarray]]
     ) -> PartReport:
-        acc = HessianAccumulator(sites, self.precision)
+        acc = HessianAccumulator(sites, self.precision, cross=self.fp_target)
         produced = [a for a in acc.activations if a not in part.inputs]
         outputs = list(part.outputs)
         rep = PartReport(part.label, len(sites), len(acc.activations), 0)
@@ -384,12 +397,20 @@ class _Run:
         rep: PartReport,
     ) -> PartReport:
         # Pass 1: fp weights of this part; activations -> H, boundary outputs kept in case nothing changes.
+        # With fp_target (after the first quantized block) the same session also runs on the fp model's
+        # boundary tensors: its activations give sum X_q^T X_fp, its outputs the fp path's next inputs.
         t0 = time.perf_counter()
         sess = None if builder is None else builder.open()
-        fp_outputs = self._forward(sess, part, cache, outputs, produced, acc, rep)
+        two_paths = self.fp_target and self.diverged
+        fp_outputs, fp_path = self._forward(
+            sess, part, cache, outputs, produced, acc, rep, self.fp_cache if two_paths else None
+        )
         del sess  # its arena (attention scores of a whole batch) is the largest transient allocation
         _release_memory()
         rep.forward_s += time.perf_counter() - t0 - rep.stats_s
+        if two_paths:
+            assert fp_path is not None
+            self._store(self.fp_cache, outputs, fp_path)
         if not sites:
             self._store(cache, outputs, fp_outputs)
             return rep
@@ -403,10 +424,13 @@ class _Run:
             # Pass 2: the next part must see what the quantized block computes.
             assert sub is not None
             t2 = time.perf_counter()
+            if self.fp_target and not self.diverged:
+                self._store(self.fp_cache, outputs, fp_outputs)  # from here on the two paths differ
+                self.diverged = True
             del fp_outputs
             assert builder is not None
             sess = builder.open(_graph_weights(sub, {s.name: s for s in sites}, qws))
-            self._store(cache, outputs, self._forward(sess, part, cache, outputs, [], None, rep))
+            self._store(cache, outputs, self._forward(sess, part, cache, outputs, [], None, rep)[0])
             del sess
             _release_memory()
             rep.requant_s = time.perf_counter() - t2
@@ -423,26 +447,42 @@ class _Run:
         produced: list[str],
         acc: HessianAccumulator | None,
         rep: PartReport,
-    ) -> list[list[np.ndarray]]:
+        fp_cache: dict[str, list[np.ndarray]] | None = None,
+    ) -> tuple[list[list[np.ndarray]], list[list[np.ndarray]] | None]:
         """Run the part over every batch, feeding ``acc`` (if given) with the activations of its sites.
 
         Returns the boundary ``outputs``, per output name, per batch. Activations that are inputs of the
-        part (e.g. the hidden state an lm_head reads) come from the cache, not from the session.
+        part (e.g. the hidden state an lm_head reads) come from the cache, not from the session. With
+        ``fp_cache`` (the fp model's boundary tensors, where they differ from ``cache``), each batch runs
+        a second time on those: the activations pair up in ``acc`` and the second run's outputs are
+        returned too (else None).
         """
         wanted = [] if sess is None else [i.name for i in sess.get_inputs()]
         fetch = outputs + produced
         kept: list[list[np.ndarray]] = [[] for _ in outputs]
+        kept_fp: list[list[np.ndarray]] | None = None if fp_cache is None else [[] for _ in outputs]
         for bi, b in enumerate(self.batches):
             graph_feeds = self._feeds(b)
 
-            def feed(name: str, bi: int = bi, graph_feeds: dict[str, np.ndarray] = graph_feeds) -> np.ndarray:
-                if name in cache:
-                    return cache[name][bi]
+            def feed(
+                name: str,
+                path: dict[str, list[np.ndarray]] = cache,
+                bi: int = bi,
+                graph_feeds: dict[str, np.ndarray] = graph_feeds,
+            ) -> np.ndarray:
+                for c in (path, cache):  # the fp path shares the tensors it has no copy of
+                    if name in c:
+                        return c[name][bi]
                 if name in graph_feeds:
                     return graph_feeds[name]
                 raise InternalError(f"{part.label}: no feed for input {name!r}")
 
             res = sess.run(fetch, {n: feed(n) for n in wanted}) if sess is not None else []
+            res_fp: list[np.ndarray] | None = None
+            if fp_cache is not None and kept_fp is not None:
+                res_fp = sess.run(fetch, {n: feed(n, fp_cache) for n in wanted}) if sess is not None else []
+                for j in range(len(outputs)):
+                    kept_fp[j].append(np.array(res_fp[j], copy=True))
             for j in range(len(outputs)):
                 # a copy: the array onnxruntime returns can pin its session's whole memory arena
                 kept[j].append(np.array(res[j], copy=True))
@@ -450,16 +490,21 @@ class _Run:
                 t0 = time.perf_counter()
                 for a in acc.activations:  # inputs of the part first: they come earlier in the graph
                     if a not in produced:
-                        acc.add(a, feed(a))
-                for a, x in zip(produced, res[len(outputs) :], strict=True):
-                    acc.add(a, x)
+                        acc.add(a, feed(a), None if fp_cache is None else feed(a, fp_cache))
+                for i, (a, x) in enumerate(zip(produced, res[len(outputs) :], strict=True)):
+                    acc.add(a, x, None if res_fp is None else res_fp[len(outputs) + i])
                 rep.stats_s += time.perf_counter() - t0
-        return kept
+        return kept, kept_fp
 
     def _store(
         self, cache: dict[str, list[np.ndarray]], outputs: list[str], values: list[list[np.ndarray]]
     ) -> None:
         for name, per_batch in zip(outputs, values, strict=True):
             cache[name] = per_batch
-        size = sum(a.nbytes for v in cache.values() for a in v)
+        size = sum(
+            a.nbytes
+            for c in {id(cache): cache, id(self.fp_cache): self.fp_cache}.values()
+            for v in c.values()
+            for a in v
+        )
         self.peak_cache_bytes = max(self.peak_cache_bytes, size)

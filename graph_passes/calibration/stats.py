@@ -19,9 +19,10 @@ import numpy as np
 
 from ..errors import CalibrationError
 from ..records import WeightSite
-from ..rounding.base import SiteStats
+from ..rounding.base import FIRST_POSITION, FIRST_POSITION_TOKENS, FP_CROSS, SiteStats
 
-__all__ = ["HessianAccumulator", "Precision"]
+__all__ = ["FP_CROSS", "HessianAccumulator", "Precision"]
+
 
 Precision = Literal["float64", "float32"]
 
@@ -29,12 +30,17 @@ Precision = Literal["float64", "float32"]
 class HessianAccumulator:
     """One float64 ``[K, K]`` sum per activation; batches are added and dropped as they arrive."""
 
-    def __init__(self, sites: Iterable[WeightSite], precision: Precision = "float64") -> None:
+    def __init__(
+        self, sites: Iterable[WeightSite], precision: Precision = "float64", cross: bool = False
+    ) -> None:
         if precision not in ("float64", "float32"):
             raise CalibrationError(f"hessian precision {precision!r}: use 'float64' or 'float32'")
         self.dtype = np.dtype(precision)
         self.stats: dict[str, SiteStats] = {}
         self.k: dict[str, int] = {}
+        self.cross = cross
+        # sum X_q^T (X_fp - X_q): zero until the two paths differ, so G = H + D costs nothing before that
+        self.cross_delta: dict[str, np.ndarray] = {}
         for s in sites:
             if s.activation in self.k and self.k[s.activation] != s.k:
                 raise CalibrationError(
@@ -48,8 +54,7 @@ class HessianAccumulator:
     def activations(self) -> list[str]:
         return list(self.stats)
 
-    def add(self, activation: str, x: np.ndarray) -> None:
-        """Add ``x[..., K]`` (any leading dims = tokens) to the activation's running sum."""
+    def _rows(self, activation: str, x: np.ndarray) -> np.ndarray:
         k = self.k[activation]
         if x.shape[-1] != k:
             raise CalibrationError(
@@ -61,12 +66,41 @@ class HessianAccumulator:
                 f"activation {activation!r} contains NaN or Inf on the calibration data "
                 "(overflow in the model or bad inputs); cannot compute its statistics"
             )
+        return x2
+
+    def add(self, activation: str, x: np.ndarray, x_fp: np.ndarray | None = None) -> None:
+        """Add ``x[..., K]`` (any leading dims = tokens) to the activation's running sum; with ``cross``,
+        ``x_fp`` is the full-precision model's activation for the same tokens (None: the same as ``x``)."""
+        x2 = self._rows(activation, x)
         xw = x2.astype(self.dtype, copy=False)
         st = self.stats[activation]
         assert st.hessian is not None
         st.hessian += xw.T @ xw
         st.n_tokens += x2.shape[0]
+        if np.ndim(x) == 3:  # [batch, seq, K]: the first positions' share, for methods that guard the rest
+            first = xw.reshape(x.shape)[:, 0, :]
+            if FIRST_POSITION not in st.extra:
+                st.extra[FIRST_POSITION] = np.zeros_like(st.hessian)
+                st.extra[FIRST_POSITION_TOKENS] = np.zeros((), np.int64)
+            st.extra[FIRST_POSITION] += first.T @ first
+            st.extra[FIRST_POSITION_TOKENS] += first.shape[0]
+        if self.cross and x_fp is not None and x_fp is not x:
+            f2 = self._rows(activation, x_fp)
+            if f2.shape != x2.shape:
+                raise CalibrationError(
+                    f"activation {activation!r}: full-precision batch {f2.shape} differs from {x2.shape}"
+                )
+            diff = f2.astype(self.dtype) - xw
+            if activation not in self.cross_delta:
+                self.cross_delta[activation] = np.zeros_like(st.hessian)
+            self.cross_delta[activation] += xw.T @ diff
 
     def by_site(self, sites: Iterable[WeightSite]) -> dict[str, SiteStats]:
-        """Stats keyed by site name; sites sharing an activation share one object."""
+        """Stats keyed by site name; sites sharing an activation share one object. With ``cross``, each
+        carries ``extra[FP_CROSS] = H + sum X_q^T (X_fp - X_q)``."""
+        if self.cross:
+            for a, st in self.stats.items():
+                assert st.hessian is not None
+                d = self.cross_delta.get(a)
+                st.extra[FP_CROSS] = st.hessian if d is None else st.hessian + d
         return {s.name: self.stats[s.activation] for s in sites}

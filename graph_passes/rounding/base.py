@@ -19,7 +19,29 @@ from ..errors import UnsupportedSchemeError
 from ..records import QuantizedWeight
 from ..scheme import QuantScheme
 
-__all__ = ["METHODS", "RoundingMethod", "SiteStats", "get_method", "register_method"]
+__all__ = [
+    "FIRST_POSITION",
+    "FIRST_POSITION_TOKENS",
+    "FP_CROSS",
+    "METHODS",
+    "RoundingMethod",
+    "SiteStats",
+    "get_method",
+    "register_method",
+]
+
+
+FP_CROSS = "fp_cross"
+"""``SiteStats.extra`` key of ``G = sum X_q^T X_fp``: the activation seen with earlier blocks quantized
+(``X_q``, the one ``H`` is built from) against the full-precision model's activation for the same tokens
+(``X_fp``). Methods minimising ``|X_q Wq^T - X_fp W^T|`` (the fp-target objective) need it."""
+
+FIRST_POSITION = "hessian_first_position"
+"""``SiteStats.extra`` key of ``sum x_0^T x_0`` over the *first* position of every calibration sequence
+(part of ``hessian``); ``FIRST_POSITION_TOKENS`` holds how many such tokens. In LLMs the first position
+carries massive activations (an attention sink): on SmolLM2 up to 99.9% of trace(H) of some down_proj
+inputs comes from those 32 of 8192 tokens, so methods can check a change against the other tokens too."""
+FIRST_POSITION_TOKENS = "first_position_tokens"
 
 
 @dataclasses.dataclass

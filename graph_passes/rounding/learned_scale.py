@@ -40,15 +40,22 @@ class AdaRoundLS(AdaRound):
     scale_steps: int = 2
 
     def refine(
-        self, w: np.ndarray, init_qw: QuantizedWeight, h: np.ndarray, n_tokens: int, site: str
+        self,
+        w: np.ndarray,
+        init_qw: QuantizedWeight,
+        h: np.ndarray,
+        n_tokens: int,
+        site: str,
+        guard: tuple[np.ndarray, int] | None = None,
     ) -> tuple[QuantizedWeight, dict[str, float]]:
-        qw, info = super().refine(w, init_qw, h, n_tokens, site)
+        qw, info = super().refine(w, init_qw, h, n_tokens, site, guard)
         hm = torch.from_numpy(np.asarray(h, dtype=np.float64)) / max(n_tokens, 1)
+        gm = None if guard is None else torch.from_numpy(np.asarray(guard[0], np.float64)) / max(guard[1], 1)
         opts = self.options()
         for _ in range(self.scale_steps):
             scales = refit_scales(w, qw.codes, qw.scales, qw.zero_points, qw.scheme, h)
             moved = QuantizedWeight(qw.codes, scales, qw.zero_points, qw.scheme)
-            st, _ = adaround_refine(state_from(w, moved), hm, opts)
+            st, _ = adaround_refine(state_from(w, moved), hm, opts, gm)
             qw = QuantizedWeight(codes_of(st, qw.scheme, site), scales, qw.zero_points, qw.scheme)
         nz = init_qw.scales != 0
         info["clip_mean"] = float((qw.scales[nz] / init_qw.scales[nz]).mean()) if nz.any() else 1.0

@@ -15,6 +15,7 @@ from conftest import weight_sites
 from optimum.adaround.graph_passes.calibration.engine import resolve_providers, run_calibration
 from optimum.adaround.graph_passes.errors import CalibrationError
 from optimum.adaround.graph_passes.records import QuantizedWeight, WeightSite
+from optimum.adaround.graph_passes.rounding.base import FP_CROSS
 from optimum.adaround.graph_passes.rounding.grid import blockwise_minmax, codes_from_weight, grid_params
 from optimum.adaround.graph_passes.scheme import QuantScheme
 
@@ -45,13 +46,13 @@ def llama_feeds(ids: np.ndarray) -> dict[str, np.ndarray]:
     return feeds
 
 
-def reference_hessians(
+def reference_activations(
     model: ir.Model,
     activations: list[str],
     feeds: dict[str, np.ndarray],
     replace: dict[str, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
-    """sum X^T X (float64) of each activation, fetched from the full model in one onnxruntime run."""
+    """Each activation as float64 ``[tokens, K]``, fetched from the full model in one onnxruntime run."""
     proto = ir.to_proto(model)
     for init in proto.graph.initializer:
         if replace and init.name in replace:
@@ -60,11 +61,18 @@ def reference_hessians(
         proto.graph.output.append(onnx.ValueInfoProto(name=a))
     sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     outs = sess.run(activations, feeds)
-    result = {}
-    for a, x in zip(activations, outs, strict=True):
-        x = x.reshape(-1, x.shape[-1]).astype(np.float64)
-        result[a] = x.T @ x
-    return result
+    return {a: x.reshape(-1, x.shape[-1]).astype(np.float64) for a, x in zip(activations, outs, strict=True)}
+
+
+def reference_hessians(
+    model: ir.Model,
+    activations: list[str],
+    feeds: dict[str, np.ndarray],
+    replace: dict[str, np.ndarray] | None = None,
+) -> dict[str, np.ndarray]:
+    """sum X^T X (float64) of each activation, fetched from the full model in one onnxruntime run."""
+    xs = reference_activations(model, activations, feeds, replace)
+    return {a: x.T @ x for a, x in xs.items()}
 
 
 class Recorder:
@@ -73,6 +81,7 @@ class Recorder:
     def __init__(self, quantize=None) -> None:
         self.calls: list[list[str]] = []
         self.hessians: dict[str, np.ndarray] = {}
+        self.cross: dict[str, np.ndarray] = {}
         self.n_tokens: dict[str, int] = {}
         self.shared: list[bool] = []
         self.quantize = quantize
@@ -84,6 +93,8 @@ class Recorder:
         for s in sites:
             self.hessians[s.name] = stats[s.name].hessian.copy()
             self.n_tokens[s.name] = stats[s.name].n_tokens
+            if FP_CROSS in stats[s.name].extra:
+                self.cross[s.name] = stats[s.name].extra[FP_CROSS].copy()
             self.shared.append(by_act.setdefault(s.activation, stats[s.name]) is stats[s.name])
         if self.quantize is None:
             return {}
@@ -144,6 +155,43 @@ def test_sequential_sees_quantized_earlier_blocks(tiny_llama, ids):
     # the caller's model is untouched
     for s in sites:
         np.testing.assert_array_equal(weight_nk(tiny_llama, s), before[s.weight_name])
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "handmade"])
+def test_fp_target_cross_statistics(fixture, request):
+    """With fp_target, every site gets sum X_q^T X_fp: X_q from the model with earlier blocks quantized,
+    X_fp from the fp model (oracle: both fetched from full-model runs). H is unchanged by the option."""
+    model = request.getfixturevalue(fixture)
+    lm_head = fixture == "handmade"  # its lm_head reads a cached part input, in the epilogue
+    sites = weight_sites(model, lm_head=lm_head)
+    vocab = 256 if fixture == "tiny_llama" else 16
+    ids = np.random.default_rng(4).integers(0, vocab, (5, 9), dtype=np.int64)
+    feeds = llama_feeds(ids) if fixture == "tiny_llama" else {"input_ids": ids}
+    plain = Recorder(lambda s: rtn(weight_nk(model, s)))
+    run_calibration(model, sites, ids, plain, batch_size=2, progress=False)
+    rec = Recorder(lambda s: rtn(weight_nk(model, s)))
+    report = run_calibration(model, sites, ids, rec, batch_size=2, progress=False, fp_target=True)
+    replaced = {s.weight_name: rec.returned[s.name].dequantize().T.copy() for s in sites}
+    acts = sorted({s.activation for s in sites})
+    x_fp = reference_activations(model, acts, feeds)
+    first = min(s.layer for s in sites if s.layer is not None)
+    for s in sites:
+        np.testing.assert_array_equal(rec.hessians[s.name], plain.hessians[s.name])
+        earlier = {
+            s2.weight_name: replaced[s2.weight_name]
+            for s2 in sites
+            if s2.layer is not None and (s.layer is None or s2.layer < s.layer)
+        }
+        x_q = reference_activations(model, [s.activation], feeds, earlier)[s.activation]
+        scale = np.abs(x_q.T @ x_q).max()
+        np.testing.assert_allclose(
+            rec.cross[s.name], x_q.T @ x_fp[s.activation], rtol=1e-5, atol=1e-6 * scale
+        )
+        if s.layer == first:  # nothing quantized upstream: the two paths are one
+            np.testing.assert_array_equal(rec.cross[s.name], rec.hessians[s.name])
+        else:
+            assert np.abs(rec.cross[s.name] - rec.hessians[s.name]).max() > 1e-3 * scale
+    assert report.n_quantized == len(sites)
 
 
 def test_handmade_graph_with_lm_head_in_epilogue(handmade):
@@ -308,3 +356,23 @@ def test_smollm2_sequential_smoke():
         h = rec.hessians[s.name]
         assert np.isfinite(h).all() and np.allclose(h, h.T) and (np.diag(h) > 0).all()
         assert rec.n_tokens[s.name] == ids.size
+
+
+def test_first_position_statistics():
+    """[batch, seq, K] activations also give sum x_0^T x_0 over each sequence's first position."""
+    from optimum.adaround.graph_passes.calibration.stats import HessianAccumulator
+    from optimum.adaround.graph_passes.rounding.base import FIRST_POSITION, FIRST_POSITION_TOKENS
+
+    site = WeightSite("l0.up", "n", "MatMul", "w", k=6, n=4, transposed=False, activation="a", layer=0)
+    acc = HessianAccumulator([site])
+    rng = np.random.default_rng(0)
+    xs = [rng.standard_normal((b, 5, 6)).astype(np.float32) for b in (3, 2)]
+    for x in xs:
+        acc.add("a", x)
+    st = acc.by_site([site])["l0.up"]
+    first = np.concatenate([x[:, 0] for x in xs]).astype(np.float64)
+    np.testing.assert_allclose(st.extra[FIRST_POSITION], first.T @ first, rtol=1e-12)
+    assert int(st.extra[FIRST_POSITION_TOKENS]) == 5 and st.n_tokens == 25
+    flat = HessianAccumulator([site])
+    flat.add("a", xs[0].reshape(-1, 6))  # no sequence axis: nothing to split
+    assert FIRST_POSITION not in flat.by_site([site])["l0.up"].extra

@@ -11,7 +11,13 @@ import torch
 
 from optimum.adaround.graph_passes.errors import CalibrationError, UnsupportedSchemeError
 from optimum.adaround.graph_passes.rounding import adaround as ar
-from optimum.adaround.graph_passes.rounding.base import SiteStats, get_method
+from optimum.adaround.graph_passes.rounding.base import (
+    FIRST_POSITION,
+    FIRST_POSITION_TOKENS,
+    FP_CROSS,
+    SiteStats,
+    get_method,
+)
 from optimum.adaround.graph_passes.rounding.metrics import row_quadratic_forms
 from optimum.adaround.graph_passes.scheme import QuantScheme
 
@@ -130,3 +136,68 @@ def test_fallback_and_bad_input(site, caplog):
         get_method("adaround", init="foo")
     with pytest.raises(UnsupportedSchemeError, match="soft_init"):
         get_method("adaround", soft_init=0.0)
+
+
+def test_fp_target_lowers_the_fp_target_loss(site, minilm_weight):
+    """Given X_q^T X_fp, adaround rounds toward the weight that reproduces the fp model's output: its
+    fp-target loss is below that of the layer-target rounding of the same site, and the needs say so."""
+    w, stats = site
+    rng = np.random.default_rng(5)
+    k = w.shape[1]
+    # X_fp: the same correlated inputs; X_q = X_fp (I + E), a small upstream distortion of the features
+    x_fp = rng.standard_normal((2048, k)) @ np.linalg.cholesky(stats.hessian / stats.n_tokens).T
+    x_q = x_fp @ (np.eye(k) + 0.05 * rng.standard_normal((k, k)) / np.sqrt(k))
+    h, g = x_q.T @ x_q, x_q.T @ x_fp
+    both = SiteStats(h, x_q.shape[0], extra={FP_CROSS: g})
+    scheme = QuantScheme.parse("w4-g64-sym")
+    fp = get_method("adaround", target="fp", **FAST).quantize(w, scheme, both)
+    layer = get_method("adaround", **FAST).quantize(w, scheme, both)
+
+    def fp_loss(qw):
+        return float(
+            np.sum((x_q @ qw.dequantize().T.astype(np.float64) - x_fp @ w.T.astype(np.float64)) ** 2)
+        )
+
+    assert fp_loss(fp) < 0.9 * fp_loss(layer)
+    assert fp.metrics["fp_target_loss"] <= fp.metrics["fp_target_loss_init"]
+    assert "fp_target_loss" not in layer.metrics
+    assert get_method("adaround", target="fp").needs == {"hessian", FP_CROSS}
+    assert get_method("adaround").needs == {"hessian"}  # the default target is the layer's own output
+    # without the cross statistics (one-pass calibration) the fp target is W: same codes as target="layer"
+    np.testing.assert_array_equal(
+        get_method("adaround", target="fp", **FAST).quantize(w, scheme, stats).codes,
+        get_method("adaround", **FAST).quantize(w, scheme, stats).codes,
+    )
+    with pytest.raises(UnsupportedSchemeError, match="target='x'"):
+        get_method("adaround", target="x")
+
+
+def test_first_position_guard(site):
+    """A first position with massive activations owns most of H. Guarded, no row's loss over the other
+    tokens rises above its GPTQ start, the full loss still falls below it, and the guard changed codes."""
+    w, stats = site
+    k = w.shape[1]
+    rng = np.random.default_rng(7)
+    n_seq = 32
+    scale = np.sqrt(np.diag(stats.hessian).mean() / stats.n_tokens)
+    v = rng.standard_normal(k)  # one massive direction shared by every sink token, as in LLMs
+    sink = scale * (
+        30.0 * np.outer(1 + 0.1 * rng.standard_normal(n_seq), v) + rng.standard_normal((n_seq, k))
+    )
+    first = sink.T @ sink
+    h = stats.hessian + first
+    extra = {FIRST_POSITION: first, FIRST_POSITION_TOKENS: np.array(n_seq)}
+    both = SiteStats(h, stats.n_tokens + n_seq, extra=extra)
+    scheme = QuantScheme.parse("w4-g64-sym")
+    guarded = get_method("adaround", **FAST).quantize(w, scheme, both)
+    free = get_method("adaround", guard_first_position=False, **FAST).quantize(w, scheme, both)
+    init = get_method("gptq").quantize(w, scheme, both)
+
+    def rows(qw, hh):
+        d = torch.from_numpy((qw.dequantize() - w).astype(np.float64))
+        return row_quadratic_forms(d, torch.from_numpy(hh)).numpy()
+
+    rest = stats.hessian
+    assert (rows(guarded, rest) <= rows(init, rest) * (1 + 1e-6) + 1e-9).all()
+    assert (guarded.codes != free.codes).any()
+    assert rows(guarded, h).sum() < rows(init, h).sum()

@@ -1,0 +1,37 @@
+"""The benchmark's per-site proxy-loss counting (benchmarks/quality.py is a script, imported by path)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "quality.py"
+_spec = importlib.util.spec_from_file_location("bench_quality", _PATH)
+assert _spec is not None and _spec.loader is not None
+quality = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = quality  # dataclasses look their module up
+_spec.loader.exec_module(quality)
+
+
+def test_site_counts_compare_within_each_site():
+    sites = [
+        {"metrics": {"proxy_loss": 1.0, "proxy_loss_rtn": 2.0, "proxy_loss_init": 1.5}},
+        {"metrics": {"proxy_loss": 3.0, "proxy_loss_rtn": 2.0, "proxy_loss_init": 3.0}},  # worse, tie
+        {
+            "metrics": {
+                "proxy_loss": 9.0,
+                "proxy_loss_rtn": 2.0,
+                "fp_target_loss": 1.0,
+                "fp_target_loss_init": 2.0,
+            }
+        },
+        {"metrics": {"proxy_loss": 1.0}},  # rtn itself: nothing to compare
+    ]
+    assert quality.site_counts(sites) == {
+        "below_rtn": 1,
+        "below_rtn_of": 3,
+        "below_init": 2,
+        "below_init_of": 3,
+    }
+    assert quality.site_counts([]) == {"below_rtn": 0, "below_rtn_of": 0, "below_init": 0, "below_init_of": 0}
