@@ -250,8 +250,9 @@ def run_calibration(
     batches = _batches(ids.shape[0], batch_size)
     n, t = ids.shape
     HessianAccumulator([], hessian_precision)  # validate the option before any work
-    run = _Run(model, list(sites), ids, specs, batches, provs, on_block, progress, hessian_precision)
-    run.fp_target = fp_target
+    run = _Run(
+        model, list(sites), ids, specs, batches, provs, on_block, progress, hessian_precision, fp_target
+    )
     parts = run.sequential() if sequential else run.one_pass()
     report = CalibrationReport(
         sequential=sequential,
@@ -275,7 +276,9 @@ def run_calibration(
 class _Run:
     """State of one calibration run (kept out of the public signature)."""
 
-    def __init__(self, model, sites, ids, specs, batches, providers, on_block, progress, precision) -> None:
+    def __init__(
+        self, model, sites, ids, specs, batches, providers, on_block, progress, precision, fp_target=False
+    ) -> None:
         self.model: ir.Model = model
         self.sites: list[WeightSite] = sites
         self.ids: np.ndarray = ids
@@ -288,7 +291,7 @@ class _Run:
         self.n_quantized = 0
         self.peak_cache_bytes = 0
         self.peak_part_weight_bytes = 0
-        self.fp_target = False
+        self.fp_target: bool = fp_target
         # The fp model's boundary tensors, once they differ from ``cache`` (after the first quantized block);
         # until then both paths are the same tensors and ``fp_cache`` is empty.
         self.fp_cache: dict[str, list[np.ndarray]] = {}
@@ -357,6 +360,8 @@ class _Run:
             for part in plan.parts[: last + 1]:
                 bar.set_postfix_str(part.label)
                 reports.append(self._run_part(part, by_part.get(part.index, []), cache))
+                size = sum(a.nbytes for c in (cache, self.fp_cache) for v in c.values() for a in v)
+                self.peak_cache_bytes = max(self.peak_cache_bytes, size)
                 for name in [k for k in cache if plan.last_reader.get(k, -1) <= part.index]:
                     del cache[name]
                     self.fp_cache.pop(name, None)
@@ -496,15 +501,8 @@ class _Run:
                 rep.stats_s += time.perf_counter() - t0
         return kept, kept_fp
 
+    @staticmethod
     def _store(
-        self, cache: dict[str, list[np.ndarray]], outputs: list[str], values: list[list[np.ndarray]]
+        cache: dict[str, list[np.ndarray]], outputs: list[str], values: list[list[np.ndarray]]
     ) -> None:
-        for name, per_batch in zip(outputs, values, strict=True):
-            cache[name] = per_batch
-        size = sum(
-            a.nbytes
-            for c in {id(cache): cache, id(self.fp_cache): self.fp_cache}.values()
-            for v in c.values()
-            for a in v
-        )
-        self.peak_cache_bytes = max(self.peak_cache_bytes, size)
+        cache.update(zip(outputs, values, strict=True))

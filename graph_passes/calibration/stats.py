@@ -21,7 +21,7 @@ from ..errors import CalibrationError
 from ..records import WeightSite
 from ..rounding.base import FIRST_POSITION, FIRST_POSITION_TOKENS, FP_CROSS, SiteStats
 
-__all__ = ["FP_CROSS", "HessianAccumulator", "Precision"]
+__all__ = ["HessianAccumulator", "Precision"]
 
 
 Precision = Literal["float64", "float32"]

@@ -522,13 +522,13 @@ class AdaRound:
         qw.metrics["time_s"] = time.perf_counter() - t0
         return qw
 
-    def _guard(self, stats: SiteStats) -> tuple[np.ndarray, int] | None:
-        """``(sum X^T X, tokens)`` over every position but the first, when ``guard_first_position``."""
+    def _guard(self, stats: SiteStats) -> torch.Tensor | None:
+        """Mean ``X^T X`` over every position but the first, when ``guard_first_position``."""
         first = stats.extra.get(FIRST_POSITION)
         if not self.guard_first_position or first is None or stats.hessian is None:
             return None
         n_rest = stats.n_tokens - int(stats.extra[FIRST_POSITION_TOKENS])
-        return (stats.hessian - first, n_rest) if n_rest > 0 else None
+        return hs.mean_hessian(stats.hessian - first, n_rest) if n_rest > 0 else None
 
     def refine(
         self,
@@ -537,9 +537,10 @@ class AdaRound:
         h: np.ndarray,
         n_tokens: int,
         site: str,
-        guard: tuple[np.ndarray, int] | None = None,
+        guard: torch.Tensor | None = None,
     ) -> tuple[QuantizedWeight, dict[str, float]]:
-        """Improve ``init_qw`` (same grid); subclasses may also change the scales."""
+        """Improve ``init_qw`` (same grid); subclasses may also change the scales. ``guard``: a mean
+        Hessian under which no accepted change may raise a row's loss (see ``adaround_refine``)."""
         return refine(w, init_qw, h, n_tokens, self.options(), site, guard)
 
 
@@ -575,14 +576,12 @@ def refine(
     n_tokens: int,
     opts: AdaRoundOptions,
     site: str,
-    guard: tuple[np.ndarray, int] | None = None,
+    guard: torch.Tensor | None = None,
 ) -> tuple[QuantizedWeight, dict[str, float]]:
     """AdaRound from ``init_qw``'s codes and scales; keeps the init if the result is not better
     (row-wise acceptance makes that impossible, the check guards the guarantee)."""
     st = state_from(w, init_qw)
-    hm = torch.from_numpy(np.asarray(h, dtype=np.float64)) / max(n_tokens, 1)
-    gm = None if guard is None else torch.from_numpy(np.asarray(guard[0], np.float64)) / max(guard[1], 1)
-    st, info = adaround_refine(st, hm, opts, gm)
+    st, info = adaround_refine(st, hs.mean_hessian(h, n_tokens), opts, guard)
     qw = QuantizedWeight(
         codes_of(st, init_qw.scheme, site), init_qw.scales, init_qw.zero_points, init_qw.scheme
     )

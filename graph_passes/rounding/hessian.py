@@ -32,6 +32,7 @@ __all__ = [
     "empty_hessian",
     "fp_target_weight",
     "inverse_cholesky",
+    "mean_hessian",
     "prepare",
 ]
 
@@ -55,6 +56,11 @@ def accumulate(h: np.ndarray, x: np.ndarray) -> np.ndarray:
         x64 = torch.from_numpy(np.ascontiguousarray(x2, dtype=np.float64))
         torch.from_numpy(h).add_(x64.T @ x64)
     return h
+
+
+def mean_hessian(h: np.ndarray, n_tokens: int) -> torch.Tensor:
+    """The mean ``H / n`` of a summed Hessian as a float64 torch tensor (``n`` floored at 1)."""
+    return torch.from_numpy(np.asarray(h, dtype=np.float64)) / max(int(n_tokens), 1)
 
 
 def check_hessian(h: np.ndarray | None, k: int, site: str) -> None:

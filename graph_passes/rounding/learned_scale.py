@@ -25,6 +25,7 @@ import torch
 from ..records import QuantizedWeight
 from .adaround import AdaRound, adaround_refine, codes_of, keep_better, state_from
 from .base import register_method
+from .hessian import mean_hessian
 from .scales import refit_scales
 
 __all__ = ["AdaRoundLS", "refit_scales"]
@@ -46,16 +47,15 @@ class AdaRoundLS(AdaRound):
         h: np.ndarray,
         n_tokens: int,
         site: str,
-        guard: tuple[np.ndarray, int] | None = None,
+        guard: torch.Tensor | None = None,
     ) -> tuple[QuantizedWeight, dict[str, float]]:
         qw, info = super().refine(w, init_qw, h, n_tokens, site, guard)
-        hm = torch.from_numpy(np.asarray(h, dtype=np.float64)) / max(n_tokens, 1)
-        gm = None if guard is None else torch.from_numpy(np.asarray(guard[0], np.float64)) / max(guard[1], 1)
+        hm = mean_hessian(h, n_tokens)
         opts = self.options()
         for _ in range(self.scale_steps):
             scales = refit_scales(w, qw.codes, qw.scales, qw.zero_points, qw.scheme, h)
             moved = QuantizedWeight(qw.codes, scales, qw.zero_points, qw.scheme)
-            st, _ = adaround_refine(state_from(w, moved), hm, opts, gm)
+            st, _ = adaround_refine(state_from(w, moved), hm, opts, guard)
             qw = QuantizedWeight(codes_of(st, qw.scheme, site), scales, qw.zero_points, qw.scheme)
         nz = init_qw.scales != 0
         info["clip_mean"] = float((qw.scales[nz] / init_qw.scales[nz]).mean()) if nz.any() else 1.0
