@@ -11,23 +11,13 @@
 
 #include <cstdint>
 
+#include "layout.h"
 #include "lowbit_cuda.h"
 
 namespace {
 
-constexpr int kChunk = 32;
-
-__host__ __device__ constexpr int plane_width(int bits, int i) {
-  // Binary digits of `bits`, widest first (8 = one plane); mirrors oa::plane_width in lowbit.h.
-  if (bits == 8) return i == 0 ? 8 : 0;
-  for (int w = 4; w >= 1; w /= 2)
-    if (bits & w) {
-      if (i == 0) return w;
-      --i;
-    }
-  return 0;
-}
-static_assert(plane_width(3, 0) == 2 && plane_width(3, 1) == 1 && plane_width(7, 2) == 1, "planes");
+using oa::kChunk;
+using oa::plane_width;
 
 // Value j of a chunk held as 32-bit words (runtime bits/j: used by the GEMM tile loader).
 __device__ __forceinline__ uint32_t decode_rt(const uint32_t* words, int bits, int j) {

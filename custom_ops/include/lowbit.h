@@ -33,9 +33,9 @@
 #include <cstddef>
 #include <cstdint>
 
-namespace oa {
+#include "layout.h"
 
-constexpr int kChunk = 32;  // values per chunk
+namespace oa {
 
 struct GemmShape {
   int64_t M = 0, K = 0, N = 0;
@@ -46,19 +46,6 @@ struct GemmShape {
   int64_t chunk_bytes() const { return 4 * bits; }
   int64_t row_bytes() const { return n_chunks() * chunk_bytes(); }
 };
-
-// Width of plane i of a `bits`-bit code (0 = no more planes).
-constexpr int plane_width(int bits, int i) {
-  if (bits == 8) return i == 0 ? 8 : 0;
-  for (int w = 4; w >= 1; w /= 2)
-    if (bits & w) {
-      if (i == 0) return w;
-      --i;
-    }
-  return 0;
-}
-static_assert(plane_width(3, 0) == 2 && plane_width(3, 1) == 1 && plane_width(3, 2) == 0, "3 = 2 + 1");
-static_assert(plane_width(7, 0) == 4 && plane_width(7, 1) == 2 && plane_width(7, 2) == 1, "7 = 4 + 2 + 1");
 
 // Scalar decode of value j of a chunk (the definition; SIMD/CUDA paths are tested against it).
 inline uint8_t decode_one(const uint8_t* chunk, int bits, int j) {
