@@ -6,11 +6,12 @@ CUDA events and reports the achieved weight bandwidth (packed codes + scales rea
 
 Needs a GPU, a CUDA build of the library (``OPTIMUM_ADAROUND_CUDA=ON cmake -S . -B build/custom_ops ...``,
 pointed to by ``OPTIMUM_ADAROUND_CUSTOM_OPS_LIB`` if it is not the default build) and torch with CUDA or
-CuPy. Written on a machine without a GPU: it has not been run yet.
+CuPy. Runs from a source checkout too (custom_ops/python is imported by path when the package is not
+installed), which is how it runs on the GPU machine of the `device` tool.
 
     python benchmarks/cuda_gemv.py                     # check + time, writes benchmarks/results/cuda_gemv.{json,md}
     python benchmarks/cuda_gemv.py --check-only
-    python benchmarks/cuda_gemv.py --peak-gbps 3350    # H100 SXM HBM3, to report % of peak
+    python benchmarks/cuda_gemv.py --peak-gbps 3350    # override the nominal peak read from the device
 """
 
 from __future__ import annotations
@@ -24,8 +25,34 @@ from pathlib import Path
 
 import numpy as np
 
-from optimum.adaround import custom_ops
-from optimum.adaround.custom_ops import reference as ref
+
+def _import_custom_ops():
+    """The installed package, or (on a GPU machine with only a source checkout) custom_ops/python by path.
+
+    custom_ops/python stands alone (it imports nothing else from the package), so a checkout plus a built
+    library is enough to run this script.
+    """
+    try:
+        from optimum.adaround import custom_ops
+        from optimum.adaround.custom_ops import reference
+
+        return custom_ops, reference
+    except ImportError:
+        import importlib.util
+
+        src = Path(__file__).resolve().parents[1] / "custom_ops" / "python"
+        spec = importlib.util.spec_from_file_location(
+            "oa_custom_ops", src / "__init__.py", submodule_search_locations=[str(src)]
+        )
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["oa_custom_ops"] = mod
+        spec.loader.exec_module(mod)
+        import oa_custom_ops.reference as reference
+
+        return mod, reference
+
+
+custom_ops, ref = _import_custom_ops()
 
 
 class OaCudaArgs(ctypes.Structure):
@@ -96,28 +123,72 @@ class Device:
         else:
             self.cupy.cuda.runtime.deviceSynchronize()
 
-    def time_ms(self, fn, iters: int) -> float:
-        """Median of `iters` launches timed one by one with CUDA events."""
-        times = []
+    def free(self) -> None:
+        if self.torch is not None:
+            self.torch.cuda.empty_cache()
+        else:
+            self.cupy.get_default_memory_pool().free_all_blocks()
+
+    def peak_gbps(self) -> float | None:
+        """Nominal DRAM bandwidth from the device's memory clock and bus width (double data rate)."""
+        try:
+            import cupy
+
+            p = cupy.cuda.runtime.getDeviceProperties(0)
+            return 2 * p["memoryClockRate"] * 1e3 * p["memoryBusWidth"] / 8 / 1e9
+        except Exception:  # no cupy, or a property missing: the caller passes --peak-gbps
+            return None
+
+    def time_launches(self, fns, iters: int) -> float:
+        """Milliseconds per launch: the launches `fns` (each called with a stream handle) captured once in
+        a CUDA graph and replayed `iters` times between two events; without torch, or if capture fails,
+        the launches are issued on a stream `iters` times over (then host launch cost may show)."""
+        if self.torch is not None:
+            t = self.torch
+            stream = t.cuda.Stream()
+            with t.cuda.stream(stream):
+                for f in fns:  # warm-up (and lazy module loading) outside the capture
+                    f(stream.cuda_stream)
+            t.cuda.synchronize()
+            try:
+                graph = t.cuda.CUDAGraph()
+                with t.cuda.graph(graph):
+                    handle = t.cuda.current_stream().cuda_stream
+                    for f in fns:
+                        f(handle)
+                run = graph.replay
+                self.timing = "cuda graph"
+            except RuntimeError as e:
+                print(f"graph capture failed ({e}); timing plain launches", flush=True)
+                t.cuda.synchronize()
+
+                def run() -> None:
+                    for f in fns:
+                        f(stream.cuda_stream)
+
+                self.timing = "stream"
+            with t.cuda.stream(stream):
+                run()
+                start, end = t.cuda.Event(enable_timing=True), t.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(iters):
+                    run()
+                end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / (iters * len(fns))
+        cp = self.cupy
+        stream = cp.cuda.Stream(non_blocking=True)
+        for f in fns:
+            f(stream.ptr)
+        start, end = cp.cuda.Event(), cp.cuda.Event()
+        start.record(stream)
         for _ in range(iters):
-            if self.torch is not None:
-                start, end = (
-                    self.torch.cuda.Event(enable_timing=True),
-                    self.torch.cuda.Event(enable_timing=True),
-                )
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                start, end = self.cupy.cuda.Event(), self.cupy.cuda.Event()
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(self.cupy.cuda.get_elapsed_time(start, end))
-        return float(np.median(times))
+            for f in fns:
+                f(stream.ptr)
+        end.record(stream)
+        end.synchronize()
+        self.timing = "stream"
+        return cp.cuda.get_elapsed_time(start, end) / (iters * len(fns))
 
 
 def load_library() -> ctypes.CDLL:
@@ -162,6 +233,7 @@ class Case:
             M=m, K=k, N=n, block_size=block, bits=bits, x_half=int(dtype == np.float16),
             scales_half=int(scale_dtype == np.float16),
         )  # fmt: skip
+        self._keep: list[dict] = []
         self.weight_bytes = (
             self.packed.nbytes + self.scales.nbytes + (self.zp.nbytes if self.zp is not None else 0)
         )
@@ -176,8 +248,19 @@ class Case:
             "bias": self.bias,
         }
 
-    def run(self, lib) -> None:
-        err = lib.oa_lowbit_matmul_cuda(ctypes.byref(self.args), None)
+    def clone_weights(self) -> OaCudaArgs:
+        """The same problem on fresh device copies of the weight-side buffers (kept alive by this case)."""
+        copies = {
+            name: self.dev.upload(getattr(self, attr))
+            for name, attr in (("b", "packed"), ("scales", "scales"))
+        }
+        self._keep.append(copies)
+        args = OaCudaArgs.from_buffer_copy(self.args)
+        args.b, args.scales = self.dev.ptr(copies["b"]), self.dev.ptr(copies["scales"])
+        return args
+
+    def run(self, lib, args: OaCudaArgs | None = None, stream: int | None = None) -> None:
+        err = lib.oa_lowbit_matmul_cuda(ctypes.byref(args or self.args), stream)
         if err:
             raise RuntimeError(lib.oa_cuda_error_string(err).decode())
 
@@ -195,7 +278,7 @@ def check(lib, dev) -> list[dict]:
         for block in (16, 32, 128, -1):
             for zp in (False, True):
                 for dtype in (np.float32, np.float16):
-                    for m in (1, 3, 37):
+                    for m in (1, 3, 4, 37):
                         k = 200 if block == -1 else 3 * block + 5
                         blk = k if block == -1 else block
                         c = Case(
@@ -212,7 +295,7 @@ def check(lib, dev) -> list[dict]:
                             }
                         )
     for bits in (3, 4):
-        for m in (1, 37):
+        for m in (1, 3, 37):
             c = Case(
                 dev,
                 rng,
@@ -230,40 +313,91 @@ def check(lib, dev) -> list[dict]:
     return rows
 
 
+ROTATE_BYTES = 512 << 20  # weights cycled through per timed pass: ten times the L2 of an H100/H200
+
+
+def _rotations(nbytes: int) -> int:
+    """Distinct weight copies so that one pass reads ROTATE_BYTES: every launch then misses L2 and the
+    figure is DRAM bandwidth, not the L2 bandwidth that re-reading one small matrix would give."""
+    return max(2, min(256, -(-ROTATE_BYTES // nbytes)))
+
+
 def bench(lib, dev, iters: int, peak: float | None) -> list[dict]:
+    """M = 1 GEMV over LLM shapes. Each timing is one CUDA graph (or, without torch, one stream of
+    launches) over `_rotations` distinct weight copies, replayed `iters` times: per-call time = total /
+    launches, so neither the Python launch cost nor L2 residency inflates the bandwidth. Baselines measured
+    in the same run: cuBLAS fp16 GEMV through torch on the same rotation, and a device-to-device copy."""
     rng = np.random.default_rng(1)
     rows = []
     for k, n in ((4096, 4096), (4096, 11008), (11008, 4096), (8192, 28672)):
         for bits in (3, 4):
             for dtype in (np.float16, np.float32):
                 c = Case(dev, rng, m=1, k=k, n=n, bits=bits, block=128, zp=False, dtype=dtype)
-                for _ in range(5):
-                    c.run(lib)
-                ms = dev.time_ms(lambda c=c: c.run(lib), iters)
+                r = _rotations(c.weight_bytes)
+                copies = [c.args] + [c.clone_weights() for _ in range(r - 1)]
+                ms = dev.time_launches([lambda s, a=a, c=c: c.run(lib, a, s) for a in copies], iters)
                 gbps = c.weight_bytes / (ms * 1e-3) / 1e9
-                row = {
-                    "K": k,
-                    "N": n,
-                    "bits": bits,
-                    "dtype": np.dtype(dtype).name,
-                    "ms": ms,
-                    "weight_GBps": gbps,
-                }
+                row = {"K": k, "N": n, "bits": bits, "dtype": np.dtype(dtype).name, "ms": ms}
+                row["weight_GBps"] = gbps
                 if peak:
                     row["pct_of_peak"] = 100 * gbps / peak
                 rows.append(row)
                 print(row, flush=True)
+                del copies, c
+                dev.free()
+        if dev.torch is not None:  # cuBLAS fp16 GEMV on the same rotation: the bar a dense fp16 model sets
+            t = dev.torch
+            wbytes = k * n * 2
+            ws = [
+                t.empty((n, k), dtype=t.float16, device="cuda").normal_() for _ in range(_rotations(wbytes))
+            ]
+            x = t.randn((1, k), dtype=t.float16, device="cuda")
+            ms = dev.time_launches([lambda s, w=w, x=x, t=t: t.matmul(x, w.t()) for w in ws], iters)
+            row = {"K": k, "N": n, "bits": 16, "dtype": "float16 (cuBLAS)", "ms": ms}
+            row["weight_GBps"] = wbytes / (ms * 1e-3) / 1e9
+            if peak:
+                row["pct_of_peak"] = 100 * row["weight_GBps"] / peak
+            rows.append(row)
+            print(row, flush=True)
+            del ws
+            dev.free()
     return rows
+
+
+def copy_gbps(dev, iters: int) -> float | None:
+    """Device-to-device copy of 1 GiB (bytes read + written per second): the practical ceiling."""
+    if dev.torch is None:
+        return None
+    t = dev.torch
+    a = t.empty(1 << 29, dtype=t.float16, device="cuda")
+    b = t.empty_like(a)
+    ms = dev.time_launches([lambda s: b.copy_(a)], max(5, iters // 20))
+    return 2 * a.numel() * 2 / (ms * 1e-3) / 1e9
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check-only", action="store_true")
     ap.add_argument("--iters", type=int, default=200)
-    ap.add_argument("--peak-gbps", type=float, help="the GPU's peak memory bandwidth, to report % of peak")
+    ap.add_argument(
+        "--peak-gbps", type=float, help="nominal DRAM bandwidth (default: from the device properties)"
+    )
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "cuda_gemv"))
+    ap.add_argument(
+        "--profile", nargs=3, type=int, metavar=("K", "N", "BITS"),
+        help="only launch this fp16 M=1 GEMV a few times (for ncu / compute-sanitizer), then exit",
+    )  # fmt: skip
     args = ap.parse_args(argv)
     lib, dev = load_library(), Device()
+    if args.profile:
+        k, n, bits = args.profile
+        c = Case(
+            dev, np.random.default_rng(2), m=1, k=k, n=n, bits=bits, block=128, zp=False, dtype=np.float16
+        )
+        for _ in range(3):
+            c.run(lib)
+        dev.sync()
+        return 0
     checks = check(lib, dev)
     worst = max(r["rel_err"] for r in checks)
     bad = [r for r in checks if r["rel_err"] > (2e-3 if r.get("dtype") == "float16" else 1e-5)]
@@ -278,7 +412,12 @@ def main(argv: list[str] | None = None) -> int:
         "checks": checks,
     }
     if not args.check_only:
-        result["gemv"] = bench(lib, dev, args.iters, args.peak_gbps)
+        peak = args.peak_gbps or dev.peak_gbps()
+        result["nominal_peak_GBps"] = peak
+        result["copy_GBps"] = copy_gbps(dev, args.iters)
+        print(f"nominal peak {peak} GB/s, device copy {result['copy_GBps']} GB/s", flush=True)
+        result["gemv"] = bench(lib, dev, args.iters, peak)
+        result["timing"] = getattr(dev, "timing", None)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))
@@ -289,6 +428,13 @@ def main(argv: list[str] | None = None) -> int:
         "",
     ]
     if "gemv" in result:
+        peak, cp = result["nominal_peak_GBps"], result["copy_GBps"]
+        lines += [
+            f"M = 1, block 128, symmetric, fp32 scales; timing: {result['timing']}, weights rotated over "
+            f"{ROTATE_BYTES >> 20} MiB so every call reads DRAM. Nominal peak "
+            f"{peak or 0:.0f} GB/s; a 1 GiB device copy moved {cp or 0:.0f} GB/s (read + write) in this run.",
+            "",
+        ]
         lines += ["| K | N | bits | dtype | ms | weight GB/s | % peak |", "|---|---|---|---|---|---|---|"]
         for r in result["gemv"]:
             pct = f"{r['pct_of_peak']:.0f}" if "pct_of_peak" in r else "-"

@@ -934,7 +934,37 @@ def write_markdown(
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p}](results/{p})" for p in plots]
     lines += ["", "## Reproduce", "", "```", meta["command"], "```", ""]
+    lines += _kernel_sections(path.parent / "results")
     path.write_text("\n".join(lines))
+
+
+def _kernel_sections(results: Path) -> list[str]:
+    """The custom-op kernel benchmarks, which other commands measure (the CUDA one on a GPU machine):
+    results/cuda_gemv.md is quoted whole (it is short), results/ops.md linked."""
+    lines: list[str] = []
+    gemv = results / "cuda_gemv.md"
+    if gemv.is_file():
+        body = gemv.read_text().splitlines()
+        title = body[0].lstrip("# ") if body else "CUDA GEMV"
+        lines += [
+            f"## Custom op on CUDA: {title}",
+            "",
+            "Measured by `python benchmarks/cuda_gemv.py` (ctypes on device buffers: the GPU machine has no "
+            "onnxruntime-gpu); checks every bits x block x zero point x dtype x M case against the NumPy "
+            "reference, then times the batch-1 GEMV against cuBLAS fp16 on the same shapes.",
+            "",
+            *(body[2:] if body[1:2] == [""] else body[1:]),
+            "",
+        ]
+    if (results / "ops.md").is_file():
+        lines += [
+            "## Custom op on CPU",
+            "",
+            "MatMulLowBit (3/4-bit) vs onnxruntime's MatMulNBits and fp32 MatMul at LLM shapes: "
+            "[results/ops.md](results/ops.md) (`python benchmarks/ops.py`).",
+            "",
+        ]
+    return lines
 
 
 def render(out: Path) -> None:

@@ -1,8 +1,7 @@
 // CUDA kernels of MatMulLowBit / MatMulCodebook (layout: include/lowbit.h).
 //
-// GEMV (M <= 4): one warp per output row. Lane l takes chunks l, l+32, ...: a chunk is `bits` aligned
-//   32-bit words, so a warp reads 32 consecutive chunks = one contiguous 128*bits-byte stretch per step
-//   (coalesced). The decode of value j is a compile-time shift/mask per plane (BITS is a template).
+// GEMV (M <= 4): a few output rows per block, K split between its warps, 8 lanes per chunk so that X is
+//   read contiguously and shared by the rows from registers (details at gemv_kernel).
 // GEMM (M > 4): 32x32 output tile per 256-thread block; per 32-wide K step the block stages X and the
 //   dequantized W tile in shared memory (rows padded to 33 floats against bank conflicts).
 // Accumulation is fp32 everywhere; fp16 X/Y/bias/scales are converted on load/store.
@@ -10,6 +9,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "layout.h"
 #include "lowbit_cuda.h"
@@ -64,63 +64,181 @@ struct Dev {
   const float* codebook;
   int64_t M, K, N, bs, nb, nch;
   int bits;
+  int bs_log2;  // log2(block size), -1 for one block per row (block size >= K)
   bool scales_half;
 };
 
-template <int J, int BITS, int MT, typename T>
-struct ChunkDot {
-  __device__ __forceinline__ static void run(const uint32_t* words, const T* x, int64_t K, int64_t M, int64_t k0,
-                                             float s0, float z0, float s1, float z1, const float* cb,
-                                             float (&acc)[MT]) {
-    const uint32_t q = decode_ct<BITS, J>(words);
-    const float s = J < 16 ? s0 : s1;
-    const float w = cb ? cb[q] * s : (static_cast<float>(q) - (J < 16 ? z0 : z1)) * s;
-    const int64_t k = k0 + J;
-    if (k < K) {
-#pragma unroll
-      for (int m = 0; m < MT; ++m)
-        if (m < M) acc[m] += w * to_f(x[m * K + k]);
-    }
-    ChunkDot<J + 1, BITS, MT, T>::run(words, x, K, M, k0, s0, z0, s1, z1, cb, acc);
-  }
-};
-template <int BITS, int MT, typename T>
-struct ChunkDot<kChunk, BITS, MT, T> {
-  __device__ __forceinline__ static void run(const uint32_t*, const T*, int64_t, int64_t, int64_t, float, float,
-                                             float, float, const float*, float (&)[MT]) {}
-};
+// The w-bit field at `shift` of each byte of `word`, times 0x01010101 masks: one shift and one AND.
+template <int W>
+__device__ __forceinline__ uint32_t plane_bytes(uint32_t word, int shift) {
+  return (word >> shift) & (((1u << W) - 1u) * 0x01010101u);
+}
 
-template <int BITS, typename T>
-__global__ void gemv_kernel(Dev d, const T* __restrict__ x, const T* __restrict__ bias, T* __restrict__ y) {
-  constexpr int MT = 4;
-  const int lane = threadIdx.x % 32;
-  const int64_t n = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
-  if (n >= d.N) return;
-  const uint32_t* row = reinterpret_cast<const uint32_t*>(d.b + n * d.nch * 4 * BITS);
-  const float* cb = d.codebook;
-  float acc[MT] = {0.f, 0.f, 0.f, 0.f};
+// The BITS words of one chunk, in as few loads as its alignment allows (a chunk starts at a multiple of
+// 4*BITS bytes): 16-byte loads for 4 and 8 bits, 8-byte loads for 2 and 6, 4-byte loads otherwise.
+template <int BITS>
+__device__ __forceinline__ void load_chunk(const uint32_t* p, uint32_t (&w)[BITS]) {
+  if constexpr (BITS % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < BITS; i += 4) {
+      const uint4 v = __ldg(reinterpret_cast<const uint4*>(p + i));
+      w[i] = v.x, w[i + 1] = v.y, w[i + 2] = v.z, w[i + 3] = v.w;
+    }
+  } else if constexpr (BITS % 2 == 0) {
+#pragma unroll
+    for (int i = 0; i < BITS; i += 2) {
+      const uint2 v = __ldg(reinterpret_cast<const uint2*>(p + i));
+      w[i] = v.x, w[i + 1] = v.y;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < BITS; ++i) w[i] = __ldg(p + i);
+  }
+}
+
+// Codes of values 4g..4g+3 of a chunk, one per byte. In the plane of width w they are one whole word
+// (word g mod w, bit offset w*(g div w) + 8t for value t): G is a compile-time group index, so every
+// shift is a constant.
+template <int BITS, int G>
+__device__ __forceinline__ uint32_t group_codes(const uint32_t (&q)[BITS]) {
+  constexpr int W0 = plane_width(BITS, 0), W1 = plane_width(BITS, 1), W2 = plane_width(BITS, 2);
+  uint32_t v = plane_bytes<W0>(q[G % W0], W0 * (G / W0));
+  if constexpr (W1 != 0) v |= plane_bytes<W1>(q[W0 + G % W1], W1 * (G / W1)) << W0;
+  if constexpr (W2 != 0) v |= plane_bytes<W2>(q[W0 + W1 + G % W2], W2 * (G / W2)) << (W0 + W1);
+  return v;
+}
+
+constexpr int kXPad = 36;  // floats per chunk of X in shared memory: 32 + 4, so 16-byte reads of 8
+                           // consecutive lanes (chunks c..c+7, same offset) hit 8 distinct bank quads
+
+// GEMV, M <= 4 (MT = 1, or 4 with rows past M zero). Each warp computes RW output rows over the whole of
+// K, lane l taking chunks l, l+32, ... (U of them loaded before any is used, to keep U*RW wide loads in
+// flight): a warp's load of one row is one contiguous 32-chunk stretch (512 bytes at 4 bits). X is staged
+// per tile of TKC chunks in shared memory, padded so that a lane's 16-byte reads of its own chunk do not
+// collide, and read once per group for all RW rows. The code -> float conversion is exact and avoids the
+// slow int->float unit: byte t of the gathered codes is permuted into the mantissa of 2^23
+// (0x4B0000vv = 2^23 + v) and 2^23 + zero point is subtracted. A chunk's two 16-value halves each sit in
+// one block (block sizes are powers of two >= 16), so a half is one dot product and one scale FMA.
+template <int BITS, bool CB, int MT, typename T, int RW, int WARPS, int U>
+__global__ void __launch_bounds__(32 * WARPS) gemv_kernel(Dev d, const T* __restrict__ x, const T* __restrict__ bias,
+                                                          T* __restrict__ y) {
+  constexpr int TKC = 256 / MT;  // chunks of X per tile: 36 KiB of shared memory
+  __shared__ __align__(16) float xs[MT][TKC * kXPad];
+  __shared__ float table[CB ? 1 << BITS : 1];
+  if constexpr (CB)
+    for (int i = threadIdx.x; i < (1 << BITS); i += blockDim.x) table[i] = d.codebook[i];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int64_t n0 = (static_cast<int64_t>(blockIdx.x) * WARPS + warp) * RW;
+  const bool vec = d.K % 4 == 0;
+  constexpr float kMagic = 8388608.f;  // 2^23: the float 0x4B0000vv is 2^23 + v
   const float implied = static_cast<float>(1 << (BITS - 1));
-  for (int64_t c = lane; c < d.nch; c += 32) {
-    uint32_t words[BITS];
+  float acc[RW][MT] = {};
+  for (int64_t t0 = 0; t0 < d.nch; t0 += TKC) {
+    const int tc = static_cast<int>(min(static_cast<int64_t>(TKC), d.nch - t0));
+    __syncthreads();  // the previous tile is consumed (and the codebook table written)
+    for (int i = threadIdx.x; i < MT * tc * 8; i += blockDim.x) {
+      const int m = i / (tc * 8), c = i / 8 % tc, q4 = i % 8;
+      const int64_t k = (t0 + c) * kChunk + 4 * q4;
+      float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (m < d.M) {
+        const T* src = x + m * d.K + k;
+        if (vec && k + 3 < d.K) {
+          if constexpr (sizeof(T) == 4) {
+            v = __ldg(reinterpret_cast<const float4*>(src));
+          } else {
+            const uint2 raw = __ldg(reinterpret_cast<const uint2*>(src));
+            const float2 lo = __half22float2(*reinterpret_cast<const __half2*>(&raw.x));
+            const float2 hi = __half22float2(*reinterpret_cast<const __half2*>(&raw.y));
+            v = make_float4(lo.x, lo.y, hi.x, hi.y);
+          }
+        } else {
+          v.x = k < d.K ? to_f(src[0]) : 0.f;
+          v.y = k + 1 < d.K ? to_f(src[1]) : 0.f;
+          v.z = k + 2 < d.K ? to_f(src[2]) : 0.f;
+          v.w = k + 3 < d.K ? to_f(src[3]) : 0.f;
+        }
+      }
+      *reinterpret_cast<float4*>(&xs[m][c * kXPad + 4 * q4]) = v;
+    }
+    __syncthreads();
+    for (int c0 = lane; c0 < tc; c0 += 32 * U) {
+      uint32_t q[U][RW][BITS];
 #pragma unroll
-    for (int i = 0; i < BITS; ++i) words[i] = __ldg(row + c * BITS + i);
-    const int64_t k0 = c * kChunk;
-    // A chunk spans at most two blocks (block sizes >= 16): one for each half.
-    const int64_t b0 = d.bs >= d.K ? 0 : k0 / d.bs;
-    const int64_t b1 = d.bs >= d.K ? 0 : min((k0 + 16) / d.bs, d.nb - 1);
-    const float s0 = load_scale(d.scales, n * d.nb + b0, d.scales_half);
-    const float s1 = load_scale(d.scales, n * d.nb + b1, d.scales_half);
-    const float z0 = d.zp ? static_cast<float>(d.zp[n * d.nb + b0]) : implied;
-    const float z1 = d.zp ? static_cast<float>(d.zp[n * d.nb + b1]) : implied;
-    ChunkDot<0, BITS, MT, T>::run(words, x, d.K, d.M, k0, s0, z0, s1, z1, cb, acc);
+      for (int u = 0; u < U; ++u)
+#pragma unroll
+        for (int r = 0; r < RW; ++r) {
+          if (c0 + 32 * u < tc && n0 + r < d.N)
+            load_chunk<BITS>(reinterpret_cast<const uint32_t*>(d.b) + ((n0 + r) * d.nch + t0 + c0 + 32 * u) * BITS,
+                             q[u][r]);
+          else
+#pragma unroll
+            for (int i = 0; i < BITS; ++i) q[u][r][i] = 0u;
+        }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int c = c0 + 32 * u;
+        if (c >= tc) break;
+        const int64_t k0 = (t0 + c) * kChunk;
+        // the second half's block, clamped: past K (last chunk) its values are zero but the read must stay in bounds
+        const int64_t b0 = d.bs_log2 < 0 ? 0 : k0 >> d.bs_log2;
+        const int64_t b1 = d.bs_log2 < 0 ? 0 : min((k0 + 16) >> d.bs_log2, d.nb - 1);
+        const float* xc = &xs[0][c * kXPad];
+        float dot[RW][2][MT] = {};
+        float zc[RW][2] = {};
+        if constexpr (!CB)
+#pragma unroll
+          for (int r = 0; r < RW; ++r) {
+            const int64_t n = min(n0 + r, d.N - 1);  // rows past N compute garbage that is never stored
+            zc[r][0] = kMagic + (d.zp ? static_cast<float>(d.zp[n * d.nb + b0]) : implied);
+            zc[r][1] = kMagic + (d.zp ? static_cast<float>(d.zp[n * d.nb + b1]) : implied);
+          }
+        const auto group = [&](auto gc) {  // values 4G..4G+3 of the chunk, all RW rows
+          constexpr int G = decltype(gc)::value;
+          float4 xv[MT];
+#pragma unroll
+          for (int m = 0; m < MT; ++m) xv[m] = *reinterpret_cast<const float4*>(xc + m * TKC * kXPad + 4 * G);
+#pragma unroll
+          for (int r = 0; r < RW; ++r) {
+            const uint32_t codes = group_codes<BITS, G>(q[u][r]);
+            float w[4];
+#pragma unroll
+            for (int t = 0; t < 4; ++t)
+              w[t] = CB ? table[(codes >> (8 * t)) & 0xFFu]
+                        : __int_as_float(__byte_perm(codes, 0x4B000000u, 0x7440u + t)) - zc[r][G / 4];
+#pragma unroll
+            for (int m = 0; m < MT; ++m) {
+              float& a = dot[r][G / 4][m];
+              a = fmaf(w[0], xv[m].x, a), a = fmaf(w[1], xv[m].y, a), a = fmaf(w[2], xv[m].z, a),
+              a = fmaf(w[3], xv[m].w, a);
+            }
+          }
+        };
+        group(std::integral_constant<int, 0>{}), group(std::integral_constant<int, 1>{});
+        group(std::integral_constant<int, 2>{}), group(std::integral_constant<int, 3>{});
+        group(std::integral_constant<int, 4>{}), group(std::integral_constant<int, 5>{});
+        group(std::integral_constant<int, 6>{}), group(std::integral_constant<int, 7>{});
+#pragma unroll
+        for (int r = 0; r < RW; ++r) {
+          const int64_t n = n0 + r;
+          if (n >= d.N) break;
+          const float s0 = load_scale(d.scales, n * d.nb + b0, d.scales_half);
+          const float s1 = load_scale(d.scales, n * d.nb + b1, d.scales_half);
+#pragma unroll
+          for (int m = 0; m < MT; ++m) acc[r][m] = fmaf(s0, dot[r][0][m], fmaf(s1, dot[r][1][m], acc[r][m]));
+        }
+      }
+    }
   }
 #pragma unroll
-  for (int m = 0; m < MT; ++m) {
-    float v = acc[m];
+  for (int r = 0; r < RW; ++r)
 #pragma unroll
-    for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
-    if (lane == 0 && m < d.M) store(y + m * d.N + n, v + (bias ? to_f(bias[n]) : 0.f));
-  }
+    for (int m = 0; m < MT; ++m) {
+      float v = acc[r][m];
+#pragma unroll
+      for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
+      const int64_t n = n0 + r;
+      if (lane == 0 && n < d.N && m < d.M) store(y + m * d.N + n, v + (bias ? to_f(bias[n]) : 0.f));
+    }
 }
 
 template <typename T>
@@ -177,25 +295,52 @@ __global__ void gemm_kernel(Dev d, const T* __restrict__ x, const T* __restrict_
   }
 }
 
+// GEMV shape: rows per warp, warps per block, chunks per lane loaded before use. Measured on an H100
+// (benchmarks/cuda_gemv.py, 4-bit, 8192x28672 / 4096x4096, GB/s): 2/8/2 1884 / 1067, 4/8/1 1715 / 753,
+// 1/8/4 1402 / 885, 2/4/2 1435 / 884, 4/4/2 1422 / 719. Prefetching the next iteration's loads into a
+// second register set (more registers, fewer resident warps) measured slower: 1466 / 985.
+// OA_GEMV_* let a build try others.
+#ifndef OA_GEMV_ROWS
+#define OA_GEMV_ROWS 2
+#endif
+#ifndef OA_GEMV_WARPS
+#define OA_GEMV_WARPS 8
+#endif
+#ifndef OA_GEMV_STEPS
+#define OA_GEMV_STEPS 2
+#endif
+template <int BITS, typename T>
+void launch_gemv(const Dev& d, const T* x, const T* bias, T* y, cudaStream_t stream) {
+  constexpr int R = OA_GEMV_ROWS, W = OA_GEMV_WARPS, U = OA_GEMV_STEPS;
+  const dim3 grid(static_cast<unsigned>((d.N + R * W - 1) / (R * W))), block(32 * W);
+  if (d.codebook)
+    d.M == 1 ? gemv_kernel<BITS, true, 1, T, R, W, U><<<grid, block, 0, stream>>>(d, x, bias, y)
+             : gemv_kernel<BITS, true, 4, T, R, W, U><<<grid, block, 0, stream>>>(d, x, bias, y);
+  else
+    d.M == 1 ? gemv_kernel<BITS, false, 1, T, R, W, U><<<grid, block, 0, stream>>>(d, x, bias, y)
+             : gemv_kernel<BITS, false, 4, T, R, W, U><<<grid, block, 0, stream>>>(d, x, bias, y);
+}
+
 template <typename T>
 cudaError_t launch(const OaCudaArgs& a, cudaStream_t stream) {
-  Dev d{a.b, a.scales, a.zp, a.codebook, a.M, a.K, a.N, a.block_size, 0, 0, a.bits, a.scales_half != 0};
+  Dev d{a.b, a.scales, a.zp, a.codebook, a.M, a.K, a.N, a.block_size, 0, 0, a.bits, -1, a.scales_half != 0};
   d.nb = (a.K + a.block_size - 1) / a.block_size;
   d.nch = (a.K + kChunk - 1) / kChunk;
+  d.bs_log2 = -1;
+  if (a.block_size < a.K)
+    while ((int64_t{1} << (d.bs_log2 + 1)) <= a.block_size) ++d.bs_log2;
   const T* x = static_cast<const T*>(a.x);
   const T* bias = static_cast<const T*>(a.bias);
   T* y = static_cast<T*>(a.y);
   if (a.M <= 4) {
-    const int warps = 8;
-    const dim3 grid(static_cast<unsigned>((a.N + warps - 1) / warps));
     switch (a.bits) {
-      case 2: gemv_kernel<2, T><<<grid, 32 * warps, 0, stream>>>(d, x, bias, y); break;
-      case 3: gemv_kernel<3, T><<<grid, 32 * warps, 0, stream>>>(d, x, bias, y); break;
-      case 4: gemv_kernel<4, T><<<grid, 32 * warps, 0, stream>>>(d, x, bias, y); break;
-      case 5: gemv_kernel<5, T><<<grid, 32 * warps, 0, stream>>>(d, x, bias, y); break;
-      case 6: gemv_kernel<6, T><<<grid, 32 * warps, 0, stream>>>(d, x, bias, y); break;
-      case 7: gemv_kernel<7, T><<<grid, 32 * warps, 0, stream>>>(d, x, bias, y); break;
-      case 8: gemv_kernel<8, T><<<grid, 32 * warps, 0, stream>>>(d, x, bias, y); break;
+      case 2: launch_gemv<2, T>(d, x, bias, y, stream); break;
+      case 3: launch_gemv<3, T>(d, x, bias, y, stream); break;
+      case 4: launch_gemv<4, T>(d, x, bias, y, stream); break;
+      case 5: launch_gemv<5, T>(d, x, bias, y, stream); break;
+      case 6: launch_gemv<6, T>(d, x, bias, y, stream); break;
+      case 7: launch_gemv<7, T>(d, x, bias, y, stream); break;
+      case 8: launch_gemv<8, T>(d, x, bias, y, stream); break;
       default: return cudaErrorInvalidValue;
     }
   } else {
