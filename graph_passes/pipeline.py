@@ -9,6 +9,7 @@ The scratch folder must outlive the save: :class:`QuantizationResult` owns it (`
 from __future__ import annotations
 
 import dataclasses
+import re
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -26,7 +27,7 @@ from .model_io import read_weight
 from .packing.base import PackedWeight, Packer, get_packer
 from .records import QuantizedWeight, SiteReport, SkippedSite, WeightSite
 from .rewrite import ReplaceWeightSitesPass, SiteRewrite
-from .rounding.base import FP_CROSS, RoundingMethod, SiteStats, get_method
+from .rounding.base import FP_CROSS, SINK_SITES, RoundingMethod, SiteStats, get_method, weight_first_position
 from .scheme import QuantScheme, WeightFormat
 from .sites import ALREADY_QUANTIZED, find_weight_sites
 
@@ -234,6 +235,8 @@ def quantize_model(
     calibration_options: Mapping[str, Any] | None = None,
     spill_dir: str | Path | None = None,
     on_site: Callable[[SiteResult], None] | None = None,
+    sink_weight: float = 1.0,
+    sink_sites: str = SINK_SITES,
 ) -> QuantizationResult:
     """Quantize every site of ``model`` in place and return the rewritten model with its report.
 
@@ -241,7 +244,17 @@ def quantize_model(
     methods loop over sites; methods that need statistics run the calibration engine on ``token_ids``
     (int64 ``[n, T]``), which calls back once per decoder block. The packed arrays live in ``spill_dir``
     (default: a fresh temporary folder owned by the result) until the model is saved.
+
+    ``sink_weight``: how many times each calibration sequence's first position counts in the statistics
+    of the sites whose name matches ``sink_sites`` (the attention q/k/v projections; see
+    :func:`weight_first_position`). 1 = plain ``X^T X``.
     """
+    if not (isinstance(sink_weight, (int, float)) and 1.0 <= sink_weight <= 1e6):
+        raise UnsupportedSchemeError(f"sink_weight={sink_weight!r}: use a number in [1, 1e6] (1 = off)")
+    try:
+        sink_pattern = re.compile(sink_sites)
+    except re.error as e:
+        raise UnsupportedSchemeError(f"sink_sites={sink_sites!r} is not a regular expression: {e}") from None
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     report = sites if sites is not None else prepare_sites(model)
@@ -291,6 +304,7 @@ def quantize_model(
                     progress,
                     calibration_options,
                     rounding_method.needs,
+                    lambda site: float(sink_weight) if sink_pattern.search(site.name) else 1.0,
                 )
             else:
                 for site in report.sites:
@@ -327,8 +341,10 @@ def _calibrated(
     progress: bool,
     calibration_options: Mapping[str, Any] | None,
     needs: frozenset[str] = frozenset(),
+    first_weight: Callable[[WeightSite], float] = lambda site: 1.0,
 ) -> dict[str, Any] | None:
-    """Run the calibration engine, quantizing each block's sites with the statistics it hands over."""
+    """Run the calibration engine, quantizing each block's sites with the statistics it hands over
+    (first positions weighted by ``first_weight(site)``, once per shared statistics record)."""
     from .calibration.engine import run_calibration
 
     ids = np.asarray(token_ids)
@@ -340,9 +356,13 @@ def _calibrated(
 
     def on_block(block: list[WeightSite], stats: dict[str, SiteStats]) -> dict[str, QuantizedWeight]:
         out = {}
+        weighted: dict[tuple[int, float], SiteStats] = {}  # q/k/v share one record: weight it once
         for site in block:
             if site.name in stats:
-                out[site.name] = quantize_one(site, stats[site.name])
+                st, w = stats[site.name], first_weight(site)
+                if w != 1.0:
+                    st = weighted.setdefault((id(st), w), weight_first_position(st, w))
+                out[site.name] = quantize_one(site, st)
                 done.add(site.name)
         return out
 

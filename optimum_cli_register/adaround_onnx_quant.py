@@ -57,6 +57,12 @@ def add_quant_arguments(parser: Any) -> None:
     g.add_argument(
         "--quantize-lm-head", action="store_true", default=None, help="also quantize the output projection"
     )
+    g.add_argument(
+        "--sink-weight",
+        type=float,
+        default=None,
+        help="times each calibration sequence's first position counts for the q/k/v projections (default 64)",
+    )
     g.add_argument("--seed", type=int, default=None, help="random seed of calibration sampling (default 0)")
     g.add_argument(
         "--recipe", default=None, help="recipe preset name or YAML/JSON file; flags given here override it"

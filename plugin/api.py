@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .defaults import DEFAULT_CALIB_SAMPLES, DEFAULT_SEQ_LEN
+from .defaults import DEFAULT_CALIB_SAMPLES, DEFAULT_SEQ_LEN, DEFAULT_SINK_WEIGHT
 from .graph_passes.errors import CalibrationError, UnsupportedSchemeError
 from .graph_passes.model_io import LoadedModel, initializer_bytes, load_model, save_model, to_source_kind
 from .graph_passes.pipeline import QuantizationResult, prepare_sites, quantize_model
@@ -123,6 +123,7 @@ def quantize(
     calib_samples: int = DEFAULT_CALIB_SAMPLES,
     seq_len: int = DEFAULT_SEQ_LEN,
     sequential: bool = True,
+    sink_weight: float = DEFAULT_SINK_WEIGHT,
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
     quantize_lm_head: bool = False,
@@ -138,7 +139,9 @@ def quantize(
     (``model.onnx`` [+ ``model.onnx_data``], ``quantization_config.json``); for path inputs it defaults to
     a sibling named after the scheme and method. The folder appears atomically and the input is never
     modified. ``calib_data``: text source for methods that need statistics (None = the embedded default
-    text; a path; or an int64 token-id array ``[n, seq_len]``).
+    text; a path; or an int64 token-id array ``[n, seq_len]``). ``sink_weight``: how many times each
+    calibration sequence's first position counts in the statistics of the attention q/k/v projections
+    (1 = plain ``X^T X``; no effect on data-free methods).
 
     Returns the output folder (``Path``) for path inputs, else the quantized model in the input's kind
     (ModelProto or gs.Graph).
@@ -166,6 +169,7 @@ def quantize(
     token_ids, calib_info = None, None
     if rounding.needs:
         token_ids, calib_info = _token_ids(calib_data, loaded, calib_samples, seq_len, seed)
+        calib_info["sink_weight"] = float(sink_weight)
     result = quantize_model(
         loaded.model,
         qscheme,
@@ -176,6 +180,7 @@ def quantize(
         sequential=sequential,
         progress=progress,
         calibration_options={"providers": _PROVIDERS[device]},
+        sink_weight=sink_weight if rounding.needs else 1.0,
     )
     with result:
         record = _config_record(

@@ -5,3 +5,7 @@
 # GPTQ's output error changes little beyond a few thousand tokens for models of this size.
 DEFAULT_CALIB_SAMPLES = 32
 DEFAULT_SEQ_LEN = 256
+# How many times each calibration sequence's first position (the attention sink) counts in the statistics
+# of the attention q/k/v projections (graph_passes.rounding.base.weight_first_position). SmolLM2 W4 g128
+# GPTQ on 32768 eval tokens: perplexity 32.92 with 1 (off), 31.12 with 64 (fp32 27.63).
+DEFAULT_SINK_WEIGHT = 64.0

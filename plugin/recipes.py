@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .defaults import DEFAULT_CALIB_SAMPLES, DEFAULT_SEQ_LEN
+from .defaults import DEFAULT_CALIB_SAMPLES, DEFAULT_SEQ_LEN, DEFAULT_SINK_WEIGHT
 from .graph_passes.errors import UserError
 from .graph_passes.scheme import QuantScheme, WeightFormat
 
@@ -84,6 +84,8 @@ class Recipe:
     calib_samples: int = DEFAULT_CALIB_SAMPLES
     seq_len: int = DEFAULT_SEQ_LEN
     sequential: bool = True
+    sink_weight: float = DEFAULT_SINK_WEIGHT
+    """Weight of each calibration sequence's first position in the q/k/v projections' statistics."""
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     quantize_lm_head: bool = False
@@ -116,6 +118,9 @@ class Recipe:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise RecipeError(f"{key}={value!r}: must be a positive integer")
+        sw = self.sink_weight
+        if isinstance(sw, bool) or not isinstance(sw, (int, float)) or not 1 <= sw <= 1e6:
+            raise RecipeError(f"sink_weight={sw!r}: must be a number in [1, 1e6] (1 = off)")
         for key in ("sequential", "quantize_lm_head"):
             if not isinstance(getattr(self, key), bool):
                 raise RecipeError(f"{key}={getattr(self, key)!r}: must be true or false")
@@ -149,6 +154,7 @@ class Recipe:
             "calib_samples": self.calib_samples,
             "seq_len": self.seq_len,
             "sequential": self.sequential,
+            "sink_weight": float(self.sink_weight),
             "include": self.include,
             "exclude": self.exclude,
             "quantize_lm_head": self.quantize_lm_head,

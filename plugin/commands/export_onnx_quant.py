@@ -57,6 +57,7 @@ def quantize_options(args: argparse.Namespace) -> dict[str, Any]:
         "exclude": tuple(args.exclude) if args.exclude else None,
         "quantize_lm_head": args.quantize_lm_head,
         "seed": args.seed,
+        "sink_weight": getattr(args, "sink_weight", None),
     }
     kw.update({k: v for k, v in optional.items() if v is not None})
     opt = vars(args)  # Optimum's own flags (absent when optimum-onnx's parser could not be imported)

@@ -8,7 +8,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from ..defaults import DEFAULT_CALIB_SAMPLES, DEFAULT_SEQ_LEN
+from ..defaults import DEFAULT_CALIB_SAMPLES, DEFAULT_SEQ_LEN, DEFAULT_SINK_WEIGHT
 from ..graph_passes.errors import UnsupportedSchemeError
 from ..graph_passes.scheme import PER_CHANNEL, QuantScheme, WeightFormat
 
@@ -65,6 +65,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--one-pass", dest="sequential", action="store_false", help="calibrate the float model in one pass"
     )
     m.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="calibration device")
+    m.add_argument(
+        "--sink-weight",
+        type=float,
+        default=DEFAULT_SINK_WEIGHT,
+        help="times each calibration sequence's first position counts for the attention q/k/v projections "
+        f"(default {DEFAULT_SINK_WEIGHT:g}; 1 = off)",
+    )
     m.add_argument("--seed", type=int, default=0)
     s = p.add_argument_group("selection")
     s.add_argument(
@@ -111,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
         calib_samples=args.calib_samples,
         seq_len=args.seq_len,
         sequential=args.sequential,
+        sink_weight=args.sink_weight,
         include=args.include,
         exclude=args.exclude,
         quantize_lm_head=args.lm_head,

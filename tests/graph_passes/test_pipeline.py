@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import ClassVar
 
 import numpy as np
@@ -142,3 +143,47 @@ def test_calibrated_pipeline_on_tiny_llama(tiny_hf_onnx, monkeypatch):
             assert stats is not None and stats.hessian.shape == (k, k) and stats.n_tokens == 4 * 16
         assert "MatMul" not in {n.op_type for n in model.graph if n.name and "proj" in n.name}
     assert dataclasses.asdict(result.sites[0])["name"] == "model.layers.0.self_attn.q_proj"
+
+
+def test_sink_weight_reaches_only_the_qkv_projections(tiny_hf_onnx, monkeypatch):
+    """sink_weight: q/k/v get the weighted statistics (one record shared by the three), the other
+    sites the engine's own; weight 1 hands every site the engine's record."""
+    from optimum.adaround.graph_passes.rounding.base import FIRST_POSITION
+
+    needy = type("NeedySink", (_Recorder,), {"name": "needy_sink", "needs": frozenset({"hessian"})})
+    monkeypatch.setitem(METHODS, "needy_sink", needy)
+    ids = RNG.integers(0, 300, (4, 16))
+    runs = {}
+    for weight in (1.0, 8.0):
+        needy.calls = []
+        model = load_model(tiny_hf_onnx("llama")).model
+        report = prepare_sites(model)
+        with quantize_model(
+            model,
+            QuantScheme.parse("w4-g32"),
+            method="needy_sink",
+            sites=report,
+            token_ids=ids,
+            progress=False,
+            sink_weight=weight,
+        ):
+            runs[weight] = {s.name: st for s, (_, _, st) in zip(report.sites, needy.calls, strict=True)}
+    plain, weighted = runs[1.0], runs[8.0]
+    qkv = [n for n in plain if re.search(r"\.(q|k|v)_proj$", n)]
+    assert len(qkv) == 6  # 2 layers x q, k, v
+    for name, st in weighted.items():
+        base = plain[name]
+        if name in qkv:
+            first = base.extra[FIRST_POSITION]
+            np.testing.assert_allclose(st.hessian, base.hessian + 7.0 * first, rtol=1e-10)
+            assert st.n_tokens == base.n_tokens + 7 * 4
+        else:
+            np.testing.assert_array_equal(st.hessian, base.hessian)
+            assert st.n_tokens == base.n_tokens == 4 * 16
+    layer0 = [weighted[n] for n in qkv if ".layers.0." in n]
+    assert layer0[0] is layer0[1] is layer0[2]  # weighted once per shared record
+
+
+def test_sink_weight_out_of_range_is_refused():
+    with pytest.raises(UnsupportedSchemeError, match=r"sink_weight=0\.5"):
+        quantize_model(load_model(_proto()).model, QuantScheme(), sink_weight=0.5, progress=False)

@@ -87,6 +87,13 @@ def test_calibrated_method_reads_text_through_the_tokenizer(llama, tmp_path, mon
     out = quantize(llama, tmp_path / "q", method="needy_api", calib_samples=2, seq_len=32, progress=False)
     record = json.loads((out / "quantization_config.json").read_text())
     assert record["calibration"]["n_samples"] == 2 and record["calibration"]["seq_len"] == 32
+    # q/k/v count each sequence's first position 64 times by default (2 sequences: 64 + 2 * 63 tokens)
+    assert record["calibration"]["sink_weight"] == 64.0
+    assert sorted(seen) == [64] * 8 + [64 + 2 * 63] * 6
+    seen.clear()
+    quantize(
+        llama, tmp_path / "q1", method="needy_api", calib_samples=2, seq_len=32, sink_weight=1, progress=False
+    )
     assert seen == [64] * 14
     ids = np.arange(40, dtype=np.int64).reshape(2, 20)
     quantize(llama, tmp_path / "q2", method="needy_api", calib_data=ids, progress=False)

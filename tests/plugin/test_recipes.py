@@ -158,3 +158,10 @@ def test_round_trip_property(bits, group, sym, method, samples, exclude, overrid
     )
     assert Recipe.from_dict(r.to_dict()) == r
     assert Recipe.from_dict(json.loads(json.dumps(r.to_dict()))) == r
+
+
+@pytest.mark.parametrize("value", [0.5, True, "64", 2e6])
+def test_sink_weight_must_be_a_number_of_at_least_one(value):
+    with pytest.raises(RecipeError, match="sink_weight="):
+        Recipe(sink_weight=value)
+    assert Recipe(sink_weight=16).quantize_kwargs()["sink_weight"] == 16.0
