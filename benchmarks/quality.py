@@ -387,6 +387,21 @@ def _log(msg: str) -> None:
     print(f"[{dt.datetime.now(dt.timezone.utc).strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+def finished_rows(old: dict, command: str) -> dict[tuple[str, str, str], dict]:
+    """The rows of a stopped run's quality.json that a resumed run of ``command`` takes over, keyed by
+    (scheme, tool, method): those measured (``ok`` with a perplexity) or not applicable. Raises ValueError
+    when the file was written by another command or by a run that finished."""
+    if old["meta"]["command"] != command:
+        raise ValueError(f"written by another command: {old['meta']['command']}")
+    if old["meta"].get("complete"):
+        raise ValueError("written by a finished run; nothing to resume")
+    return {
+        (r["scheme"], r["tool"], r["method"]): r
+        for r in old["rows"]
+        if r["status"] == "n/a" or (r["status"] == "ok" and r.get("perplexity") is not None)
+    }
+
+
 class Bench:
     """The run's state; ``flush()`` rewrites RESULTS.md and results/*.json after every row, so a run that
     is stopped early still leaves every finished number (rows not reached are marked so)."""
@@ -540,9 +555,10 @@ class Bench:
 
         self.prompt = token_stream(load_tokenizer(str(self.fp32_dir)), [self.text])[: self.args.prompt_tokens]
         self.rows = self.plan()
+        done = self.resume() if self.args.resume else set()
         fp32 = self.rows[0]
         fp32.status, fp32.path = "ok", str(self.fp32_dir)
-        if not self.args.speed_only:
+        if not self.args.speed_only and id(fp32) not in done:
             _log("evaluating fp32")
             self._evaluate(fp32)
             self.flush()
@@ -553,6 +569,9 @@ class Bench:
         for row in sorted(
             self.rows[1:], key=lambda r: SLOW_ORDER.index(r.method) + 1 if r.method in SLOW else 0
         ):
+            if id(row) in done:
+                current = row.scheme
+                continue
             if (
                 current == "w3-g128"  # speed after the 3-bit scheme, whose lowbit model it times
                 and row.scheme != current
@@ -571,6 +590,46 @@ class Bench:
         if not self.args.no_speed and not self.speed_rows:
             self.speed_rows = speed(self.args, self.work, self.fp32_dir, self.prompt, self.rows)
         self.flush(final=True)
+
+    def resume(self) -> set[int]:
+        """Take over the finished rows of an earlier run of the same command (stopped or killed midway):
+        its results/quality.json must carry the same command without ``--resume``. Returns the ids of the
+        rows taken over; their models are found again under ``--work`` (needed by the speed test)."""
+        path = self.results / "quality.json"
+        if not path.is_file():
+            raise SystemExit(f"--resume: {path} does not exist")
+        old = json.loads(path.read_text())
+        this = self.command
+        try:
+            previous = finished_rows(old, this)
+        except ValueError as e:
+            raise SystemExit(f"--resume: {path}: {e}") from None
+        done: set[int] = set()
+        for row in self.rows:
+            before = previous.get((row.scheme, row.tool, row.method))
+            if before is None:
+                continue
+            fields = {f.name for f in dataclasses.fields(Row)}
+            for name, value in before.items():
+                if name in fields:
+                    setattr(row, name, value)
+            folder = self.work / f"{row.scheme}-{'ort' if row.tool == 'onnxruntime' else 'ours'}-{row.method}"
+            row.path = str(folder) if folder.is_dir() else ""
+            done.add(id(row))
+        self.sqnr.update(old.get("weight_sqnr_db") or {})
+        self.plots += sorted(
+            name
+            for name in (f"sqnr_{k.replace(' ', '_').replace(':', '_')}.png" for k in self.sqnr)
+            if (self.results / name).is_file()
+        )
+        speed_path = self.results / "speed.json"
+        if speed_path.is_file():
+            speed_old = json.loads(speed_path.read_text())
+            if speed_old["meta"]["command"] == this:
+                self.speed_rows = speed_old["rows"]
+        self.t_start -= old["meta"].get("elapsed_seconds") or 0.0  # elapsed counts both parts
+        _log(f"resumed {len(done)} finished rows of {old['meta']['date']}")
+        return done
 
     def flush(self, final: bool = False) -> None:
         from optimum.adaround.plots import plot_perplexity_vs_bits
@@ -1017,6 +1076,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", action="store_true", help="keep the quantized models")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument(
+        "--resume",
+        action="store_true",
+        help="take over the finished rows of a stopped run of the same command (same --out, --work) and run the rest",
+    )
+    p.add_argument(
         "--render",
         action="store_true",
         help="only rewrite RESULTS.md from results/quality.json and speed.json (numbers unchanged)",
@@ -1030,7 +1094,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.schemes, args.ort, args.ours = ["w4-g128"], ["default"], ["rtn", "gptq"]
         args.eval_tokens, args.new_tokens = 1024, 16
-    command = "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    # --resume is left out: a resumed run records the command that it completes
+    command = "python benchmarks/quality.py " + " ".join(
+        a for a in (argv if argv is not None else sys.argv[1:]) if a != "--resume"
+    )
 
     from optimum.adaround.api import quantize  # noqa: F401  (fail early when our API is missing)
     from optimum.adaround.data.default_model import default_onnx_dir

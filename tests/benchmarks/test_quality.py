@@ -6,6 +6,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
+
 _PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "quality.py"
 _spec = importlib.util.spec_from_file_location("bench_quality", _PATH)
 assert _spec is not None and _spec.loader is not None
@@ -35,3 +37,46 @@ def test_site_counts_compare_within_each_site():
         "below_init_of": 3,
     }
     assert quality.site_counts([]) == {"below_rtn": 0, "below_rtn_of": 0, "below_init": 0, "below_init_of": 0}
+
+
+def _stopped_run(command: str, complete: bool = False) -> dict:
+    rows = [
+        {"scheme": "fp32", "tool": "fp32", "method": "fp32", "status": "ok", "perplexity": 27.2},
+        {"scheme": "w4-g128", "tool": "ours", "method": "gptq", "status": "ok", "perplexity": 30.9},
+        {"scheme": "w4-g128", "tool": "ours", "method": "adaround", "status": "ok", "perplexity": None},
+        {
+            "scheme": "w4-g128",
+            "tool": "onnxruntime",
+            "method": "kquant",
+            "status": "error",
+            "perplexity": None,
+        },
+        {"scheme": "w3-g128", "tool": "onnxruntime", "method": "rtn", "status": "n/a", "perplexity": None},
+        {
+            "scheme": "w3-g128",
+            "tool": "ours",
+            "method": "adaround_ls",
+            "status": "not reached",
+            "perplexity": None,
+        },
+    ]
+    return {"meta": {"command": command, "complete": complete}, "rows": rows}
+
+
+def test_resume_takes_over_measured_and_inapplicable_rows_only():
+    command = "python benchmarks/quality.py --eval-tokens 16384"
+    rows = quality.finished_rows(_stopped_run(command), command)
+    assert sorted(rows) == [
+        ("fp32", "fp32", "fp32"),
+        ("w3-g128", "onnxruntime", "rtn"),
+        ("w4-g128", "ours", "gptq"),
+    ]
+    assert rows[("w4-g128", "ours", "gptq")]["perplexity"] == 30.9
+
+
+def test_resume_refuses_another_command_or_a_finished_run():
+    command = "python benchmarks/quality.py --eval-tokens 16384"
+    with pytest.raises(ValueError, match="another command"):
+        quality.finished_rows(_stopped_run(command), command + " --quick")
+    with pytest.raises(ValueError, match="finished run"):
+        quality.finished_rows(_stopped_run(command, complete=True), command)
