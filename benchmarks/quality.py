@@ -424,6 +424,7 @@ class Bench:
         self.results = args.out / "results"
         self.results.mkdir(parents=True, exist_ok=True)
         self.t_start = time.perf_counter()
+        self.resumed_after: list[str] = []  # when each earlier part of a resumed run last wrote its results
         self.prompt = np.zeros(0, np.int64)
 
     # -- one row --------------------------------------------------------------------------------------
@@ -627,7 +628,8 @@ class Bench:
             speed_old = json.loads(speed_path.read_text())
             if speed_old["meta"]["command"] == this:
                 self.speed_rows = speed_old["rows"]
-        self.t_start -= old["meta"].get("elapsed_seconds") or 0.0  # elapsed counts both parts
+        self.t_start -= old["meta"].get("elapsed_seconds") or 0.0  # elapsed counts every part
+        self.resumed_after = [*old["meta"].get("resumed_after", []), old["meta"]["date"]]
         _log(f"resumed {len(done)} finished rows of {old['meta']['date']}")
         return done
 
@@ -668,6 +670,7 @@ class Bench:
             "threads": self.args.threads,
             "quantized_sites": len(next(iter(self.sqnr.values()))) if self.sqnr else None,
             "elapsed_seconds": time.perf_counter() - self.t_start,
+            "resumed_after": self.resumed_after,
         }
         rows = [dataclasses.replace(r, path="") for r in self.rows]  # scratch paths mean nothing later
         (self.results / "quality.json").write_text(
@@ -862,6 +865,14 @@ def write_markdown(
         "that one run (raw data: `results/quality.json`, `results/speed.json`).",
         "",
     ]
+    if meta.get("resumed_after"):
+        lines += [
+            f"The run was stopped and taken up again with `--resume` {len(meta['resumed_after'])} time(s) "
+            f"(earlier parts last wrote their results at {', '.join(meta['resumed_after'])}); each row was "
+            "measured whole within one part, on the same machine with the same command, and the elapsed time "
+            f"of all parts together is {meta.get('elapsed_seconds', 0) / 60:.0f} minutes.",
+            "",
+        ]
     if not meta.get("complete", True):
         lines += [
             "**This run was stopped before it finished** (its last row was written "
