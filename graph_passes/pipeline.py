@@ -9,10 +9,12 @@ The scratch folder must outlive the save: :class:`QuantizationResult` owns it (`
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ from . import packing, rounding  # noqa: F401  (importing the packages registers
 from .errors import CalibrationError, NoQuantizableWeightsError, UnsupportedSchemeError, UserError
 from .model_io import read_weight
 from .packing.base import PackedWeight, Packer, get_packer
+from .parallel import in_order, resolve_workers, result_of, round_site, rounding_pool
 from .records import QuantizedWeight, SiteReport, SkippedSite, WeightSite
 from .rewrite import ReplaceWeightSitesPass, SiteRewrite
 from .rounding.base import FP_CROSS, SINK_SITES, RoundingMethod, SiteStats, get_method, weight_first_position
@@ -178,7 +181,8 @@ def _spill(packed: PackedWeight, folder: Path, stem: str) -> PackedWeight:
 
 
 class _SiteQuantizer:
-    """Quantize -> pack -> spill for one site at a time, collecting results."""
+    """Quantize -> pack -> spill, site after site in order (rounding may run ahead in worker processes),
+    collecting results."""
 
     def __init__(
         self, model: ir.Model, scheme: QuantScheme, method: RoundingMethod, packer: Packer, folder: Path
@@ -187,15 +191,30 @@ class _SiteQuantizer:
         self.rewrites: list[SiteRewrite] = []
         self.results: list[SiteResult] = []
 
-    def __call__(self, site: WeightSite, stats: SiteStats | None) -> QuantizedWeight:
+    def quantize_all(
+        self, items: Iterable[tuple[WeightSite, SiteStats | None]], pool: Executor | None, window: int = 1
+    ) -> Iterator[tuple[WeightSite, QuantizedWeight]]:
+        """Round ``items`` (in ``pool``'s worker processes when given, at most ``window`` at once) and pack
+        and record each result in the order of ``items``."""
+
+        def submit(item: tuple[WeightSite, SiteStats | None]) -> Any:
+            site, stats = item
+            args = (self.method, read_weight(self.model, site), self.scheme, stats, site.name)
+            return (
+                pool.submit(round_site, *args) if pool is not None else functools.partial(round_site, *args)
+            )
+
+        for (site, _), job in in_order(items, submit, window):
+            try:
+                qw, seconds = result_of(job)  # type: ignore[misc]
+            except UserError as e:  # add the node and initializer to the method's "site <name>: ..." message
+                msg = str(e).removeprefix(f"site {site.name}: ").removeprefix("site ?: ")
+                e.args = (f"{site.name} (node {site.node_name!r}, initializer {site.weight_name!r}): {msg}",)
+                raise
+            yield site, self._record(site, qw, seconds)
+
+    def _record(self, site: WeightSite, qw: QuantizedWeight, seconds: float) -> QuantizedWeight:
         t0 = time.perf_counter()
-        weight = read_weight(self.model, site)
-        try:
-            qw = self.method.quantize(weight, self.scheme, stats, site=site.name)
-        except UserError as e:  # add the node and initializer to the method's "site <name>: ..." message
-            msg = str(e).removeprefix(f"site {site.name}: ").removeprefix("site ?: ")
-            e.args = (f"{site.name} (node {site.node_name!r}, initializer {site.weight_name!r}): {msg}",)
-            raise
         try:
             packed = _spill(self.packer.pack(qw), self.folder, f"{len(self.rewrites):05d}")
         except OSError as e:  # the scratch folder is full or unwritable: the user's to fix
@@ -205,7 +224,7 @@ class _SiteQuantizer:
             ) from e
         self.rewrites.append(SiteRewrite(site, packed))
         stored = self.model.graph.initializers[site.weight_name].const_value
-        float_bytes = int(stored.nbytes) if stored is not None else int(weight.nbytes)
+        float_bytes = int(stored.nbytes) if stored is not None else 4 * site.n * site.k
         self.results.append(
             SiteResult(
                 name=site.name,
@@ -215,7 +234,7 @@ class _SiteQuantizer:
                 n=site.n,
                 float_bytes=float_bytes,
                 packed_bytes=packed.nbytes,
-                seconds=time.perf_counter() - t0,
+                seconds=seconds + time.perf_counter() - t0,
                 metrics={k: float(v) for k, v in qw.metrics.items()},
             )
         )
@@ -237,6 +256,7 @@ def quantize_model(
     on_site: Callable[[SiteResult], None] | None = None,
     sink_weight: float = 1.0,
     sink_sites: str = SINK_SITES,
+    workers: int | None = None,
 ) -> QuantizationResult:
     """Quantize every site of ``model`` in place and return the rewritten model with its report.
 
@@ -248,6 +268,10 @@ def quantize_model(
     ``sink_weight``: how many times each calibration sequence's first position counts in the statistics
     of the sites whose name matches ``sink_sites`` (the attention q/k/v projections; see
     :func:`weight_first_position`). 1 = plain ``X^T X``.
+
+    ``workers``: processes that round the sites of a decoder block side by side (calibrated methods
+    only; same bytes as 1). None: one per CPU up to 4 for models of 16M+ weights, else 1 (see
+    :func:`~optimum.adaround.graph_passes.parallel.resolve_workers`).
     """
     if not (isinstance(sink_weight, (int, float)) and 1.0 <= sink_weight <= 1e6):
         raise UnsupportedSchemeError(f"sink_weight={sink_weight!r}: use a number in [1, 1e6] (1 = off)")
@@ -264,6 +288,7 @@ def quantize_model(
     check_sites(packer, scheme, report.sites)
     options = dict(method_options or {})
     rounding_method = get_method(method, **options)
+    n_workers = resolve_workers(workers, report.sites) if rounding_method.needs else 1
     if rounding_method.needs and token_ids is None:
         raise CalibrationError(
             f"method {method!r} needs calibration data ({', '.join(sorted(rounding_method.needs))}); "
@@ -283,23 +308,27 @@ def quantize_model(
             total=len(report.sites), desc=f"{method} {scheme.label}", unit="site", disable=not progress
         )
 
-        def quantize_one(site: WeightSite, stats: SiteStats | None) -> QuantizedWeight:
-            bar.set_postfix_str(site.name, refresh=False)
-            qw = quantizer(site, stats)
-            bar.update()
-            if on_site is not None:
-                on_site(quantizer.results[-1])
-            return qw
+        def quantize_all(
+            items: Sequence[tuple[WeightSite, SiteStats | None]], pool: Any = None
+        ) -> dict[str, QuantizedWeight]:
+            out = {}
+            for site, qw in quantizer.quantize_all(items, pool, n_workers + 1):
+                out[site.name] = qw
+                bar.set_postfix_str(site.name, refresh=False)
+                bar.update()
+                if on_site is not None:
+                    on_site(quantizer.results[-1])
+            return out
 
         t1 = time.perf_counter()
         calibration = None
-        with bar:
+        with bar, rounding_pool(n_workers) as pool:
             if rounding_method.needs:
                 calibration = _calibrated(
                     model,
                     report,
                     token_ids,
-                    quantize_one,
+                    functools.partial(quantize_all, pool=pool),
                     sequential,
                     progress,
                     calibration_options,
@@ -307,8 +336,7 @@ def quantize_model(
                     lambda site: float(sink_weight) if sink_pattern.search(site.name) else 1.0,
                 )
             else:
-                for site in report.sites:
-                    quantize_one(site, None)
+                quantize_all([(site, None) for site in report.sites])
         timings["quantize"] = time.perf_counter() - t1
         t2 = time.perf_counter()
         ReplaceWeightSitesPass(packer, quantizer.rewrites)(model)
@@ -336,7 +364,7 @@ def _calibrated(
     model: ir.Model,
     report: SiteReport,
     token_ids: np.ndarray | None,
-    quantize_one: Callable[[WeightSite, SiteStats | None], QuantizedWeight],
+    quantize_all: Callable[[Sequence[tuple[WeightSite, SiteStats | None]]], dict[str, QuantizedWeight]],
     sequential: bool,
     progress: bool,
     calibration_options: Mapping[str, Any] | None,
@@ -355,15 +383,16 @@ def _calibrated(
     done: set[str] = set()
 
     def on_block(block: list[WeightSite], stats: dict[str, SiteStats]) -> dict[str, QuantizedWeight]:
-        out = {}
+        items = []
         weighted: dict[tuple[int, float], SiteStats] = {}  # q/k/v share one record: weight it once
         for site in block:
             if site.name in stats:
                 st, w = stats[site.name], first_weight(site)
                 if w != 1.0:
                     st = weighted.setdefault((id(st), w), weight_first_position(st, w))
-                out[site.name] = quantize_one(site, st)
-                done.add(site.name)
+                items.append((site, st))
+        out = quantize_all(items)
+        done.update(out)
         return out
 
     options = dict(calibration_options or {})

@@ -131,6 +131,7 @@ def quantize(
     seed: int = 0,
     overwrite: bool = False,
     progress: bool = True,
+    workers: int | None = None,
 ) -> Any:
     """Quantize the weights of an ONNX model with calibrated (or round-to-nearest) rounding.
 
@@ -141,7 +142,9 @@ def quantize(
     modified. ``calib_data``: text source for methods that need statistics (None = the embedded default
     text; a path; or an int64 token-id array ``[n, seq_len]``). ``sink_weight``: how many times each
     calibration sequence's first position counts in the statistics of the attention q/k/v projections
-    (1 = plain ``X^T X``; no effect on data-free methods).
+    (1 = plain ``X^T X``; no effect on data-free methods). ``workers``: processes that round a decoder
+    block's sites side by side (same output bytes; None = one per CPU, at most 4, for models of 16M+
+    weights; 1 = none).
 
     Returns the output folder (``Path``) for path inputs, else the quantized model in the input's kind
     (ModelProto or gs.Graph).
@@ -181,6 +184,7 @@ def quantize(
         progress=progress,
         calibration_options={"providers": _PROVIDERS[device]},
         sink_weight=sink_weight if rounding.needs else 1.0,
+        workers=workers,
     )
     with result:
         record = _config_record(

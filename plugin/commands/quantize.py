@@ -73,6 +73,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         f"(default {DEFAULT_SINK_WEIGHT:g}; 1 = off)",
     )
     m.add_argument("--seed", type=int, default=0)
+    m.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="processes that round a decoder block's sites side by side (same output; default: one per CPU, "
+        "at most 4, for models of 16M+ weights; 1 = none)",
+    )
     s = p.add_argument_group("selection")
     s.add_argument(
         "--include", action="append", default=[], metavar="REGEX", help="quantize only matching modules"
@@ -119,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
         seq_len=args.seq_len,
         sequential=args.sequential,
         sink_weight=args.sink_weight,
+        workers=args.workers,
         include=args.include,
         exclude=args.exclude,
         quantize_lm_head=args.lm_head,
