@@ -288,7 +288,9 @@ def quantize_model(
     check_sites(packer, scheme, report.sites)
     options = dict(method_options or {})
     rounding_method = get_method(method, **options)
-    n_workers = resolve_workers(workers, report.sites) if rounding_method.needs else 1
+    n_workers = resolve_workers(workers, report.sites)  # checks ``workers`` for every method
+    if not rounding_method.needs:  # data-free rounding is quick: not worth starting processes
+        n_workers = 1
     if rounding_method.needs and token_ids is None:
         raise CalibrationError(
             f"method {method!r} needs calibration data ({', '.join(sorted(rounding_method.needs))}); "

@@ -65,6 +65,13 @@ def add_quant_arguments(parser: Any) -> None:
     )
     g.add_argument("--seed", type=int, default=None, help="random seed of calibration sampling (default 0)")
     g.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="processes that round a decoder block's sites side by side (same output; default: one per CPU, "
+        "at most 4, for models of 16M+ weights; 1 = none)",
+    )
+    g.add_argument(
         "--recipe", default=None, help="recipe preset name or YAML/JSON file; flags given here override it"
     )
     g.add_argument(

@@ -58,6 +58,7 @@ def quantize_options(args: argparse.Namespace) -> dict[str, Any]:
         "quantize_lm_head": args.quantize_lm_head,
         "seed": args.seed,
         "sink_weight": getattr(args, "sink_weight", None),
+        "workers": getattr(args, "workers", None),
     }
     kw.update({k: v for k, v in optional.items() if v is not None})
     opt = vars(args)  # Optimum's own flags (absent when optimum-onnx's parser could not be imported)

@@ -58,6 +58,7 @@ def test_lm_head_exclude_and_format_flags(llama, tmp_path, capsys):
         ("no_weights", "no quantizable weight"),
         ("bad_block", "block sizes are"),
         ("inside", "inside"),
+        ("bad_workers", "workers=0"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(llama, tmp_path, capsys, tree_hash, case, needle):
@@ -70,6 +71,8 @@ def test_bad_input_exits_2_with_one_line(llama, tmp_path, capsys, tree_hash, cas
         extra = ["--include", "nothing_matches_this"]
     elif case == "bad_block":
         extra = ["--group-size", "512"]
+    elif case == "bad_workers":
+        extra = ["--workers", "0"]
     else:
         out = llama / "nested"
     before = tree_hash(llama)

@@ -109,7 +109,8 @@ def test_flags_map_to_export_arguments():
     args = build_parser().parse_args(
         ["--model", "m", "out", "--weight-bits", "3", "--group-size", "64", "--asym", "--method", "gptq",
          "--format", "lowbit", "--calib-data", "news", "--calib-samples", "16", "--exclude", "lm_head",
-         "--exclude", "down_proj", "--eval", "--overwrite", "--push-to-hub", "me/x", "--opset", "21"]
+         "--exclude", "down_proj", "--eval", "--overwrite", "--push-to-hub", "me/x", "--opset", "21",
+         "--workers", "3"]
     )  # fmt: skip
     kw = quantize_options(args)
     assert kw["scheme"] == "w3-g64-asym" and kw["method"] == "gptq" and kw["format"] == "lowbit"
@@ -117,6 +118,7 @@ def test_flags_map_to_export_arguments():
     assert kw["exclude"] == ("lm_head", "down_proj")
     assert kw["eval"] and kw["overwrite"] and kw["push_to_hub"] == "me/x" and kw["opset"] == 21
     assert kw["task"] == "text-generation-with-past"  # onnx-quant's default, not Optimum's "auto"
+    assert kw["workers"] == 3
     assert "seq_len" not in kw and "seed" not in kw  # not given: recipe / quantize defaults apply
     assert kw["export_options"]["do_constant_folding"] is True and "optimize" not in kw["export_options"]
 
