@@ -15,6 +15,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
@@ -207,6 +208,11 @@ class _SiteQuantizer:
         for (site, _), job in in_order(items, submit, window):
             try:
                 qw, seconds = result_of(job)  # type: ignore[misc]
+            except BrokenProcessPool as e:
+                raise UserError(
+                    f"{site.name}: a rounding worker process ended abruptly (killed, e.g. for memory?): "
+                    "rerun with fewer worker processes (workers=1 / --workers 1 rounds in this process)"
+                ) from e
             except UserError as e:  # add the node and initializer to the method's "site <name>: ..." message
                 msg = str(e).removeprefix(f"site {site.name}: ").removeprefix("site ?: ")
                 e.args = (f"{site.name} (node {site.node_name!r}, initializer {site.weight_name!r}): {msg}",)

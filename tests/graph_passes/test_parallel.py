@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
+from typing import ClassVar
+
 import numpy as np
 import pytest
 
-from optimum.adaround.graph_passes.errors import UnsupportedSchemeError
+from optimum.adaround.graph_passes.errors import UnsupportedSchemeError, UserError
 from optimum.adaround.graph_passes.model_io import load_model
 from optimum.adaround.graph_passes.parallel import (
     AUTO_MIN_WEIGHTS,
@@ -16,6 +20,7 @@ from optimum.adaround.graph_passes.parallel import (
 )
 from optimum.adaround.graph_passes.pipeline import prepare_sites, quantize_model
 from optimum.adaround.graph_passes.records import WeightSite
+from optimum.adaround.graph_passes.rounding.base import METHODS
 from optimum.adaround.graph_passes.scheme import QuantScheme
 
 
@@ -86,3 +91,24 @@ def test_worker_processes_give_the_same_bytes(tiny_hf_onnx, method):
     assert a1.keys() == a2.keys()
     for name in a1:
         np.testing.assert_array_equal(a1[name], a2[name], err_msg=name)
+
+
+@dataclasses.dataclass
+class _Dies:
+    """A calibrated method whose worker process dies (as if killed for memory)."""
+
+    name: ClassVar[str] = "dies_in_worker"
+    needs: ClassVar[frozenset[str]] = frozenset({"hessian"})
+
+    def quantize(self, weight, scheme, stats=None, *, site="?"):
+        os._exit(9)
+
+
+def test_a_dead_worker_is_a_one_line_error(tiny_hf_onnx, monkeypatch):
+    monkeypatch.setitem(METHODS, _Dies.name, _Dies)
+    model = load_model(tiny_hf_onnx("llama")).model
+    ids = np.random.default_rng(0).integers(0, 300, (2, 8))
+    with pytest.raises(UserError, match=r"worker process ended abruptly.*--workers 1"):
+        quantize_model(
+            model, QuantScheme.parse("w4-g32"), method=_Dies.name, token_ids=ids, progress=False, workers=2
+        )
