@@ -191,12 +191,11 @@ class Device:
         return cp.cuda.get_elapsed_time(start, end) / (iters * len(fns))
 
 
-def load_library() -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(custom_ops.library_path()))
+def load_library(path: str | Path | None = None) -> ctypes.CDLL:
+    path = Path(path) if path else custom_ops.library_path()
+    lib = ctypes.CDLL(str(path))
     if not lib.oa_has_cuda():
-        sys.exit(
-            f"{custom_ops.library_path()} was built without CUDA kernels (build with OPTIMUM_ADAROUND_CUDA=ON)"
-        )
+        sys.exit(f"{path} was built without CUDA kernels (build with OPTIMUM_ADAROUND_CUDA=ON)")
     lib.oa_lowbit_matmul_cuda.argtypes = [ctypes.POINTER(OaCudaArgs), ctypes.c_void_p]
     lib.oa_lowbit_matmul_cuda.restype = ctypes.c_int
     lib.oa_cuda_error_string.argtypes = [ctypes.c_int]
@@ -208,7 +207,21 @@ class Case:
     """One problem: host data, its device copies, and the reference result."""
 
     def __init__(
-        self, dev, rng, *, m, k, n, bits, block, zp, dtype, scale_dtype=np.float32, codebook=False, bias=False
+        self,
+        dev,
+        rng,
+        *,
+        m,
+        k,
+        n,
+        bits,
+        block,
+        zp,
+        dtype,
+        scale_dtype=np.float32,
+        codebook=False,
+        bias=False,
+        with_reference=True,
     ):
         nb = -(-k // block)
         codes = rng.integers(0, 1 << bits, (n, k), dtype=np.uint8)
@@ -220,7 +233,9 @@ class Case:
         self.x = rng.standard_normal((m, k)).astype(dtype)
         kw = {"k": k, "bits": bits, "block_size": block}
         xf = self.x.astype(np.float32)
-        if codebook:
+        if not with_reference:  # timing only
+            self.want = None
+        elif codebook:
             self.want = ref.matmul_codebook_ref(xf, self.packed, self.scales, self.cb, self.bias, **kw)
         else:
             self.want = ref.matmul_lowbit_ref(xf, self.packed, self.scales, self.zp, self.bias, **kw)
@@ -294,6 +309,27 @@ def check(lib, dev) -> list[dict]:
                                 "rel_err": c.error(lib),
                             }
                         )
+    # the tensor-core GEMV (fp16 X, K % 8 == 0, blocks of 128+ values, M <= 8): partial last quad and
+    # block, rows past a 16-row tile, every M it takes
+    for bits in range(2, 9):
+        for block in (128, 256, -1):
+            for zp in (False, True):
+                for m in (1, 2, 5, 8):
+                    k = 680 if block != -1 else 136
+                    blk = k if block == -1 else block
+                    c = Case(
+                        dev, rng, m=m, k=k, n=45, bits=bits, block=blk, zp=zp, dtype=np.float16, bias=m == 2
+                    )
+                    rows.append(
+                        {
+                            "bits": bits,
+                            "block": blk,
+                            "zp": zp,
+                            "dtype": "float16",
+                            "M": m,
+                            "rel_err": c.error(lib),
+                        }
+                    )
     for bits in (3, 4):
         for m in (1, 3, 37):
             c = Case(
@@ -322,27 +358,54 @@ def _rotations(nbytes: int) -> int:
     return max(2, min(256, -(-ROTATE_BYTES // nbytes)))
 
 
-def bench(lib, dev, iters: int, peak: float | None) -> list[dict]:
-    """M = 1 GEMV over LLM shapes. Each timing is one CUDA graph (or, without torch, one stream of
-    launches) over `_rotations` distinct weight copies, replayed `iters` times: per-call time = total /
-    launches, so neither the Python launch cost nor L2 residency inflates the bandwidth. Baselines measured
-    in the same run: cuBLAS fp16 GEMV through torch on the same rotation, and a device-to-device copy."""
+SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096), (8192, 28672))
+
+
+def bench(
+    libs: dict, dev, iters: int, peak: float | None, shapes=SHAPES, dtypes=("float16", "float32")
+) -> list[dict]:
+    """M = 1 GEMV over LLM shapes, for each library of `libs` (name -> CDLL) on the same data. Each
+    timing is one CUDA graph (or, without torch, one stream of launches) over `_rotations` distinct weight
+    copies, replayed `iters` times: per-call time = total / launches, so neither the Python launch cost nor
+    L2 residency inflates the bandwidth. Baselines measured in the same run: cuBLAS fp16 GEMV through torch
+    on the same rotation, and a device-to-device copy."""
     rng = np.random.default_rng(1)
     rows = []
-    for k, n in ((4096, 4096), (4096, 11008), (11008, 4096), (8192, 28672)):
+    for k, n in shapes:
         for bits in (3, 4):
-            for dtype in (np.float16, np.float32):
-                c = Case(dev, rng, m=1, k=k, n=n, bits=bits, block=128, zp=False, dtype=dtype)
+            for dtype in dtypes:
+                c = Case(
+                    dev,
+                    rng,
+                    m=1,
+                    k=k,
+                    n=n,
+                    bits=bits,
+                    block=128,
+                    zp=False,
+                    dtype=np.dtype(dtype).type,
+                    with_reference=False,
+                )
                 r = _rotations(c.weight_bytes)
                 copies = [c.args] + [c.clone_weights() for _ in range(r - 1)]
-                ms = dev.time_launches([lambda s, a=a, c=c: c.run(lib, a, s) for a in copies], iters)
-                gbps = c.weight_bytes / (ms * 1e-3) / 1e9
-                row = {"K": k, "N": n, "bits": bits, "dtype": np.dtype(dtype).name, "ms": ms}
-                row["weight_GBps"] = gbps
-                if peak:
-                    row["pct_of_peak"] = 100 * gbps / peak
-                rows.append(row)
-                print(row, flush=True)
+                for name, lib in libs.items():
+                    ms = dev.time_launches(
+                        [lambda s, a=a, c=c, lib=lib: c.run(lib, a, s) for a in copies], iters
+                    )
+                    gbps = c.weight_bytes / (ms * 1e-3) / 1e9
+                    row = {
+                        "variant": name,
+                        "K": k,
+                        "N": n,
+                        "bits": bits,
+                        "dtype": np.dtype(dtype).name,
+                        "ms": ms,
+                    }
+                    row["weight_GBps"] = gbps
+                    if peak:
+                        row["pct_of_peak"] = 100 * gbps / peak
+                    rows.append(row)
+                    print(row, flush=True)
                 del copies, c
                 dev.free()
         if dev.torch is not None:  # cuBLAS fp16 GEMV on the same rotation: the bar a dense fp16 model sets
@@ -353,7 +416,7 @@ def bench(lib, dev, iters: int, peak: float | None) -> list[dict]:
             ]
             x = t.randn((1, k), dtype=t.float16, device="cuda")
             ms = dev.time_launches([lambda s, w=w, x=x, t=t: t.matmul(x, w.t()) for w in ws], iters)
-            row = {"K": k, "N": n, "bits": 16, "dtype": "float16 (cuBLAS)", "ms": ms}
+            row = {"variant": "cuBLAS", "K": k, "N": n, "bits": 16, "dtype": "float16 (cuBLAS)", "ms": ms}
             row["weight_GBps"] = wbytes / (ms * 1e-3) / 1e9
             if peak:
                 row["pct_of_peak"] = 100 * row["weight_GBps"] / peak
@@ -365,7 +428,8 @@ def bench(lib, dev, iters: int, peak: float | None) -> list[dict]:
 
 
 def copy_gbps(dev, iters: int) -> float | None:
-    """Device-to-device copy of 1 GiB (bytes read + written per second): the practical ceiling."""
+    """Device-to-device copy of 1 GiB through torch in a CUDA graph (bytes read + written per second): a
+    reference point measured in the same run (on an H200 it moved less than a cuBLAS GEMV reads)."""
     if dev.torch is None:
         return None
     t = dev.torch
@@ -373,6 +437,49 @@ def copy_gbps(dev, iters: int) -> float | None:
     b = t.empty_like(a)
     ms = dev.time_launches([lambda s: b.copy_(a)], max(5, iters // 20))
     return 2 * a.numel() * 2 / (ms * 1e-3) / 1e9
+
+
+def _variants(specs: list[str] | None) -> dict:
+    """name -> loaded library: the default build, or each NAME=PATH of --variant."""
+    if not specs:
+        return {"default": load_library()}
+    libs = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not Path(path).is_file():
+            sys.exit(f"--variant {spec!r}: expected NAME=PATH of a built library")
+        libs[name] = load_library(path)
+    return libs
+
+
+def _markdown(result: dict, variants: list[str]) -> list[str]:
+    checks = result["checks"]
+    lines = [f"# CUDA GEMV ({result['device']}, {result['date']})", ""]
+    for name in variants:
+        rows = [r for r in checks if r["variant"] == name]
+        bad = [r for r in rows if not r["ok"]]
+        worst = max(r["rel_err"] for r in rows)
+        label = f"{name}: " if len(variants) > 1 else ""
+        lines.append(f"Checks: {label}{len(rows)} cases, worst rel. error {worst:.2e}, {len(bad)} failures.")
+    lines.append("")
+    if "gemv" in result:
+        peak, cp = result["nominal_peak_GBps"], result["copy_GBps"]
+        lines += [
+            f"M = 1, block 128, symmetric, fp32 scales; timing: {result['timing']}, weights rotated over "
+            f"{ROTATE_BYTES >> 20} MiB so every call reads DRAM. Nominal peak "
+            f"{peak or 0:.0f} GB/s; a 1 GiB device copy moved {cp or 0:.0f} GB/s (read + write) in this run.",
+            "",
+        ]
+        many = len(variants) > 1
+        head = "| K | N | bits | dtype | ms | weight GB/s | % peak |"
+        lines += [("| variant " if many else "") + head, "|---" * (7 + many) + "|"]
+        for r in result["gemv"]:
+            pct = f"{r['pct_of_peak']:.0f}" if "pct_of_peak" in r else "-"
+            lines.append(
+                (f"| {r['variant']} " if many else "")
+                + f"| {r['K']} | {r['N']} | {r['bits']} | {r['dtype']} | {r['ms']:.4f} | {r['weight_GBps']:.0f} | {pct} |"
+            )
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -384,31 +491,48 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "cuda_gemv"))
     ap.add_argument(
+        "--variant", action="append", metavar="NAME=PATH",
+        help="check and time this build of the library (repeat to compare builds side by side on the same data)",
+    )  # fmt: skip
+    ap.add_argument("--shapes", nargs="+", metavar="KxN", help="GEMV shapes to time (default: the LLM set)")
+    ap.add_argument("--dtypes", nargs="+", default=["float16", "float32"], choices=["float16", "float32"])
+    ap.add_argument(
         "--profile", nargs=3, type=int, metavar=("K", "N", "BITS"),
         help="only launch this fp16 M=1 GEMV a few times (for ncu / compute-sanitizer), then exit",
     )  # fmt: skip
     args = ap.parse_args(argv)
-    lib, dev = load_library(), Device()
+    libs, dev = _variants(args.variant), Device()
     if args.profile:
         k, n, bits = args.profile
         c = Case(
             dev, np.random.default_rng(2), m=1, k=k, n=n, bits=bits, block=128, zp=False, dtype=np.float16
         )
-        for _ in range(3):
-            c.run(lib)
+        for lib in libs.values():
+            for _ in range(3):
+                c.run(lib)
         dev.sync()
         return 0
-    checks = check(lib, dev)
-    worst = max(r["rel_err"] for r in checks)
-    bad = [r for r in checks if r["rel_err"] > (2e-3 if r.get("dtype") == "float16" else 1e-5)]
-    print(
-        f"{len(checks)} cases checked against the NumPy reference, worst relative error {worst:.2e}, {len(bad)} over tolerance"
-    )
-    for r in bad:
-        print("  FAIL", r)
+    checks, n_bad = [], 0
+    for name, lib in libs.items():
+        rows = check(lib, dev)
+        for r in rows:
+            r["variant"] = name
+            r["ok"] = r["rel_err"] <= (2e-3 if r.get("dtype") == "float16" else 1e-5)
+        bad = [r for r in rows if not r["ok"]]
+        n_bad += len(bad)
+        worst = max(r["rel_err"] for r in rows)
+        print(
+            f"{name}: {len(rows)} cases checked against the NumPy reference, worst relative error {worst:.2e}, "
+            f"{len(bad)} over tolerance",
+            flush=True,
+        )
+        for r in bad:
+            print("  FAIL", r)
+        checks += rows
     result = {
         "device": dev.name,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "variants": {name: str(getattr(lib, "_name", "")) for name, lib in libs.items()},
         "checks": checks,
     }
     if not args.check_only:
@@ -416,33 +540,21 @@ def main(argv: list[str] | None = None) -> int:
         result["nominal_peak_GBps"] = peak
         result["copy_GBps"] = copy_gbps(dev, args.iters)
         print(f"nominal peak {peak} GB/s, device copy {result['copy_GBps']} GB/s", flush=True)
-        result["gemv"] = bench(lib, dev, args.iters, peak)
+        shapes = SHAPES
+        if args.shapes:
+            try:
+                shapes = tuple(tuple(int(v) for v in sh.lower().split("x")) for sh in args.shapes)
+            except ValueError:
+                sys.exit(f"--shapes {args.shapes}: expected KxN, e.g. 4096x4096")
+        result["gemv"] = bench(libs, dev, args.iters, peak, shapes, args.dtypes)
         result["timing"] = getattr(dev, "timing", None)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    lines = [
-        f"# CUDA GEMV ({dev.name}, {result['date']})",
-        "",
-        f"Checks: {len(checks)} cases, worst rel. error {worst:.2e}, {len(bad)} failures.",
-        "",
-    ]
-    if "gemv" in result:
-        peak, cp = result["nominal_peak_GBps"], result["copy_GBps"]
-        lines += [
-            f"M = 1, block 128, symmetric, fp32 scales; timing: {result['timing']}, weights rotated over "
-            f"{ROTATE_BYTES >> 20} MiB so every call reads DRAM. Nominal peak "
-            f"{peak or 0:.0f} GB/s; a 1 GiB device copy moved {cp or 0:.0f} GB/s (read + write) in this run.",
-            "",
-        ]
-        lines += ["| K | N | bits | dtype | ms | weight GB/s | % peak |", "|---|---|---|---|---|---|---|"]
-        for r in result["gemv"]:
-            pct = f"{r['pct_of_peak']:.0f}" if "pct_of_peak" in r else "-"
-            lines.append(
-                f"| {r['K']} | {r['N']} | {r['bits']} | {r['dtype']} | {r['ms']:.4f} | {r['weight_GBps']:.0f} | {pct} |"
-            )
+    lines = _markdown(result, list(libs))
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    return 1 if bad else 0
+    print("\n".join(lines[-60:]))
+    return 1 if n_bad else 0
 
 
 if __name__ == "__main__":

@@ -1026,6 +1026,12 @@ def _kernel_sections(results: Path) -> list[str]:
             *(body[2:] if body[1:2] == [""] else body[1:]),
             "",
         ]
+        if (results / "cuda_gemv_variants.md").is_file():
+            lines += [
+                "Kernel variants timed side by side on the way there (`--variant`): "
+                "[results/cuda_gemv_variants.md](results/cuda_gemv_variants.md).",
+                "",
+            ]
     if (results / "ops.md").is_file():
         lines += [
             "## Custom op on CPU",

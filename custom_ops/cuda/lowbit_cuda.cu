@@ -8,6 +8,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
@@ -241,6 +242,244 @@ __global__ void __launch_bounds__(32 * WARPS) gemv_kernel(Dev d, const T* __rest
     }
 }
 
+// GEMV on the tensor cores: fp16 X, integer codes, one scale (and zero point) per 128 or more values,
+// M <= 8. One mma.sync m16n8k16 (fp16 operands, fp32 accumulation) takes A = 16 values of 16 weight rows
+// and B = the same 16 positions of up to 8 rows of X (columns M..7 zero). The fragment layout decides who
+// holds what: lane t (group g = t/4, i = t%4) gives A rows g and g+8 at k slots 2i, 2i+1, 2i+8, 2i+9, and
+// B column g (row g of X) at the same slots. A dot product does not care which k a slot stands for as long
+// as A and B agree, so lane t takes its whole chunk 4j+i of rows g and g+8 (32 values each) and feeds
+// values 4G..4G+3 of them in the G-th of the chunk's 8 MMAs; B's lanes read x at those same 4 positions.
+// The 4 lanes of a group hold chunks 4j..4j+3, one 128-value quad, which lies in one block: the quad's
+// MMAs accumulate raw dot products and the scale is applied once per quad in fp32.
+// Codes become halves exactly without I2F: PRMT puts code v under the high byte 0x64 (the half 0x64vv is
+// 1024 + v). With FOLD (the default) the MMAs take 1024 + v as is and one more MMA per step, of x with
+// ones, gives sum x, so that sum (v - z) x = sum (1024 + v) x - (1024 + z) sum x per quad; products of
+// fp16 x and integers below 2048 are exact, and the fp32 accumulator holding ~1024 sum x costs about 2^8
+// of its 2^-24 (still far below fp16 output rounding; worst checked error 4.9e-4 with fp16 outputs, as
+// without FOLD). Without FOLD an HSUB2 of 1024 + z per pair leaves v - z exactly. The weights and x of the
+// next STAGES - 1 quads are in flight in a per-warp cp.async ring in shared memory, not in registers.
+// Measured on an H200 (benchmarks/cuda_gemv.py --variant, 2026-12-04): 8192x28672 4-bit 2.58 TB/s (54%
+// of nominal, 1.37x the FFMA kernel), 4096x4096 1.21 TB/s; SASS ~2.7 instructions per 4-bit weight
+// (FFMA kernel ~5.9). ncu at 8192x28672: issue slots 47% busy, DRAM 53%, 1.07 of 3.5 warps eligible per
+// scheduler (occupancy 25%, capped by 122 registers and the rings): latency-bound. Tried and slower:
+// 4 or 6 stages, 1 tile per warp, two accumulator chains per tile, a 3-block register cap (spills), fixed
+// K splits (see docs/DESIGN.md).
+__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+  __trap();  // never launched below sm_80 (see mma_eligible)
+#endif
+}
+
+[[maybe_unused]] __device__ __forceinline__ uint32_t hsub2_u32(uint32_t a, uint32_t b) {
+  const __half2 r = __hsub2(*reinterpret_cast<const __half2*>(&a), *reinterpret_cast<const __half2*>(&b));
+  return *reinterpret_cast<const uint32_t*>(&r);
+}
+
+// Asynchronous copies global -> shared (sm_80+): `bytes` of 4, 8 or 16; src_bytes 0 fills zeros.
+template <int BYTES>
+__device__ __forceinline__ void cp_async(void* dst, const void* src, int src_bytes = BYTES) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  if constexpr (BYTES == 16)
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(src_bytes));
+  else
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(d), "l"(src), "n"(BYTES), "r"(src_bytes));
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
+}
+
+// Shared memory of one warp's pipeline stage: the weight words of its lanes (unit-interleaved so that
+// lanes read consecutive addresses) and, for lanes 0..4M-1, 64 bytes of X each.
+template <int BITS, int R>
+struct MmaStage {
+  static constexpr int kUnit = BITS % 4 == 0 ? 16 : BITS % 2 == 0 ? 8 : 4;  // bytes per copy (load_chunk's)
+  static constexpr int kUnits = 4 * BITS / kUnit;                         // per row chunk
+  static constexpr int kWeightBytes = 32 * 2 * R * 4 * BITS;
+  __host__ __device__ static constexpr int bytes(int m) { return kWeightBytes + 64 * 4 * m; }
+};
+
+// R 16-row tiles per warp; STAGES quads in flight per warp (cp.async ring in shared memory, so that the
+// loads in flight do not hold registers); KS warps (runtime) split K.
+template <int BITS, int R, int STAGES, bool SH, bool FOLD>
+__global__ void __launch_bounds__(256) gemv_mma_kernel(Dev d, int ks, const __half* __restrict__ x,
+                                                        const __half* __restrict__ bias, __half* __restrict__ y) {
+  using St = MmaStage<BITS, R>;
+  extern __shared__ __align__(16) unsigned char mma_smem[];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, i = lane % 4;
+  const int s = warp % ks;
+  const int M = static_cast<int>(d.M), stage_bytes = St::bytes(M);
+  unsigned char* ring = mma_smem + static_cast<size_t>(warp) * STAGES * stage_bytes;
+  const int64_t n0 = (static_cast<int64_t>(blockIdx.x) * (8 / ks) + warp / ks) * (16 * R);  // warp's first row
+  const int nch = static_cast<int>(d.nch), nq = (nch + 3) / 4, K = static_cast<int>(d.K);
+  // Rows past N read row N-1 and chunks past the end read the last chunk: garbage that meets x = 0 or is
+  // never stored, so the copies need no guards.
+  const unsigned char* wrow[R][2];
+  const uint8_t* zrow[R][2];
+  int64_t srow[R][2];
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t n = min(n0 + 16 * r + 8 * h + g, d.N - 1);
+      wrow[r][h] = d.b + n * d.nch * 4 * BITS;
+      zrow[r][h] = d.zp ? d.zp + n * d.nb : nullptr;
+      srow[r][h] = n * d.nb;
+    }
+  const bool has_x = g < M;  // lane g gives B column g: a real row of X
+  const __half* xrow = x + (has_x ? g : 0) * d.K;
+  const int n_it = s < nq ? (nq - 1 - s) / ks + 1 : 0;  // quads s, s+ks, ... of this warp
+  const auto issue = [&](int it) {                      // copies of the it-th quad into its ring slot
+    if (it < n_it) {
+      unsigned char* st = ring + (it % STAGES) * stage_bytes;
+      const int jq = s + ks * it, c = min(4 * jq + i, nch - 1);
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+          for (int v = 0; v < St::kUnits; ++v)
+            cp_async<St::kUnit>(st + (((r * 2 + h) * St::kUnits + v) * 32 + lane) * St::kUnit,
+                                wrow[r][h] + c * 4 * BITS + v * St::kUnit);
+      if (has_x) {
+        const int k0 = jq * 128 + 32 * i;  // K % 8 == 0: 8 values are all in or all out
+#pragma unroll
+        for (int G = 0; G < 4; ++G)
+          cp_async<16>(st + St::kWeightBytes + lane * 64 + 16 * G, xrow + min(k0 + 8 * G, K - 8),
+                       k0 + 8 * G < K ? 16 : 0);
+      }
+    }
+    cp_async_commit();  // an empty group past the end keeps the group count uniform
+  };
+  // zero points (FOLD: 1024 + z as a float; else as a half2 to subtract) and scales of one quad
+  const auto side = [&](int it, uint32_t (&zh)[R][2], float (&sc)[R][2]) {
+    const int jq = s + ks * min(it, max(n_it - 1, 0));
+    const int blk = d.bs_log2 < 0 ? 0 : (jq * 128) >> d.bs_log2;
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const uint32_t z = zrow[r][h] ? zrow[r][h][blk] : 1u << (BITS - 1);
+        zh[r][h] = FOLD ? __float_as_uint(1024.f + static_cast<float>(z)) : 0x64006400u | (z * 0x00010001u);
+        if constexpr (SH)
+          sc[r][h] = __half2float(static_cast<const __half*>(d.scales)[srow[r][h] + blk]);
+        else
+          sc[r][h] = static_cast<const float*>(d.scales)[srow[r][h] + blk];
+      }
+  };
+#pragma unroll
+  for (int it = 0; it < STAGES - 1; ++it) issue(it);
+  float acc[R][4] = {};
+  uint32_t zh[R][2], zh_next[R][2];
+  float sc[R][2], sc_next[R][2];
+  side(0, zh_next, sc_next);
+  for (int it = 0; it < n_it; ++it) {
+    issue(it + STAGES - 1);
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) zh[r][h] = zh_next[r][h], sc[r][h] = sc_next[r][h];
+    side(it + 1, zh_next, sc_next);  // one quad ahead: their latency hides behind this quad's MMAs
+    cp_async_wait<STAGES - 1>();     // this quad's group has landed (each lane reads only its own copies)
+    const unsigned char* st = ring + (it % STAGES) * stage_bytes;
+    uint32_t q[R][2][BITS];
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int v = 0; v < St::kUnits; ++v) {
+          const unsigned char* src = st + (((r * 2 + h) * St::kUnits + v) * 32 + lane) * St::kUnit;
+          if constexpr (St::kUnit == 16) {
+            const uint4 t = *reinterpret_cast<const uint4*>(src);
+            q[r][h][4 * v] = t.x, q[r][h][4 * v + 1] = t.y, q[r][h][4 * v + 2] = t.z, q[r][h][4 * v + 3] = t.w;
+          } else if constexpr (St::kUnit == 8) {
+            const uint2 t = *reinterpret_cast<const uint2*>(src);
+            q[r][h][2 * v] = t.x, q[r][h][2 * v + 1] = t.y;
+          } else {
+            q[r][h][v] = *reinterpret_cast<const uint32_t*>(src);
+          }
+        }
+    uint4 xa[4];
+#pragma unroll
+    for (int G = 0; G < 4; ++G)
+      xa[G] = has_x ? *reinterpret_cast<const uint4*>(st + St::kWeightBytes + lane * 64 + 16 * G)
+                    : make_uint4(0u, 0u, 0u, 0u);
+    float c[R][4] = {};
+    float csum[4] = {};  // FOLD: sum of x over the quad, per column (row of X)
+    const auto step = [&](auto gc) {
+      constexpr int G = decltype(gc)::value;
+      const uint4& xv = xa[G / 2];
+      const uint32_t b0 = G % 2 ? xv.z : xv.x, b1 = G % 2 ? xv.w : xv.y;
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        uint32_t a[4];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const uint32_t codes = group_codes<BITS, G>(q[r][h]);
+          a[h] = __byte_perm(codes, 0x64646464u, 0x4140u);      // values 4G, 4G+1 as 1024 + v
+          a[h + 2] = __byte_perm(codes, 0x64646464u, 0x4342u);  // values 4G+2, 4G+3
+          if constexpr (!FOLD) a[h] = hsub2_u32(a[h], zh[r][h]), a[h + 2] = hsub2_u32(a[h + 2], zh[r][h]);
+        }
+        mma_16816(c[r], a, b0, b1);
+      }
+      if constexpr (FOLD) {
+        constexpr uint32_t kOnes[4] = {0x3C003C00u, 0x3C003C00u, 0x3C003C00u, 0x3C003C00u};  // half 1.0
+        mma_16816(csum, kOnes, b0, b1);
+      }
+    };
+    step(std::integral_constant<int, 0>{}), step(std::integral_constant<int, 1>{});
+    step(std::integral_constant<int, 2>{}), step(std::integral_constant<int, 3>{});
+    step(std::integral_constant<int, 4>{}), step(std::integral_constant<int, 5>{});
+    step(std::integral_constant<int, 6>{}), step(std::integral_constant<int, 7>{});
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {  // c: rows g, g+8; FOLD: sum (1024 + v) x - (1024 + z) sum x
+        const float dot = FOLD ? fmaf(-__uint_as_float(zh[r][e / 2]), csum[e % 2], c[r][e]) : c[r][e];
+        acc[r][e] = fmaf(sc[r][e / 2], dot, acc[r][e]);
+      }
+  }
+  cp_async_wait<0>();  // nothing may still be writing this block's shared memory
+  if (ks > 1) {        // sum the KS warps of each row group (uniform branch: ks is a kernel argument)
+    float* red = reinterpret_cast<float*>(mma_smem);  // [8][R][4][32], over the rings once all are done
+    __syncthreads();
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) red[((warp * R + r) * 4 + e) * 32 + lane] = acc[r][e];
+    __syncthreads();
+    if (s != 0) return;
+    for (int j = 1; j < ks; ++j)
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[r][e] += red[(((warp + j) * R + r) * 4 + e) * 32 + lane];
+  }
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {  // C element e: row g + 8 (e / 2) of the tile, column (row of X) 2i + e % 2
+      const int64_t n = n0 + 16 * r + 8 * (e / 2) + g;
+      const int m = 2 * i + e % 2;
+      if (m < M && n < d.N) store(y + m * d.N + n, acc[r][e] + (bias ? to_f(bias[n]) : 0.f));
+    }
+}
+
 template <typename T>
 __global__ void gemm_kernel(Dev d, const T* __restrict__ x, const T* __restrict__ bias, T* __restrict__ y) {
   __shared__ float xs[32][33];
@@ -321,6 +560,80 @@ void launch_gemv(const Dev& d, const T* x, const T* bias, T* y, cudaStream_t str
              : gemv_kernel<BITS, false, 4, T, R, W, U><<<grid, block, 0, stream>>>(d, x, bias, y);
 }
 
+#ifndef OA_MMA_ROWS
+#define OA_MMA_ROWS 2  // 16-row tiles per warp
+#endif
+#ifndef OA_MMA_STAGES
+#define OA_MMA_STAGES 3  // quads in flight per warp
+#endif
+#ifndef OA_MMA_FOLD
+#define OA_MMA_FOLD 1  // zero point folded out through an extra MMA of x with ones (no HSUB2 per value)
+#endif
+#ifndef OA_MMA_KSPLIT
+#define OA_MMA_KSPLIT 0  // 1, 2, 4 or 8 fixes the warps that split K (benchmarking); 0 chooses
+#endif
+#ifndef OA_MMA_WARPS_PER_SM
+#define OA_MMA_WARPS_PER_SM 32
+#endif
+#ifndef OA_MMA
+#define OA_MMA 1  // 0: never use the tensor-core GEMV (for benchmarking against the FFMA kernel)
+#endif
+
+// Compute capability (major * 10 + minor) and multiprocessors of the current device, cached per device.
+struct DeviceInfo {
+  int cc = 0, sms = 0;
+};
+DeviceInfo device_info() {
+  static DeviceInfo cached[64];
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return {};
+  DeviceInfo& c = cached[dev];
+  if (c.sms == 0) {
+    int major = 0, minor = 0, sms = 0;
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+    c.cc = major * 10 + minor;
+    c.sms = sms > 0 ? sms : 1;
+  }
+  return c;
+}
+
+// The tensor-core GEMV applies: fp16 X with 16-byte aligned rows (K % 8 == 0), integer codes, a block of
+// 128 or more values (a quad never straddles two), M <= 8, and an sm_80+ device.
+bool mma_eligible(const OaCudaArgs& a) {
+  return OA_MMA && a.x_half && !a.codebook && a.M <= 8 && a.K % 8 == 0 &&
+         reinterpret_cast<uintptr_t>(a.x) % 16 == 0 && (a.block_size >= 128 || a.block_size >= a.K) &&
+         device_info().cc >= 80;
+}
+
+template <int BITS>
+void launch_gemv_mma(const Dev& d, const __half* x, const __half* bias, __half* y, cudaStream_t stream) {
+  constexpr int R = OA_MMA_ROWS;
+  // as many stages as asked for, fewer where 8 warps' rings at M = 8 would not fit in shared memory
+  constexpr int S = std::min(OA_MMA_STAGES, 227 * 1024 / (8 * MmaStage<BITS, R>::bytes(8)));
+  static_assert(S >= 2, "GEMV rings exceed shared memory");
+  // warps splitting K per row group: the smallest power of two up to 8 that gives about
+  // OA_MMA_WARPS_PER_SM warps per multiprocessor while each warp keeps STAGES quads or more
+  const int64_t want = int64_t{OA_MMA_WARPS_PER_SM} * device_info().sms, row_warps = (d.N + 16 * R - 1) / (16 * R);
+  const int64_t nq = (d.nch + 3) / 4;
+  int ks = 1;
+  while (ks < 8 && row_warps * ks < want && nq >= int64_t{2} * S * ks) ks *= 2;
+  if (OA_MMA_KSPLIT) ks = OA_MMA_KSPLIT;
+  const int64_t rows = int64_t{16} * R * (8 / ks);
+  // the rings of 8 warps (the K-split sums reuse them: 8 * R * 512 bytes, less than any ring)
+  const size_t smem = size_t{8} * S * MmaStage<BITS, R>::bytes(static_cast<int>(d.M));
+  constexpr bool F = OA_MMA_FOLD != 0;
+  const auto kernel = d.scales_half ? gemv_mma_kernel<BITS, R, S, true, F> : gemv_mma_kernel<BITS, R, S, false, F>;
+  static bool attr_set[2] = {};  // more than 48 KiB of dynamic shared memory must be asked for
+  if (!attr_set[d.scales_half]) {
+    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 8 * S * MmaStage<BITS, R>::bytes(8));
+    attr_set[d.scales_half] = true;
+  }
+  const dim3 grid(static_cast<unsigned>((d.N + rows - 1) / rows)), block(256);
+  kernel<<<grid, block, smem, stream>>>(d, ks, x, bias, y);
+}
+
 template <typename T>
 cudaError_t launch(const OaCudaArgs& a, cudaStream_t stream) {
   Dev d{a.b, a.scales, a.zp, a.codebook, a.M, a.K, a.N, a.block_size, 0, 0, a.bits, -1, a.scales_half != 0};
@@ -332,6 +645,21 @@ cudaError_t launch(const OaCudaArgs& a, cudaStream_t stream) {
   const T* x = static_cast<const T*>(a.x);
   const T* bias = static_cast<const T*>(a.bias);
   T* y = static_cast<T*>(a.y);
+  if constexpr (std::is_same_v<T, __half>) {
+    if (mma_eligible(a)) {
+      switch (a.bits) {
+        case 2: launch_gemv_mma<2>(d, x, bias, y, stream); break;
+        case 3: launch_gemv_mma<3>(d, x, bias, y, stream); break;
+        case 4: launch_gemv_mma<4>(d, x, bias, y, stream); break;
+        case 5: launch_gemv_mma<5>(d, x, bias, y, stream); break;
+        case 6: launch_gemv_mma<6>(d, x, bias, y, stream); break;
+        case 7: launch_gemv_mma<7>(d, x, bias, y, stream); break;
+        case 8: launch_gemv_mma<8>(d, x, bias, y, stream); break;
+        default: return cudaErrorInvalidValue;
+      }
+      return cudaGetLastError();
+    }
+  }
   if (a.M <= 4) {
     switch (a.bits) {
       case 2: launch_gemv<2, T>(d, x, bias, y, stream); break;
