@@ -1032,6 +1032,10 @@ def _kernel_sections(results: Path) -> list[str]:
                 "[results/cuda_gemv_variants.md](results/cuda_gemv_variants.md).",
                 "",
             ]
+    rounding = results / "rounding_device.md"
+    if rounding.is_file():  # from benchmarks/rounding_device.py on a GPU machine
+        body = rounding.read_text().splitlines()
+        lines += [f"## {body[0].lstrip('# ')}" if body else "## Rounding on a GPU", *body[1:], ""]
     if (results / "ops.md").is_file():
         lines += [
             "## Custom op on CPU",

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from .defaults import DEFAULT_CALIB_SAMPLES, DEFAULT_SEQ_LEN, DEFAULT_SINK_WEIGHT
 from .graph_passes.errors import CalibrationError, UnsupportedSchemeError
@@ -66,16 +67,21 @@ def _default_output(loaded: LoadedModel, scheme: QuantScheme, method: str) -> Pa
     return base.parent / f"{base.name}-{scheme.label}-{method}"
 
 
-def _method_options(method: str, options: Mapping[str, Any] | None, seed: int) -> dict[str, Any]:
-    """The user's options, plus ``seed`` when the method takes one and it was not given."""
+def _method_options(
+    method: str, options: Mapping[str, Any] | None, seed: int, device: str = "cpu"
+) -> dict[str, Any]:
+    """The user's options, plus ``seed`` when the method takes one and it was not given, and ``device``
+    (``cuda`` when the run asks for it and torch sees a GPU) for methods that round on a torch device."""
     out = dict(options or {})
     cls = METHODS.get(method)
-    if cls is not None and "seed" not in out:
-        try:
-            if "seed" in inspect.signature(cls).parameters:
-                out["seed"] = seed
-        except (TypeError, ValueError):  # builtins / odd callables: no signature to read
-            pass
+    try:
+        params = inspect.signature(cls).parameters if cls is not None else {}
+    except (TypeError, ValueError):  # builtins / odd callables: no signature to read
+        params = {}
+    if "seed" in params and "seed" not in out:
+        out["seed"] = seed
+    if "device" in params and "device" not in out and device == "cuda" and torch.cuda.is_available():
+        out["device"] = "cuda"
     return out
 
 
@@ -144,7 +150,8 @@ def quantize(
     calibration sequence's first position counts in the statistics of the attention q/k/v projections
     (1 = plain ``X^T X``; no effect on data-free methods). ``workers``: processes that round a decoder
     block's sites side by side (same output bytes; None = one per CPU, at most 4, for models of 16M+
-    weights; 1 = none).
+    weights; 1 = none). ``device``: ``cuda`` calibrates through onnxruntime's CUDA provider and, where
+    torch sees a GPU, runs AdaRound's refinement (``adaround``, ``adaround_ls``) there too.
 
     Returns the output folder (``Path``) for path inputs, else the quantized model in the input's kind
     (ModelProto or gs.Graph).
@@ -153,7 +160,7 @@ def quantize(
     qscheme = resolve_scheme(scheme, format)
     if device not in _PROVIDERS:
         raise UnsupportedSchemeError(f"device={device!r}: choose one of {sorted(_PROVIDERS)}")
-    options = _method_options(method, method_options, seed)
+    options = _method_options(method, method_options, seed, device)
     rounding = get_method(method, **options)  # unknown method / bad options fail before any loading
     random.seed(seed)
     np.random.seed(seed)

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import time
 from typing import ClassVar, Literal
 
@@ -144,6 +145,9 @@ class RoundingState:
     def codes(self) -> torch.Tensor:
         return self.base + self.h
 
+    def to(self, device: str | torch.device) -> RoundingState:
+        return RoundingState(*(t.to(device) for t in (self.w, self.s, self.z, self.base, self.h, self.live)))
+
 
 def _select_columns(
     st: RoundingState, g0: torch.Tensor, hdiag: torch.Tensor, tile: int, m: int
@@ -244,7 +248,7 @@ def greedy_flips(
     if gm32 is not None:
         g_guard = (st.dequantize() - st.w) @ gm32
         cost_guard = st.s * st.s * torch.diagonal(gm32)[None, :]
-    rows = torch.arange(st.w.shape[0])
+    rows = torch.arange(st.w.shape[0], device=st.w.device)
     tol = 1e-6 * cost.mean(dim=1)
     flips = 0
     for _ in range(max_steps):
@@ -285,13 +289,15 @@ def adaround_refine(
     guard64 = None if guard is None else guard.to(torch.float64)
     loss_guard = None if guard64 is None else row_quadratic_forms(st.dequantize() - st.w, guard64)
     nonbinary = total_free = 0
-    improved = torch.zeros(n, dtype=torch.bool)
+    improved = torch.zeros(n, dtype=torch.bool, device=st.w.device)
     dense = opts.free_cols is None or opts.free_cols >= k
     tile = n if dense else min(opts.tile_rows, n)
     m = k if dense else int(opts.free_cols)  # type: ignore[arg-type]
     for _ in range(opts.rounds):
         g0 = (st.dequantize() - st.w) @ hm32
-        idx = torch.arange(k)[None, :] if dense else _select_columns(st, g0, hdiag, tile, m)
+        idx = (
+            torch.arange(k, device=st.w.device)[None, :] if dense else _select_columns(st, g0, hdiag, tile, m)
+        )
         hcc = hm32[idx[:, :, None], idx[:, None, :]]
         h0 = _tiles(st.h, tile, idx)
         live = _tiles(st.live.to(torch.float32), tile, idx) > 0
@@ -434,6 +440,9 @@ class AdaRound:
     seed: int = 0
     threads: int | None = 1
     """torch intra-op threads while rounding (see ``gptq.torch_threads``); None keeps torch's setting."""
+    device: str = "cpu"
+    """torch device of the relaxation and flip descent (``cpu``, ``cuda``, ``cuda:N``); the GPTQ init and
+    the metrics stay on the CPU."""
 
     @property
     def needs(self) -> frozenset[str]:  # type: ignore[override]
@@ -448,6 +457,7 @@ class AdaRound:
             )
         if self.init not in ("gptq", "rtn"):
             raise UnsupportedSchemeError(f"{self.name} option init={self.init!r}: use 'gptq' or 'rtn'")
+        check_device(self.device, self.name)
         if not (isinstance(self.refit_rounds, int) and self.refit_rounds >= 0):
             raise UnsupportedSchemeError(
                 f"{self.name} option refit_rounds={self.refit_rounds!r}: use an integer >= 0"
@@ -541,7 +551,7 @@ class AdaRound:
     ) -> tuple[QuantizedWeight, dict[str, float]]:
         """Improve ``init_qw`` (same grid); subclasses may also change the scales. ``guard``: a mean
         Hessian under which no accepted change may raise a row's loss (see ``adaround_refine``)."""
-        return refine(w, init_qw, h, n_tokens, self.options(), site, guard)
+        return refine(w, init_qw, h, n_tokens, self.options(), site, guard, self.device)
 
 
 def codes_of(st: RoundingState, scheme: QuantScheme, site: str) -> np.ndarray:
@@ -569,6 +579,32 @@ def keep_better(
     return qw
 
 
+def check_device(device: str, method: str) -> None:
+    """One-line error unless ``device`` is ``cpu`` or a CUDA device that torch can use here."""
+    if not isinstance(device, str) or not (device == "cpu" or re.fullmatch(r"cuda(:\d+)?", device)):
+        raise UnsupportedSchemeError(f"{method} option device={device!r}: use 'cpu', 'cuda' or 'cuda:N'")
+    if device != "cpu" and not torch.cuda.is_available():
+        raise UnsupportedSchemeError(
+            f"{method} option device={device!r}: torch {torch.__version__} sees no CUDA device here; use 'cpu'"
+        )
+
+
+def refine_on(
+    st: RoundingState,
+    hm: torch.Tensor,
+    opts: AdaRoundOptions,
+    guard: torch.Tensor | None,
+    device: str = "cpu",
+) -> tuple[RoundingState, dict[str, float]]:
+    """``adaround_refine`` run on ``device``; the returned state is on the CPU again."""
+    if device == "cpu":
+        return adaround_refine(st, hm, opts, guard)
+    out, info = adaround_refine(
+        st.to(device), hm.to(device), opts, None if guard is None else guard.to(device)
+    )
+    return out.to("cpu"), info
+
+
 def refine(
     w: np.ndarray,
     init_qw: QuantizedWeight,
@@ -577,11 +613,12 @@ def refine(
     opts: AdaRoundOptions,
     site: str,
     guard: torch.Tensor | None = None,
+    device: str = "cpu",
 ) -> tuple[QuantizedWeight, dict[str, float]]:
     """AdaRound from ``init_qw``'s codes and scales; keeps the init if the result is not better
     (row-wise acceptance makes that impossible, the check guards the guarantee)."""
     st = state_from(w, init_qw)
-    st, info = adaround_refine(st, hs.mean_hessian(h, n_tokens), opts, guard)
+    st, info = refine_on(st, hs.mean_hessian(h, n_tokens), opts, guard, device)
     qw = QuantizedWeight(
         codes_of(st, init_qw.scheme, site), init_qw.scales, init_qw.zero_points, init_qw.scheme
     )

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..records import QuantizedWeight
-from .adaround import AdaRound, adaround_refine, codes_of, keep_better, state_from
+from .adaround import AdaRound, codes_of, keep_better, refine_on, state_from
 from .base import register_method
 from .hessian import mean_hessian
 from .scales import refit_scales
@@ -55,7 +55,7 @@ class AdaRoundLS(AdaRound):
         for _ in range(self.scale_steps):
             scales = refit_scales(w, qw.codes, qw.scales, qw.zero_points, qw.scheme, h)
             moved = QuantizedWeight(qw.codes, scales, qw.zero_points, qw.scheme)
-            st, _ = adaround_refine(state_from(w, moved), hm, opts, guard)
+            st, _ = refine_on(state_from(w, moved), hm, opts, guard, self.device)
             qw = QuantizedWeight(codes_of(st, qw.scheme, site), scales, qw.zero_points, qw.scheme)
         nz = init_qw.scales != 0
         info["clip_mean"] = float((qw.scales[nz] / init_qw.scales[nz]).mean()) if nz.any() else 1.0

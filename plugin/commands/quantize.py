@@ -64,7 +64,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     m.add_argument(
         "--one-pass", dest="sequential", action="store_false", help="calibrate the float model in one pass"
     )
-    m.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="calibration device")
+    m.add_argument(
+        "--device",
+        default="cpu",
+        choices=["cpu", "cuda"],
+        help="cuda: calibrate through onnxruntime's CUDA provider, and run AdaRound's refinement on the GPU "
+        "where torch sees one (--method-option device=cpu keeps it on the CPU)",
+    )
     m.add_argument(
         "--sink-weight",
         type=float,

@@ -142,3 +142,17 @@ def test_bad_input_leaves_no_output(llama, tmp_path, tree_hash, case, error, mat
     else:
         assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp")]
+
+
+def test_a_cuda_run_refines_on_the_gpu_only_where_torch_sees_one(monkeypatch):
+    import torch
+
+    from optimum.adaround import api
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert api._method_options("adaround", None, 0, "cuda") == {"seed": 0, "device": "cuda"}
+    assert api._method_options("adaround_ls", None, 0, "cpu") == {"seed": 0}
+    assert "device" not in api._method_options("gptq", None, 0, "cuda")  # GPTQ rounds on the CPU
+    assert api._method_options("adaround", {"device": "cpu"}, 0, "cuda")["device"] == "cpu"  # the user's
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "device" not in api._method_options("adaround", None, 0, "cuda")

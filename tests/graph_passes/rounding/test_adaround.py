@@ -201,3 +201,37 @@ def test_first_position_guard(site):
     assert (rows(guarded, rest) <= rows(init, rest) * (1 + 1e-6) + 1e-9).all()
     assert (guarded.codes != free.codes).any()
     assert rows(guarded, h).sum() < rows(init, h).sum()
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:x", "cpu0", 3])
+def test_device_option_names_what_is_accepted(device):
+    with pytest.raises(UnsupportedSchemeError, match="use 'cpu', 'cuda' or 'cuda:N'"):
+        get_method("adaround", device=device)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a machine without a GPU")
+@pytest.mark.parametrize("method", ["adaround", "adaround_ls"])
+def test_cuda_without_a_gpu_is_a_one_line_error(method):
+    with pytest.raises(UnsupportedSchemeError, match=f"{method} option device='cuda': torch .* sees no CUDA"):
+        get_method(method, device="cuda")
+
+
+def test_refine_on_the_cpu_device_is_the_plain_refinement(site):
+    w, stats = site
+    scheme = QuantScheme.parse("w4-g64-sym")
+    a = get_method("adaround", **FAST).quantize(w, scheme, stats)
+    b = get_method("adaround", device="cpu", **FAST).quantize(w, scheme, stats)
+    np.testing.assert_array_equal(a.codes, b.codes)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs torch with a CUDA GPU")
+@pytest.mark.parametrize("method", ["adaround", "adaround_ls"])
+def test_cuda_refinement_matches_the_cpu_one(site, method):
+    # float32 sums in another order can flip near-ties: compare the loss, not every code
+    w, stats = site
+    scheme = QuantScheme.parse("w4-g64-sym")
+    cpu = get_method(method, **FAST).quantize(w, scheme, stats)
+    gpu = get_method(method, device="cuda", **FAST).quantize(w, scheme, stats)
+    assert gpu.codes.dtype == np.uint8 and gpu.codes.max() <= scheme.qmax
+    assert gpu.metrics["proxy_loss"] <= 1.02 * cpu.metrics["proxy_loss"]
+    assert gpu.metrics["proxy_loss"] < gpu.metrics["proxy_loss_init"]
