@@ -1,8 +1,10 @@
 // CUDA kernels of MatMulLowBit / MatMulCodebook (layout: include/lowbit.h).
 //
-// GEMV (M <= 4): a few output rows per block, K split between its warps, 8 lanes per chunk so that X is
-//   read contiguously and shared by the rows from registers (details at gemv_kernel).
-// GEMM (M > 4): 32x32 output tile per 256-thread block; per 32-wide K step the block stages X and the
+// Tensor-core GEMV (M <= 8, fp16 X, integer codes, blocks of 128+ values, sm_80+): mma.sync m16n8k16 over
+//   16-row weight tiles, weights and x streamed through a per-warp cp.async ring (gemv_mma_kernel).
+// FFMA GEMV (other M <= 4 cases: fp32 X, codebooks, small blocks): each warp 2 rows, a lane per 32-value
+//   chunk with 16-byte weight loads, X staged in padded shared memory (gemv_kernel).
+// GEMM (larger M): 32x32 output tile per 256-thread block; per 32-wide K step the block stages X and the
 //   dequantized W tile in shared memory (rows padded to 33 floats against bank conflicts).
 // Accumulation is fp32 everywhere; fp16 X/Y/bias/scales are converted on load/store.
 #include <cuda_fp16.h>
