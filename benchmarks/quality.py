@@ -1008,6 +1008,10 @@ def write_markdown(
     path.write_text("\n".join(lines))
 
 
+LATER_RESULTS = ("adaround_final_refit.md", "rounding_device.md")
+"""results/ files written from later, smaller runs (each says its command); RESULTS.md quotes them."""
+
+
 def _kernel_sections(results: Path) -> list[str]:
     """The custom-op kernel benchmarks, which other commands measure (the CUDA one on a GPU machine):
     results/cuda_gemv.md is quoted whole (it is short), results/ops.md linked."""
@@ -1032,10 +1036,10 @@ def _kernel_sections(results: Path) -> list[str]:
                 "[results/cuda_gemv_variants.md](results/cuda_gemv_variants.md).",
                 "",
             ]
-    rounding = results / "rounding_device.md"
-    if rounding.is_file():  # from benchmarks/rounding_device.py on a GPU machine
-        body = rounding.read_text().splitlines()
-        lines += [f"## {body[0].lstrip('# ')}" if body else "## Rounding on a GPU", *body[1:], ""]
+    for later in LATER_RESULTS:  # measured by other commands after the main run, quoted whole
+        f = results / later
+        if f.is_file() and (body := f.read_text().splitlines()):
+            lines += [f"## {body[0].lstrip('# ')}", *body[1:], ""]
     if (results / "ops.md").is_file():
         lines += [
             "## Custom op on CPU",

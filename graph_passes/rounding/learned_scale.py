@@ -17,7 +17,7 @@ new scale / initial scale (below 1: the grid was shrunk, i.e. clipped).
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -39,6 +39,8 @@ class AdaRoundLS(AdaRound):
     name: ClassVar[str] = "adaround_ls"
 
     scale_steps: int = 2
+    final_refit: Literal["guarded", "full", "none"] | bool = "none"
+    """Off here: the scale steps above already alternate refits with rounding (and were measured so)."""
 
     def refine(
         self,

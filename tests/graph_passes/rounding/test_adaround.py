@@ -65,7 +65,10 @@ def test_adaround_beats_its_gptq_init_and_rtn(site, label):
     assert m["proxy_loss"] < m["proxy_loss_init"] < m["proxy_loss_rtn"]
     assert m["kept_init"] == 0 and m["fallback"] == 0
     assert 0 <= m["nonbinary_frac"] <= 1 and m["flipped_frac"] > 0
-    np.testing.assert_array_equal(qw.scales, gptq.scales)  # scales are fixed from the init
+    fixed = get_method("adaround", final_refit="none", **FAST).quantize(w, scheme, stats, site="ffn")
+    np.testing.assert_array_equal(fixed.scales, gptq.scales)  # without the final refit: the init's scales
+    np.testing.assert_array_equal(fixed.codes, qw.codes)  # the refit moves scales only
+    assert m["proxy_loss"] <= fixed.metrics["proxy_loss"] and m["final_refit_rows"] > 0
 
 
 def test_relaxed_rounding_hardens_to_binary_and_never_gets_worse(site):
@@ -235,3 +238,20 @@ def test_cuda_refinement_matches_the_cpu_one(site, method):
     assert gpu.codes.dtype == np.uint8 and gpu.codes.max() <= scheme.qmax
     assert gpu.metrics["proxy_loss"] <= 1.02 * cpu.metrics["proxy_loss"]
     assert gpu.metrics["proxy_loss"] < gpu.metrics["proxy_loss_init"]
+
+
+@pytest.mark.parametrize("mode", ["guarded", "full", True, False])
+def test_final_refit_modes_never_raise_the_loss(site, mode):
+    w, stats = site
+    scheme = QuantScheme.parse("w4-g64-sym")
+    none = get_method("adaround", final_refit="none", **FAST).quantize(w, scheme, stats)
+    qw = get_method("adaround", final_refit=mode, **FAST).quantize(w, scheme, stats)
+    np.testing.assert_array_equal(qw.codes, none.codes)
+    assert qw.metrics["proxy_loss"] <= none.metrics["proxy_loss"] * (1 + 1e-12)
+    if mode is False:
+        np.testing.assert_array_equal(qw.scales, none.scales)
+
+
+def test_final_refit_option_is_checked():
+    with pytest.raises(UnsupportedSchemeError, match="final_refit='always': use 'guarded', 'full' or 'none'"):
+        get_method("adaround", final_refit="always")
