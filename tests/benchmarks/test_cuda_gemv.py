@@ -3,18 +3,7 @@ parts run on a GPU machine only)."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "cuda_gemv.py"
-_spec = importlib.util.spec_from_file_location("bench_cuda_gemv", _PATH)
-assert _spec is not None and _spec.loader is not None
-cuda_gemv = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = cuda_gemv
-_spec.loader.exec_module(cuda_gemv)
 
 
 def _result(variants):
@@ -28,14 +17,14 @@ def _result(variants):
             "copy_GBps": 2714.0, "timing": "cuda graph"}  # fmt: skip
 
 
-def test_markdown_one_build_has_no_variant_column():
+def test_markdown_one_build_has_no_variant_column(cuda_gemv):
     lines = cuda_gemv._markdown(_result(["default"]), ["default"])
     assert "Checks: 2 cases, worst rel. error 2.00e-06, 1 failures." in lines
     assert "| K | N | bits | dtype | ms | weight GB/s | % peak |" in lines
     assert "| 4096 | 4096 | 4 | float16 | 0.0073 | 1226 | 25 |" in lines
 
 
-def test_markdown_variants_side_by_side():
+def test_markdown_variants_side_by_side(cuda_gemv):
     lines = cuda_gemv._markdown(_result(["old", "new"]), ["old", "new"])
     assert "Checks: old: 2 cases, worst rel. error 2.00e-06, 1 failures." in lines
     assert "Checks: new: 2 cases, worst rel. error 2.00e-06, 1 failures." in lines
@@ -45,6 +34,6 @@ def test_markdown_variants_side_by_side():
 
 
 @pytest.mark.parametrize("spec", ["noequals", "=x.so", "name=/does/not/exist.so"])
-def test_variant_spec_errors_name_the_spec(spec):
+def test_variant_spec_errors_name_the_spec(cuda_gemv, spec):
     with pytest.raises(SystemExit, match="expected NAME=PATH"):
         cuda_gemv._variants([spec])

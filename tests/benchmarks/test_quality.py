@@ -2,21 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "quality.py"
-_spec = importlib.util.spec_from_file_location("bench_quality", _PATH)
-assert _spec is not None and _spec.loader is not None
-quality = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = quality  # dataclasses look their module up
-_spec.loader.exec_module(quality)
 
-
-def test_site_counts_compare_within_each_site():
+def test_site_counts_compare_within_each_site(quality):
     sites = [
         {"metrics": {"proxy_loss": 1.0, "proxy_loss_rtn": 2.0, "proxy_loss_init": 1.5}},
         {"metrics": {"proxy_loss": 3.0, "proxy_loss_rtn": 2.0, "proxy_loss_init": 3.0}},  # worse, tie
@@ -63,7 +52,7 @@ def _stopped_run(command: str, complete: bool = False) -> dict:
     return {"meta": {"command": command, "complete": complete}, "rows": rows}
 
 
-def test_resume_takes_over_measured_and_inapplicable_rows_only():
+def test_resume_takes_over_measured_and_inapplicable_rows_only(quality):
     command = "python benchmarks/quality.py --eval-tokens 16384"
     rows = quality.finished_rows(_stopped_run(command), command)
     assert sorted(rows) == [
@@ -74,7 +63,7 @@ def test_resume_takes_over_measured_and_inapplicable_rows_only():
     assert rows[("w4-g128", "ours", "gptq")]["perplexity"] == 30.9
 
 
-def test_resume_refuses_another_command_or_a_finished_run():
+def test_resume_refuses_another_command_or_a_finished_run(quality):
     command = "python benchmarks/quality.py --eval-tokens 16384"
     with pytest.raises(ValueError, match="another command"):
         quality.finished_rows(_stopped_run(command), command + " --quick")

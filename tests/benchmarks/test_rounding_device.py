@@ -2,22 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 
-_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "rounding_device.py"
-_spec = importlib.util.spec_from_file_location("bench_rounding_device", _PATH)
-assert _spec is not None and _spec.loader is not None
-rd = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = rd
-_spec.loader.exec_module(rd)
 
-
-def test_saved_sites_round_on_the_cpu_and_sum_up(tmp_path):
+def test_saved_sites_round_on_the_cpu_and_sum_up(rounding_device, tmp_path):
     rng = np.random.default_rng(0)
     w = rng.standard_normal((32, 256)).astype(np.float32)
     x = rng.standard_normal((512, 256)) @ rng.standard_normal((256, 256)) / 16
@@ -27,12 +17,12 @@ def test_saved_sites_round_on_the_cpu_and_sum_up(tmp_path):
         extra_names=np.array(["hessian_first_position"]), extra_hessian_first_position=np.outer(x[0], x[0]),
         tokens=json.dumps({"first_position_tokens": 1}),
     )  # fmt: skip
-    rows = rd.time_sites(tmp_path, ["cpu"], ["gptq", "adaround"], None)
+    rows = rounding_device.time_sites(tmp_path, ["cpu"], ["gptq", "adaround"], None)
     assert [(r["method"], r["device"], r["site"]) for r in rows] == [
         ("gptq", "cpu", "layer.q"),
         ("adaround", "cpu", "layer.q"),
     ]
     assert rows[1]["proxy_loss"] <= rows[0]["proxy_loss"]  # AdaRound starts from GPTQ and never gets worse
-    table = rd.summary(rows)
+    table = rounding_device.summary(rows)
     assert table[0] == "| method | device | sites | block s | proxy loss (sum) |"
     assert table[2].startswith("| gptq | cpu | 1 | ") and table[3].startswith("| adaround | cpu | 1 | ")
