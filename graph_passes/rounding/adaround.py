@@ -533,11 +533,12 @@ class AdaRound:
         init_wq = init_qw.dequantize()
         qw = init_qw
         if not info.get("fallback"):
-            qw, more = self.refine(target, init_qw, h_raw, stats.n_tokens, site, self._guard(stats))
+            guard = self._guard(stats)  # a [K, K] mean Hessian: built once for the refinement and the refit
+            qw, more = self.refine(target, init_qw, h_raw, stats.n_tokens, site, guard)
             info.update(more)
-            if self._refit_mode() != "none":
-                guard = self._guard(stats) if self._refit_mode() == "guarded" else None
-                qw = self._final_refit(target, qw, h_raw, guard, info)
+            mode = self._refit_mode()
+            if mode != "none":
+                qw = self._final_refit(target, qw, h_raw, guard if mode == "guarded" else None, info)
         rtn_codes, rtn_s, rtn_z = round_to_nearest(w, scheme)  # the rtn method's default
         refs = {"init": init_wq, "rtn": QuantizedWeight(rtn_codes, rtn_s, rtn_z, scheme).dequantize()}
         qw.metrics.update(site_metrics(w, qw.dequantize(), h_raw, stats.n_tokens, refs))
