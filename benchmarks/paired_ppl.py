@@ -6,11 +6,16 @@ each model after the first, the mean per-token NLL difference to the first and i
 windows, so "A beats B" can be read with its uncertainty.
 
     python benchmarks/paired_ppl.py OUT_GPTQ OUT_ADAROUND [...] --eval-tokens 32768
+
+``--cache DIR`` keeps each model's per-window NLLs (keyed by the model file's path, size and modification
+time, the token budget and the context), so comparing a new model against the same baseline scores only
+the new one: on the whole evaluation split (119291 tokens) one model takes ~4 minutes on two cores.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
 import sys
 from pathlib import Path
@@ -39,16 +44,37 @@ def window_nlls(model_dir: Path, max_tokens: int, context: int) -> np.ndarray:
     return np.array(out, dtype=np.float64)
 
 
+def cached_window_nlls(model_dir: Path, max_tokens: int, context: int, cache: Path | None) -> np.ndarray:
+    """``window_nlls``, read from / written to ``cache`` when given."""
+    if cache is None:
+        return window_nlls(model_dir, max_tokens, context)
+    from optimum.adaround.graph_passes.model_io import find_model_file
+
+    f = Path(find_model_file(model_dir)).resolve()
+    st = f.stat()
+    key = hashlib.sha256(f"{f}|{st.st_size}|{st.st_mtime_ns}|{max_tokens}|{context}".encode()).hexdigest()[
+        :20
+    ]
+    path = cache / f"{key}.npy"
+    if path.exists():
+        return np.load(path)
+    w = window_nlls(model_dir, max_tokens, context)
+    cache.mkdir(parents=True, exist_ok=True)
+    np.save(path, w)
+    return w
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("models", nargs="+", type=Path, help="model folders; differences are to the first")
     p.add_argument("--eval-tokens", type=int, default=32768)
     p.add_argument("--context", type=int, default=256)
+    p.add_argument("--cache", type=Path, default=None, help="folder for per-window NLLs of scored models")
     args = p.parse_args(argv)
     base = None
     print(f"{'model':60s} {'ppl':>9s} {'dNLL/token vs first':>20s} {'+-SE':>8s}")
     for m in args.models:
-        w = window_nlls(m, args.eval_tokens, args.context)
+        w = cached_window_nlls(m, args.eval_tokens, args.context, args.cache)
         ppl = math.exp(w[:, 0].sum() / w[:, 1].sum())
         line = f"{str(m)[-60:]:60s} {ppl:9.3f}"
         if base is None:

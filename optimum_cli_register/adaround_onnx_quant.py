@@ -43,7 +43,10 @@ def add_quant_arguments(parser: Any) -> None:
         "--calib-data", default=None, help="calibration text: file, folder, 'wikipedia', 'news', hf:NAME"
     )
     g.add_argument(
-        "--calib-samples", type=int, default=None, help="number of calibration sequences (default 32)"
+        "--calib-samples",
+        type=int,
+        default=None,
+        help="number of calibration sequences (default 32; 128 for adaround and adaround_ls)",
     )
     g.add_argument(
         "--seq-len", type=int, default=None, help="calibration sequence length in tokens (default 256)"

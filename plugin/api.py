@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .defaults import DEFAULT_CALIB_SAMPLES, DEFAULT_SEQ_LEN, DEFAULT_SINK_WEIGHT
+from .defaults import DEFAULT_SEQ_LEN, DEFAULT_SINK_WEIGHT, default_calib_samples
 from .graph_passes.errors import CalibrationError, UnsupportedSchemeError
 from .graph_passes.model_io import LoadedModel, initializer_bytes, load_model, save_model, to_source_kind
 from .graph_passes.pipeline import QuantizationResult, prepare_sites, quantize_model
@@ -126,7 +126,7 @@ def quantize(
     method_options: Mapping[str, Any] | None = None,
     format: str | WeightFormat | None = None,
     calib_data: Any = None,
-    calib_samples: int = DEFAULT_CALIB_SAMPLES,
+    calib_samples: int | None = None,
     seq_len: int = DEFAULT_SEQ_LEN,
     sequential: bool = True,
     sink_weight: float = DEFAULT_SINK_WEIGHT,
@@ -146,7 +146,8 @@ def quantize(
     (``model.onnx`` [+ ``model.onnx_data``], ``quantization_config.json``); for path inputs it defaults to
     a sibling named after the scheme and method. The folder appears atomically and the input is never
     modified. ``calib_data``: text source for methods that need statistics (None = the embedded default
-    text; a path; or an int64 token-id array ``[n, seq_len]``). ``sink_weight``: how many times each
+    text; a path; or an int64 token-id array ``[n, seq_len]``). ``calib_samples``: calibration sequences
+    (None = the method's default: 32, or 128 for ``adaround`` and ``adaround_ls``). ``sink_weight``: how many times each
     calibration sequence's first position counts in the statistics of the attention q/k/v projections
     (1 = plain ``X^T X``; no effect on data-free methods). ``workers``: processes that round a decoder
     block's sites side by side (same output bytes; None = one per CPU, at most 4, for models of 16M+
@@ -178,6 +179,8 @@ def quantize(
 
     token_ids, calib_info = None, None
     if rounding.needs:
+        if calib_samples is None:
+            calib_samples = default_calib_samples(method)
         token_ids, calib_info = _token_ids(calib_data, loaded, calib_samples, seq_len, seed)
         calib_info["sink_weight"] = float(sink_weight)
     result = quantize_model(

@@ -269,7 +269,7 @@ def _calib_tokens_hash(recipe: Recipe, model_dir: Path, given: Any = None) -> st
     if given is not None:  # token ids passed by the caller
         return hashlib.sha256(np.ascontiguousarray(given, dtype=np.int64).tobytes()).hexdigest()
     tokens = calibration_token_ids(
-        model_dir, recipe.calib_data, recipe.calib_samples, recipe.seq_len, seed=recipe.seed
+        model_dir, recipe.calib_data, recipe.samples, recipe.seq_len, seed=recipe.seed
     )
     return hashlib.sha256(np.ascontiguousarray(tokens, dtype=np.int64).tobytes()).hexdigest()
 
@@ -432,7 +432,7 @@ def _command_line(model: Any, output: Path, recipe: Recipe, *, task: str, eval: 
         f"--method {recipe.method}",
         f"--format {recipe.format}" if recipe.format else "",
         f"--calib-data {recipe.calib_data}" if recipe.calib_data else "",
-        f"--calib-samples {recipe.calib_samples} --seq-len {recipe.seq_len}",
+        f"--calib-samples {recipe.samples} --seq-len {recipe.seq_len}",
         *(f"--exclude '{x}'" for x in recipe.exclude),
         "--recipe quantization_recipe.yaml" if recipe.overrides else "",
         "--eval" if eval else "",

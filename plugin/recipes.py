@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .defaults import DEFAULT_CALIB_SAMPLES, DEFAULT_SEQ_LEN, DEFAULT_SINK_WEIGHT
+from .defaults import DEFAULT_SEQ_LEN, DEFAULT_SINK_WEIGHT, default_calib_samples
 from .graph_passes.errors import UserError
 from .graph_passes.scheme import QuantScheme, WeightFormat
 
@@ -81,7 +81,8 @@ class Recipe:
     """matmulnbits | qdq | lowbit; None lets quantize pick the format that runs the scheme."""
     calib_data: str | None = None
     """Calibration text source (file, folder, or a name the data module knows); None = built-in text."""
-    calib_samples: int = DEFAULT_CALIB_SAMPLES
+    calib_samples: int | None = None
+    """Calibration sequences; None = the method's default (``defaults.default_calib_samples``)."""
     seq_len: int = DEFAULT_SEQ_LEN
     sequential: bool = True
     sink_weight: float = DEFAULT_SINK_WEIGHT
@@ -116,6 +117,8 @@ class Recipe:
             )
         for key in ("calib_samples", "seq_len"):
             value = getattr(self, key)
+            if key == "calib_samples" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise RecipeError(f"{key}={value!r}: must be a positive integer")
         sw = self.sink_weight
@@ -142,6 +145,11 @@ class Recipe:
         if unknown:
             raise RecipeError(f"unknown recipe key(s): {', '.join(sorted(unknown))}")
         return dataclasses.replace(self, **changes)
+
+    @property
+    def samples(self) -> int:
+        """``calib_samples``, or the method's default when it is None."""
+        return default_calib_samples(self.method) if self.calib_samples is None else self.calib_samples
 
     def quantize_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``api.quantize`` (overrides are applied by the caller, see export.py)."""

@@ -8,7 +8,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from ..defaults import DEFAULT_CALIB_SAMPLES, DEFAULT_SEQ_LEN, DEFAULT_SINK_WEIGHT
+from ..defaults import DEFAULT_SEQ_LEN, DEFAULT_SINK_WEIGHT, calib_samples_help
 from ..graph_passes.errors import UnsupportedSchemeError
 from ..graph_passes.scheme import PER_CHANNEL, QuantScheme, WeightFormat
 
@@ -52,8 +52,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     m.add_argument(
         "--calib-samples",
         type=int,
-        default=DEFAULT_CALIB_SAMPLES,
-        help=f"calibration sequences (default {DEFAULT_CALIB_SAMPLES})",
+        default=None,
+        help=calib_samples_help(),
     )
     m.add_argument(
         "--seq-len",

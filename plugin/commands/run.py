@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..defaults import DEFAULT_CALIB_SAMPLES, DEFAULT_SEQ_LEN
+from ..defaults import DEFAULT_SEQ_LEN, calib_samples_help
 
 DEFAULT_OUTPUT = Path("optimum-adaround-output")
 # Symmetric 4-bit, blocks of 128: the embedded model's weights were stored as *asymmetric* 4-bit blocks of
@@ -35,7 +35,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--output", type=Path, default=None, help=f"output folder (default under ./{DEFAULT_OUTPUT})"
     )
-    p.add_argument("--calib-samples", type=int, default=DEFAULT_CALIB_SAMPLES, help="calibration sequences")
+    p.add_argument("--calib-samples", type=int, default=None, help=calib_samples_help())
     p.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN, help="calibration sequence length")
     p.add_argument("--eval-tokens", type=int, default=8192, help="evaluation tokens (default 8192)")
     p.add_argument("--context-length", type=int, default=256, help="evaluation window (default 256)")

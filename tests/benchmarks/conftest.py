@@ -34,3 +34,8 @@ def cuda_gemv() -> ModuleType:
 @pytest.fixture(scope="session")
 def rounding_device() -> ModuleType:
     return _load("rounding_device")
+
+
+@pytest.fixture(scope="session")
+def holdout_proxy() -> ModuleType:
+    return _load("holdout_proxy")

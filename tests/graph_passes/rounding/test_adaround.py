@@ -204,6 +204,14 @@ def test_first_position_guard(site):
     assert (rows(guarded, rest) <= rows(init, rest) * (1 + 1e-6) + 1e-9).all()
     assert (guarded.codes != free.codes).any()
     assert rows(guarded, h).sum() < rows(init, h).sum()
+    # "both": neither the other tokens' loss nor the first positions' own loss rises in any row
+    pareto = get_method("adaround", guard_first_position="both", **FAST).quantize(w, scheme, both)
+    for part in (rest, first):
+        assert (rows(pareto, part) <= rows(init, part) * (1 + 1e-6) + 1e-9).all()
+    assert (rows(guarded, first) > rows(init, first) * (1 + 1e-6)).any()  # which "rest" alone allows
+    assert rows(pareto, h).sum() < rows(init, h).sum()
+    with pytest.raises(UnsupportedSchemeError, match="guard_first_position='all'"):
+        get_method("adaround", guard_first_position="all")
 
 
 @pytest.mark.parametrize("device", ["gpu", "cuda:x", "cpu0", 3])
