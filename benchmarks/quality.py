@@ -1008,7 +1008,7 @@ def write_markdown(
     path.write_text("\n".join(lines))
 
 
-LATER_RESULTS = ("adaround_final_refit.md", "rounding_device.md")
+LATER_RESULTS = ("adaround_calibration.md", "adaround_final_refit.md", "rounding_device.md")
 """results/ files written from later, smaller runs (each says its command); RESULTS.md quotes them."""
 
 
