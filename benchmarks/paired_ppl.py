@@ -52,10 +52,8 @@ def cached_window_nlls(model_dir: Path, max_tokens: int, context: int, cache: Pa
 
     f = Path(find_model_file(model_dir)).resolve()
     st = f.stat()
-    key = hashlib.sha256(f"{f}|{st.st_size}|{st.st_mtime_ns}|{max_tokens}|{context}".encode()).hexdigest()[
-        :20
-    ]
-    path = cache / f"{key}.npy"
+    key = f"{f}|{st.st_size}|{st.st_mtime_ns}|{max_tokens}|{context}"
+    path = cache / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.npy"
     if path.exists():
         return np.load(path)
     w = window_nlls(model_dir, max_tokens, context)

@@ -489,15 +489,8 @@ class AdaRound:
         if self.init not in ("gptq", "rtn"):
             raise UnsupportedSchemeError(f"{self.name} option init={self.init!r}: use 'gptq' or 'rtn'")
         check_device(self.device, self.name)
-        if self._guard_mode() not in ("rest", "both", "none"):
-            raise UnsupportedSchemeError(
-                f"{self.name} option guard_first_position={self.guard_first_position!r}: "
-                "use 'rest', 'both' or 'none'"
-            )
-        if self._refit_mode() not in ("guarded", "full", "none"):
-            raise UnsupportedSchemeError(
-                f"{self.name} option final_refit={self.final_refit!r}: use 'guarded', 'full' or 'none'"
-            )
+        self._guard_mode()  # both raise a one-line error on a value they do not know
+        self._refit_mode()
         if not (isinstance(self.refit_rounds, int) and self.refit_rounds >= 0):
             raise UnsupportedSchemeError(
                 f"{self.name} option refit_rounds={self.refit_rounds!r}: use an integer >= 0"
@@ -559,7 +552,7 @@ class AdaRound:
         init_wq = init_qw.dequantize()
         qw = init_qw
         if not info.get("fallback"):
-            guard = self._guard(stats)  # a [K, K] mean Hessian: built once for the refinement and the refit
+            guard = self._guard(stats)  # mean Hessian(s): built once for the refinement and the refit
             qw, more = self.refine(target, init_qw, h_raw, stats.n_tokens, site, guard)
             info.update(more)
             mode = self._refit_mode()
@@ -577,7 +570,7 @@ class AdaRound:
         return qw
 
     def _refit_mode(self) -> str:
-        return {True: "guarded", False: "none"}.get(self.final_refit, self.final_refit)  # type: ignore[arg-type]
+        return _mode(self.name, "final_refit", self.final_refit, ("guarded", "full", "none"))
 
     def _final_refit(
         self,
@@ -616,7 +609,7 @@ class AdaRound:
         return torch.stack([rest, hs.mean_hessian(first, n_first)]) if mode == "both" else rest
 
     def _guard_mode(self) -> str:
-        return {True: "rest", False: "none"}.get(self.guard_first_position, self.guard_first_position)  # type: ignore[arg-type]
+        return _mode(self.name, "guard_first_position", self.guard_first_position, ("rest", "both", "none"))
 
     def refine(
         self,
@@ -655,6 +648,16 @@ def keep_better(
         info["kept_init"] = 1.0
         return init_qw
     return qw
+
+
+def _mode(method: str, option: str, value: object, modes: tuple[str, ...]) -> str:
+    """An option's mode: ``value`` itself, True for the first of ``modes``, False for ``"none"`` (the
+    last); a one-line error naming ``option`` for anything else."""
+    mode = value if isinstance(value, str) else {True: modes[0], False: "none"}.get(value, value)  # type: ignore[call-overload]
+    if mode not in modes:
+        choices = ", ".join(repr(m) for m in modes[:-1]) + f" or {modes[-1]!r}"
+        raise UnsupportedSchemeError(f"{method} option {option}={value!r}: use {choices}")
+    return mode  # type: ignore[return-value]
 
 
 def check_device(device: str, method: str) -> None:
