@@ -77,14 +77,20 @@ _SIDE_SUFFIXES = (".json", ".jinja", ".txt", ".model")
 
 
 def _rss_anon_kb(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as fh:
-            for line in fh:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
+    """RssAnon of ``pid`` and all its descendants (the rounding worker processes), in kB."""
+    total, found, todo = 0, False, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/status") as fh:
+                total += next((int(line.split()[1]) for line in fh if line.startswith("RssAnon:")), 0)
+            found = True
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as fh:
+                    todo += [int(c) for c in fh.read().split()]
+        except (OSError, ValueError):
+            continue  # gone between listing and reading
+    return total if found else None
 
 
 def _child(fn: Callable[..., dict[str, Any]], kwargs: dict[str, Any], conn: Any) -> None:
@@ -108,7 +114,8 @@ def run_measured(fn: Callable[..., dict[str, Any]], timeout_s: float = 1800, **k
     """Run ``fn(**kwargs)`` in a spawned process; wall time, peak RssAnon (MB), result or error."""
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(fn, kwargs, child), daemon=True)
+    # not daemonic: the quantizer starts its own rounding workers, as it does for a user
+    proc = ctx.Process(target=_child, args=(fn, kwargs, child), daemon=False)
     proc.start()
     child.close()
     peak = 0
@@ -894,7 +901,7 @@ def write_markdown(
         f"- Calibration (GPTQ, AdaRound and onnxruntime's GPTQ): {meta['calib_samples']} random windows of "
         f"{meta['calib_seq_len']} tokens from the *calibration* split (no article shared with evaluation), seed 0.",
         "- Quantization time is the wall time of a fresh process that loads, quantizes and saves the model "
-        "(interpreter start-up included); peak memory is the peak `RssAnon` of that process sampled every 50 ms "
+        "(interpreter start-up included); peak memory is the peak `RssAnon` of that process and its rounding worker processes together, sampled every 50 ms "
         "(memory-mapped weights do not count; the Python/torch baseline does).",
         "- Bits per weight: stored bytes of codes + scales + zero points of the quantized weights, over their count.",
         "",

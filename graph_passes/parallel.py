@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import logging
 import multiprocessing
 import os
 import time
@@ -42,6 +43,8 @@ MAX_AUTO_WORKERS = 4
 """``workers=None`` uses at most this many (each holds its own torch and a copy of one site's inputs)."""
 
 _SINGLE_THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+_log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Job = Future | Callable[[], object]
@@ -80,8 +83,16 @@ def rounding_pool(workers: int) -> Iterator[Executor | None]:
     """A pool of ``workers`` spawned processes with one BLAS/OpenMP thread each, or None for 1.
 
     Spawned, not forked: the parent already runs onnxruntime and torch thread pools, which a fork would
-    copy in an unusable state. The workers start in the background while the caller goes on.
+    copy in an unusable state. The workers start in the background while the caller goes on. A daemonic
+    process (a ``multiprocessing.Pool`` worker, say) may not start children, so there the sites are rounded
+    in-process, with a warning: the output bytes do not depend on it.
     """
+    if workers > 1 and multiprocessing.current_process().daemon:
+        _log.warning(
+            "workers=%d ignored: this is a daemonic process, which cannot start workers; rounding in-process",
+            workers,
+        )
+        workers = 1
     if workers <= 1:
         yield None
         return

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 
@@ -69,3 +75,30 @@ def test_resume_refuses_another_command_or_a_finished_run(quality):
         quality.finished_rows(_stopped_run(command), command + " --quick")
     with pytest.raises(ValueError, match="finished run"):
         quality.finished_rows(_stopped_run(command, complete=True), command)
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+def test_peak_memory_counts_the_worker_processes(quality):
+    # the quantizer rounds in worker processes: a child holding 200 MB must count for its parent
+    code = (
+        "import subprocess, sys, time\n"
+        "p = subprocess.Popen([sys.executable, '-c', 'import sys, time; b = bytearray(200 << 20); "
+        'b[::4096] = b"x" * len(b[::4096]); print(flush=True); time.sleep(60)\'], stdout=subprocess.PIPE)\n'
+        "p.stdout.readline(); print(flush=True); time.sleep(60)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, start_new_session=True)
+    try:
+        parent.stdout.readline()  # the grandchild has touched its 200 MB
+        alone = int(
+            next(
+                ln
+                for ln in Path(f"/proc/{parent.pid}/status").read_text().splitlines()
+                if ln.startswith("RssAnon")
+            ).split()[1]
+        )
+        assert alone < 100 << 10
+        assert quality._rss_anon_kb(parent.pid) >= alone + (190 << 10)
+    finally:
+        os.killpg(parent.pid, signal.SIGKILL)  # the grandchild too
+        parent.wait()
+    assert quality._rss_anon_kb(parent.pid) is None  # gone: nothing to count

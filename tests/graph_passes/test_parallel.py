@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
+import multiprocessing
 import os
+import types
 from typing import ClassVar
 
 import numpy as np
@@ -17,6 +20,7 @@ from optimum.adaround.graph_passes.parallel import (
     in_order,
     resolve_workers,
     result_of,
+    rounding_pool,
 )
 from optimum.adaround.graph_passes.pipeline import prepare_sites, quantize_model
 from optimum.adaround.graph_passes.records import WeightSite
@@ -112,3 +116,12 @@ def test_a_dead_worker_is_a_one_line_error(tiny_hf_onnx, monkeypatch):
         quantize_model(
             model, QuantScheme.parse("w4-g32"), method=_Dies.name, token_ids=ids, progress=False, workers=2
         )
+
+
+def test_a_daemonic_process_rounds_in_process(monkeypatch, caplog):
+    # multiprocessing forbids children of daemonic processes (a Pool worker, the benchmark's old job
+    # process): the pool must step aside with a warning instead of failing the whole quantization
+    monkeypatch.setattr(multiprocessing, "current_process", lambda: types.SimpleNamespace(daemon=True))
+    with caplog.at_level(logging.WARNING), rounding_pool(2) as pool:
+        assert pool is None
+    assert "workers=2 ignored: this is a daemonic process" in caplog.text
