@@ -461,6 +461,10 @@ class Bench:
             )
             self.plots.append(name)
 
+    def folder(self, row: Row) -> Path:
+        """Where ``row``'s quantized model is written under ``--work``."""
+        return self.work / f"{row.scheme}-{'ort' if row.tool == 'onnxruntime' else 'ours'}-{row.method}"
+
     def _skipped_as_slow(self, row: Row, name: str) -> bool:
         """Mark ``row`` n/a when ``name`` is a slow method outside ``--slow-schemes``."""
         if name in SLOW and row.scheme not in self.args.slow_schemes:
@@ -478,7 +482,7 @@ class Bench:
             return
         if self._skipped_as_slow(row, algo):
             return
-        out = self.work / f"{label}-ort-{algo}"
+        out = self.folder(row)
         _log(f"{label}: onnxruntime {algo}")
         res = run_measured(
             ort_job,
@@ -526,7 +530,7 @@ class Bench:
             return
         if self._skipped_as_slow(row, method):
             return
-        out = self.work / f"{label}-ours-{row.method}"
+        out = self.folder(row)
         _log(f"{label}: ours {row.method} ({fmt})")
         res = run_measured(
             ours_job,
@@ -580,6 +584,8 @@ class Bench:
             if id(row) in done:
                 current = row.scheme
                 continue
+            if self.folder(row).exists():  # written by a part stopped before this row finished: redo it
+                shutil.rmtree(self.folder(row))
             if (
                 current == "w3-g128"  # speed after the 3-bit scheme, whose lowbit model it times
                 and row.scheme != current
@@ -621,7 +627,7 @@ class Bench:
             for name, value in before.items():
                 if name in fields:
                     setattr(row, name, value)
-            folder = self.work / f"{row.scheme}-{'ort' if row.tool == 'onnxruntime' else 'ours'}-{row.method}"
+            folder = self.folder(row)
             row.path = str(folder) if folder.is_dir() else ""
             done.add(id(row))
         self.sqnr.update(old.get("weight_sqnr_db") or {})
