@@ -93,6 +93,34 @@ def _rss_anon_kb(pid: int) -> int | None:
     return total if found else None
 
 
+class PeakRss:
+    """Peak summed RssAnon of a process tree, sampled every 50 ms by a thread while the ``with`` lasts."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.kb = pid, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            kb = _rss_anon_kb(self.pid)
+            if kb is not None:
+                self.kb = max(self.kb, kb)
+            self._stop.wait(0.05)
+
+    @property
+    def mb(self) -> float:
+        return self.kb / 1024.0
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def _child(fn: Callable[..., dict[str, Any]], kwargs: dict[str, Any], conn: Any) -> None:
     try:
         t0 = time.perf_counter()
@@ -118,30 +146,16 @@ def run_measured(fn: Callable[..., dict[str, Any]], timeout_s: float = 1800, **k
     proc = ctx.Process(target=_child, args=(fn, kwargs, child), daemon=False)
     proc.start()
     child.close()
-    peak = 0
-    stop = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        while not stop.is_set():
-            kb = _rss_anon_kb(proc.pid)
-            if kb is not None:
-                peak = max(peak, kb)
-            stop.wait(0.05)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    t0 = time.perf_counter()
-    result: dict[str, Any] | None = None
-    if parent.poll(timeout_s):
-        try:
-            result = parent.recv()
-        except EOFError:
-            result = None
-    proc.join(timeout=30)
-    wall = time.perf_counter() - t0
-    stop.set()
-    sampler.join()
+    with PeakRss(proc.pid) as peak:
+        t0 = time.perf_counter()
+        result: dict[str, Any] | None = None
+        if parent.poll(timeout_s):
+            try:
+                result = parent.recv()
+            except EOFError:
+                result = None
+        proc.join(timeout=30)
+        wall = time.perf_counter() - t0
     if proc.is_alive():
         proc.kill()
         proc.join()
@@ -151,7 +165,7 @@ def run_measured(fn: Callable[..., dict[str, Any]], timeout_s: float = 1800, **k
             "error": f"process ended without a result (exit code {proc.exitcode}, timeout {timeout_s}s)",
         }
     result["wall_seconds"] = wall
-    result["peak_rss_anon_mb"] = peak / 1024.0
+    result["peak_rss_anon_mb"] = peak.mb
     return result
 
 
@@ -1021,7 +1035,12 @@ def write_markdown(
     path.write_text("\n".join(lines))
 
 
-LATER_RESULTS = ("adaround_calibration.md", "adaround_final_refit.md", "rounding_device.md")
+LATER_RESULTS = (
+    "quantize_time.md",
+    "adaround_calibration.md",
+    "adaround_final_refit.md",
+    "rounding_device.md",
+)
 """results/ files written from later, smaller runs (each says its command); RESULTS.md quotes them."""
 
 

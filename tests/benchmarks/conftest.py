@@ -39,3 +39,8 @@ def rounding_device() -> ModuleType:
 @pytest.fixture(scope="session")
 def holdout_proxy() -> ModuleType:
     return _load("holdout_proxy")
+
+
+@pytest.fixture(scope="session")
+def quantize_time() -> ModuleType:
+    return _load("quantize_time")

@@ -1,0 +1,145 @@
+"""Wall time of whole ``optimum-adaround quantize`` runs on the default model, each method at its defaults.
+
+Each run is the command a user types (a fresh process: imports, calibration, rounding, packing and the
+atomic write included), at the main job's scheme (W4 g128 symmetric, MatMulNBits) unless told otherwise;
+every option but ``--method`` is left at its default, so ``gptq`` calibrates on 32 sequences and the
+AdaRound methods on 128. The peak memory is the summed RssAnon of the run and its rounding workers.
+
+    python benchmarks/quantize_time.py --methods rtn gptq adaround adaround_ls --out benchmarks
+
+writes ``results/quantize_time.json`` and ``results/quantize_time.md`` (RESULTS.md quotes the latter).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality import PeakRss  # a sibling script, not a package
+
+
+def _cli_argv(model: Path, out: Path, method: str, bits: int, group_size: int, extra: list[str]) -> list[str]:
+    """The user's command: the installed console script's module, so a checkout without it installed fails."""
+    argv = [sys.executable, "-m", "optimum.adaround.cli", "quantize", str(model), str(out), "--no-progress"]
+    return [*argv, "--bits", str(bits), "--group-size", str(group_size), "--method", method, *extra]
+
+
+def run_cli(argv: list[str], timeout_s: float) -> dict[str, Any]:
+    """One quantization as a child process: wall time, peak memory of its tree, and its error if it failed."""
+    t0 = time.perf_counter()
+    popen = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    with popen as proc, PeakRss(proc.pid) as peak:
+        try:
+            _, stderr = proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, stderr = proc.communicate()
+            stderr += f"\nstopped after the timeout of {timeout_s:.0f} s"
+    error = None
+    if proc.returncode != 0:
+        error = f"exit code {proc.returncode}: {(stderr.strip().splitlines() or ['(no output)'])[-1]}"
+    return {
+        "ok": error is None,
+        "error": error,
+        "wall_seconds": time.perf_counter() - t0,
+        "peak_rss_anon_mb": peak.mb,
+    }
+
+
+def time_methods(
+    model: Path, methods: list[str], bits: int, group_size: int, extra: list[str], timeout_s: float
+) -> list[dict[str, Any]]:
+    rows = []
+    for method in methods:
+        with tempfile.TemporaryDirectory(prefix="quantize_time_") as tmp:
+            out = Path(tmp) / "out"
+            argv = _cli_argv(model, out, method, bits, group_size, extra)
+            r = run_cli(argv, timeout_s)
+            config = out / "quantization_config.json"
+            calib = (json.loads(config.read_text()).get("calibration") or {}) if config.is_file() else {}
+        rows.append(
+            {
+                "method": method,
+                **r,
+                "calib_samples": calib.get("n_samples"),
+                "command": " ".join(["optimum-adaround", *argv[3:]]),
+            }
+        )
+        status = "ok" if r["ok"] else r["error"]
+        print(f"{method}: {r['wall_seconds']:.0f} s, {r['peak_rss_anon_mb']:.0f} MB ({status})", flush=True)
+    return rows
+
+
+def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        f"# Whole quantization runs, each method at its defaults ({meta['model']}, {meta['date']})",
+        "",
+        f"`{meta['command']}` on {meta['machine']}: each row is one `optimum-adaround quantize` process "
+        f"(W{meta['bits']} g{meta['group_size']} symmetric, every other option at its default), timed from "
+        "start to the finished output folder; peak memory is the RssAnon of that process and its rounding "
+        "workers summed.",
+        "",
+        "| method | calibration sequences | wall time | peak memory | result |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        wall = f"{r['wall_seconds']:.0f} s ({r['wall_seconds'] / 60:.1f} min)"
+        result = "ok" if r["ok"] else f"**error** {r['error']}"
+        samples = "-" if r["calib_samples"] is None else str(r["calib_samples"])
+        lines.append(f"| `{r['method']}` | {samples} | {wall} | {r['peak_rss_anon_mb']:.0f} MB | {result} |")
+    return lines
+
+
+def _machine() -> str:
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+         if line.startswith("model name")),
+        platform.processor() or "unknown CPU",
+    ) if Path("/proc/cpuinfo").is_file() else platform.processor() or "unknown CPU"  # fmt: skip
+    return f"{len(os.sched_getaffinity(0))} cores of {cpu}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", type=Path, help="an Optimum export folder (default: the embedded SmolLM2)")
+    p.add_argument("--methods", nargs="+", default=["rtn", "gptq", "adaround", "adaround_ls"])
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="further quantize options, last")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds per run")
+    p.add_argument("--out", type=Path, required=True, help="writes OUT/results/quantize_time.{json,md}")
+    a = p.parse_args(argv)
+    model = a.model
+    if model is None:
+        from optimum.adaround.data.default_model import default_onnx_dir
+
+        model = default_onnx_dir()
+    rows = time_methods(model, a.methods, a.bits, a.group_size, a.extra, a.timeout)
+    meta = {
+        "model": "SmolLM2-135M" if a.model is None else model.name,
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": _machine(),
+        "bits": a.bits,
+        "group_size": a.group_size,
+        "command": "python benchmarks/quantize_time.py "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
+    results = a.out / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "quantize_time.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    (results / "quantize_time.md").write_text("\n".join(markdown(meta, rows)) + "\n")
+    return 0 if all(r["ok"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
