@@ -93,6 +93,11 @@ def _rss_anon_kb(pid: int) -> int | None:
     return total if found else None
 
 
+def machine() -> str:
+    """The machine a benchmark ran on, for its results' metadata."""
+    return f"{platform.machine()}, {os.cpu_count()} CPUs (shared), Python {platform.python_version()}"
+
+
 class PeakRss:
     """Peak summed RssAnon of a process tree, sampled every 50 ms by a thread while the ``with`` lasts."""
 
@@ -686,7 +691,7 @@ class Bench:
             "command": self.command,
             "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "complete": final,
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared), Python {platform.python_version()}",
+            "machine": machine(),
             "load_average": os.getloadavg(),
             "eval_tokens_scored": self.rows[0].tokens,
             "context": self.args.context,

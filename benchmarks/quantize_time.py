@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -25,11 +23,11 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import PeakRss  # a sibling script, not a package
+from quality import PeakRss, machine  # a sibling script, not a package
 
 
 def _cli_argv(model: Path, out: Path, method: str, bits: int, group_size: int, extra: list[str]) -> list[str]:
-    """The user's command: the installed console script's module, so a checkout without it installed fails."""
+    """The user's command, as the console script runs it (the package must be installed in this Python)."""
     argv = [sys.executable, "-m", "optimum.adaround.cli", "quantize", str(model), str(out), "--no-progress"]
     return [*argv, "--bits", str(bits), "--group-size", str(group_size), "--method", method, *extra]
 
@@ -37,8 +35,10 @@ def _cli_argv(model: Path, out: Path, method: str, bits: int, group_size: int, e
 def run_cli(argv: list[str], timeout_s: float) -> dict[str, Any]:
     """One quantization as a child process: wall time, peak memory of its tree, and its error if it failed."""
     t0 = time.perf_counter()
-    popen = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    with popen as proc, PeakRss(proc.pid) as peak:
+    with (
+        subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as proc,
+        PeakRss(proc.pid) as peak,
+    ):
         try:
             _, stderr = proc.communicate(timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -100,15 +100,6 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def _machine() -> str:
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-         if line.startswith("model name")),
-        platform.processor() or "unknown CPU",
-    ) if Path("/proc/cpuinfo").is_file() else platform.processor() or "unknown CPU"  # fmt: skip
-    return f"{len(os.sched_getaffinity(0))} cores of {cpu}"
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, help="an Optimum export folder (default: the embedded SmolLM2)")
@@ -128,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "model": "SmolLM2-135M" if a.model is None else model.name,
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": _machine(),
+        "machine": machine(),
         "bits": a.bits,
         "group_size": a.group_size,
         "command": "python benchmarks/quantize_time.py "
