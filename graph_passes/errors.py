@@ -12,6 +12,7 @@ __all__ = [
     "CalibrationError",
     "InternalError",
     "InvalidModelError",
+    "InvalidOptionError",
     "NoQuantizableWeightsError",
     "OutputPathError",
     "UnsupportedSchemeError",
@@ -45,6 +46,10 @@ class UnsupportedSchemeError(UserError):
 
 class OutputPathError(UserError):
     """The output path is unusable: equal to or inside the input, non-empty without --overwrite, ..."""
+
+
+class InvalidOptionError(UserError):
+    """An option (API keyword, CLI flag, recipe key, method option) is unknown or out of range."""
 
 
 class CalibrationError(UserError):
