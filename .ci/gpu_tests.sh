@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The GPU-marked tests, on a machine with torch + CUDA but without this package installed (the `device`
-# machine of this workplace). Two steps:
-#   .ci/gpu_tests.sh prepare   # here: one MiniLM tensor the tests read -> build/gpu_tests (2.4 MB)
-#   .ci/gpu_tests.sh run       # there (carry build/gpu_tests): package shim on PYTHONPATH, then pytest
-# CI never has a GPU; there these tests skip.
+# The GPU-marked tests on a GPU host that has torch with CUDA but not this package installed. Two steps:
+#   .ci/gpu_tests.sh prepare   # where the test data is installed: the one MiniLM tensor the tests read
+#                              # -> build/gpu_tests (2.4 MB)
+#   .ci/gpu_tests.sh run       # on the GPU host, from a checkout with build/gpu_tests copied along:
+#                              # package shim on PYTHONPATH, then pytest
+# CI has no GPU; there these tests skip.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=build/gpu_tests

@@ -33,7 +33,7 @@ def _ort_model(folder):
 
     model = ORTModelForCausalLM.from_pretrained(folder)
     config = AutoConfig.from_pretrained(folder)
-    if config.model_type == "phi3":  # FACTS: Phi-3 with GQA needs the KV head count set after loading
+    if config.model_type == "phi3":  # Optimum misreads Phi-3's KV head count (GQA): set it after loading
         model.num_key_value_heads = config.num_key_value_heads
     return model
 
