@@ -9,13 +9,13 @@ Dispatch is by registry lookup, never by string ``if``s.
 from __future__ import annotations
 
 import dataclasses
-import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
-from ..errors import UnsupportedSchemeError
+from ..errors import InvalidOptionError
+from ..options import Options, check_keys
 from ..records import QuantizedWeight
 from ..scheme import QuantScheme
 
@@ -23,11 +23,16 @@ __all__ = [
     "FIRST_POSITION",
     "FIRST_POSITION_TOKENS",
     "FP_CROSS",
+    "DEFAULT_CALIB_SAMPLES",
     "METHODS",
+    "MethodConfig",
     "SINK_SITES",
     "RoundingMethod",
     "SiteStats",
+    "build_method",
     "get_method",
+    "method_class",
+    "method_config",
     "register_method",
     "weight_first_position",
 ]
@@ -64,12 +69,48 @@ class SiteStats:
     extra: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
-class RoundingMethod(Protocol):
-    """What every registered method provides."""
+DEFAULT_CALIB_SAMPLES = 32
+"""Calibration sequences (of 256 tokens) a method gets when none are asked for and it states no other need:
+GPTQ's output error changes little beyond a few thousand tokens (benchmarks/results/adaround_calibration.md)."""
 
-    name: ClassVar[str]
-    needs: ClassVar[frozenset[str]]
+
+@dataclasses.dataclass(frozen=True)
+class MethodConfig(Options):
+    """Base of every rounding method's config: its fields are the method's options (declared with
+    ``option``), its class attributes say what the method needs. ``register_method(ConfigClass)`` binds it
+    to the class that does the rounding; serialised as ``{type: <method name>, version, data}``."""
+
+    name: ClassVar[str] = ""
+    needs: ClassVar[frozenset[str]] = frozenset()
     """Statistics required, e.g. ``frozenset({"hessian"})``; empty for data-free methods."""
+    default_calib_samples: ClassVar[int] = DEFAULT_CALIB_SAMPLES
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        cls.OWNER = cls.name or cls.__name__
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.name, "version": self.VERSION, "data": self.to_data()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> MethodConfig:
+        """Any registered method's config from its record (the ``type`` names the method)."""
+        if not isinstance(d, Mapping) or not isinstance(d.get("type"), str):
+            raise InvalidOptionError(f"a method record needs a 'type' naming the method, got {d!r}")
+        config_cls = method_class(d["type"])
+        if d.get("version", config_cls.VERSION) != config_cls.VERSION:
+            raise InvalidOptionError(
+                f"{d['type']} record version {d.get('version')!r} is not supported (this version reads "
+                f"{config_cls.VERSION})"
+            )
+        check_keys(f"method record {d['type']}", d, ("type", "version", "data"))
+        return config_cls.from_data(d.get("data") or {})
+
+
+class RoundingMethod(Protocol):
+    """What the class registered for a MethodConfig provides: it is built as ``Impl(config)``."""
+
+    config: MethodConfig
 
     def quantize(
         self, weight: np.ndarray, scheme: QuantScheme, stats: SiteStats | None = None, *, site: str = "?"
@@ -84,35 +125,51 @@ class RoundingMethod(Protocol):
         ...
 
 
-METHODS: dict[str, Callable[..., RoundingMethod]] = {}
+METHODS: dict[str, type[MethodConfig]] = {}
+"""Registered methods: name -> config class."""
+_IMPLEMENTATIONS: dict[type[MethodConfig], Callable[[Any], RoundingMethod]] = {}
+_LEGACY: dict[str, Any] = {}
 
 
-def register_method(cls: type) -> type:
-    """Class decorator: ``@register_method class GPTQ: name = "gptq" ...``."""
-    name = cls.name  # type: ignore[attr-defined]
-    if name in METHODS:
-        raise ValueError(f"rounding method {name!r} registered twice")
-    METHODS[name] = cls
-    return cls
+def register_method(config_cls: type[MethodConfig]) -> Callable[[type], type]:
+    """Class decorator binding a config class to the class that rounds:
+    ``@register_method(GPTQConfig) class GPTQ: def __init__(self, config: GPTQConfig) ...``."""
+    if not (isinstance(config_cls, type) and issubclass(config_cls, MethodConfig)):
+        _LEGACY[config_cls.name] = METHODS[config_cls.name] = config_cls  # type: ignore  # TRANSITION
+        return config_cls  # type: ignore[return-value]
+
+    def bind(impl: type) -> type:
+        name = config_cls.name
+        if not name or name in METHODS:
+            raise ValueError(f"rounding method {name!r} has no name or is registered twice")
+        METHODS[name] = config_cls
+        _IMPLEMENTATIONS[config_cls] = impl
+        return impl
+
+    return bind
+
+
+def method_class(name: str) -> type[MethodConfig]:
+    if name not in METHODS:
+        raise InvalidOptionError(f"unknown rounding method {name!r}; choose one of {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+def method_config(name: str, options: Mapping[str, Any] | None = None) -> MethodConfig:
+    """The config of method ``name`` with ``options`` (an unknown option is an error naming the accepted ones)."""
+    return method_class(name).from_data(dict(options or {}))
+
+
+def build_method(config: MethodConfig) -> RoundingMethod:
+    """The rounding object for ``config``."""
+    return _IMPLEMENTATIONS[type(config)](config)
 
 
 def get_method(name: str, **options: Any) -> RoundingMethod:
-    """Instantiate a registered method by name with its options; clear error for unknown names."""
-    if name not in METHODS:
-        raise UnsupportedSchemeError(f"unknown rounding method {name!r}; choose one of {sorted(METHODS)}")
-    cls = METHODS[name]
-    try:
-        params = inspect.signature(cls).parameters
-    except (TypeError, ValueError):  # no readable signature: let the constructor judge
-        params = None
-    if params is not None and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        unknown = sorted(set(options) - set(params))
-        if unknown:
-            known = sorted(k for k, p in params.items() if p.kind is not p.VAR_POSITIONAL)
-            raise UnsupportedSchemeError(
-                f"rounding method {name!r} has no option {unknown[0]!r}; its options are {known}"
-            )
-    return cls(**options)
+    """Shorthand for ``build_method(method_config(name, options))``."""
+    if name in _LEGACY:
+        return _LEGACY[name](**options)
+    return build_method(method_config(name, options))
 
 
 def weight_first_position(stats: SiteStats, weight: float) -> SiteStats:
