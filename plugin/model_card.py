@@ -205,21 +205,44 @@ def build_model_card(
     Numbers come from ``eval_results.json`` when the export ran with ``--eval``; otherwise size and bits
     per weight are measured here on the graph and perplexity is reported as not measured.
     """
-    import yaml
-
     folder = Path(folder)
     qconfig = _read_json(folder / "quantization_config.json")
     evaluation = _read_json(folder / EVAL_FILE_NAME)
     scheme = _scheme_of(qconfig)
-    bits = scheme.get("bits")
     method = _method_of(qconfig)
     fmt = qconfig.get("format") or scheme.get("format")
-    after = evaluation.get("quantized") or measure(folder)
     raw_source = qconfig.get("source")
     source: Mapping[str, Any] = raw_source if isinstance(raw_source, Mapping) else {}
     base = base_model or infer_base_model(source.get("model"))
     name = base or (Path(str(source["model"])).name if source.get("model") else folder.name)
+    after = evaluation.get("quantized") or measure(folder)
+    lines = [
+        *_front_matter(scheme, method, fmt, base, license),
+        *_introduction(name, scheme, method, fmt),
+        "## Measured results",
+        "",
+        *_results_table(evaluation, after, original_size_bytes),
+        "",
+        *_quantization_table(qconfig, scheme, method),
+        *_USAGE,
+    ]
+    if command:
+        lines += ["## Reproduce", "", "```bash", command, "```", ""]
+    if (folder / "quantization_recipe.yaml").is_file():
+        lines += [
+            "The full recipe is in `quantization_recipe.yaml` (`--recipe quantization_recipe.yaml`).",
+            "",
+        ]
+    return "\n".join(lines)
 
+
+def _front_matter(
+    scheme: Mapping[str, Any], method: str, fmt: Any, base: str | None, license: str | None
+) -> list[str]:
+    """The YAML block the Hub reads: tags (bits, method, format), base model and license."""
+    import yaml
+
+    bits = scheme.get("bits")
     tags = ["onnx", "optimum", "onnxruntime", "quantized", "optimum-adaround", "text-generation"]
     if isinstance(bits, int):
         tags.append(f"int{bits}" if bits in (2, 4, 8) else f"{bits}-bit")
@@ -229,21 +252,26 @@ def build_model_card(
         front["base_model"] = str(base)
     if license:
         front["license"] = license
+    return ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", ""]
 
+
+def _introduction(name: str, scheme: Mapping[str, Any], method: str, fmt: Any) -> list[str]:
+    bits = scheme.get("bits")
     label = "-".join(x for x in (f"w{bits}" if bits else None, _group(scheme), method) if x)
-    title = f"{Path(str(name)).name} ({label}, ONNX)"
     symmetric = "symmetric" if scheme.get("symmetric", True) else "asymmetric"
-    lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "", f"# {title}", ""]
-    lines += [
+    return [
+        f"# {Path(str(name)).name} ({label}, ONNX)",
+        "",
         f"Weight-only {bits}-bit quantization of `{name}` for ONNX Runtime. "
         f"The integer codes were chosen by **{method}** rounding (group size {scheme.get('group_size', '?')}, "
         f"{symmetric}) and are stored as `{fmt}`. Made with "
         "[optimum-adaround](https://github.com/optimum-adaround/optimum-adaround).",
         "",
-        "## Measured results",
-        "",
-        *_results_table(evaluation, after, original_size_bytes),
-        "",
+    ]
+
+
+def _quantization_table(qconfig: Mapping[str, Any], scheme: Mapping[str, Any], method: str) -> list[str]:
+    lines = [
         "## Quantization",
         "",
         "| option | value |",
@@ -259,29 +287,23 @@ def build_model_card(
     versions = qconfig.get("versions", {})
     if isinstance(versions, Mapping) and versions:
         lines.append("| versions | " + ", ".join(f"{k} {v}" for k, v in versions.items()) + " |")
-    lines += [
-        "",
-        "## Usage",
-        "",
-        "```python",
-        "from transformers import AutoTokenizer",
-        "from optimum.adaround import load",
-        "",
-        'model = load("path/to/this/folder")  # ORTModelForCausalLM; registers custom ops if the graph needs them',
-        'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")',
-        'inputs = tokenizer("The capital of France is", return_tensors="pt")',
-        "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=20)[0]))",
-        "```",
-        "",
-    ]
-    if command:
-        lines += ["## Reproduce", "", "```bash", command, "```", ""]
-    if (folder / "quantization_recipe.yaml").is_file():
-        lines += [
-            "The full recipe is in `quantization_recipe.yaml` (`--recipe quantization_recipe.yaml`).",
-            "",
-        ]
-    return "\n".join(lines)
+    return [*lines, ""]
+
+
+_USAGE = [
+    "## Usage",
+    "",
+    "```python",
+    "from transformers import AutoTokenizer",
+    "from optimum.adaround import load",
+    "",
+    'model = load("path/to/this/folder")  # ORTModelForCausalLM; registers custom ops if the graph needs them',
+    'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")',
+    'inputs = tokenizer("The capital of France is", return_tensors="pt")',
+    "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=20)[0]))",
+    "```",
+    "",
+]
 
 
 def write_model_card(folder: str | Path, **kwargs: Any) -> Path:
