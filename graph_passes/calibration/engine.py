@@ -14,36 +14,79 @@ The model passed in is never modified: each part is a clone sharing the weight t
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import logging
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 from tqdm.auto import tqdm
 
-from ..errors import CalibrationError, InternalError
+from ..errors import CalibrationError, InternalError, InvalidOptionError
 from ..records import QuantizedWeight, WeightSite
 from ..rounding.base import SiteStats
-from .blocks import Part, extract_part, plan_parts
-from .feeds import check_token_ids, feed_specs, make_feeds
-from .stats import HessianAccumulator, Precision
+from .blocks import Part, PartPlan, extract_part, plan_parts
+from .feeds import FeedSpec, check_token_ids, feed_specs, make_feeds
+from .sessions import open_session, release_memory, resolve_providers, weight_bytes
+from .stats import HessianAccumulator, Precision, check_precision
 
-__all__ = ["BlockCallback", "CalibrationReport", "PartReport", "resolve_providers", "run_calibration"]
+__all__ = [
+    "BlockCallback",
+    "CalibrationOptions",
+    "CalibrationReport",
+    "PartReport",
+    "resolve_providers",
+    "run_calibration",
+]
 
 logger = logging.getLogger(__name__)
 
 BlockCallback = Callable[[list[WeightSite], dict[str, SiteStats]], dict[str, QuantizedWeight]]
 
-# Above this, a part is handed to onnxruntime through a temporary file with external data (protobuf's
-# 2 GiB message limit).
-_INLINE_LIMIT = 1 << 30
+Cache = dict[str, list[np.ndarray]]
+"""Boundary tensors by value name, one array per batch."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationOptions:
+    """How one calibration run goes; each field is also a keyword of ``run_calibration``."""
+
+    sequential: bool = True
+    """Block by block, each block seeing the quantized blocks before it; else one pass of the fp model."""
+    batch_size: int = 8
+    """Calibration sequences per onnxruntime run."""
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    """onnxruntime execution providers, in order of preference (CPU is always added last)."""
+    progress: bool = True
+    """Show a progress bar on stderr."""
+    hessian_precision: Precision = "float64"
+    """Precision of the per-batch ``X^T X`` (the sum is float64 either way; see ``stats.py``)."""
+
+    def __post_init__(self) -> None:
+        size = self.batch_size
+        if isinstance(size, bool) or not isinstance(size, int | np.integer) or size < 1:
+            raise InvalidOptionError(f"calibration batch_size must be an integer >= 1, got {size!r}")
+        if isinstance(self.providers, str):
+            raise InvalidOptionError(
+                f"calibration providers must be a list of execution provider names, got {self.providers!r}"
+            )
+        object.__setattr__(self, "providers", tuple(self.providers))
+        check_precision(self.hessian_precision)
+
+    @classmethod
+    def build(cls, base: CalibrationOptions | None, overrides: dict[str, Any]) -> CalibrationOptions:
+        """``base`` (default: the defaults) with ``overrides``; InvalidOptionError for an unknown key."""
+        accepted = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(overrides) - set(accepted))
+        if unknown:
+            raise InvalidOptionError(
+                f"run_calibration has no option {unknown[0]!r}; accepted: {', '.join(accepted)}"
+            )
+        return dataclasses.replace(base or cls(), **overrides)
 
 
 @dataclasses.dataclass
@@ -84,7 +127,8 @@ class CalibrationReport:
     """Largest weight footprint of one part handed to onnxruntime."""
     seconds: float
     cpu_seconds: float = 0.0
-    """CPU time of the process over the run (all threads); on a shared machine ``seconds`` can be far more."""
+    """CPU time of the process over the run (all threads); with other processes on the cores ``seconds``
+    can be far more."""
 
     def summary(self) -> str:
         fwd = sum(p.forward_s + p.requant_s for p in self.parts)
@@ -99,76 +143,112 @@ class CalibrationReport:
         )
 
 
-def resolve_providers(providers: Sequence[str]) -> list[str]:
-    """Keep the requested execution providers onnxruntime has; fall back to CPU with a warning."""
-    available = set(ort.get_available_providers())
-    chosen = [p for p in providers if p in available]
-    missing = [p for p in providers if p not in available]
-    if missing:
-        logger.warning(
-            "onnxruntime lacks %s (available: %s); calibrating with %s",
-            ", ".join(missing),
-            ", ".join(sorted(available)),
-            ", ".join(chosen or ["CPUExecutionProvider"]),
-        )
-    if "CPUExecutionProvider" not in chosen:
-        chosen.append("CPUExecutionProvider")
-    return chosen
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """What every step of one calibration run reads: the model, its sites, the tokens and the options."""
+
+    model: ir.Model
+    sites: tuple[WeightSite, ...]
+    ids: np.ndarray
+    """Validated token ids, int64 ``[n, T]``."""
+    on_block: BlockCallback
+    options: CalibrationOptions
+    specs: tuple[FeedSpec, ...]
+    providers: tuple[str, ...]
+    """The requested providers that onnxruntime has, CPU last."""
+
+    @property
+    def batches(self) -> list[slice]:
+        n, size = self.ids.shape[0], self.options.batch_size
+        return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+    def feeds(self, batch: slice) -> dict[str, np.ndarray]:
+        return make_feeds(self.specs, self.ids[batch])
+
+    def accumulator(self, sites: Sequence[WeightSite]) -> HessianAccumulator:
+        return HessianAccumulator(sites, self.options.hessian_precision)
+
+    def quantize(
+        self, sites: Sequence[WeightSite], acc: HessianAccumulator, rep: PartReport
+    ) -> dict[str, QuantizedWeight]:
+        """``on_block`` on these sites' statistics, timed into ``rep``, its answer checked."""
+        t0 = time.perf_counter()
+        qws = dict(self.on_block(list(sites), acc.by_site(sites)) or {})
+        rep.callback_s = time.perf_counter() - t0
+        _check_returned({s.name: s for s in sites}, qws)
+        return qws
 
 
-def _release_memory() -> None:
-    """Give freed heap pages back to the OS (glibc keeps a dropped session's arena otherwise: +0.5 GB per
-    block on SmolLM2 with 8x512-token batches, accumulating over the first blocks)."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
+@dataclasses.dataclass
+class _Totals:
+    """What the report sums over parts besides their own timings."""
+
+    n_quantized: int = 0
+    peak_cache_bytes: int = 0
 
 
-def _load_libc() -> ctypes.CDLL | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.malloc_trim  # noqa: B018 (musl and others lack it)
-    except (OSError, AttributeError):
-        return None
-    return libc
+def run_calibration(
+    model: ir.Model,
+    sites: Sequence[WeightSite],
+    token_ids: np.ndarray,
+    on_block: BlockCallback,
+    options: CalibrationOptions | None = None,
+    **overrides: Any,
+) -> CalibrationReport:
+    """Gather ``H = sum X^T X`` per activation of ``sites`` on ``token_ids`` and call ``on_block``.
 
-
-_LIBC = _load_libc()
-
-
-def _weight_bytes(model: ir.Model) -> int:
-    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
-
-
-class _PartSessions:
-    """Opens onnxruntime sessions of one extracted part, first with its own weights, then with replacements.
-
-    Replacements are written into the part (a clone sharing the caller's tensors, so the caller's model is
-    untouched) and the part is serialized again. Not ``SessionOptions.add_initializer``: onnxruntime 1.31
-    constant-folds from the model's initializer, so a weight reached through a Transpose (tied lm_head,
-    Gemm exports) would silently keep its float values.
+    Sequential (default): ``on_block(block_sites, stats)`` once per part that holds sites, in execution
+    order; the returned weights (dequantized) replace that block's weights before the next block's inputs
+    are computed. One-pass (``sequential=False``): one run of the full fp model, then a single
+    ``on_block(all_sites, stats)``. ``stats`` is keyed by site name; sites sharing an activation share one
+    ``SiteStats``. ``model`` is not modified. ``overrides`` are ``CalibrationOptions`` fields
+    (``sequential``, ``batch_size``, ``providers``, ``progress``, ``hessian_precision``) replacing those of
+    ``options``.
     """
+    t_start, cpu_start = time.perf_counter(), time.process_time()
+    run = _prepare(model, sites, token_ids, on_block, CalibrationOptions.build(options, overrides))
+    totals = _Totals()
+    parts = _sequential(run, totals) if run.options.sequential else _one_pass(run, totals)
+    n, t = run.ids.shape
+    report = CalibrationReport(
+        sequential=run.options.sequential,
+        n_sequences=n,
+        seq_len=t,
+        n_tokens=n * t,
+        batch_size=run.options.batch_size,
+        providers=list(run.providers),
+        parts=parts,
+        n_activations=len({s.activation for s in sites}),
+        n_quantized=totals.n_quantized,
+        peak_cache_bytes=totals.peak_cache_bytes,
+        peak_part_weight_bytes=max((p.weight_bytes for p in parts), default=0),
+        seconds=time.perf_counter() - t_start,
+        cpu_seconds=time.process_time() - cpu_start,
+    )
+    logger.info("%s", report.summary())
+    return report
 
-    def __init__(self, model: ir.Model, providers: Sequence[str]) -> None:
-        self.model = model
-        self.providers = list(providers)
 
-    def open(self, weights: dict[str, np.ndarray] | None = None) -> ort.InferenceSession:
-        inits = self.model.graph.initializers
-        for name, arr in (weights or {}).items():
-            inits[name].const_value = ir.tensor(arr, name=name)
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        if _weight_bytes(self.model) < _INLINE_LIMIT:
-            return ort.InferenceSession(
-                ir.to_proto(self.model).SerializeToString(), opts, providers=self.providers
-            )
-        # protobuf's 2 GiB limit: go through a file with external data
-        with tempfile.TemporaryDirectory(prefix="adaround-calib-") as tmp:
-            path = Path(tmp) / "part.onnx"
-            ir.save(self.model, path, external_data="part.onnx.data")
-            return ort.InferenceSession(str(path), opts, providers=self.providers)
+def _prepare(
+    model: ir.Model,
+    sites: Sequence[WeightSite],
+    token_ids: np.ndarray,
+    on_block: BlockCallback,
+    options: CalibrationOptions,
+) -> _Run:
+    """The run record, after checking everything a caller can get wrong."""
+    ids = check_token_ids(token_ids)
+    if not sites:
+        raise CalibrationError("no weight sites to calibrate")
+    names = [s.name for s in sites]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise CalibrationError(
+            f"weight sites have duplicate names, e.g. {repeated[0]!r}: give each site once"
+        )
+    specs = tuple(feed_specs(model.graph.inputs))
+    providers = tuple(resolve_providers(options.providers))
+    return _Run(model, tuple(sites), ids, on_block, options, specs, providers)
 
 
 def _check_returned(sites: dict[str, WeightSite], qws: dict[str, QuantizedWeight]) -> None:
@@ -205,304 +285,173 @@ def _graph_weights(
     return out
 
 
-def _batches(n: int, batch_size: int) -> list[slice]:
-    return [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+# -- one pass over the full model ----------------------------------------------------------------------
 
 
-def run_calibration(
-    model: ir.Model,
-    sites: Sequence[WeightSite],
-    token_ids: np.ndarray,
-    on_block: BlockCallback,
-    *,
-    sequential: bool = True,
-    batch_size: int = 8,
-    providers: Sequence[str] = ("CPUExecutionProvider",),
-    progress: bool = True,
-    hessian_precision: Precision = "float64",
-    fp_target: bool = False,
-) -> CalibrationReport:
-    """Gather ``H = sum X^T X`` per activation of ``sites`` on ``token_ids`` and call ``on_block``.
-
-    Sequential (default): ``on_block(block_sites, stats)`` once per part that holds sites, in execution
-    order; the returned weights (dequantized) replace that block's weights before the next block's inputs
-    are computed. One-pass (``sequential=False``): one run of the full fp model, then a single
-    ``on_block(all_sites, stats)``. ``stats`` is keyed by site name; sites sharing an activation share one
-    ``SiteStats``. ``model`` is not modified. ``hessian_precision="float32"`` halves the cost of the
-    per-batch ``X^T X`` (the sum stays float64; see ``stats.py``).
-
-    ``fp_target=True`` (sequential mode) also runs each block on the full-precision model's boundary
-    tensors and hands every site ``extra[FP_CROSS] = sum X_q^T X_fp`` (``stats.py``), for methods that
-    match the fp model's output rather than the layer's own (one more onnxruntime run per block and one
-    more cached copy of the boundary tensors once a block has been quantized).
-    """
-    t_start, cpu_start = time.perf_counter(), time.process_time()
-    ids = check_token_ids(token_ids)
-    if batch_size < 1:
-        raise CalibrationError(f"batch_size must be >= 1, got {batch_size}")
-    if not sites:
-        raise CalibrationError("no weight sites to calibrate")
-    names = [s.name for s in sites]
-    if len(set(names)) != len(names):
-        raise InternalError("weight sites have duplicate names")
-    specs = feed_specs(model.graph.inputs)
-    provs = resolve_providers(providers)
-    batches = _batches(ids.shape[0], batch_size)
-    n, t = ids.shape
-    HessianAccumulator([], hessian_precision)  # validate the option before any work
-    run = _Run(
-        model, list(sites), ids, specs, batches, provs, on_block, progress, hessian_precision, fp_target
-    )
-    parts = run.sequential() if sequential else run.one_pass()
-    report = CalibrationReport(
-        sequential=sequential,
-        n_sequences=n,
-        seq_len=t,
-        n_tokens=n * t,
-        batch_size=batch_size,
-        providers=provs,
-        parts=parts,
-        n_activations=len({s.activation for s in sites}),
-        n_quantized=run.n_quantized,
-        peak_cache_bytes=run.peak_cache_bytes,
-        peak_part_weight_bytes=run.peak_part_weight_bytes,
-        seconds=time.perf_counter() - t_start,
-        cpu_seconds=time.process_time() - cpu_start,
-    )
-    logger.info("%s", report.summary())
-    return report
-
-
-class _Run:
-    """State of one calibration run (kept out of the public signature)."""
-
-    def __init__(
-        self, model, sites, ids, specs, batches, providers, on_block, progress, precision, fp_target=False
-    ) -> None:
-        self.model: ir.Model = model
-        self.sites: list[WeightSite] = sites
-        self.ids: np.ndarray = ids
-        self.specs = specs
-        self.batches: list[slice] = batches
-        self.providers: list[str] = providers
-        self.on_block: BlockCallback = on_block
-        self.progress: bool = progress
-        self.precision: Precision = precision
-        self.n_quantized = 0
-        self.peak_cache_bytes = 0
-        self.peak_part_weight_bytes = 0
-        self.fp_target: bool = fp_target
-        # The fp model's boundary tensors, once they differ from ``cache`` (after the first quantized block);
-        # until then both paths are the same tensors and ``fp_cache`` is empty.
-        self.fp_cache: dict[str, list[np.ndarray]] = {}
-        self.diverged = False
-
-    def _feeds(self, b: slice) -> dict[str, np.ndarray]:
-        return make_feeds(self.specs, self.ids[b])
-
-    def _bar(self, total: int, desc: str):
-        return tqdm(
-            total=total, desc=desc, unit="part", disable=not self.progress, file=sys.stderr, leave=False
-        )
-
-    # -- one pass over the full model ----------------------------------------------------------------
-    def one_pass(self) -> list[PartReport]:
-        acc = HessianAccumulator(self.sites, self.precision)
-        graph_inputs = [v.name for v in self.model.graph.inputs if v.name]
-        produced = [a for a in acc.activations if a not in graph_inputs]
-        sub = extract_part(self.model, graph_inputs, produced, name="calibration")
-        rep = PartReport("model", len(self.sites), len(acc.activations), _weight_bytes(sub))
-        self.peak_part_weight_bytes = rep.weight_bytes
-        t0 = time.perf_counter()
-        sess = _PartSessions(sub, self.providers).open()
-        wanted = {i.name for i in sess.get_inputs()}
-        del sub
-        for b in tqdm(
-            self.batches, desc="calibration", unit="batch", disable=not self.progress, file=sys.stderr
-        ):
-            feeds = self._feeds(b)
-            outs = dict(
-                zip(
-                    produced, sess.run(produced, {k: v for k, v in feeds.items() if k in wanted}), strict=True
-                )
-            )
-            t1 = time.perf_counter()
-            for a in acc.activations:
-                acc.add(a, outs[a] if a in outs else feeds[a])
-            rep.stats_s += time.perf_counter() - t1
-        rep.forward_s = time.perf_counter() - t0 - rep.stats_s
-        del sess
-        _release_memory()
-        t2 = time.perf_counter()
-        qws = self._call(self.sites, acc)
-        rep.callback_s = time.perf_counter() - t2
-        _check_returned({s.name: s for s in self.sites}, qws)
-        self.n_quantized = len(qws)
-        return [rep]
-
-    def _call(self, sites: list[WeightSite], acc: HessianAccumulator) -> dict[str, QuantizedWeight]:
-        out = self.on_block(list(sites), acc.by_site(sites))
-        return dict(out or {})
-
-    # -- block by block ------------------------------------------------------------------------------
-    def sequential(self) -> list[PartReport]:
-        plan = plan_parts(self.model.graph)
-        by_part: dict[int, list[WeightSite]] = {}
-        for s in self.sites:
-            part = plan.part_of_node(s.node_name)
-            if part is None:
-                raise CalibrationError(f"weight site {s.name!r}: node {s.node_name!r} is not in the model")
-            by_part.setdefault(part.index, []).append(s)
-        last = max(by_part)  # parts after the last one holding sites need not run
-        cache: dict[str, list[np.ndarray]] = {}
-        reports: list[PartReport] = []
-        with self._bar(last + 1, "calibration") as bar:
-            for part in plan.parts[: last + 1]:
-                bar.set_postfix_str(part.label)
-                reports.append(self._run_part(part, by_part.get(part.index, []), cache))
-                size = sum(a.nbytes for c in (cache, self.fp_cache) for v in c.values() for a in v)
-                self.peak_cache_bytes = max(self.peak_cache_bytes, size)
-                for name in [k for k in cache if plan.last_reader.get(k, -1) <= part.index]:
-                    del cache[name]
-                    self.fp_cache.pop(name, None)
-                bar.update(1)
-        return reports
-
-    def _run_part(
-        self, part: Part, sites: list[WeightSite], cache: dict[str, list[np.ndarray]]
-    ) -> PartReport:
-        acc = HessianAccumulator(sites, self.precision, cross=self.fp_target)
-        produced = [a for a in acc.activations if a not in part.inputs]
-        outputs = list(part.outputs)
-        rep = PartReport(part.label, len(sites), len(acc.activations), 0)
-        if not outputs and not sites:
-            return rep  # nothing downstream reads it
-        t_build = time.perf_counter()
-        sub = None
-        if outputs or produced:  # else the part's activations are all cached inputs: no session needed
-            examples = {k: v[0] for k, v in cache.items()}
-            sub = extract_part(self.model, part.inputs, outputs + produced, examples, name=part.label)
-            rep.weight_bytes = _weight_bytes(sub)
-            self.peak_part_weight_bytes = max(self.peak_part_weight_bytes, rep.weight_bytes)
-
-        builder = None if sub is None else _PartSessions(sub, self.providers)
-        rep.forward_s = time.perf_counter() - t_build
-        return self._passes(part, sites, cache, sub, builder, acc, outputs, produced, rep)
-
-    def _passes(
-        self,
-        part: Part,
-        sites: list[WeightSite],
-        cache: dict[str, list[np.ndarray]],
-        sub: ir.Model | None,
-        builder: _PartSessions | None,
-        acc: HessianAccumulator,
-        outputs: list[str],
-        produced: list[str],
-        rep: PartReport,
-    ) -> PartReport:
-        # Pass 1: fp weights of this part; activations -> H, boundary outputs kept in case nothing changes.
-        # With fp_target (after the first quantized block) the same session also runs on the fp model's
-        # boundary tensors: its activations give sum X_q^T X_fp, its outputs the fp path's next inputs.
-        t0 = time.perf_counter()
-        sess = None if builder is None else builder.open()
-        two_paths = self.fp_target and self.diverged
-        fp_outputs, fp_path = self._forward(
-            sess, part, cache, outputs, produced, acc, rep, self.fp_cache if two_paths else None
-        )
-        del sess  # its arena (attention scores of a whole batch) is the largest transient allocation
-        _release_memory()
-        rep.forward_s += time.perf_counter() - t0 - rep.stats_s
-        if two_paths:
-            assert fp_path is not None
-            self._store(self.fp_cache, outputs, fp_path)
-        if not sites:
-            self._store(cache, outputs, fp_outputs)
-            return rep
-
+def _one_pass(run: _Run, totals: _Totals) -> list[PartReport]:
+    """Statistics of every site from the fp model in one session, then one ``on_block`` call."""
+    acc = run.accumulator(run.sites)
+    graph_inputs = [v.name for v in run.model.graph.inputs if v.name]
+    produced = [a for a in acc.activations if a not in graph_inputs]
+    sub = extract_part(run.model, graph_inputs, produced, name="calibration")
+    rep = PartReport("model", len(run.sites), len(acc.activations), weight_bytes(sub))
+    t0 = time.perf_counter()
+    sess = open_session(sub, run.providers)
+    wanted = {i.name for i in sess.get_inputs()}
+    del sub
+    hide = not run.options.progress
+    for b in tqdm(run.batches, desc="calibration", unit="batch", disable=hide, file=sys.stderr):
+        feeds = run.feeds(b)
+        values = sess.run(produced, {k: v for k, v in feeds.items() if k in wanted})
+        outs = dict(zip(produced, values, strict=True))
         t1 = time.perf_counter()
-        qws = self._call(sites, acc)
-        rep.callback_s = time.perf_counter() - t1
-        self.n_quantized += len(qws)
-        _check_returned({s.name: s for s in sites}, qws)
-        if qws and outputs:
-            # Pass 2: the next part must see what the quantized block computes.
-            assert sub is not None
-            t2 = time.perf_counter()
-            if self.fp_target and not self.diverged:
-                self._store(self.fp_cache, outputs, fp_outputs)  # from here on the two paths differ
-                self.diverged = True
-            del fp_outputs
-            assert builder is not None
-            sess = builder.open(_graph_weights(sub, {s.name: s for s in sites}, qws))
-            self._store(cache, outputs, self._forward(sess, part, cache, outputs, [], None, rep)[0])
-            del sess
-            _release_memory()
-            rep.requant_s = time.perf_counter() - t2
-        else:
-            self._store(cache, outputs, fp_outputs)
-        return rep
+        for a in acc.activations:
+            acc.add(a, outs[a] if a in outs else feeds[a])
+        rep.stats_s += time.perf_counter() - t1
+    rep.forward_s = time.perf_counter() - t0 - rep.stats_s
+    del sess
+    release_memory()
+    totals.n_quantized = len(run.quantize(run.sites, acc, rep))
+    return [rep]
 
-    def _forward(
-        self,
-        sess: ort.InferenceSession | None,
-        part: Part,
-        cache: dict[str, list[np.ndarray]],
-        outputs: list[str],
-        produced: list[str],
-        acc: HessianAccumulator | None,
-        rep: PartReport,
-        fp_cache: dict[str, list[np.ndarray]] | None = None,
-    ) -> tuple[list[list[np.ndarray]], list[list[np.ndarray]] | None]:
-        """Run the part over every batch, feeding ``acc`` (if given) with the activations of its sites.
 
-        Returns the boundary ``outputs``, per output name, per batch. Activations that are inputs of the
-        part (e.g. the hidden state an lm_head reads) come from the cache, not from the session. With
-        ``fp_cache`` (the fp model's boundary tensors, where they differ from ``cache``), each batch runs
-        a second time on those: the activations pair up in ``acc`` and the second run's outputs are
-        returned too (else None).
-        """
-        wanted = [] if sess is None else [i.name for i in sess.get_inputs()]
-        fetch = outputs + produced
-        kept: list[list[np.ndarray]] = [[] for _ in outputs]
-        kept_fp: list[list[np.ndarray]] | None = None if fp_cache is None else [[] for _ in outputs]
-        for bi, b in enumerate(self.batches):
-            graph_feeds = self._feeds(b)
+# -- block by block ------------------------------------------------------------------------------------
 
-            def feed(
-                name: str,
-                path: dict[str, list[np.ndarray]] = cache,
-                bi: int = bi,
-                graph_feeds: dict[str, np.ndarray] = graph_feeds,
-            ) -> np.ndarray:
-                for c in (path, cache):  # the fp path shares the tensors it has no copy of
-                    if name in c:
-                        return c[name][bi]
-                if name in graph_feeds:
-                    return graph_feeds[name]
-                raise InternalError(f"{part.label}: no feed for input {name!r}")
 
-            res = sess.run(fetch, {n: feed(n) for n in wanted}) if sess is not None else []
-            res_fp: list[np.ndarray] | None = None
-            if fp_cache is not None and kept_fp is not None:
-                res_fp = sess.run(fetch, {n: feed(n, fp_cache) for n in wanted}) if sess is not None else []
-                for j in range(len(outputs)):
-                    kept_fp[j].append(np.array(res_fp[j], copy=True))
-            for j in range(len(outputs)):
-                # a copy: the array onnxruntime returns can pin its session's whole memory arena
-                kept[j].append(np.array(res[j], copy=True))
-            if acc is not None:
-                t0 = time.perf_counter()
-                for a in acc.activations:  # inputs of the part first: they come earlier in the graph
-                    if a not in produced:
-                        acc.add(a, feed(a), None if fp_cache is None else feed(a, fp_cache))
-                for i, (a, x) in enumerate(zip(produced, res[len(outputs) :], strict=True)):
-                    acc.add(a, x, None if res_fp is None else res_fp[len(outputs) + i])
-                rep.stats_s += time.perf_counter() - t0
-        return kept, kept_fp
+def _sequential(run: _Run, totals: _Totals) -> list[PartReport]:
+    """Each part in execution order up to the last one holding sites, caching what later parts read."""
+    plan = plan_parts(run.model.graph)
+    by_part = _sites_by_part(plan, run.sites)
+    last = max(by_part)  # parts after the last one holding sites need not run
+    cache: Cache = {}
+    reports: list[PartReport] = []
+    bar = tqdm(
+        total=last + 1,
+        desc="calibration",
+        unit="part",
+        disable=not run.options.progress,
+        file=sys.stderr,
+        leave=False,
+    )
+    with bar:
+        for part in plan.parts[: last + 1]:
+            bar.set_postfix_str(part.label)
+            reports.append(_run_part(run, part, by_part.get(part.index, []), cache, totals))
+            size = sum(a.nbytes for v in cache.values() for a in v)
+            totals.peak_cache_bytes = max(totals.peak_cache_bytes, size)
+            for name in [k for k in cache if plan.last_reader.get(k, -1) <= part.index]:
+                del cache[name]
+            bar.update(1)
+    return reports
 
-    @staticmethod
-    def _store(
-        cache: dict[str, list[np.ndarray]], outputs: list[str], values: list[list[np.ndarray]]
-    ) -> None:
-        cache.update(zip(outputs, values, strict=True))
+
+def _sites_by_part(plan: PartPlan, sites: Sequence[WeightSite]) -> dict[int, list[WeightSite]]:
+    by_part: dict[int, list[WeightSite]] = {}
+    for s in sites:
+        part = plan.part_of_node(s.node_name)
+        if part is None:
+            raise CalibrationError(f"weight site {s.name!r}: node {s.node_name!r} is not in the model")
+        by_part.setdefault(part.index, []).append(s)
+    return by_part
+
+
+def _run_part(run: _Run, part: Part, sites: list[WeightSite], cache: Cache, totals: _Totals) -> PartReport:
+    """Statistics of ``part``'s sites, ``on_block``, and the part's outputs (with the quantized weights
+    when some came back) stored in ``cache`` for the parts after it."""
+    acc = run.accumulator(sites)
+    produced = [a for a in acc.activations if a not in part.inputs]
+    outputs = list(part.outputs)
+    rep = PartReport(part.label, len(sites), len(acc.activations), 0)
+    if not outputs and not sites:
+        return rep  # nothing downstream reads it
+    t_build = time.perf_counter()
+    # without outputs or produced activations, the part's activations are all cached inputs: no session
+    sub = _extract(run, part, cache, outputs + produced, rep) if outputs or produced else None
+    rep.forward_s = time.perf_counter() - t_build
+
+    # Pass 1: fp weights of this part; activations -> H, boundary outputs kept in case nothing changes.
+    t0 = time.perf_counter()
+    sess = None if sub is None else open_session(sub, run.providers)
+    boundary = _forward(run, sess, part, cache, outputs, produced, acc, rep)
+    del sess  # its arena (attention scores of a whole batch) is the largest transient allocation
+    release_memory()
+    rep.forward_s += time.perf_counter() - t0 - rep.stats_s
+    qws = run.quantize(sites, acc, rep) if sites else {}
+    totals.n_quantized += len(qws)
+    if qws and outputs and sub is not None:  # ``outputs`` implies ``sub``
+        del boundary  # replaced by what the quantized block computes
+        boundary = _requantized(run, sub, part, sites, qws, cache, outputs, rep)
+    cache.update(zip(outputs, boundary, strict=True))
+    return rep
+
+
+def _extract(run: _Run, part: Part, cache: Cache, fetch: list[str], rep: PartReport) -> ir.Model:
+    """The part as a model computing ``fetch``, its boundary inputs typed like the cached tensors."""
+    examples = {k: v[0] for k, v in cache.items()}
+    sub = extract_part(run.model, part.inputs, fetch, examples, name=part.label)
+    rep.weight_bytes = weight_bytes(sub)
+    return sub
+
+
+def _requantized(
+    run: _Run,
+    sub: ir.Model,
+    part: Part,
+    sites: list[WeightSite],
+    qws: dict[str, QuantizedWeight],
+    cache: Cache,
+    outputs: list[str],
+    rep: PartReport,
+) -> list[list[np.ndarray]]:
+    """Pass 2: the part's boundary outputs with its sites' weights replaced by the dequantized codes, so
+    the next part sees what the quantized block computes."""
+    t0 = time.perf_counter()
+    sess = open_session(sub, run.providers, _graph_weights(sub, {s.name: s for s in sites}, qws))
+    boundary = _forward(run, sess, part, cache, outputs, [], None, rep)
+    del sess
+    release_memory()
+    rep.requant_s = time.perf_counter() - t0
+    return boundary
+
+
+def _forward(
+    run: _Run,
+    sess: ort.InferenceSession | None,
+    part: Part,
+    cache: Cache,
+    outputs: list[str],
+    produced: list[str],
+    acc: HessianAccumulator | None,
+    rep: PartReport,
+) -> list[list[np.ndarray]]:
+    """Run the part over every batch, feeding ``acc`` (if given) with the activations of its sites.
+
+    Returns the boundary ``outputs``, per output name, per batch. Activations that are inputs of the
+    part (e.g. the hidden state an lm_head reads) come from the cache, not from the session.
+    """
+    wanted = [] if sess is None else [i.name for i in sess.get_inputs()]
+    fetch = outputs + produced
+    kept: list[list[np.ndarray]] = [[] for _ in outputs]
+    for bi, b in enumerate(run.batches):
+        graph_feeds = run.feeds(b)
+
+        def feed(name: str, bi: int = bi, graph_feeds: dict[str, np.ndarray] = graph_feeds) -> np.ndarray:
+            if name in cache:
+                return cache[name][bi]
+            if name in graph_feeds:
+                return graph_feeds[name]
+            raise InternalError(f"{part.label}: no feed for input {name!r}")
+
+        res = sess.run(fetch, {n: feed(n) for n in wanted}) if sess is not None else []
+        for j in range(len(outputs)):
+            # a copy: the array onnxruntime returns can pin its session's whole memory arena
+            kept[j].append(np.array(res[j], copy=True))
+        if acc is not None:
+            t0 = time.perf_counter()
+            for a in acc.activations:  # inputs of the part first: they come earlier in the graph
+                if a not in produced:
+                    acc.add(a, feed(a))
+            for a, x in zip(produced, res[len(outputs) :], strict=True):
+                acc.add(a, x)
+            rep.stats_s += time.perf_counter() - t0
+    return kept

@@ -4,6 +4,7 @@ run in onnxruntime (with, for the sequential checks, earlier blocks' weights rep
 from __future__ import annotations
 
 import logging
+import re
 
 import numpy as np
 import onnx
@@ -12,10 +13,13 @@ import onnxruntime as ort
 import pytest
 from conftest import weight_sites
 
-from optimum.adaround.graph_passes.calibration.engine import resolve_providers, run_calibration
-from optimum.adaround.graph_passes.errors import CalibrationError
+from optimum.adaround.graph_passes.calibration.engine import (
+    CalibrationOptions,
+    resolve_providers,
+    run_calibration,
+)
+from optimum.adaround.graph_passes.errors import CalibrationError, InvalidOptionError
 from optimum.adaround.graph_passes.records import QuantizedWeight, WeightSite
-from optimum.adaround.graph_passes.rounding.base import FP_CROSS
 from optimum.adaround.graph_passes.rounding.grid import blockwise_minmax, codes_from_weight, grid_params
 from optimum.adaround.graph_passes.scheme import QuantScheme
 
@@ -46,13 +50,13 @@ def llama_feeds(ids: np.ndarray) -> dict[str, np.ndarray]:
     return feeds
 
 
-def reference_activations(
+def reference_hessians(
     model: ir.Model,
     activations: list[str],
     feeds: dict[str, np.ndarray],
     replace: dict[str, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Each activation as float64 ``[tokens, K]``, fetched from the full model in one onnxruntime run."""
+    """sum X^T X (float64) of each activation, fetched from the full model in one onnxruntime run."""
     proto = ir.to_proto(model)
     for init in proto.graph.initializer:
         if replace and init.name in replace:
@@ -61,18 +65,8 @@ def reference_activations(
         proto.graph.output.append(onnx.ValueInfoProto(name=a))
     sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     outs = sess.run(activations, feeds)
-    return {a: x.reshape(-1, x.shape[-1]).astype(np.float64) for a, x in zip(activations, outs, strict=True)}
-
-
-def reference_hessians(
-    model: ir.Model,
-    activations: list[str],
-    feeds: dict[str, np.ndarray],
-    replace: dict[str, np.ndarray] | None = None,
-) -> dict[str, np.ndarray]:
-    """sum X^T X (float64) of each activation, fetched from the full model in one onnxruntime run."""
-    xs = reference_activations(model, activations, feeds, replace)
-    return {a: x.T @ x for a, x in xs.items()}
+    xs = [x.reshape(-1, x.shape[-1]).astype(np.float64) for x in outs]
+    return {a: x.T @ x for a, x in zip(activations, xs, strict=True)}
 
 
 class Recorder:
@@ -81,7 +75,6 @@ class Recorder:
     def __init__(self, quantize=None) -> None:
         self.calls: list[list[str]] = []
         self.hessians: dict[str, np.ndarray] = {}
-        self.cross: dict[str, np.ndarray] = {}
         self.n_tokens: dict[str, int] = {}
         self.shared: list[bool] = []
         self.quantize = quantize
@@ -93,8 +86,6 @@ class Recorder:
         for s in sites:
             self.hessians[s.name] = stats[s.name].hessian.copy()
             self.n_tokens[s.name] = stats[s.name].n_tokens
-            if FP_CROSS in stats[s.name].extra:
-                self.cross[s.name] = stats[s.name].extra[FP_CROSS].copy()
             self.shared.append(by_act.setdefault(s.activation, stats[s.name]) is stats[s.name])
         if self.quantize is None:
             return {}
@@ -155,43 +146,6 @@ def test_sequential_sees_quantized_earlier_blocks(tiny_llama, ids):
     # the caller's model is untouched
     for s in sites:
         np.testing.assert_array_equal(weight_nk(tiny_llama, s), before[s.weight_name])
-
-
-@pytest.mark.parametrize("fixture", ["tiny_llama", "handmade"])
-def test_fp_target_cross_statistics(fixture, request):
-    """With fp_target, every site gets sum X_q^T X_fp: X_q from the model with earlier blocks quantized,
-    X_fp from the fp model (oracle: both fetched from full-model runs). H is unchanged by the option."""
-    model = request.getfixturevalue(fixture)
-    lm_head = fixture == "handmade"  # its lm_head reads a cached part input, in the epilogue
-    sites = weight_sites(model, lm_head=lm_head)
-    vocab = 256 if fixture == "tiny_llama" else 16
-    ids = np.random.default_rng(4).integers(0, vocab, (5, 9), dtype=np.int64)
-    feeds = llama_feeds(ids) if fixture == "tiny_llama" else {"input_ids": ids}
-    plain = Recorder(lambda s: rtn(weight_nk(model, s)))
-    run_calibration(model, sites, ids, plain, batch_size=2, progress=False)
-    rec = Recorder(lambda s: rtn(weight_nk(model, s)))
-    report = run_calibration(model, sites, ids, rec, batch_size=2, progress=False, fp_target=True)
-    replaced = {s.weight_name: rec.returned[s.name].dequantize().T.copy() for s in sites}
-    acts = sorted({s.activation for s in sites})
-    x_fp = reference_activations(model, acts, feeds)
-    first = min(s.layer for s in sites if s.layer is not None)
-    for s in sites:
-        np.testing.assert_array_equal(rec.hessians[s.name], plain.hessians[s.name])
-        earlier = {
-            s2.weight_name: replaced[s2.weight_name]
-            for s2 in sites
-            if s2.layer is not None and (s.layer is None or s2.layer < s.layer)
-        }
-        x_q = reference_activations(model, [s.activation], feeds, earlier)[s.activation]
-        scale = np.abs(x_q.T @ x_q).max()
-        np.testing.assert_allclose(
-            rec.cross[s.name], x_q.T @ x_fp[s.activation], rtol=1e-5, atol=1e-6 * scale
-        )
-        if s.layer == first:  # nothing quantized upstream: the two paths are one
-            np.testing.assert_array_equal(rec.cross[s.name], rec.hessians[s.name])
-        else:
-            assert np.abs(rec.cross[s.name] - rec.hessians[s.name]).max() > 1e-3 * scale
-    assert report.n_quantized == len(sites)
 
 
 def test_handmade_graph_with_lm_head_in_epilogue(handmade):
@@ -262,6 +216,66 @@ def test_bad_token_ids(handmade, ids, match):
         run_calibration(handmade, weight_sites(handmade), ids, Recorder(), progress=False)
 
 
+def test_options_record_and_keywords_are_one_configuration(handmade):
+    """A CalibrationOptions record, keywords over it, and keywords alone run the same calibration."""
+    sites = weight_sites(handmade)
+    ids = np.random.default_rng(5).integers(0, 16, (3, 6), dtype=np.int64)
+    opts = CalibrationOptions(sequential=False, batch_size=2, progress=False)
+    runs = [Recorder(), Recorder(), Recorder()]
+    reports = [
+        run_calibration(handmade, sites, ids, runs[0], opts),
+        run_calibration(
+            handmade,
+            sites,
+            ids,
+            runs[1],
+            CalibrationOptions(batch_size=5),
+            sequential=False,
+            batch_size=2,
+            progress=False,
+        ),
+        run_calibration(handmade, sites, ids, runs[2], sequential=False, batch_size=2, progress=False),
+    ]
+    assert [(r.sequential, r.batch_size) for r in reports] == [(False, 2)] * 3
+    for rec in runs[1:]:
+        assert rec.calls == runs[0].calls
+        for name, h in runs[0].hessians.items():
+            np.testing.assert_array_equal(rec.hessians[name], h)
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        ({"fp_target": True}, InvalidOptionError, "no option 'fp_target'; accepted: sequential, batch_size"),
+        ({"batch_size": 0}, InvalidOptionError, "batch_size must be an integer >= 1, got 0"),
+        ({"batch_size": 2.5}, InvalidOptionError, "batch_size must be an integer >= 1, got 2.5"),
+        ({"providers": "CPUExecutionProvider"}, InvalidOptionError, "list of execution provider names"),
+        ({"hessian_precision": "float16"}, InvalidOptionError, "use 'float64' or 'float32'"),
+    ],
+)
+def test_bad_options_are_one_line_errors(handmade, options, error, match):
+    rec = Recorder()
+    with pytest.raises(error, match=re.escape(match)):
+        run_calibration(handmade, weight_sites(handmade), np.zeros((1, 4), np.int64), rec, **options)
+    assert rec.calls == []  # refused before any work
+
+
+def test_bad_sites_are_named(handmade):
+    sites = weight_sites(handmade)
+    ids = np.zeros((1, 4), np.int64)
+    with pytest.raises(
+        CalibrationError, match=re.escape("duplicate names, e.g. 'model.layers.0.mlp.up_proj'")
+    ):
+        run_calibration(handmade, [sites[0], *sites], ids, Recorder(), progress=False)
+    with pytest.raises(CalibrationError, match="no weight sites"):
+        run_calibration(handmade, [], ids, Recorder(), progress=False)
+    gone = WeightSite(**{**sites[0].__dict__, "node_name": "/model/layers.0/missing/MatMul"})
+    with pytest.raises(
+        CalibrationError, match=re.escape("node '/model/layers.0/missing/MatMul' is not in the model")
+    ):
+        run_calibration(handmade, [gone], ids, Recorder(), progress=False)
+
+
 def test_unavailable_provider_falls_back_to_cpu(caplog):
     with caplog.at_level(logging.WARNING):
         chosen = resolve_providers(("NoSuchExecutionProvider", "CPUExecutionProvider"))
@@ -312,7 +326,7 @@ def test_float32_hessian_precision(tiny_llama, ids):
         h = f64.hessians[s.name]
         assert f32.hessians[s.name].dtype == np.float64
         np.testing.assert_allclose(f32.hessians[s.name], h, rtol=0, atol=1e-5 * np.abs(h).max())
-    with pytest.raises(CalibrationError, match="precision"):
+    with pytest.raises(InvalidOptionError, match="precision 'float16'"):
         run_calibration(tiny_llama, sites, ids, f32, progress=False, hessian_precision="float16")
 
 
