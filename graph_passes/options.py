@@ -34,7 +34,9 @@ def option_help(field: dataclasses.Field) -> str:
     return str(field.metadata.get("help", ""))
 
 
-def check_keys(owner: str, given: Mapping[str, Any] | set[str], accepted: list[str] | tuple[str, ...]) -> None:
+def check_keys(
+    owner: str, given: Mapping[str, Any] | set[str], accepted: list[str] | tuple[str, ...]
+) -> None:
     """Raise InvalidOptionError for the first key of ``given`` not in ``accepted``, naming the accepted ones."""
     unknown = sorted(set(given) - set(accepted))
     if unknown:
@@ -144,11 +146,11 @@ class Options:
 
     # -- keys ---------------------------------------------------------------------------------------------
     @classmethod
-    def keys(cls) -> tuple[str, ...]:
+    def names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in dataclasses.fields(cls))
 
     def replace(self: T, **changes: Any) -> T:
-        check_keys(self.OWNER, changes, self.keys())
+        check_keys(self.OWNER, changes, self.names())
         return dataclasses.replace(self, **changes)
 
     # -- serialisation: {type, version, data} ---------------------------------------------------------------
@@ -162,7 +164,7 @@ class Options:
     def from_data(cls: type[T], data: Mapping[str, Any]) -> T:
         if not isinstance(data, Mapping):
             raise InvalidOptionError(f"{cls.OWNER}: expected a mapping of options, got {data!r}")
-        check_keys(cls.OWNER, data, cls.keys())
+        check_keys(cls.OWNER, data, cls.names())
         return cls(**dict(data))
 
     @classmethod

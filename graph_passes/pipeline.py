@@ -13,7 +13,7 @@ import functools
 import re
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -25,13 +25,14 @@ from onnx_ir.passes.common import LiftConstantsToInitializersPass
 from tqdm.auto import tqdm
 
 from . import packing, rounding  # noqa: F401  (importing the packages registers packers and methods)
+from .config import QuantConfig
 from .errors import CalibrationError, NoQuantizableWeightsError, UnsupportedSchemeError, UserError
 from .model_io import read_weight
 from .packing.base import PackedWeight, Packer, get_packer
 from .parallel import in_order, resolve_workers, result_of, round_site, rounding_pool
 from .records import QuantizedWeight, SiteReport, SkippedSite, WeightSite
 from .rewrite import ReplaceWeightSitesPass, SiteRewrite
-from .rounding.base import FP_CROSS, SINK_SITES, RoundingMethod, SiteStats, get_method, weight_first_position
+from .rounding.base import SINK_SITES, RoundingMethod, SiteStats, build_method, weight_first_position
 from .scheme import QuantScheme, WeightFormat
 from .sites import ALREADY_QUANTIZED, find_weight_sites
 
@@ -40,6 +41,7 @@ __all__ = [
     "SiteResult",
     "check_opset",
     "check_sites",
+    "choose_format",
     "prepare_sites",
     "quantize_model",
 ]
@@ -71,9 +73,8 @@ class QuantizationResult:
     """
 
     model: ir.Model
-    scheme: QuantScheme
-    method: str
-    method_options: dict[str, Any]
+    config: QuantConfig
+    """The configuration as run: the format chosen, the method's device resolved."""
     sites: list[SiteResult]
     skipped: list[SkippedSite]
     timings: dict[str, float]
@@ -85,12 +86,16 @@ class QuantizationResult:
     def to_dict(self) -> dict[str, Any]:
         return {
             "scheme": self.scheme.to_dict(),
-            "method": {"name": self.method, "options": _jsonable(self.method_options)},
+            "method": {"name": self.config.method.name, "options": self.config.method.to_data()},
             "sites": [s.to_dict() for s in self.sites],
             "skipped": [dataclasses.asdict(s) for s in self.skipped],
             "timings": dict(self.timings),
             "calibration": self.calibration,
         }
+
+    @property
+    def scheme(self) -> QuantScheme:
+        return self.config.scheme
 
     def close(self) -> None:
         """Remove the scratch folder of spilled arrays (the model must have been saved already)."""
@@ -103,13 +108,6 @@ class QuantizationResult:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _jsonable(options: Mapping[str, Any]) -> dict[str, Any]:
-    return {
-        k: v if isinstance(v, (int, float, str, bool, type(None), list)) else repr(v)
-        for k, v in options.items()
-    }
 
 
 def prepare_sites(
@@ -247,104 +245,94 @@ class _SiteQuantizer:
         return qw
 
 
+_PROVIDERS = {
+    "cpu": ("CPUExecutionProvider",),
+    "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
+}
+
+
+def choose_format(scheme: QuantScheme, shapes: Sequence[tuple[int, int]]) -> QuantScheme:
+    """``scheme`` with ``format=auto`` resolved: MatMulNBits where it stores every site under the scheme
+    (onnxruntime's own kernel), else our MatMulLowBit/MatMulCodebook op (3 bits, codebooks...). QDQ only
+    when asked. ``shapes``: the sites' ``(k, n)``. A format given explicitly is kept (``check_sites`` says
+    if it cannot store a site)."""
+    if scheme.format is not WeightFormat.AUTO:
+        return scheme
+    for fmt in (WeightFormat.MATMULNBITS, WeightFormat.LOWBIT):
+        candidate = dataclasses.replace(scheme, format=fmt) if _valid(scheme, fmt) else None
+        packer = get_packer(fmt) if candidate is not None else None
+        if packer is not None and all(packer.supports(candidate, k, n) is None for k, n in shapes):
+            return candidate
+    return dataclasses.replace(scheme, format=WeightFormat.LOWBIT)  # check_sites names the site and why
+
+
+def _valid(scheme: QuantScheme, fmt: WeightFormat) -> bool:
+    try:
+        dataclasses.replace(scheme, format=fmt)
+    except UserError:
+        return False
+    return True
+
+
+def resolve_config(config: QuantConfig, sites: Sequence[WeightSite]) -> QuantConfig:
+    """The config as it will run: the format chosen, and a method that rounds on a torch device moved to
+    the GPU when the run asks for ``device=cuda`` and torch sees one (an explicit method device is kept)."""
+    scheme = choose_format(config.scheme, [(s.k, s.n) for s in sites])
+    method = config.method
+    if config.calibration.device == "cuda" and getattr(method, "device", None) == "cpu":
+        import torch
+
+        if torch.cuda.is_available():
+            method = method.replace(device="cuda")
+    return dataclasses.replace(config, scheme=scheme, method=method)
+
+
+def _scratch(spill_dir: str | Path | None) -> tuple[Path, tempfile.TemporaryDirectory[str] | None]:
+    if spill_dir is not None:
+        Path(spill_dir).mkdir(parents=True, exist_ok=True)
+        return Path(spill_dir), None
+    tmp = tempfile.TemporaryDirectory(prefix="adaround-spill-")
+    return Path(tmp.name), tmp
+
+
 def quantize_model(
     model: ir.Model,
-    scheme: QuantScheme,
-    method: str = "rtn",
-    method_options: Mapping[str, Any] | None = None,
+    config: QuantConfig,
+    *,
     sites: SiteReport | None = None,
     token_ids: np.ndarray | None = None,
-    sequential: bool = True,
     progress: bool = True,
-    packer_options: Mapping[str, Any] | None = None,
-    calibration_options: Mapping[str, Any] | None = None,
     spill_dir: str | Path | None = None,
-    on_site: Callable[[SiteResult], None] | None = None,
-    sink_weight: float = 1.0,
-    sink_sites: str = SINK_SITES,
-    workers: int | None = None,
 ) -> QuantizationResult:
-    """Quantize every site of ``model`` in place and return the rewritten model with its report.
+    """Quantize every site of ``model`` in place under ``config`` and return the rewritten model with
+    its report.
 
-    ``sites``: a :func:`find_weight_sites` report (default: all sites, lm_head excluded). Data-free
-    methods loop over sites; methods that need statistics run the calibration engine on ``token_ids``
-    (int64 ``[n, T]``), which calls back once per decoder block. The packed arrays live in ``spill_dir``
+    ``sites``: a :func:`prepare_sites` report (default: all sites, lm_head excluded). Data-free methods
+    loop over sites; methods that need statistics run the calibration engine on ``token_ids`` (int64
+    ``[n, T]``), which calls back once per decoder block. The packed arrays live in ``spill_dir``
     (default: a fresh temporary folder owned by the result) until the model is saved.
-
-    ``sink_weight``: how many times each calibration sequence's first position counts in the statistics
-    of the sites whose name matches ``sink_sites`` (the attention q/k/v projections; see
-    :func:`weight_first_position`). 1 = plain ``X^T X``.
-
-    ``workers``: processes that round the sites of a decoder block side by side (calibrated methods
-    only; same bytes as 1). None: one per CPU up to 4 for models of 16M+ weights, else 1 (see
-    :func:`~optimum.adaround.graph_passes.parallel.resolve_workers`).
     """
-    if not (isinstance(sink_weight, (int, float)) and 1.0 <= sink_weight <= 1e6):
-        raise UnsupportedSchemeError(f"sink_weight={sink_weight!r}: use a number in [1, 1e6] (1 = off)")
-    try:
-        sink_pattern = re.compile(sink_sites)
-    except re.error as e:
-        raise UnsupportedSchemeError(f"sink_sites={sink_sites!r} is not a regular expression: {e}") from None
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     report = sites if sites is not None else prepare_sites(model)
     timings["find_sites"] = time.perf_counter() - t0
-    packer = get_packer(scheme.format, **dict(packer_options or {}))
+    config = resolve_config(config, report.sites)
+    scheme, needs = config.scheme, config.method.needs
+    packer = get_packer(scheme.format, **_packer_options(scheme.format, config))
     check_opset(model, scheme)
     check_sites(packer, scheme, report.sites)
-    options = dict(method_options or {})
-    rounding_method = get_method(method, **options)
-    n_workers = resolve_workers(workers, report.sites)  # checks ``workers`` for every method
-    if not rounding_method.needs:  # data-free rounding is quick: not worth starting processes
-        n_workers = 1
-    if rounding_method.needs and token_ids is None:
+    rounding_method = build_method(config.method)
+    n_workers = resolve_workers(config.output.workers, report.sites)  # checks ``workers`` for every method
+    if needs and token_ids is None:
         raise CalibrationError(
-            f"method {method!r} needs calibration data ({', '.join(sorted(rounding_method.needs))}); "
+            f"method {config.method.name!r} needs calibration data ({', '.join(sorted(needs))}); "
             "pass token ids / --calib-data, or use method='rtn'"
         )
-
-    tmp = None
-    if spill_dir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="adaround-spill-")
-        folder = Path(tmp.name)
-    else:
-        folder = Path(spill_dir)
-        folder.mkdir(parents=True, exist_ok=True)
+    folder, tmp = _scratch(spill_dir)
     try:
         quantizer = _SiteQuantizer(model, scheme, rounding_method, packer, folder)
-        bar = tqdm(
-            total=len(report.sites), desc=f"{method} {scheme.label}", unit="site", disable=not progress
-        )
-
-        def quantize_all(
-            items: Sequence[tuple[WeightSite, SiteStats | None]], pool: Any = None
-        ) -> dict[str, QuantizedWeight]:
-            out = {}
-            for site, qw in quantizer.quantize_all(items, pool, n_workers + 1):
-                out[site.name] = qw
-                bar.set_postfix_str(site.name, refresh=False)
-                bar.update()
-                if on_site is not None:
-                    on_site(quantizer.results[-1])
-            return out
-
         t1 = time.perf_counter()
-        calibration = None
-        with bar, rounding_pool(n_workers) as pool:
-            if rounding_method.needs:
-                calibration = _calibrated(
-                    model,
-                    report,
-                    token_ids,
-                    functools.partial(quantize_all, pool=pool),
-                    sequential,
-                    progress,
-                    calibration_options,
-                    rounding_method.needs,
-                    lambda site: float(sink_weight) if sink_pattern.search(site.name) else 1.0,
-                )
-            else:
-                quantize_all([(site, None) for site in report.sites])
+        calibration = _round_all(model, report, config, quantizer, token_ids, n_workers, progress)
         timings["quantize"] = time.perf_counter() - t1
         t2 = time.perf_counter()
         ReplaceWeightSitesPass(packer, quantizer.rewrites)(model)
@@ -356,9 +344,7 @@ def quantize_model(
     timings["total"] = time.perf_counter() - t0
     return QuantizationResult(
         model=model,
-        scheme=scheme,
-        method=method,
-        method_options=options,
+        config=config,
         sites=quantizer.results,
         skipped=list(report.skipped),
         timings=timings,
@@ -368,16 +354,68 @@ def quantize_model(
     )
 
 
+def _packer_options(fmt: WeightFormat, config: QuantConfig) -> dict[str, Any]:
+    """The output options a format's packer takes (only the op formats carry ``accuracy_level``)."""
+    if fmt in (WeightFormat.MATMULNBITS, WeightFormat.LOWBIT):
+        return {"accuracy_level": config.output.accuracy_level}
+    return {}
+
+
+def _round_all(
+    model: ir.Model,
+    report: SiteReport,
+    config: QuantConfig,
+    quantizer: _SiteQuantizer,
+    token_ids: np.ndarray | None,
+    n_workers: int,
+    progress: bool,
+) -> dict[str, Any] | None:
+    """Round every site (through the calibration engine when the method needs statistics); returns the
+    engine's report."""
+    needs = config.method.needs
+    n_workers = n_workers if needs else 1  # data-free rounding is quick: not worth starting processes
+    bar = tqdm(
+        total=len(report.sites),
+        desc=f"{config.method.name} {config.scheme.label}",
+        unit="site",
+        disable=not progress,
+    )
+
+    def quantize_all(
+        items: Sequence[tuple[WeightSite, SiteStats | None]], pool: Any = None
+    ) -> dict[str, QuantizedWeight]:
+        out = {}
+        for site, qw in quantizer.quantize_all(items, pool, n_workers + 1):
+            out[site.name] = qw
+            bar.set_postfix_str(site.name, refresh=False)
+            bar.update()
+        return out
+
+    with bar, rounding_pool(n_workers) as pool:
+        if not needs:
+            quantize_all([(site, None) for site in report.sites])
+            return None
+        sink = re.compile(SINK_SITES)
+        weight = config.calibration.sink_weight
+        return _calibrated(
+            model,
+            report,
+            token_ids,
+            functools.partial(quantize_all, pool=pool),
+            config,
+            progress,
+            lambda site: float(weight) if sink.search(site.name) else 1.0,
+        )
+
+
 def _calibrated(
     model: ir.Model,
     report: SiteReport,
     token_ids: np.ndarray | None,
     quantize_all: Callable[[Sequence[tuple[WeightSite, SiteStats | None]]], dict[str, QuantizedWeight]],
-    sequential: bool,
+    config: QuantConfig,
     progress: bool,
-    calibration_options: Mapping[str, Any] | None,
-    needs: frozenset[str] = frozenset(),
-    first_weight: Callable[[WeightSite], float] = lambda site: 1.0,
+    first_weight: Callable[[WeightSite], float],
 ) -> dict[str, Any] | None:
     """Run the calibration engine, quantizing each block's sites with the statistics it hands over
     (first positions weighted by ``first_weight(site)``, once per shared statistics record)."""
@@ -403,16 +441,14 @@ def _calibrated(
         done.update(out)
         return out
 
-    options = dict(calibration_options or {})
-    options.setdefault("fp_target", sequential and FP_CROSS in needs)
     calib_report = run_calibration(
         model,
         report.sites,
         ids.astype(np.int64),
         on_block,
-        sequential=sequential,
+        sequential=config.calibration.sequential,
         progress=progress,
-        **options,
+        providers=_PROVIDERS[config.calibration.device],
     )
     missing = [s.name for s in report.sites if s.name not in done]
     if missing:

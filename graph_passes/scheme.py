@@ -28,6 +28,8 @@ class WeightFormat(str, enum.Enum):
     """``DequantizeLinear`` (opset 21, ``block_size``) feeding the original MatMul/Gemm: int4/uint4/int8/uint8."""
     LOWBIT = "lowbit"
     """Our own op in ``com.optimum.adaround`` (custom_ops): any bits 2..8 incl. 3, and codebooks."""
+    AUTO = "auto"
+    """Chosen per run (``pipeline.choose_format``): MatMulNBits where it runs the scheme, else our op."""
 
 
 class DataType(str, enum.Enum):
@@ -117,7 +119,7 @@ class QuantScheme:
             raise UnsupportedSchemeError(
                 f"data_type={self.data_type.value} needs bits=4, got bits={self.bits}"
             )
-        if self.data_type is not DataType.INT and self.format is not WeightFormat.LOWBIT:
+        if self.data_type is not DataType.INT and self.format not in (WeightFormat.LOWBIT, WeightFormat.AUTO):
             raise UnsupportedSchemeError(
                 f"data_type={self.data_type.value} runs only through format=lowbit (our custom op), "
                 f"not format={self.format.value}"

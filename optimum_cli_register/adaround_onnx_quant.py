@@ -8,6 +8,7 @@ where an import failure becomes a one-line error of this command alone.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import Any
 
@@ -17,80 +18,249 @@ PROG = "optimum-cli export onnx-quant"
 DEFAULT_TASK = "text-generation-with-past"
 
 
+# The quantization flags, as derived from optimum.adaround's QuantConfig by
+# ``optimum.adaround.commands.export_onnx_quant.hook_specs()`` (kept here as data so that this module imports
+# nothing of ours; tests/plugin/commands/test_options.py fails when the two differ).
+QUANT_FLAGS: list = [
+    (
+        ("--recipe",),
+        {
+            "dest": "recipe",
+            "default": "==SUPPRESS==",
+            "metavar": "RECIPE",
+            "help": "a recipe file (YAML/JSON) or preset name; the flags given override it",
+        },
+    ),
+    (
+        ("--scheme",),
+        {
+            "dest": "scheme",
+            "default": "==SUPPRESS==",
+            "metavar": "LABEL",
+            "help": "scheme label such as w4-g128, w3-g64-asym, w4-pc (flags below override its parts)",
+        },
+    ),
+    (
+        ("--method",),
+        {
+            "dest": "method",
+            "default": "==SUPPRESS==",
+            "choices": ["adaround", "adaround_ls", "gptq", "rtn"],
+            "help": "rounding method (default gptq)",
+        },
+    ),
+    (
+        ("--method-option",),
+        {
+            "dest": "method_options",
+            "default": "==SUPPRESS==",
+            "action": "append",
+            "metavar": "KEY=VALUE",
+            "help": "an option of the rounding method (repeatable; VALUE read as JSON when it can be)",
+        },
+    ),
+    (
+        ("--weight-bits",),
+        {
+            "dest": "bits",
+            "default": "==SUPPRESS==",
+            "help": "bits per weight, 2..8 (3 runs through our MatMulLowBit op) (default 4)",
+            "type": "int",
+        },
+    ),
+    (
+        ("--group-size",),
+        {
+            "dest": "group_size",
+            "default": "==SUPPRESS==",
+            "help": "block length along the input dimension; -1 = per channel (default 128)",
+            "type": "int",
+        },
+    ),
+    (
+        ("--sym",),
+        {
+            "dest": "symmetric",
+            "default": "==SUPPRESS==",
+            "action": "store_true",
+            "help": "symmetric grid, no zero points (default)",
+        },
+    ),
+    (
+        ("--asym",),
+        {
+            "dest": "symmetric",
+            "default": "==SUPPRESS==",
+            "action": "store_false",
+            "help": "asymmetric grid with zero points",
+        },
+    ),
+    (
+        ("--format",),
+        {
+            "dest": "format",
+            "default": "==SUPPRESS==",
+            "help": "graph format: auto (MatMulNBits where it runs the scheme, else our op), matmulnbits, qdq, lowbit "
+            "(default auto)",
+            "choices": ["matmulnbits", "qdq", "lowbit", "auto"],
+        },
+    ),
+    (
+        ("--data-type",),
+        {
+            "dest": "data_type",
+            "default": "==SUPPRESS==",
+            "help": "code meaning: int (uniform grid), nf4, fp4, codebook (lowbit format) (default int)",
+            "choices": ["int", "nf4", "fp4", "codebook"],
+        },
+    ),
+    (
+        ("--scale-dtype",),
+        {
+            "dest": "scale_dtype",
+            "default": "==SUPPRESS==",
+            "help": "data type of the stored block scales (default float32)",
+            "type": "str",
+        },
+    ),
+    (
+        ("--calib-data",),
+        {
+            "dest": "calib_data",
+            "default": "==SUPPRESS==",
+            "help": "calibration text: a file, folder, source name or hf:NAME (default: embedded Wikipedia text)",
+            "type": "str",
+        },
+    ),
+    (
+        ("--calib-samples",),
+        {
+            "dest": "calib_samples",
+            "default": "==SUPPRESS==",
+            "help": "calibration sequences (default: the method's, 32; 128 for adaround and adaround_ls)",
+            "type": "int",
+        },
+    ),
+    (
+        ("--seq-len",),
+        {
+            "dest": "seq_len",
+            "default": "==SUPPRESS==",
+            "help": "tokens per calibration sequence (default 256)",
+            "type": "int",
+        },
+    ),
+    (
+        ("--sequential",),
+        {
+            "dest": "sequential",
+            "default": "==SUPPRESS==",
+            "action": "store_true",
+            "help": "calibrate block by block with earlier blocks quantized (default)",
+        },
+    ),
+    (
+        ("--one-pass",),
+        {
+            "dest": "sequential",
+            "default": "==SUPPRESS==",
+            "action": "store_false",
+            "help": "calibrate the float model in one pass",
+        },
+    ),
+    (
+        ("--sink-weight",),
+        {
+            "dest": "sink_weight",
+            "default": "==SUPPRESS==",
+            "help": "times each sequence's first position counts for the attention q/k/v projections, 1 = off "
+            "(measured: docs/DESIGN.md, attention sink) (default 64.0)",
+            "type": "float",
+        },
+    ),
+    (
+        ("--seed",),
+        {
+            "dest": "seed",
+            "default": "==SUPPRESS==",
+            "help": "seed of the calibration sampling (default 0)",
+            "type": "int",
+        },
+    ),
+    (
+        ("--include",),
+        {
+            "dest": "include",
+            "default": "==SUPPRESS==",
+            "action": "append",
+            "metavar": "REGEX",
+            "help": "quantize only matching modules (regex; repeatable)",
+        },
+    ),
+    (
+        ("--exclude",),
+        {
+            "dest": "exclude",
+            "default": "==SUPPRESS==",
+            "action": "append",
+            "metavar": "REGEX",
+            "help": "leave matching modules in float (regex, repeatable)",
+        },
+    ),
+    (
+        ("--quantize-lm-head",),
+        {
+            "dest": "lm_head",
+            "default": "==SUPPRESS==",
+            "action": "store_true",
+            "help": "quantize the output projection too (default off)",
+        },
+    ),
+    (
+        ("--accuracy-level",),
+        {
+            "dest": "accuracy_level",
+            "default": "==SUPPRESS==",
+            "help": "MatMulNBits/MatMulLowBit accuracy_level: 0 exact fp32 accumulation, 4 int8 activations (default "
+            "0)",
+            "type": "int",
+        },
+    ),
+    (
+        ("--workers",),
+        {
+            "dest": "workers",
+            "default": "==SUPPRESS==",
+            "help": "processes that round a decoder block's sites side by side (same output; default: one per CPU, at "
+            "most 4, for models of 16M+ weights; 1 = none)",
+            "type": "int",
+        },
+    ),
+]
+
+# Flags of this command that are not quantization options.
+COMMAND_FLAGS: list = [
+    (("--eval",), {"action": "store_true", "help": "measure perplexity before/after and add it to the model card"}),
+    (("--eval-data",), {"default": None, "help": "evaluation text (default: embedded Wikipedia eval split)"}),
+    (("--eval-tokens",), {"type": "int", "default": None, "help": "evaluate on the first N tokens of the text only"}),
+    (("--overwrite",), {"action": "store_true", "help": "replace a non-empty output folder"}),
+    (("--push-to-hub",), {"default": None, "metavar": "REPO_ID", "help": "upload the finished folder to this Hub repo"}),
+    (("--no-progress",), {"action": "store_true", "help": "hide progress bars"}),
+]  # fmt: skip
+
+_TYPES = {"int": int, "float": float, "str": str}
+
+
 def add_quant_arguments(parser: Any) -> None:
-    """Quantization flags. Defaults are None so that a ``--recipe`` value is overridden only when given."""
+    """Quantization flags (every default SUPPRESS: a ``--recipe`` value is overridden only by a given flag)."""
     g = parser.add_argument_group("Weight quantization (optimum-adaround)")
-    g.add_argument("--weight-bits", type=int, default=None, help="bits per weight, 2..8 (default 4)")
-    g.add_argument(
-        "--group-size",
-        type=int,
-        default=None,
-        help="block length along the input dimension, -1 = per channel (default 128)",
-    )
-    sym = g.add_mutually_exclusive_group()
-    sym.add_argument(
-        "--sym", dest="symmetric", action="store_true", default=None, help="symmetric codes (default)"
-    )
-    sym.add_argument(
-        "--asym", dest="symmetric", action="store_false", help="asymmetric codes with zero points"
-    )
-    g.add_argument("--method", default=None, help="rounding method: rtn | gptq | adaround (default adaround)")
-    g.add_argument(
-        "--format", dest="weight_format", choices=("matmulnbits", "qdq", "lowbit"), default=None,
-        help="graph format: com.microsoft MatMulNBits, blockwise QDQ (opset 21), or our custom op (3-bit...)",
-    )  # fmt: skip
-    g.add_argument(
-        "--calib-data", default=None, help="calibration text: file, folder, 'wikipedia', 'news', hf:NAME"
-    )
-    g.add_argument(
-        "--calib-samples",
-        type=int,
-        default=None,
-        help="number of calibration sequences (default 32; 128 for adaround and adaround_ls)",
-    )
-    g.add_argument(
-        "--seq-len", type=int, default=None, help="calibration sequence length in tokens (default 256)"
-    )
-    g.add_argument(
-        "--include", action="append", default=None, metavar="REGEX", help="quantize only matching modules"
-    )
-    g.add_argument(
-        "--exclude", action="append", default=None, metavar="REGEX", help="leave matching modules in float"
-    )
-    g.add_argument(
-        "--quantize-lm-head", action="store_true", default=None, help="also quantize the output projection"
-    )
-    g.add_argument(
-        "--sink-weight",
-        type=float,
-        default=None,
-        help="times each calibration sequence's first position counts for the q/k/v projections (default 64)",
-    )
-    g.add_argument("--seed", type=int, default=None, help="random seed of calibration sampling (default 0)")
-    g.add_argument(
-        "--workers",
-        type=int,
-        default=None,
-        help="processes that round a decoder block's sites side by side (same output; default: one per CPU, "
-        "at most 4, for models of 16M+ weights; 1 = none)",
-    )
-    g.add_argument(
-        "--recipe", default=None, help="recipe preset name or YAML/JSON file; flags given here override it"
-    )
-    g.add_argument(
-        "--eval", action="store_true", help="measure perplexity before/after and add it to the model card"
-    )
-    g.add_argument(
-        "--eval-data", default=None, help="evaluation text (default: embedded Wikipedia eval split)"
-    )
-    g.add_argument(
-        "--eval-tokens", type=int, default=None, help="evaluate on the first N tokens of the text only"
-    )
-    g.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
-    g.add_argument(
-        "--push-to-hub", default=None, metavar="REPO_ID", help="upload the finished folder to this Hub repo"
-    )
-    g.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    for flags, kw in (*QUANT_FLAGS, *COMMAND_FLAGS):
+        kw = dict(kw)
+        if "type" in kw:
+            kw["type"] = _TYPES[kw["type"]]
+        if kw.get("default") == argparse.SUPPRESS:  # the data holds an equal string, argparse wants the object
+            kw["default"] = argparse.SUPPRESS
+        g.add_argument(*flags, **kw)
 
 
 def add_export_arguments(parser: Any) -> None:

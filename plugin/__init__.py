@@ -6,10 +6,12 @@ Public API (see ``__all__``). Layering: this package (API, CLI, Optimum integrat
 
 from .api import quantize
 from .export import export
+from .graph_passes.config import CalibrationConfig, OutputConfig, QuantConfig, SelectionConfig
 from .graph_passes.errors import (
     AdaroundError,
     CalibrationError,
     InvalidModelError,
+    InvalidOptionError,
     NoQuantizableWeightsError,
     OutputPathError,
     UnsupportedSchemeError,
@@ -17,20 +19,23 @@ from .graph_passes.errors import (
 )
 from .graph_passes.scheme import PER_CHANNEL, DataType, QuantScheme, WeightFormat
 from .loading import load, session_options
-from .recipes import Recipe
 
 __version__ = "0.1.0"
 
 __all__ = [
     "PER_CHANNEL",
     "AdaroundError",
+    "CalibrationConfig",
     "CalibrationError",
     "DataType",
     "InvalidModelError",
+    "InvalidOptionError",
     "NoQuantizableWeightsError",
+    "OutputConfig",
     "OutputPathError",
+    "QuantConfig",
     "QuantScheme",
-    "Recipe",
+    "SelectionConfig",
     "UnsupportedSchemeError",
     "UserError",
     "WeightFormat",

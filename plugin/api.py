@@ -1,105 +1,216 @@
 """The Python API: ``quantize`` (an ONNX model in, a quantized ONNX model out).
 
-Flow: parse options -> load with onnx-ir (weights memory-mapped) -> find weight sites -> (calibration
-tokens for methods that need statistics) -> quantize site by site -> rewrite -> streamed save into an
-atomic output folder with the exported folder's config/tokenizer files and ``quantization_config.json``.
+Flow: config (``QuantConfig`` + keyword overrides, all validated before anything is loaded) -> load with
+onnx-ir (weights memory-mapped) -> find weight sites -> calibration token ids (methods that need
+statistics) -> one pipeline pass per scheme override, then one for the rest -> streamed save into the one
+atomic output writer (``output.write_output``) with the exported folder's side files, the config and
+``quantization_config.json``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import inspect
 import os
-import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from .defaults import DEFAULT_SEQ_LEN, DEFAULT_SINK_WEIGHT, default_calib_samples
-from .graph_passes.errors import CalibrationError, UnsupportedSchemeError
+from .graph_passes.config import ModuleOverride, QuantConfig
+from .graph_passes.errors import CalibrationError, NoQuantizableWeightsError
 from .graph_passes.model_io import LoadedModel, initializer_bytes, load_model, save_model, to_source_kind
 from .graph_passes.pipeline import QuantizationResult, prepare_sites, quantize_model
-from .graph_passes.rounding.base import METHODS, get_method
-from .graph_passes.scheme import QuantScheme, WeightFormat
-from .output import atomic_output, check_output_path, copy_side_files, write_quantization_config
+from .output import check_output_path, write_output
+from .recipes import ConfigLike, resolve_config
 
-__all__ = ["quantize", "resolve_scheme"]
-
-_PROVIDERS = {
-    "cpu": ("CPUExecutionProvider",),
-    "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
-}
+__all__ = ["QuantizationRun", "quantize", "run_config"]
 
 
-def resolve_scheme(
-    scheme: str | QuantScheme | Mapping[str, Any], format: str | WeightFormat | None = None
-) -> QuantScheme:
-    """A QuantScheme from a label (``w4-g128``), a record, or its dict form; ``format`` overrides."""
-    if isinstance(scheme, QuantScheme):
-        resolved = scheme
-    elif isinstance(scheme, str):
-        resolved = QuantScheme.parse(scheme)
-    elif isinstance(scheme, Mapping):
-        resolved = QuantScheme.from_dict(dict(scheme)) if "type" in scheme else QuantScheme(**dict(scheme))
-    else:
-        raise UnsupportedSchemeError(
-            f"scheme={scheme!r}: give a label like 'w4-g128', a QuantScheme or a dict"
-        )
-    if format is not None:
-        try:
-            fmt = WeightFormat(format)
-        except ValueError:
-            raise UnsupportedSchemeError(
-                f"format={format!r}: choose one of {[f.value for f in WeightFormat]}"
-            ) from None
-        resolved = dataclasses.replace(resolved, format=fmt)
-    return resolved
+def run_config(config: ConfigLike = None, **overrides: Any) -> QuantConfig:
+    """The config of a run: ``config`` (a QuantConfig, preset name, recipe file or mapping; None = the
+    defaults) with the keyword ``overrides`` applied (flat option names; see ``QuantConfig.with_overrides``)."""
+    return resolve_config(config).with_overrides(**overrides)
 
 
-def _default_output(loaded: LoadedModel, scheme: QuantScheme, method: str) -> Path:
+def quantize(
+    model: Any,
+    output: str | os.PathLike | None = None,
+    config: ConfigLike = None,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+    **overrides: Any,
+) -> Any:
+    """Quantize the weights of an ONNX model with calibrated (or round-to-nearest) rounding.
+
+    ``model``: a ``.onnx`` path, an exported folder (config/tokenizer files are copied to the output), an
+    ``onnx.ModelProto`` or an ``onnx_graphsurgeon.Graph``. ``output``: the folder to write; for path
+    inputs it defaults to a sibling named after the scheme and method. It appears atomically and the input
+    is never modified. ``config``: a ``QuantConfig``, a preset name, a recipe file or its mapping (None =
+    the defaults); ``overrides``: any option by its flat name (``scheme="w4-g128"``, ``method="gptq"``,
+    ``method_options={...}``, ``bits``, ``calib_samples``, ``lm_head``, ``workers``...; the names and
+    defaults are those of ``optimum-adaround quantize --help``). ``calib_data`` may also be an int64
+    token-id array ``[n, seq_len]``.
+
+    Returns the output folder (``Path``) for path inputs, else the quantized model in the input's kind.
+    """
+    token_ids = overrides.pop("calib_data") if isinstance(overrides.get("calib_data"), np.ndarray) else None
+    cfg = run_config(config, **overrides)
+    inputs = [model] if isinstance(model, (str, os.PathLike)) else []
+    if output is not None:
+        check_output_path(output, inputs, overwrite)  # before loading anything: nothing written on a bad path
+    loaded = load_model(model)
+    if output is None and loaded.kind == "path":
+        output = _default_output(loaded, cfg)
+        check_output_path(output, inputs, overwrite)
+    with QuantizationRun(loaded, cfg, token_ids, progress) as run:
+        if output is not None:
+            write_output(output, inputs, overwrite, run.write)
+        if loaded.kind == "path":
+            return Path(output)  # type: ignore[arg-type]
+        return to_source_kind(run.model, loaded.kind)
+
+
+def _default_output(loaded: LoadedModel, config: QuantConfig) -> Path:
     src = loaded.folder if loaded.folder is not None else loaded.path
-    assert src is not None
-    base = src if loaded.folder is not None else src.parent / src.stem
-    return base.parent / f"{base.name}-{scheme.label}-{method}"
+    base = src if loaded.folder is not None else src.parent / src.stem  # type: ignore[union-attr]
+    return base.parent / f"{base.name}-{config.scheme.label}-{config.method.name}"  # type: ignore[union-attr]
 
 
-def _method_options(
-    method: str, options: Mapping[str, Any] | None, seed: int, device: str = "cpu"
-) -> dict[str, Any]:
-    """The user's options, plus ``seed`` when the method takes one and it was not given, and ``device``
-    (``cuda`` when the run asks for it and torch sees a GPU) for methods that round on a torch device."""
-    out = dict(options or {})
-    cls = METHODS.get(method)
-    try:
-        params = inspect.signature(cls).parameters if cls is not None else {}
-    except (TypeError, ValueError):  # builtins / odd callables: no signature to read
-        params = {}
-    if "seed" in params and "seed" not in out:
-        out["seed"] = seed
-    if "device" in params and "device" not in out and device == "cuda" and torch.cuda.is_available():
-        out["device"] = "cuda"
-    return out
+class QuantizationRun:
+    """One run: quantizes ``loaded`` under ``config`` on entry (one pipeline pass per scheme override,
+    then one for the rest, on the same in-memory model) and keeps the results' scratch folders until exit.
+    ``write(folder)`` saves the model, side files, config and record into ``folder``."""
+
+    def __init__(
+        self, loaded: LoadedModel, config: QuantConfig, token_ids: np.ndarray | None, progress: bool
+    ) -> None:
+        self.loaded, self.config, self.progress = loaded, config, progress
+        self.t0 = time.perf_counter()
+        self.float_bytes = initializer_bytes(loaded.model)
+        self.token_ids, self.calib_info = _token_ids(config, loaded, token_ids)
+        self.passes: list[tuple[ModuleOverride | None, QuantizationResult]] = []
+        self._stack = contextlib.ExitStack()
+
+    @property
+    def model(self) -> Any:
+        return self.loaded.model
+
+    def __enter__(self) -> QuantizationRun:
+        try:
+            for override, config in _passes(self.config):
+                result = self._pass(override, config)
+                if result is not None:
+                    self.passes.append((override, self._stack.enter_context(result)))
+        except BaseException:
+            self._stack.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+    def _pass(self, override: ModuleOverride | None, config: QuantConfig) -> QuantizationResult | None:
+        sel = config.selection
+        try:
+            report = prepare_sites(self.model, sel.include, sel.exclude, sel.lm_head)
+        except NoQuantizableWeightsError as e:
+            if override is not None:
+                raise NoQuantizableWeightsError(
+                    f"scheme override {override.pattern!r} matches no quantizable layer ({e})"
+                ) from None
+            if self.passes:
+                return None  # every layer was taken by an override
+            raise
+        return quantize_model(
+            self.model, config, sites=report, token_ids=self.token_ids, progress=self.progress
+        )
+
+    def record(self) -> dict[str, Any]:
+        """The body of ``quantization_config.json`` (versions and date are added when it is written)."""
+        return build_record(self)
+
+    def write(self, folder: Path) -> dict[str, Any]:
+        """Save everything into ``folder``; returns the record written."""
+        name = self.loaded.path.name if self.loaded.path is not None else "model.onnx"
+        # A model that came with external data keeps it: streamed, bounded-memory save.
+        files = save_model(self.model, folder / name, external_data=True if self.loaded.external else None)
+        record = self.record()
+        record["files"] = {f.name: f.stat().st_size for f in files}
+        record["quantized_bytes"] = sum(record["files"].values())
+        record["timings"]["total_with_save"] = time.perf_counter() - self.t0
+        if self.loaded.folder is not None:
+            from .output import copy_side_files
+
+            record["copied_files"] = copy_side_files(self.loaded.folder, folder)
+        return record
+
+
+def _passes(config: QuantConfig) -> Iterator[tuple[ModuleOverride | None, QuantConfig]]:
+    """One config per scheme override (its sites only), then the run's own for the rest."""
+    sel = config.selection
+    taken: list[str] = []
+    for o in sel.overrides:
+        scheme = dataclasses.replace(
+            config.with_overrides(scheme=o.scheme).scheme, format=config.scheme.format
+        )
+        pass_sel = sel.replace(include=(o.pattern,), exclude=(*sel.exclude, *taken), overrides=())
+        yield o, dataclasses.replace(config, scheme=scheme, selection=pass_sel)
+        taken.append(o.pattern)
+    yield (
+        None,
+        dataclasses.replace(config, selection=sel.replace(exclude=(*sel.exclude, *taken), overrides=())),
+    )
+
+
+def build_record(run: QuantizationRun) -> dict[str, Any]:
+    """``quantization_config.json``'s body: the config as run, per-site results (each with its scheme),
+    skipped sites, calibration report and timings."""
+    last = run.passes[-1][1]
+    sites, timings = [], {}
+    for _, result in run.passes:
+        body = result.to_dict()
+        sites += [{**s, "scheme": result.scheme.label} for s in body["sites"]]
+        for key, value in body["timings"].items():
+            timings[key] = timings.get(key, 0.0) + value
+    done = {s["node_name"] for s in sites}
+    skipped = [s for s in last.to_dict()["skipped"] if s.get("node_name") not in done]
+    return {
+        "quant_method": "optimum-adaround",
+        "config": run.config.to_dict(),  # as asked: format auto stays auto (the choice is "format")
+        "scheme": last.scheme.to_dict(),
+        "format": last.scheme.format.value,
+        "method": {"name": last.config.method.name, "options": last.config.method.to_data()},
+        "calibration": run.calib_info,
+        "calibration_report": last.calibration,
+        "source": {"kind": run.loaded.kind, "path": str(run.loaded.path) if run.loaded.path else None},
+        "float_bytes": run.float_bytes,
+        "n_sites": len(sites),
+        "sites": sites,
+        "skipped": skipped,
+        "timings": timings,
+    }
 
 
 def _token_ids(
-    calib_data: Any, loaded: LoadedModel, n_samples: int, seq_len: int, seed: int
-) -> tuple[np.ndarray, dict[str, Any]]:
-    """Calibration token ids from an array, or from text (a source name/path, None = embedded default)."""
-    if isinstance(calib_data, np.ndarray):
-        ids = np.asarray(calib_data)
+    config: QuantConfig, loaded: LoadedModel, given: np.ndarray | None
+) -> tuple[np.ndarray | None, dict[str, Any] | None]:
+    """Calibration token ids for methods that need statistics: the caller's array, or sampled from text."""
+    if not config.needs_calibration:
+        return None, None
+    cal = config.calibration
+    info: dict[str, Any] = {"sink_weight": cal.sink_weight}
+    if given is not None:
+        ids = np.asarray(given)
         if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer) or ids.size == 0:
             raise CalibrationError(
                 f"calib_data array must be integer token ids [n, seq_len], got {ids.dtype}{list(ids.shape)}"
             )
-        return ids.astype(np.int64), {
-            "source": "token ids given by the caller",
-            "n_samples": ids.shape[0],
-            "seq_len": ids.shape[1],
-        }
+        info.update(source="token ids given by the caller", n_samples=ids.shape[0], seq_len=ids.shape[1])
+        return ids.astype(np.int64), info
     tokenizer_dir = loaded.folder or (loaded.path.parent if loaded.path is not None else None)
     if tokenizer_dir is None:
         raise CalibrationError(
@@ -107,145 +218,22 @@ def _token_ids(
         )
     from .data.text import calibration_token_ids  # lazy: pulls in transformers' tokenizers
 
-    ids = calibration_token_ids(tokenizer_dir, calib_data, n_samples, seq_len, seed=seed)
-    info = {
-        "source": str(calib_data) if calib_data is not None else "default",
-        "n_samples": n_samples,
-        "seq_len": seq_len,
-        "seed": seed,
-    }
+    n = config.calib_samples
+    ids = calibration_token_ids(tokenizer_dir, cal.calib_data, n, cal.seq_len, seed=cal.seed)
+    info.update(source=cal.calib_data or "default", n_samples=n, seq_len=cal.seq_len, seed=cal.seed)
     return ids, info
 
 
-def quantize(
-    model: Any,
-    output: str | os.PathLike | None = None,
-    *,
-    scheme: str | QuantScheme | Mapping[str, Any] = "w4-g128",
-    method: str = "rtn",
-    method_options: Mapping[str, Any] | None = None,
-    format: str | WeightFormat | None = None,
-    calib_data: Any = None,
-    calib_samples: int | None = None,
-    seq_len: int = DEFAULT_SEQ_LEN,
-    sequential: bool = True,
-    sink_weight: float = DEFAULT_SINK_WEIGHT,
-    include: Sequence[str] = (),
-    exclude: Sequence[str] = (),
-    quantize_lm_head: bool = False,
-    device: str = "cpu",
-    seed: int = 0,
-    overwrite: bool = False,
-    progress: bool = True,
-    workers: int | None = None,
-) -> Any:
-    """Quantize the weights of an ONNX model with calibrated (or round-to-nearest) rounding.
-
-    ``model``: a ``.onnx`` path, an exported folder (config/tokenizer files are copied to the output), an
-    ``onnx.ModelProto`` or an ``onnx_graphsurgeon.Graph``. ``output``: the folder to write
-    (``model.onnx`` [+ ``model.onnx_data``], ``quantization_config.json``); for path inputs it defaults to
-    a sibling named after the scheme and method. The folder appears atomically and the input is never
-    modified. ``calib_data``: text source for methods that need statistics (None = the embedded default
-    text; a path; or an int64 token-id array ``[n, seq_len]``). ``calib_samples``: calibration sequences
-    (None = the method's default: 32, or 128 for ``adaround`` and ``adaround_ls``). ``sink_weight``: how many times each
-    calibration sequence's first position counts in the statistics of the attention q/k/v projections
-    (1 = plain ``X^T X``; no effect on data-free methods). ``workers``: processes that round a decoder
-    block's sites side by side (same output bytes; None = one per CPU, at most 4, for models of 16M+
-    weights; 1 = none). ``device``: ``cuda`` calibrates through onnxruntime's CUDA provider and, where
-    torch sees a GPU, runs AdaRound's refinement (``adaround``, ``adaround_ls``) there too.
-
-    Returns the output folder (``Path``) for path inputs, else the quantized model in the input's kind
-    (ModelProto or gs.Graph).
-    """
-    t0 = time.perf_counter()
-    qscheme = resolve_scheme(scheme, format)
-    if device not in _PROVIDERS:
-        raise UnsupportedSchemeError(f"device={device!r}: choose one of {sorted(_PROVIDERS)}")
-    options = _method_options(method, method_options, seed, device)
-    rounding = get_method(method, **options)  # unknown method / bad options fail before any loading
-    random.seed(seed)
-    np.random.seed(seed)
-
-    inputs = [model] if isinstance(model, (str, os.PathLike)) else []
-    if output is not None:
-        # Check the output before loading anything (cheap, and nothing is written on a bad path).
-        check_output_path(output, inputs, overwrite)
+def quantize_into(
+    folder: Path, model: Any, config: QuantConfig, *, progress: bool = True,
+    token_ids: np.ndarray | None = None, extend: Callable[[Path, dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Quantize ``model`` under ``config`` into the (temporary, not yet committed) ``folder``; ``extend``
+    may add files and record entries before the record is written. Returns the record. The export and the
+    main job build on this inside ``write_output``."""
     loaded = load_model(model)
-    if output is None and loaded.kind == "path":
-        output = _default_output(loaded, qscheme, method)
-        check_output_path(output, inputs, overwrite)
-    float_bytes = initializer_bytes(loaded.model)
-    report = prepare_sites(loaded.model, include, exclude, quantize_lm_head)
-
-    token_ids, calib_info = None, None
-    if rounding.needs:
-        if calib_samples is None:
-            calib_samples = default_calib_samples(method)
-        token_ids, calib_info = _token_ids(calib_data, loaded, calib_samples, seq_len, seed)
-        calib_info["sink_weight"] = float(sink_weight)
-    result = quantize_model(
-        loaded.model,
-        qscheme,
-        method,
-        options,
-        sites=report,
-        token_ids=token_ids,
-        sequential=sequential,
-        progress=progress,
-        calibration_options={"providers": _PROVIDERS[device]},
-        sink_weight=sink_weight if rounding.needs else 1.0,
-        workers=workers,
-    )
-    with result:
-        record = _config_record(
-            result, loaded, calib_info, float_bytes, include, exclude, quantize_lm_head, seed
-        )
-        if output is not None:
-            with atomic_output(output, inputs, overwrite) as tmp:
-                name = loaded.path.name if loaded.path is not None else "model.onnx"
-                # A model that came with external data keeps it: streamed, bounded-memory save.
-                files = save_model(result.model, tmp / name, external_data=True if loaded.external else None)
-                record["files"] = {f.name: f.stat().st_size for f in files}
-                record["quantized_bytes"] = sum(record["files"].values())
-                record["timings"]["total_with_save"] = time.perf_counter() - t0
-                if loaded.folder is not None:
-                    record["copied_files"] = copy_side_files(loaded.folder, tmp)
-                write_quantization_config(tmp, record)
-        if loaded.kind == "path":
-            assert output is not None
-            return Path(output)
-        return to_source_kind(result.model, loaded.kind)
-
-
-def _config_record(
-    result: QuantizationResult,
-    loaded: LoadedModel,
-    calib_info: dict[str, Any] | None,
-    float_bytes: int,
-    include: Sequence[str],
-    exclude: Sequence[str],
-    quantize_lm_head: bool,
-    seed: int,
-) -> dict[str, Any]:
-    """The body of ``quantization_config.json`` (versions and date are added when it is written)."""
-    body = result.to_dict()
-    return {
-        "quant_method": "optimum-adaround",
-        "scheme": body["scheme"],
-        "format": result.scheme.format.value,
-        "method": body["method"],
-        "selection": {
-            "include": list(include),
-            "exclude": list(exclude),
-            "quantize_lm_head": quantize_lm_head,
-        },
-        "calibration": calib_info,
-        "calibration_report": body["calibration"],
-        "seed": seed,
-        "source": {"kind": loaded.kind, "path": str(loaded.path) if loaded.path else None},
-        "float_bytes": float_bytes,
-        "n_sites": len(result.sites),
-        "sites": body["sites"],
-        "skipped": body["skipped"],
-        "timings": body["timings"],
-    }
+    with QuantizationRun(loaded, config, token_ids, progress) as run:
+        record = run.write(folder)
+    if extend is not None:
+        extend(folder, record)
+    return record

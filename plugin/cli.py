@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from .graph_passes.errors import AdaroundError, UserError
 
@@ -44,29 +44,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
+    return run_guarded("optimum-adaround", lambda: args.func(args), debug=args.debug)
+
+
+def run_guarded(prog: str, call: Callable[[], int | None], *, debug: bool = False) -> int:
+    """Run ``call`` and map what it raises to an exit code and one stderr line: 0 ok, 2 user error,
+    1 a bug (internal error), 130 Ctrl-C. ``debug`` re-raises instead (full traceback). Every command line
+    entry point (optimum-adaround, optimum-cli export onnx-quant) goes through here."""
     try:
-        return int(args.func(args) or 0)
+        return int(call() or 0)
     except KeyboardInterrupt:
-        print("optimum-adaround: interrupted; no output was left behind", file=sys.stderr)
+        print(f"{prog}: interrupted; no output was left behind", file=sys.stderr)
         return 130
     except UserError as e:
-        if args.debug:
+        if debug:
             raise
-        print(f"optimum-adaround: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return e.exit_code
-    except AdaroundError as e:
-        if args.debug:
-            raise
-        print(f"optimum-adaround: internal error: {e} (rerun with --debug for a traceback)", file=sys.stderr)
-        return 1
     except Exception as e:  # a bug (not raised on purpose): still one line and exit 1 unless --debug
-        if args.debug:
+        if debug:
             raise
-        first = (str(e).splitlines() or [""])[0][:200]
-        print(
-            f"optimum-adaround: internal error: {type(e).__name__}: {first} (rerun with --debug for a traceback)",
-            file=sys.stderr,
+        text = (
+            str(e)
+            if isinstance(e, AdaroundError)
+            else f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
         )
+        print(f"{prog}: internal error: {text} (rerun with --debug for a traceback)", file=sys.stderr)
         return 1
 
 

@@ -15,7 +15,7 @@ import os
 import platform
 import shutil
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +25,18 @@ __all__ = [
     "CONFIG_NAME",
     "CONFIG_VERSION",
     "COPIED_FILES",
+    "RECIPE_NAME",
     "atomic_output",
     "check_output_path",
     "copy_side_files",
     "library_versions",
+    "write_output",
     "write_quantization_config",
 ]
 
 CONFIG_NAME = "quantization_config.json"
+RECIPE_NAME = "quantization_recipe.yaml"
+"""The run's QuantConfig as a recipe file: ``--recipe OUT/quantization_recipe.yaml`` repeats the run."""
 CONFIG_VERSION = 1
 
 # Files of an exported folder that a quantized copy needs besides the model (tokenizer and configs).
@@ -182,3 +186,27 @@ def write_quantization_config(folder: Path, report: dict[str, Any]) -> Path:
     path = folder / CONFIG_NAME
     path.write_text(json.dumps(record, indent=2, default=_json_default) + "\n")
     return path
+
+
+def write_output(
+    output: str | os.PathLike,
+    inputs: Sequence[str | os.PathLike],
+    overwrite: bool,
+    fill: Callable[[Path], dict[str, Any]],
+    after: Callable[[Path], Any] | None = None,
+) -> Path:
+    """The one output writer: ``fill(tmp)`` writes the model files into a temporary sibling and returns the
+    record; the record (``quantization_config.json``) and the config as a recipe file are written once,
+    then ``after(tmp)`` may add what reads them (the model card), and the folder is committed atomically
+    (rolled back on any failure). Returns the output path."""
+    with atomic_output(output, inputs, overwrite) as tmp:
+        record = fill(tmp)
+        if "config" in record:
+            from .recipes import save_config
+
+            save_config(record["config"], tmp / RECIPE_NAME)
+            record["recipe_file"] = RECIPE_NAME
+        write_quantization_config(tmp, record)
+        if after is not None:
+            after(tmp)
+    return Path(output)

@@ -1,0 +1,316 @@
+"""The configuration of a quantization run: one typed, versioned record, the only carrier of options.
+
+``QuantConfig`` = the ``QuantScheme`` (bits, block, symmetry, data type, format) + the rounding method's
+config (``rounding.base.MethodConfig``) + ``CalibrationConfig`` + ``SelectionConfig`` + ``OutputConfig``.
+It serialises as ``{type, version, data}`` (a recipe file is that serialisation, and it is written next to
+every output). The API keywords and the command-line flags are derived from its fields (``flat_fields``):
+each leaf option has one flat name (``bits``, ``calib_samples``, ``workers``...) used as the keyword, the
+flag (``--calib-samples``) and the key of ``QuantConfig.with_overrides``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterator, Mapping
+from typing import Any, Literal
+
+from . import rounding  # noqa: F401  (registers the methods)
+from .errors import InvalidOptionError
+from .options import Options, check_keys, option
+from .rounding.base import MethodConfig, method_class, method_config
+from .scheme import DataType, QuantScheme, WeightFormat
+
+__all__ = [
+    "DEFAULT_METHOD",
+    "CalibrationConfig",
+    "FlatField",
+    "ModuleOverride",
+    "OutputConfig",
+    "QuantConfig",
+    "SelectionConfig",
+    "flat_fields",
+]
+
+DEFAULT_METHOD = "gptq"
+"""The one default rounding method of every entry point: calibrated, and within a few minutes on a 135M
+model on 2 CPU cores (benchmarks/results/quantize_time.md); adaround_ls is better and slower."""
+
+
+def _check_regex(owner: str, key: str, pattern: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise InvalidOptionError(f"{owner} option {key}: {pattern!r} is not a valid regex ({e})") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationConfig(Options):
+    """Where the calibration statistics come from (methods that need none ignore it)."""
+
+    OWNER = "calibration"
+
+    calib_data: str | None = option(
+        None, "calibration text: a file, folder, source name or hf:NAME (default: embedded Wikipedia text)"
+    )
+    calib_samples: int | None = option(
+        None, "calibration sequences (default: the method's, 32; 128 for adaround and adaround_ls)"
+    )
+    seq_len: int = option(256, "tokens per calibration sequence")
+    sequential: bool = option(
+        True,
+        "calibrate block by block with earlier blocks quantized",
+    )
+    sink_weight: float = option(
+        64.0,
+        "times each sequence's first position counts for the attention q/k/v projections, 1 = off "
+        "(measured: docs/DESIGN.md, attention sink)",
+    )
+    seed: int = option(0, "seed of the calibration sampling")
+    device: Literal["cpu", "cuda"] = option(
+        "cpu", "cuda: calibrate through onnxruntime's CUDA provider and refine AdaRound on the GPU"
+    )
+
+    def validate(self) -> None:
+        for key in ("calib_samples", "seq_len"):
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                self.reject(key, "must be a positive integer")
+        if not 1.0 <= self.sink_weight <= 1e6:
+            self.reject("sink_weight", "must be a number in [1, 1e6] (1 = off)")
+        if not 0 <= self.seed < 2**32:
+            self.reject("seed", "must be an integer in [0, 2**32)")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModuleOverride(Options):
+    """Sites whose name matches ``pattern`` (``re.search``) use ``scheme`` (a label) instead of the run's."""
+
+    OWNER = "overrides"
+
+    pattern: str = option("", "regex on the site (module) name")
+    scheme: str = option("w8-g128", "scheme label for the matching sites")
+
+    def validate(self) -> None:
+        _check_regex(self.OWNER, "pattern", self.pattern)
+        QuantScheme.parse(self.scheme)
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectionConfig(Options):
+    """Which weights are quantized, and with which scheme."""
+
+    OWNER = "selection"
+
+    include: tuple[str, ...] = option((), "quantize only matching modules (regex; repeatable)")
+    exclude: tuple[str, ...] = option((), "leave matching modules in float (regex, repeatable)")
+    lm_head: bool = option(False, "quantize the output projection too")
+    overrides: tuple[ModuleOverride, ...] = option(
+        (), "per-module schemes, first match wins (recipe files only)", flag=None
+    )
+
+    def validate(self) -> None:
+        for key in ("include", "exclude"):
+            for pattern in getattr(self, key):
+                _check_regex(self.OWNER, key, pattern)
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputConfig(Options):
+    """How the output is written."""
+
+    OWNER = "output"
+
+    accuracy_level: int = option(
+        0, "MatMulNBits/MatMulLowBit accuracy_level: 0 exact fp32 accumulation, 4 int8 activations"
+    )
+    workers: int | None = option(
+        None,
+        "processes that round a decoder block's sites side by side (same output; default: one per CPU, at "
+        "most 4, for models of 16M+ weights; 1 = none)",
+    )
+
+    def validate(self) -> None:
+        if not 0 <= self.accuracy_level <= 4:
+            self.reject("accuracy_level", "use 0..4")
+        if self.workers is not None and self.workers < 1:
+            self.reject("workers", "use a positive number of processes (1 = round in this process)")
+
+
+@dataclasses.dataclass(frozen=True)
+class FlatField:
+    """One leaf option as the API and the CLIs see it: its flat name, the record it lives in, its field."""
+
+    name: str
+    group: str
+    field: dataclasses.Field
+    owner: type
+
+
+_SCHEME_FIELDS = {
+    "bits": "bits per weight, 2..8 (3 runs through our MatMulLowBit op)",
+    "group_size": "block length along the input dimension; -1 = per channel",
+    "symmetric": "symmetric grid, no zero points",
+    "format": "graph format: auto (MatMulNBits where it runs the scheme, else our op), matmulnbits, qdq, lowbit",
+    "data_type": "code meaning: int (uniform grid), nf4, fp4, codebook (lowbit format)",
+    "scale_dtype": "data type of the stored block scales",
+}
+_GROUPS: dict[str, type] = {
+    "calibration": CalibrationConfig,
+    "selection": SelectionConfig,
+    "output": OutputConfig,
+}
+
+
+def flat_fields() -> list[FlatField]:
+    """Every leaf option of QuantConfig with its flat name (the API keyword and the CLI flag's name)."""
+    out = [FlatField(f.name, "scheme", f, QuantScheme) for f in dataclasses.fields(QuantScheme)]
+    for group, cls in _GROUPS.items():
+        out += [FlatField(f.name, group, f, cls) for f in dataclasses.fields(cls)]
+    return out
+
+
+def scheme_help(name: str) -> str:
+    return _SCHEME_FIELDS[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig(Options):
+    """Everything a quantization run needs besides its input and output paths."""
+
+    OWNER = "config"
+
+    scheme: QuantScheme = option(  # noqa: RUF009 (frozen records)
+        QuantScheme(format=WeightFormat.AUTO), "bits, block, symmetry, data type and graph format"
+    )
+    method: MethodConfig = option(None, f"rounding method and its options (default {DEFAULT_METHOD})")  # noqa: RUF009 (frozen records)
+    calibration: CalibrationConfig = option(CalibrationConfig(), "calibration data")  # noqa: RUF009 (frozen records)
+    selection: SelectionConfig = option(SelectionConfig(), "which weights, which scheme")  # noqa: RUF009 (frozen records)
+    output: OutputConfig = option(OutputConfig(), "how the output is written")  # noqa: RUF009 (frozen records)
+
+    def __post_init__(self) -> None:
+        if self.method is None:
+            object.__setattr__(self, "method", method_config(DEFAULT_METHOD))
+        if not isinstance(self.method, MethodConfig):
+            raise InvalidOptionError(f"method={self.method!r}: expected a method config or a method name")
+        if not isinstance(self.scheme, QuantScheme):
+            raise InvalidOptionError(f"scheme={self.scheme!r}: expected a QuantScheme")
+        super().__post_init__()
+
+    # -- derived -------------------------------------------------------------------------------------------
+    @property
+    def needs_calibration(self) -> bool:
+        return bool(self.method.needs)
+
+    @property
+    def calib_samples(self) -> int:
+        """The calibration sequences to draw: the option, else the method's default."""
+        given = self.calibration.calib_samples
+        return self.method.default_calib_samples if given is None else given
+
+    # -- serialisation (nested records by their own to_dict) -------------------------------------------------
+    def to_data(self) -> dict[str, Any]:
+        return {
+            "scheme": self.scheme.to_dict(),
+            "method": self.method.to_dict(),
+            "calibration": self.calibration.to_data(),
+            "selection": self.selection.to_data(),
+            "output": self.output.to_data(),
+        }
+
+    @classmethod
+    def from_data(cls, data: Mapping[str, Any]) -> QuantConfig:
+        if not isinstance(data, Mapping):
+            raise InvalidOptionError(f"config: expected a mapping of options, got {data!r}")
+        check_keys(cls.OWNER, data, cls.names())
+        kw: dict[str, Any] = {}
+        if "scheme" in data:
+            kw["scheme"] = _scheme_from(data["scheme"])
+        if "method" in data:
+            kw["method"] = _method_from(data["method"])
+        for group, sub in _GROUPS.items():
+            if group in data:
+                kw[group] = sub.from_data(data[group] or {})
+        return cls(**kw)
+
+    # -- flat overrides: the API keywords and CLI flags ------------------------------------------------------
+    def with_overrides(self, **flat: Any) -> QuantConfig:
+        """A copy with flat options replaced: ``scheme`` (label, QuantScheme or record), ``method`` (name or
+        config), ``method_options`` (a mapping for the chosen method), and any leaf option by its flat name.
+        An unknown key is an InvalidOptionError naming the accepted ones."""
+        check_keys("quantize", flat, override_keys())
+        scheme = self.scheme
+        if flat.get("scheme") is not None:
+            given = _scheme_from(flat["scheme"])
+            # a label says nothing of the format: keep the config's unless a record/QuantScheme gives one
+            keep_format = isinstance(flat["scheme"], str)
+            scheme = dataclasses.replace(given, format=scheme.format) if keep_format else given
+        scheme_changes = {k: flat[k] for k in _SCHEME_FIELDS if flat.get(k) is not None}
+        if scheme_changes:
+            scheme = _replace_scheme(scheme, scheme_changes)
+        method = self.method
+        if flat.get("method") is not None:
+            method = _method_from(flat["method"])
+        if flat.get("method_options"):
+            base = (
+                method.to_data()
+                if flat.get("method") is None or isinstance(flat["method"], MethodConfig)
+                else {}
+            )
+            method = type(method).from_data({**base, **dict(flat["method_options"])})
+        groups = {group: _replace_group(getattr(self, group), flat) for group in _GROUPS}
+        return QuantConfig(scheme=scheme, method=method, **groups)
+
+    def flat(self) -> Iterator[tuple[str, Any]]:
+        """(flat name, value) of every leaf option."""
+        for f in flat_fields():
+            record = self.scheme if f.group == "scheme" else getattr(self, f.group)
+            yield f.name, getattr(record, f.name)
+
+
+def override_keys() -> list[str]:
+    """The flat keys ``with_overrides`` (and so the API) accepts."""
+    return ["scheme", "method", "method_options", *(f.name for f in flat_fields())]
+
+
+def _scheme_from(value: Any) -> QuantScheme:
+    if isinstance(value, QuantScheme):
+        return value
+    if isinstance(value, str):
+        return QuantScheme.parse(value, format=WeightFormat.AUTO)
+    if isinstance(value, Mapping):
+        if "type" in value:
+            return QuantScheme.from_dict(dict(value))
+        return _replace_scheme(QuantScheme(format=WeightFormat.AUTO), dict(value))
+    raise InvalidOptionError(f"scheme={value!r}: give a label like 'w4-g128', a QuantScheme or its record")
+
+
+def _replace_scheme(scheme: QuantScheme, changes: Mapping[str, Any]) -> QuantScheme:
+    check_keys("scheme", changes, list(_SCHEME_FIELDS))
+    try:
+        fmt = WeightFormat(changes.get("format", scheme.format))
+        dt = DataType(changes.get("data_type", scheme.data_type))
+    except ValueError as e:
+        raise InvalidOptionError(
+            f"scheme: {e}; formats: {', '.join(f.value for f in WeightFormat)}"
+        ) from None
+    return dataclasses.replace(scheme, **{**changes, "format": fmt, "data_type": dt})
+
+
+def _method_from(value: Any) -> MethodConfig:
+    if isinstance(value, MethodConfig):
+        return value
+    if isinstance(value, str):
+        return method_class(value)()
+    if isinstance(value, Mapping):
+        return MethodConfig.from_dict(value)
+    raise InvalidOptionError(f"method={value!r}: give a method name or a method config")
+
+
+def _replace_group(record: Options, flat: Mapping[str, Any]) -> Options:
+    changes = {k: flat[k] for k in record.names() if k in flat and flat[k] is not None}
+    if "overrides" in changes:
+        changes["overrides"] = tuple(
+            o if isinstance(o, ModuleOverride) else ModuleOverride.from_data(o) for o in changes["overrides"]
+        )
+    return record.replace(**changes) if changes else record
