@@ -7,7 +7,7 @@ CUDA events and reports the achieved weight bandwidth (packed codes + scales rea
 Needs a GPU, a CUDA build of the library (``OPTIMUM_ADAROUND_CUDA=ON cmake -S . -B build/custom_ops ...``,
 pointed to by ``OPTIMUM_ADAROUND_CUSTOM_OPS_LIB`` if it is not the default build) and torch with CUDA or
 CuPy. Runs from a source checkout too (custom_ops/python is imported by path when the package is not
-installed), which is how it runs on the GPU machine of the `device` tool.
+installed), so a machine with a GPU needs only a checkout and a built library.
 
     python benchmarks/cuda_gemv.py                     # check + time, writes benchmarks/results/cuda_gemv.{json,md}
     python benchmarks/cuda_gemv.py --check-only
@@ -27,7 +27,7 @@ import numpy as np
 
 
 def _import_custom_ops():
-    """The installed package, or (on a GPU machine with only a source checkout) custom_ops/python by path.
+    """The installed package, or (on a machine with only a source checkout) custom_ops/python by path.
 
     custom_ops/python stands alone (it imports nothing else from the package), so a checkout plus a built
     library is enough to run this script.

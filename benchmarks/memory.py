@@ -18,15 +18,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure import PeakRss, commit, machine, rss_anon_kb
 
 HIDDEN, FFN = 4096, 6144
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -65,39 +66,20 @@ def build_model(folder: Path, layers: int) -> int:
     return total
 
 
-def _rss_anon_kb() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1])
-    raise RuntimeError("no RssAnon in /proc/self/status (Linux only)")
-
-
 def measure(src: Path, out: Path) -> dict:
     """Quantize ``src`` into ``out`` in this process, sampling RssAnon in a thread; returns the figures."""
     from optimum.adaround import quantize
 
-    baseline = _rss_anon_kb()
-    peak = [baseline]
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            peak[0] = max(peak[0], _rss_anon_kb())
-            time.sleep(0.002)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    t0 = time.perf_counter()
-    quantize(src, out, scheme="w4-g128", method="rtn", format="matmulnbits", progress=False)
-    wall = time.perf_counter() - t0
-    stop.set()
-    thread.join()
+    baseline = rss_anon_kb(os.getpid()) or 0
+    with PeakRss(os.getpid(), interval=0.002) as peak:  # this process and its rounding workers
+        t0 = time.perf_counter()
+        quantize(src, out, scheme="w4-g128", method="rtn", format="matmulnbits", progress=False)
+        wall = time.perf_counter() - t0
     record = json.loads((out / "quantization_config.json").read_text())
     return {
         "baseline_anon_mb": baseline / 1024,
-        "peak_anon_mb": peak[0] / 1024,
-        "peak_anon_over_baseline_mb": (peak[0] - baseline) / 1024,
+        "peak_anon_mb": max(peak.kb, baseline) / 1024,
+        "peak_anon_over_baseline_mb": (max(peak.kb, baseline) - baseline) / 1024,
         "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "wall_s": wall,
         "n_sites": record["n_sites"],
@@ -128,18 +110,18 @@ def run_size(layers: int, workdir: Path) -> dict:
 def write_results(rows: list[dict]) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     meta = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared)",
-        "python": platform.python_version(),
+        "machine": machine(),
+        "commit": commit(),
         "scheme": "w4-g128-sym, rtn (default MSE clip search), matmulnbits",
         "weights": f"chain of MatMuls, float32 {HIDDEN}x{FFN} / {FFN}x{HIDDEN}, external data",
-        "memory": "RssAnon of the quantizing process, sampled every 2 ms (max RSS also counts mmap'd weights)",
+        "memory": "RssAnon of the quantizing process and its workers, sampled every 2 ms (max RSS also counts mmap'd weights)",
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
     }
     (RESULTS / "memory.json").write_text(json.dumps({"meta": meta, "runs": rows}, indent=2) + "\n")
     lines = [
         "# Peak memory of `quantize` (RTN W4 g128, MatMulNBits)",
         "",
-        f"{meta['weights']}; {meta['memory']}. {meta['machine']}, {meta['date']}.",
+        f"{meta['weights']}; {meta['memory']}. {meta['machine']}, commit {meta['commit']}, {meta['date']}.",
         "Reproduce: `python benchmarks/memory.py`.",
         "",
         "| layers | weights (GB) | peak RssAnon (MB) | over baseline (MB) | max RSS (MB) | output (MB) | wall (s) |",

@@ -13,47 +13,20 @@ writes ``results/quantize_time.json`` and ``results/quantize_time.md`` (RESULTS.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import PeakRss, machine  # a sibling script, not a package
+from measure import commit, machine, now, run_command  # a sibling module (benchmarks/ is no package)
 
 
 def _cli_argv(model: Path, out: Path, method: str, bits: int, group_size: int, extra: list[str]) -> list[str]:
     """The user's command, as the console script runs it (the package must be installed in this Python)."""
     argv = [sys.executable, "-m", "optimum.adaround.cli", "quantize", str(model), str(out), "--no-progress"]
     return [*argv, "--bits", str(bits), "--group-size", str(group_size), "--method", method, *extra]
-
-
-def run_cli(argv: list[str], timeout_s: float) -> dict[str, Any]:
-    """One quantization as a child process: wall time, peak memory of its tree, and its error if it failed."""
-    t0 = time.perf_counter()
-    with (
-        subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as proc,
-        PeakRss(proc.pid) as peak,
-    ):
-        try:
-            _, stderr = proc.communicate(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            _, stderr = proc.communicate()
-            stderr += f"\nstopped after the timeout of {timeout_s:.0f} s"
-    error = None
-    if proc.returncode != 0:
-        error = f"exit code {proc.returncode}: {(stderr.strip().splitlines() or ['(no output)'])[-1]}"
-    return {
-        "ok": error is None,
-        "error": error,
-        "wall_seconds": time.perf_counter() - t0,
-        "peak_rss_anon_mb": peak.mb,
-    }
 
 
 def time_methods(
@@ -64,7 +37,7 @@ def time_methods(
         with tempfile.TemporaryDirectory(prefix="quantize_time_") as tmp:
             out = Path(tmp) / "out"
             argv = _cli_argv(model, out, method, bits, group_size, extra)
-            r = run_cli(argv, timeout_s)
+            r = run_command(argv, timeout_s)
             config = out / "quantization_config.json"
             calib = (json.loads(config.read_text()).get("calibration") or {}) if config.is_file() else {}
         rows.append(
@@ -72,7 +45,13 @@ def time_methods(
                 "method": method,
                 **r,
                 "calib_samples": calib.get("n_samples"),
-                "command": " ".join(["optimum-adaround", *argv[3:]]),
+                # the user's command; the folders are placeholders (the output is a temporary folder)
+                "command": " ".join(
+                    [
+                        "optimum-adaround",
+                        *_cli_argv(Path("MODEL"), Path("OUT"), method, bits, group_size, extra)[3:],
+                    ]
+                ),
             }
         )
         status = "ok" if r["ok"] else r["error"]
@@ -81,10 +60,11 @@ def time_methods(
 
 
 def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
+    at_commit = f" at commit {meta['commit']}" if meta.get("commit") else ""
     lines = [
         f"# Whole quantization runs, each method at its defaults ({meta['model']}, {meta['date']})",
         "",
-        f"`{meta['command']}` on {meta['machine']}: each row is one `optimum-adaround quantize` process "
+        f"`{meta['command']}` on {meta['machine']}{at_commit}: each row is one `optimum-adaround quantize` process "
         f"(W{meta['bits']} g{meta['group_size']} symmetric, every other option at its default), timed from "
         "start to the finished output folder; peak memory is the RssAnon of that process and its rounding "
         "workers summed.",
@@ -118,8 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = time_methods(model, a.methods, a.bits, a.group_size, a.extra, a.timeout)
     meta = {
         "model": "SmolLM2-135M" if a.model is None else model.name,
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": now(),
         "machine": machine(),
+        "commit": commit(),
         "bits": a.bits,
         "group_size": a.group_size,
         "command": "python benchmarks/quantize_time.py "

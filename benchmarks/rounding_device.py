@@ -1,7 +1,7 @@
 """AdaRound's refinement on a GPU against the CPU, on one real decoder block of SmolLM2.
 
-The GPU machine of this workplace cannot receive the 540 MB SmolLM2 export (64 MiB per call, no model
-hub there), so the whole quantization run cannot be timed on it. This script splits the work:
+The rounding is timed apart from the model: a machine with a GPU needs neither the 540 MB SmolLM2 export nor
+onnxruntime. This script splits the work:
 
 ``dump`` (on a machine with the default model) runs the real sequential calibration of
 ``optimum-adaround quantize`` and saves the weights and statistics (``X^T X``, first-position part, token

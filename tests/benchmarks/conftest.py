@@ -1,46 +1,31 @@
-"""The benchmarks are scripts, not a package: each test module gets its script imported by path."""
+"""The benchmarks are scripts, not a package: their folder goes first on ``sys.path`` and each test module
+gets its script imported by name, as the scripts import each other (and as a spawned job finds them)."""
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
-_BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+_BENCHMARKS = str(Path(__file__).resolve().parents[2] / "benchmarks")
 
 
-def _load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", _BENCHMARKS / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+def _script_fixture(name: str):
+    """A session fixture named ``name`` that returns benchmarks/``name``.py imported."""
+
+    def load():
+        if _BENCHMARKS not in sys.path:
+            sys.path.insert(0, _BENCHMARKS)
+        return importlib.import_module(name)
+
+    return pytest.fixture(scope="session", name=name)(load)
 
 
-@pytest.fixture(scope="session")
-def quality() -> ModuleType:
-    return _load("quality")
-
-
-@pytest.fixture(scope="session")
-def cuda_gemv() -> ModuleType:
-    return _load("cuda_gemv")
-
-
-@pytest.fixture(scope="session")
-def rounding_device() -> ModuleType:
-    return _load("rounding_device")
-
-
-@pytest.fixture(scope="session")
-def holdout_proxy() -> ModuleType:
-    return _load("holdout_proxy")
-
-
-@pytest.fixture(scope="session")
-def quantize_time() -> ModuleType:
-    return _load("quantize_time")
+quality = _script_fixture("quality")
+measure = _script_fixture("measure")
+cuda_gemv = _script_fixture("cuda_gemv")
+rounding_device = _script_fixture("rounding_device")
+holdout_proxy = _script_fixture("holdout_proxy")
+quantize_time = _script_fixture("quantize_time")

@@ -1,5 +1,5 @@
 """The CUDA GEMV benchmark's pure parts (benchmarks/cuda_gemv.py is a script, imported by path; its GPU
-parts run on a GPU machine only)."""
+parts need a GPU)."""
 
 from __future__ import annotations
 

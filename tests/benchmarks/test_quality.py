@@ -1,104 +1,106 @@
-"""The benchmark's per-site proxy-loss counting (benchmarks/quality.py is a script, imported by path)."""
+"""benchmarks/quality.py (a script, imported by path): real runs on a tiny model write one JSON file per row,
+RESULTS.md is rendered from those files alone, and ``--resume`` measures only the rows not written yet."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
+import shutil
 from pathlib import Path
 
 import pytest
 
+_BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+_TABLE_HEAD = "| scheme | tool | method |"
 
-def test_site_counts_compare_within_each_site(quality):
-    sites = [
-        {"metrics": {"proxy_loss": 1.0, "proxy_loss_rtn": 2.0, "proxy_loss_init": 1.5}},
-        {"metrics": {"proxy_loss": 3.0, "proxy_loss_rtn": 2.0, "proxy_loss_init": 3.0}},  # worse, tie
-        {
-            "metrics": {
-                "proxy_loss": 9.0,
-                "proxy_loss_rtn": 2.0,
-                "fp_target_loss": 1.0,
-                "fp_target_loss_init": 2.0,
-            }
-        },
-        {"metrics": {"proxy_loss": 1.0}},  # rtn itself: nothing to compare
+
+def _table(md: str) -> list[str]:
+    """The perplexity table's row lines."""
+    lines = md.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(_TABLE_HEAD)) + 2
+    return lines[start : lines.index("", start)]
+
+
+def test_the_stored_rows_render_the_committed_results_md(quality, tmp_path):
+    # RESULTS.md is rendered from benchmarks/results/ alone: rendering them again changes no byte
+    shutil.copytree(_BENCHMARKS / "results", tmp_path / "results")
+    assert quality.main(["--render", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "RESULTS.md").read_text() == (_BENCHMARKS / "RESULTS.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(quality, tiny_hf_onnx, tmp_path_factory):
+    """A whole run on the tiny Llama: onnxruntime's default quantizer, our rtn and gptq, the speed table."""
+    from optimum.adaround.data.text import evaluation_text
+
+    root = tmp_path_factory.mktemp("quality")
+    argv = ["--schemes", "w4-g64", "--ort", "default", "--ours", "rtn", "gptq", "--eval-tokens", "256"]
+    argv += ["--context", "64", "--calib-samples", "4", "--calib-seq-len", "32", "--new-tokens", "4"]
+    argv += ["--prompt-tokens", "8", "--no-progress", "--keep", "--work", str(root / "work")]
+    argv += ["--out", str(root / "out")]
+    model, text = tiny_hf_onnx("llama"), evaluation_text()
+    quality.run(quality.parse_args(argv), model, text, quality.recorded_command(argv))
+    return root, argv, model, text
+
+
+def test_a_run_writes_one_file_per_row_and_renders_them(quality, tiny_run):
+    root = tiny_run[0]
+    rows_dir = root / "out" / "results" / "quality"
+    names = sorted(p.name for p in rows_dir.glob("row_*.json"))
+    assert names == [
+        "row_fp32_fp32_fp32.json",
+        "row_w4-g64_onnxruntime_default.json",
+        "row_w4-g64_ours_gptq.json",
+        "row_w4-g64_ours_rtn.json",
     ]
-    assert quality.site_counts(sites) == {
-        "below_rtn": 1,
-        "below_rtn_of": 3,
-        "below_init": 2,
-        "below_init_of": 3,
-    }
-    assert quality.site_counts([]) == {"below_rtn": 0, "below_rtn_of": 0, "below_init": 0, "below_init_of": 0}
-
-
-def _stopped_run(command: str, complete: bool = False) -> dict:
-    rows = [
-        {"scheme": "fp32", "tool": "fp32", "method": "fp32", "status": "ok", "perplexity": 27.2},
-        {"scheme": "w4-g128", "tool": "ours", "method": "gptq", "status": "ok", "perplexity": 30.9},
-        {"scheme": "w4-g128", "tool": "ours", "method": "adaround", "status": "ok", "perplexity": None},
-        {
-            "scheme": "w4-g128",
-            "tool": "onnxruntime",
-            "method": "kquant",
-            "status": "error",
-            "perplexity": None,
-        },
-        {"scheme": "w3-g128", "tool": "onnxruntime", "method": "rtn", "status": "n/a", "perplexity": None},
-        {
-            "scheme": "w3-g128",
-            "tool": "ours",
-            "method": "adaround_ls",
-            "status": "not reached",
-            "perplexity": None,
-        },
+    rows = quality.Store(root / "out" / "results").planned_rows()
+    assert [(r.method, r.status) for r in rows] == [
+        ("fp32", "ok"),
+        ("default", "ok"),
+        ("rtn", "ok"),
+        ("gptq", "ok"),
     ]
-    return {"meta": {"command": command, "complete": complete}, "rows": rows}
+    assert all(r.perplexity and r.perplexity > 1 and r.measured["commit"] for r in rows)
+    assert all(r.quant_seconds > 0 and r.peak_rss_anon_mb > 100 for r in rows[1:])
+    gptq = rows[3]
+    assert gptq.site_counts["below_rtn_of"] == len(gptq.weight_sqnr_db) > 0  # from its quantization record
+    md = (root / "out" / "RESULTS.md").read_text()
+    table = _table(md)
+    assert [line.split(" | ")[2] for line in table] == ["fp32", "default", "rtn", "gptq"]
+    assert f"{gptq.perplexity:.3f}" in table[3]
+    assert "rtn_mse" not in md and "not reached" not in md  # the command's rows, all finished
+    speed = quality.Store(root / "out" / "results").read_speed()
+    assert [s["model"].split(" ")[0] for s in speed] == [
+        "3-bit",
+        "fp32",
+        "int4",
+        "int4",
+    ]  # no 3-bit row asked
+    assert all(s["decode_tokens_per_s"] > 0 for s in speed[1:])
+    assert "--work" not in md and "--keep" not in md  # flags that change no number are not recorded
+    # rendering alone reproduces the file the run wrote
+    written = md
+    assert quality.main(["--render", "--out", str(root / "out")]) == 0
+    assert (root / "out" / "RESULTS.md").read_text() == written
 
 
-def test_resume_takes_over_measured_and_inapplicable_rows_only(quality):
-    command = "python benchmarks/quality.py --eval-tokens 16384"
-    rows = quality.finished_rows(_stopped_run(command), command)
-    assert sorted(rows) == [
-        ("fp32", "fp32", "fp32"),
-        ("w3-g128", "onnxruntime", "rtn"),
-        ("w4-g128", "ours", "gptq"),
-    ]
-    assert rows[("w4-g128", "ours", "gptq")]["perplexity"] == 30.9
+def test_resume_measures_only_the_rows_not_written(quality, tiny_run):
+    root, argv, model, text = tiny_run
+    rows_dir = root / "out" / "results" / "quality"
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in rows_dir.glob("*_*.json")}
+    (rows_dir / "row_w4-g64_ours_gptq.json").unlink()  # as if the run had stopped during this row
+    resumed = [*argv, "--resume"]
+    quality.run(quality.parse_args(resumed), model, text, quality.recorded_command(resumed))
+    after = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in rows_dir.glob("*_*.json")}
+    assert after.keys() == before.keys()
+    changed = sorted(name for name in after if after[name] != before[name])
+    assert changed == ["row_w4-g64_ours_gptq.json"]  # the other rows and the speed rows were skipped
+    table = _table((root / "out" / "RESULTS.md").read_text())
+    assert len(table) == 4 and "| gptq |" in table[3] and "not reached" not in table[3]
 
 
-def test_resume_refuses_another_command_or_a_finished_run(quality):
-    command = "python benchmarks/quality.py --eval-tokens 16384"
-    with pytest.raises(ValueError, match="another command"):
-        quality.finished_rows(_stopped_run(command), command + " --quick")
-    with pytest.raises(ValueError, match="finished run"):
-        quality.finished_rows(_stopped_run(command, complete=True), command)
-
-
-@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
-def test_peak_memory_counts_the_worker_processes(quality):
-    # the quantizer rounds in worker processes: a child holding 200 MB must count for its parent
-    code = (
-        "import subprocess, sys, time\n"
-        "p = subprocess.Popen([sys.executable, '-c', 'import sys, time; b = bytearray(200 << 20); "
-        'b[::4096] = b"x" * len(b[::4096]); print(flush=True); time.sleep(60)\'], stdout=subprocess.PIPE)\n'
-        "p.stdout.readline(); print(flush=True); time.sleep(60)\n"
-    )
-    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, start_new_session=True)
-    try:
-        parent.stdout.readline()  # the grandchild has touched its 200 MB
-        alone = int(
-            next(
-                ln
-                for ln in Path(f"/proc/{parent.pid}/status").read_text().splitlines()
-                if ln.startswith("RssAnon")
-            ).split()[1]
-        )
-        assert alone < 100 << 10
-        assert quality._rss_anon_kb(parent.pid) >= alone + (190 << 10)
-    finally:
-        os.killpg(parent.pid, signal.SIGKILL)  # the grandchild too
-        parent.wait()
-    assert quality._rss_anon_kb(parent.pid) is None  # gone: nothing to count
+def test_resume_refuses_rows_measured_with_other_settings(quality, tiny_run):
+    _, argv, model, text = tiny_run
+    other = [*argv, "--resume", "--eval-tokens", "128"]
+    with pytest.raises(
+        SystemExit, match=r"row_fp32_fp32_fp32\.json .* was measured with .*'eval_tokens': 256"
+    ):
+        quality.run(quality.parse_args(other), model, text, quality.recorded_command(other))

@@ -11,19 +11,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import threading
+import os
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "benchmarks"))
+from measure import PeakRss, rss_anon_kb  # benchmarks/measure.py: the one RssAnon reader
+
 
 def rss_anon_mib() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) // 1024
-    return 0
+    return (rss_anon_kb(os.getpid()) or 0) // 1024
 
 
 def main() -> None:
@@ -49,15 +50,7 @@ def main() -> None:
 
     folder = default_onnx_dir()
     ids = calibration_token_ids(folder, n_samples=a.n, seq_len=a.seq)
-    peak = [rss_anon_mib()]
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            peak[0] = max(peak[0], rss_anon_mib())
-            time.sleep(0.05)
-
-    threading.Thread(target=sample, daemon=True).start()
+    peak = PeakRss(os.getpid()).start()  # this process, sampled every 50 ms until stopped
     model = ir.load(folder / "model.onnx")
     loaded = rss_anon_mib()
     sites = find_weight_sites(model).sites
@@ -85,7 +78,7 @@ def main() -> None:
         progress=False,
         hessian_precision=a.precision,
     )
-    stop.set()
+    peak.stop()
     res = {
         "n": a.n,
         "seq": a.seq,
@@ -102,7 +95,7 @@ def main() -> None:
         "peak_cache_mib": round(rep.peak_cache_bytes / 2**20),
         "largest_part_weights_mib": round(rep.peak_part_weight_bytes / 2**20),
         "anon_after_load_mib": loaded,
-        "peak_anon_mib": peak[0],
+        "peak_anon_mib": round(peak.mb),
     }
     print(rep.summary())
     print(json.dumps(res))
