@@ -184,12 +184,8 @@ class Bench:
         self.store.write_row(row)
         rows = self.store.planned_rows()
         points = [
-            {
-                "method": f"{r.tool}:{r.method}",
-                "bits_per_weight": r.bits_per_weight,
-                "perplexity": r.perplexity,
-            }
-            | {"label": r.scheme}
+            {"method": f"{r.tool}:{r.method}", "label": r.scheme}
+            | {"bits_per_weight": r.bits_per_weight, "perplexity": r.perplexity}
             for r in rows
             if r.tool != "fp32" and r.perplexity is not None
         ]
@@ -401,7 +397,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--resume",
         action="store_true",
-        help="take over the finished rows of a stopped run of the same command (same --out, --work) and run the rest",
+        help="keep the rows a stopped run already wrote under --out (same settings) and measure the rest",
     )
     p.add_argument(
         "--render",
