@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -99,9 +99,14 @@ def plan_parts(graph: ir.Graph) -> PartPlan:
     Raises CalibrationError when the graph has no layer-indexed nodes or when a block reads a value that
     a later block produces (the graph cannot then run block by block).
     """
-    nodes = list(graph)
-    const = _constant_nodes(graph)
-    labels = [layer_of(n.name) for n in nodes]
+    node_part, layers = _assign_parts(list(graph), _constant_nodes(graph))
+    return _build_plan(graph, node_part, layers)
+
+
+def _layer_span(
+    nodes: list[ir.Node], labels: list[int | None], const: set[ir.Node]
+) -> tuple[int, int, list[int]]:
+    """Positions of the first and last layer-indexed node, and the sorted layer indices."""
     positions = [
         i for i, (n, lab) in enumerate(zip(nodes, labels, strict=True)) if lab is not None and n not in const
     ]
@@ -110,27 +115,29 @@ def plan_parts(graph: ir.Graph) -> PartPlan:
             "no decoder-layer nodes found (node names like /model/layers.0/... or /transformer/h.0/): "
             "this graph cannot be calibrated block by block; use sequential=False"
         )
-    first, last = positions[0], positions[-1]
     layers = sorted({lab for n, lab in zip(nodes, labels, strict=True) if lab is not None and n not in const})
-    # part index: 0 = prologue, 1..L = layers in ascending order, L+1 = epilogue
+    return positions[0], positions[-1], layers
+
+
+def _assign_parts(nodes: list[ir.Node], const: set[ir.Node]) -> tuple[dict[ir.Node, int], list[int]]:
+    """Part index of every non-constant node (0 = prologue, 1..L = layers in ascending order, L+1 =
+    epilogue), and the layer indices."""
+    labels = [layer_of(n.name) for n in nodes]
+    first, last, layers = _layer_span(nodes, labels, const)
     layer_part = {layer: i + 1 for i, layer in enumerate(layers)}
     epilogue = len(layers) + 1
-
     producer_part: dict[ir.Value, int] = {}
     node_part: dict[ir.Node, int] = {}
     for pos, (node, lab) in enumerate(zip(nodes, labels, strict=True)):
         if node in const:
             continue
-        reads = [producer_part[v] for v in node.inputs if v is not None and v in producer_part]
-        latest = max(reads, default=0)
+        latest = max(
+            (producer_part[v] for v in node.inputs if v is not None and v in producer_part), default=0
+        )
         if lab is not None:
             part = layer_part[lab]
-        elif pos < first:
-            part = 0
-        elif pos > last:
-            part = epilogue
         else:
-            part = latest
+            part = 0 if pos < first else epilogue if pos > last else latest
         if latest > part:
             raise CalibrationError(
                 f"node {node.name!r} (part {part}) reads a value computed by a later decoder block "
@@ -139,19 +146,25 @@ def plan_parts(graph: ir.Graph) -> PartPlan:
         node_part[node] = part
         for out in node.outputs:
             producer_part[out] = part
+    return node_part, layers
 
-    n_parts = epilogue + 1
+
+def _build_plan(graph: ir.Graph, node_part: dict[ir.Node, int], layers: list[int]) -> PartPlan:
+    """The parts with their boundary inputs and outputs, from each node's part."""
+    n_parts = len(layers) + 2
+    producer_part = {out: part for node, part in node_part.items() for out in node.outputs}
     inputs: list[dict[str, None]] = [{} for _ in range(n_parts)]
     outputs: list[dict[str, None]] = [{} for _ in range(n_parts)]
     names: list[set[str]] = [set() for _ in range(n_parts)]
     last_reader: dict[str, int] = {}
-    graph_inputs = {v.name for v in graph.inputs if v.name}
+    graph_inputs = [v.name for v in graph.inputs if v.name]
+    fed = set(graph_inputs)
     for node, part in node_part.items():
         names[part].add(node.name or "")
         for v in node.inputs:
             if v is None or not v.name:
                 continue
-            if v.name in graph_inputs:
+            if v.name in fed:
                 inputs[part][v.name] = None
                 continue
             src = producer_part.get(v)
@@ -161,18 +174,13 @@ def plan_parts(graph: ir.Graph) -> PartPlan:
             outputs[src][v.name] = None
             last_reader[v.name] = max(last_reader.get(v.name, 0), part)
 
-    labels_out = [PROLOGUE, *(f"block {layer}" for layer in layers), EPILOGUE]
+    labels = [PROLOGUE, *(f"block {layer}" for layer in layers), EPILOGUE]
     layer_ids: list[int | None] = [None, *layers, None]
     parts = [
-        Part(i, labels_out[i], layer_ids[i], names[i], list(inputs[i]), list(outputs[i]))
-        for i in range(n_parts)
+        Part(i, labels[i], layer_ids[i], names[i], list(inputs[i]), list(outputs[i])) for i in range(n_parts)
     ]
-    return PartPlan(
-        parts=parts,
-        graph_inputs=[v.name for v in graph.inputs if v.name],
-        last_reader=last_reader,
-        node_part={n.name: p for n, p in node_part.items() if n.name},
-    )
+    node_names = {n.name: p for n, p in node_part.items() if n.name}
+    return PartPlan(parts=parts, graph_inputs=graph_inputs, last_reader=last_reader, node_part=node_names)
 
 
 def _typed(value: ir.Value, example: np.ndarray | None) -> None:
@@ -214,9 +222,3 @@ def extract_part(
         producer_name="optimum-adaround calibration",
         functions=list(model.functions.values()),
     )
-
-
-def initializer_values(model: ir.Model, names: Iterable[str]) -> dict[str, ir.Value]:
-    """The sub-model's initializer values by name (to substitute weights)."""
-    inits = model.graph.initializers
-    return {n: inits[n] for n in names if n in inits}

@@ -10,6 +10,7 @@ from the input's declared shape, so no config.json is needed). Anything else is 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import re
 from collections.abc import Sequence
 
@@ -23,11 +24,17 @@ __all__ = ["FeedSpec", "InputKind", "check_token_ids", "feed_specs", "make_feeds
 _PAST = re.compile(r"^past_key_values\.\d+\.(key|value)$|^past_key_values\.\d+$|^past_\d+_(key|value)$")
 
 
-class InputKind:
+class InputKind(str, enum.Enum):
+    """A graph input calibration fills, by its role."""
+
     IDS = "input_ids"
     MASK = "attention_mask"
     POSITIONS = "position_ids"
     PAST = "past"
+    """``past_key_values.*``: empty along the past-length axis."""
+
+
+_NAMED = {k.value: k for k in (InputKind.IDS, InputKind.MASK, InputKind.POSITIONS)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,11 +42,25 @@ class FeedSpec:
     """How to fill one graph input for a batch of ``[b, T]`` token ids."""
 
     name: str
-    kind: str
+    kind: InputKind
     dtype: np.dtype
     past_shape: tuple[int | None, ...] = ()
     """For past inputs: the declared dims, None where symbolic (batch -> b, past length -> 0)."""
     past_seq_axis: int = -1
+
+    def fill(self, ids: np.ndarray) -> np.ndarray:
+        """This input for a ``[b, T]`` batch of token ids (no padding, zero-length past)."""
+        b, t = ids.shape
+        if self.kind is InputKind.IDS:
+            return ids.astype(self.dtype, copy=False)
+        if self.kind is InputKind.MASK:
+            return np.ones((b, t), dtype=self.dtype)
+        if self.kind is InputKind.POSITIONS:
+            return np.broadcast_to(np.arange(t, dtype=self.dtype), (b, t)).copy()
+        dims = [
+            0 if i == self.past_seq_axis else (b if d is None else d) for i, d in enumerate(self.past_shape)
+        ]
+        return np.zeros(dims, dtype=self.dtype)
 
 
 def _np_dtype(value: ir.Value) -> np.dtype:
@@ -74,8 +95,8 @@ def feed_specs(inputs: Sequence[ir.Value]) -> list[FeedSpec]:
     specs: list[FeedSpec] = []
     for v in inputs:
         name = v.name or ""
-        if name in (InputKind.IDS, InputKind.MASK, InputKind.POSITIONS):
-            specs.append(FeedSpec(name, name, _np_dtype(v)))
+        if name in _NAMED:
+            specs.append(FeedSpec(name, _NAMED[name], _np_dtype(v)))
         elif _PAST.match(name):
             specs.append(_past_spec(v))
         else:
@@ -90,21 +111,7 @@ def feed_specs(inputs: Sequence[ir.Value]) -> list[FeedSpec]:
 
 def make_feeds(specs: Sequence[FeedSpec], ids: np.ndarray) -> dict[str, np.ndarray]:
     """Feeds for a ``[b, T]`` batch of token ids (no padding, zero-length past)."""
-    b, t = ids.shape
-    feeds: dict[str, np.ndarray] = {}
-    for s in specs:
-        if s.kind == InputKind.IDS:
-            feeds[s.name] = ids.astype(s.dtype, copy=False)
-        elif s.kind == InputKind.MASK:
-            feeds[s.name] = np.ones((b, t), dtype=s.dtype)
-        elif s.kind == InputKind.POSITIONS:
-            feeds[s.name] = np.broadcast_to(np.arange(t, dtype=s.dtype), (b, t)).copy()
-        else:
-            dims = [
-                0 if i == s.past_seq_axis else (b if d is None else d) for i, d in enumerate(s.past_shape)
-            ]
-            feeds[s.name] = np.zeros(dims, dtype=s.dtype)
-    return feeds
+    return {s.name: s.fill(ids) for s in specs}
 
 
 def check_token_ids(token_ids: np.ndarray) -> np.ndarray:
