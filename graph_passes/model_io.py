@@ -9,11 +9,15 @@ memory-maps it, and weights are read one site at a time (:func:`read_weight`).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
+import stat
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import LiftConstantsToInitializersPass
 
@@ -24,6 +28,7 @@ __all__ = [
     "EXTERNAL_DATA_THRESHOLD",
     "LoadedModel",
     "SourceKind",
+    "check_inside",
     "find_model_file",
     "initializer_bytes",
     "load_model",
@@ -36,6 +41,14 @@ SourceKind = Literal["path", "proto", "gs"]
 
 # A protobuf message cannot exceed 2 GiB; stay clear of it (other fields take room too).
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+# protobuf cannot parse a message over 2 GiB: a larger .onnx file is not a model.
+_MAX_PROTO_BYTES = 2**31 - 1
+
+# The checker's copy of a model keeps initializers up to this size (shape inference reads axes and shapes
+# from them); larger ones are replaced by typed inputs.
+_SKELETON_MAX_ELEMENTS = 1024
+_PLACEHOLDER_DOMAIN = "ai.onnx.adaround.check"
 
 # Decoder files of Optimum exports, in the order they are preferred inside a folder.
 _DECODER_FILES = (
@@ -73,51 +86,317 @@ def find_model_file(folder: Path) -> Path:
     raise InvalidModelError(f"{folder}: several .onnx files ({', '.join(found)}); pass the one to quantize")
 
 
-def _check_external_data(model: ir.Model, path: Path) -> None:
-    """Every external tensor must point at an existing file that is long enough (else fail now, in one line)."""
-    sizes: dict[str, int] = {}
+def _not_regular(mode: int) -> str | None:
+    """What a non-regular file is, in words (None for a regular file)."""
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO)"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a regular file"
+
+
+def check_inside(folder: Path, name: str, what: str, where: Path | str | None = None, note: str = "") -> Path:
+    """``folder/name`` as a regular file that resolves inside ``folder``, else one ``InvalidModelError`` line.
+
+    Refuses absolute names, ``..`` and symlinks that leave the folder (a model must never make the tool read,
+    quantize and publish a file from elsewhere), and pipes and devices (reading them blocks or never ends).
+    ``what`` names the file's role in the message (``external data file``), ``where`` what refers to it,
+    ``note`` ends the message's first clause (``(needed by W0)``).
+    """
+    where = where if where is not None else folder
+    if not name or os.path.isabs(name):
+        raise InvalidModelError(
+            f"{where}: {what} {name!r}{note} is not a relative path inside the model folder {folder}: fix it"
+        )
+    path = folder / name
+    root = os.path.realpath(folder)
+    real = os.path.realpath(path)
+    if os.path.commonpath([root, real]) != root:
+        how = "points to" if ".." in Path(name).parts else "resolves through a symlink to"
+        raise InvalidModelError(
+            f"{where}: {what} {name}{note} {how} {real}, outside the model folder {folder}: copy the file into "
+            "the folder (cp -L resolves links) and refer to the copy"
+        )
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        raise InvalidModelError(f"{where}: {what} {name} is missing{note}") from None
+    kind = _not_regular(mode)
+    if kind is not None:
+        raise InvalidModelError(
+            f"{where}: {what} {name}{note} is {kind}, not a regular file: replace it with the file"
+        )
+    return path
+
+
+def _all_tensors(model: ir.Model) -> Iterator[tuple[str, ir.TensorProtocol]]:
+    """Every tensor of the model: initializers of every graph and tensors held by node attributes."""
     for graph in model.graphs():
         for value in graph.initializers.values():
-            tensor = value.const_value
-            if not isinstance(tensor, ir.ExternalTensor):
-                continue
-            data = tensor.path
-            if data not in sizes:
-                sizes[data] = os.path.getsize(data) if os.path.isfile(data) else -1
-            if sizes[data] < 0:
+            if value.const_value is not None:
+                yield str(value.name), value.const_value
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.TENSOR:
+                yield f"{node.name or node.op_type}.{attr.name}", attr.value
+            elif attr.type == ir.AttributeType.TENSORS:
+                yield from ((f"{node.name or node.op_type}.{attr.name}", t) for t in attr.value)
+
+
+def _expected_bytes(name: str, tensor: ir.TensorProtocol, where: str) -> int:
+    """The tensor's byte size from its shape and type, refusing negative dims and types without a size."""
+    dims = list(tensor.shape.dims)
+    if any(not isinstance(d, int) or d < 0 for d in dims):
+        raise InvalidModelError(f"{where}: tensor {name!r} has dims {dims}: a stored tensor needs sizes >= 0")
+    try:
+        return int(tensor.nbytes)
+    except (TypeError, ValueError):
+        raise InvalidModelError(
+            f"{where}: tensor {name!r} has data type {tensor.dtype.name}, which has no fixed size: fix its type"
+        ) from None
+
+
+def _check_external(name: str, tensor: ir.ExternalTensor, folder: Path, where: Path, sizes: dict) -> None:
+    """Location inside the folder, a regular file with one link, offset/length equal to the tensor's bytes."""
+    nbytes = _expected_bytes(name, tensor, str(where))
+    location = str(tensor.location)
+    path = check_inside(folder, location, "external data file", where, f" (needed by {name})")
+    if location not in sizes:
+        st = os.stat(path)
+        # onnx-ir refuses to read a file with several hard links (another name could hide any file).
+        if st.st_nlink > 1:
+            raise InvalidModelError(
+                f"{where}: external data file {location} has {st.st_nlink} hard links; onnx-ir reads only "
+                f"files with one: replace it with a copy (cp {location} x && mv x {location})"
+            )
+        sizes[location] = st.st_size
+    offset = tensor.offset or 0
+    if tensor.length is not None and tensor.length != nbytes:
+        raise InvalidModelError(
+            f"{where}: external data of {name!r} says length {tensor.length}, but its shape and type take "
+            f"{nbytes} bytes: fix the length or re-export the model"
+        )
+    if offset < 0 or sizes[location] < offset + nbytes:
+        raise InvalidModelError(
+            f"{where}: external data file {location} is truncated ({sizes[location]} bytes, {name} needs "
+            f"{offset + nbytes} from offset {offset})"
+        )
+
+
+def _check_inline(name: str, tensor: ir.TensorProtocol, where: Path | str) -> None:
+    """Inline data must hold exactly what the dims and type say (the checker lets longer raw_data through)."""
+    nbytes = _expected_bytes(name, tensor, str(where))
+    proto = getattr(tensor, "raw", None)
+    if isinstance(proto, onnx.TensorProto) and proto.HasField("raw_data") and len(proto.raw_data) != nbytes:
+        raise InvalidModelError(
+            f"{where}: tensor {name!r} holds {len(proto.raw_data)} bytes of raw_data, but its dims "
+            f"{list(proto.dims)} and type {tensor.dtype.name} take {nbytes}: fix or re-export the model"
+        )
+
+
+def _check_tensors(model: ir.Model, path: Path | None) -> None:
+    """Every tensor's data matches its dims and type; external data stays inside the model's folder."""
+    where = path if path is not None else "in-memory model"
+    sizes: dict[str, int] = {}
+    for name, tensor in _all_tensors(model):
+        if isinstance(tensor, ir.ExternalTensor):
+            if path is None:
                 raise InvalidModelError(
-                    f"{path}: external data file {tensor.location!s} is missing (needed by {value.name})"
+                    f"in-memory model: tensor {name!r} keeps its data in external file {tensor.location}, which "
+                    "has no folder to be read from: pass the .onnx path instead"
                 )
-            end = (tensor.offset or 0) + (tensor.length if tensor.length is not None else tensor.nbytes)
-            if sizes[data] < end:
-                raise InvalidModelError(
-                    f"{path}: external data file {tensor.location!s} is truncated "
-                    f"({sizes[data]} bytes, {value.name} needs {end})"
-                )
+            _check_external(name, tensor, path.parent, path, sizes)
+        else:
+            _check_inline(name, tensor, where)
+
+
+def _read_model_bytes(path: Path) -> bytes:
+    """The file's bytes: a regular file of at most 2 GiB, read without blocking on a pipe or device."""
+    try:
+        # O_NONBLOCK: opening a FIFO would wait for a writer; the type is checked on the open descriptor.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as e:
+        raise InvalidModelError(f"{path}: cannot be opened ({e.strerror})") from None
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fh.fileno())
+        kind = _not_regular(st.st_mode)
+        if kind is not None:
+            raise InvalidModelError(f"{path}: is {kind}, not a regular file: pass the .onnx file itself")
+        if st.st_size > _MAX_PROTO_BYTES:
+            raise InvalidModelError(
+                f"{path}: {st.st_size / 2**30:.1f} GiB is over protobuf's 2 GiB limit for one .onnx file, so "
+                "it is not an ONNX model (large models keep their weights in external data files)"
+            )
+        return fh.read(_MAX_PROTO_BYTES + 1)
+
+
+def _why(e: BaseException) -> str:
+    """The innermost cause of an exception, as ``Type: first line`` (onnx-ir wraps the real reason)."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:200]}"
+
+
+def _check_graph(proto: onnx.ModelProto, where: Path | str) -> None:
+    """onnx.checker with strict shape inference: refuse what onnxruntime could not load before rewriting it.
+
+    Dangling inputs (a dropped node or initializer), duplicate initializers or outputs, unknown ops, type and
+    shape mismatches, a missing opset: each would survive the rewrite and make an output nobody can load.
+    The checker sees the graph without its large weights (:func:`_skeleton`), so this costs no copy of them.
+    """
+    try:
+        onnx.checker.check_model(_skeleton(proto, where), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        raise InvalidModelError(
+            f"{where}: not a valid ONNX model (onnx.checker: {_why(e)}); fix it or re-export it"
+        ) from None
+
+
+def _skeleton(proto: onnx.ModelProto, where: Path | str) -> onnx.ModelProto:
+    """The model for the checker: big initializers become typed graph inputs (types and shapes, no data).
+
+    Graph inputs and outputs without a shape are legal for onnxruntime but not for the checker: an input
+    becomes the output of a placeholder node of an unchecked domain (its type kept in ``value_info``), an
+    output a plain ``value_info`` entry, after checking here that something produces it.
+    """
+    src = proto.graph
+    sk = onnx.ModelProto(ir_version=proto.ir_version)
+    sk.opset_import.extend(proto.opset_import)
+    sk.functions.extend(proto.functions)
+    g = sk.graph
+    g.name = src.name or "graph"
+    listed = {vi.name for vi in src.input}
+    for t in src.initializer:
+        if t.data_location != onnx.TensorProto.EXTERNAL and int(np.prod(t.dims)) <= _SKELETON_MAX_ELEMENTS:
+            g.initializer.append(t)
+        elif t.name not in listed:
+            vi = g.input.add(name=t.name)
+            vi.type.tensor_type.elem_type = t.data_type
+            vi.type.tensor_type.shape.dim.extend(onnx.TensorShapeProto.Dimension(dim_value=d) for d in t.dims)
+    placeholders = [vi for vi in src.input if vi.type.HasField("tensor_type") and not _has_shape(vi)]
+    if placeholders:
+        sk.opset_import.add(domain=_PLACEHOLDER_DOMAIN, version=1)
+        g.node.add(op_type="Input", domain=_PLACEHOLDER_DOMAIN, output=[vi.name for vi in placeholders])
+        g.value_info.extend(placeholders)
+    g.input.extend(vi for vi in src.input if vi not in placeholders)
+    g.node.extend(src.node)
+    _inline_external_attributes(g.node)
+    g.value_info.extend(src.value_info)
+    g.sparse_initializer.extend(src.sparse_initializer)
+    known = listed | {t.name for t in src.initializer} | {o for n in src.node for o in n.output}
+    for vi in src.output:
+        if vi.type.HasField("tensor_type") and not _has_shape(vi):
+            if vi.name not in known:
+                raise InvalidModelError(f"{where}: graph output {vi.name!r} is not produced by any node")
+            g.value_info.append(vi)
+        else:
+            g.output.append(vi)
+    return sk
+
+
+def _inline_external_attributes(nodes: Iterable[onnx.NodeProto]) -> None:
+    """Give the skeleton's external tensors in attributes and subgraphs zero bytes of their size.
+
+    They were checked against their files already; the checker would look for the files relative to the
+    current folder instead of the model's.
+    """
+    for node in nodes:
+        for attr in node.attribute:
+            tensors = [attr.t] if attr.HasField("t") else []
+            tensors += list(attr.tensors)
+            for graph in [attr.g] if attr.HasField("g") else []:
+                tensors += list(graph.initializer)
+                _inline_external_attributes(graph.node)
+            for t in tensors:
+                if t.data_location == onnx.TensorProto.EXTERNAL:
+                    bits = ir.DataType(t.data_type).bitwidth
+                    t.ClearField("external_data")
+                    t.data_location = onnx.TensorProto.DEFAULT
+                    t.raw_data = bytes((int(np.prod(t.dims)) * bits + 7) // 8)
+
+
+def _has_shape(vi: onnx.ValueInfoProto) -> bool:
+    return vi.type.tensor_type.HasField("shape")
+
+
+def _unique_node_names(model: ir.Model) -> None:
+    """Give unnamed MatMul/Gemm nodes and every repeated node name a unique name.
+
+    Sites, calibration blocks and the rewrite find nodes by name; names are free-form in ONNX, so the
+    loaded copy is renamed (the input file is untouched). Models with unique names are not changed.
+    """
+    nodes = list(ir.traversal.RecursiveGraphIterator(model.graph))
+    taken = {n.name for n in nodes if n.name}
+    seen: set[str] = set()
+    for i, node in enumerate(nodes):
+        name = node.name
+        if name and name not in seen:
+            seen.add(name)
+            continue
+        if not name and node.op_type not in ("MatMul", "Gemm"):
+            continue
+        base = name or f"/{node.op_type}_{i}/{node.op_type}"
+        candidate, j = base, 2
+        while candidate in taken:
+            candidate, j = f"{base}_{j}", j + 1
+        node.name = candidate
+        taken.add(candidate)
+        seen.add(candidate)
 
 
 def _load_path(path: Path) -> ir.Model:
     if not path.exists():
         raise InvalidModelError(f"{path}: no such file or folder")
+    data = _read_model_bytes(path)
     try:
-        model = ir.load(path)
+        proto = onnx.ModelProto.FromString(data)
     except Exception as e:  # protobuf raises DecodeError / RuntimeError for garbage or truncated files
-        raise InvalidModelError(
-            f"{path}: not a readable ONNX model ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
-        ) from None
-    if model.ir_version == 0 or len(model.graph) == 0:
+        raise InvalidModelError(f"{path}: not a readable ONNX model ({_why(e)})") from None
+    del data
+    if proto.ir_version == 0 or len(proto.graph.node) == 0:
         raise InvalidModelError(f"{path}: not an ONNX model (no ir_version or an empty graph)")
-    _check_external_data(model, path)
+    model = _deserialize(proto, path)
+    ir.external_data.set_base_dir(model.graph, path.parent)
+    _check_tensors(model, path)
+    _check_graph(proto, path)
+    del proto
+    _unique_node_names(model)
     return model
+
+
+def _deserialize(proto: onnx.ModelProto, where: Path | str) -> ir.Model:
+    # onnx-ir logs a warning per dangling input while converting; the checker refuses those models in one
+    # line afterwards, so the warnings would only add lines to stderr.
+    logger = logging.getLogger("onnx_ir.serde")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        return ir.serde.deserialize_model(proto)
+    except Exception as e:
+        raise InvalidModelError(f"{where}: not a readable ONNX model ({_why(e)})") from None
+    finally:
+        logger.setLevel(level)
 
 
 def load_model(source: Any) -> LoadedModel:
     """Load ``source`` (path to a .onnx file or exported folder, ModelProto, or gs.Graph) as an ``ir.Model``.
 
     Paths are loaded with external data memory-mapped (never read whole); in-memory inputs are converted.
+    Every input is validated first, so a bad one fails here in one ``InvalidModelError`` line: regular
+    files only (no pipes or devices), external data inside the model's folder and matching each tensor's
+    size, inline data matching dims, and ``onnx.checker`` with strict shape inference.
     """
     if isinstance(source, (str, os.PathLike)):
         p = Path(source)
+        if p.is_dir():
+            _check_folder(p)
         file = find_model_file(p) if p.is_dir() else p
         model = _load_path(file)
         return LoadedModel(model, "path", file, p if p.is_dir() else None, external=_has_external(model))
@@ -126,15 +405,25 @@ def load_model(source: Any) -> LoadedModel:
         import onnx_graphsurgeon as gs
 
         source = gs.export_onnx(source)
-    try:
-        model = ir.serde.deserialize_model(source)
-    except Exception as e:
-        raise InvalidModelError(
-            f"in-memory ModelProto could not be converted: {type(e).__name__}: {e}"
-        ) from None
-    if len(model.graph) == 0:
+    if len(source.graph.node) == 0:
         raise InvalidModelError("in-memory model has an empty graph")
+    model = _deserialize(source, "in-memory ModelProto")
+    _check_tensors(model, None)
+    _check_graph(source, "in-memory model")
+    _unique_node_names(model)
     return LoadedModel(model, kind)
+
+
+def _check_folder(folder: Path) -> None:
+    """The files of an exported folder are read or copied to the output: each must be a regular file inside."""
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        if entry.is_dir(follow_symlinks=False):
+            continue
+        if entry.is_symlink() and entry.is_dir():
+            real = os.path.realpath(entry.path)
+            if os.path.commonpath([os.path.realpath(folder), real]) == os.path.realpath(folder):
+                continue  # a link to a subfolder of its own
+        check_inside(folder, entry.name, "file")
 
 
 def _object_kind(source: Any) -> SourceKind:

@@ -44,11 +44,10 @@ class SiteRewrite:
 class ReplaceWeightSitesPass(ir.passes.InPlacePass):
     """Replace every site in ``rewrites`` by ``packer.build(...)``'s nodes, then clean up the graph."""
 
-    def __init__(self, packer: Packer, rewrites: Sequence[SiteRewrite], cleanup: bool = True) -> None:
+    def __init__(self, packer: Packer, rewrites: Sequence[SiteRewrite]) -> None:
         super().__init__()
         self.packer = packer
         self.rewrites = list(rewrites)
-        self.cleanup = cleanup
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -68,7 +67,7 @@ class ReplaceWeightSitesPass(ir.passes.InPlacePass):
         # tests verify the bumped graph in onnxruntime.
         if model.ir_version < min_ir_version(default):
             model.ir_version = min_ir_version(default)
-        if self.cleanup and self.rewrites:
+        if self.rewrites:
             RemoveUnusedNodesPass()(model)
             TopologicalSortPass()(model)
         return ir.passes.PassResult(model, modified=bool(self.rewrites))
@@ -76,7 +75,8 @@ class ReplaceWeightSitesPass(ir.passes.InPlacePass):
     def _replace(self, graph: ir.Graph, node: ir.Node, rw: SiteRewrite) -> dict[str, int]:
         site = rw.site
         x = node.inputs[0]
-        assert x is not None
+        if x is None:
+            raise InternalError(f"site {site.name}: node {node.name!r} has no activation input")
         bias = node.inputs[2] if site.op_type == "Gemm" and len(node.inputs) > 2 else None
         # New nodes sit in the replaced node's scope (``/model/layers.0/mlp/up_proj/MatMul`` ->
         # ``/model/layers.0/mlp/up_proj/MatMulNBits``), so ``module_path`` of a quantized node still

@@ -127,14 +127,20 @@ def test_read_weight_orientation():
     nodes = [
         helper.make_node("MatMul", ["x", "W"], ["a"], name="/m/layers.0/a/MatMul"),
         helper.make_node("Transpose", ["V"], ["Vt"], name="t"),
-        helper.make_node("MatMul", ["a", "Vt"], ["y"], name="/m/layers.0/b/MatMul"),
+        helper.make_node("MatMul", ["h", "Vt"], ["y"], name="/m/layers.0/b/MatMul"),
     ]
     v = RNG.standard_normal((16, 48)).astype(np.float16)  # [N, K], float16 read as float32
     graph = helper.make_graph(
         nodes,
         "g",
-        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["b", 64])],
-        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        [
+            helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["b", 64]),
+            helper.make_tensor_value_info("h", onnx.TensorProto.FLOAT16, ["b", 48]),
+        ],
+        [
+            helper.make_tensor_value_info("a", onnx.TensorProto.FLOAT, None),
+            helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT16, None),
+        ],
         [numpy_helper.from_array(W, "W"), numpy_helper.from_array(v, "V")],
     )
     model = load_model(helper.make_model(graph)).model

@@ -105,7 +105,8 @@ def test_rewrite_matches_dequantized_reference(fmt, label):
     a = ref_h @ qws["model.layers.0.mlp.up_proj"].dequantize().T
     d = a.reshape(-1, N) @ qws["model.layers.0.mlp.down_proj"].dequantize().T + bias
     ref = d @ qws["lm_head"].dequantize().T
-    np.testing.assert_allclose(logits, ref, rtol=1e-4, atol=1e-4)
+    # Logits reach ~1e3 here: float32 sums in another order differ by ~1e-5 of the largest, not of each value.
+    np.testing.assert_allclose(logits, ref, rtol=1e-4, atol=1e-5 * float(np.abs(ref).max()))
 
 
 def test_untied_transpose_and_weight_are_removed():
