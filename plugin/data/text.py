@@ -24,7 +24,9 @@ import bz2
 import functools
 import hashlib
 import json
+import os
 import re
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -32,6 +34,7 @@ from typing import Literal, NamedTuple
 import numpy as np
 
 from ..graph_passes.errors import CalibrationError, UserError
+from ..graph_passes.model_io import check_inside
 
 __all__ = [
     "EMBEDDED_SOURCES",
@@ -146,6 +149,38 @@ def embedded_articles(name: str = "wikipedia", split: Split | None = None) -> li
     return out
 
 
+def _read_text(path: Path) -> str:
+    """A user's text file as UTF-8: regular files only (a pipe or device would block or never end)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: opening a FIFO waits for a writer
+    except OSError as e:
+        raise TextSourceError(f"{path}: cannot be opened ({e.strerror})") from None
+    with os.fdopen(fd, "rb") as fh:
+        mode = os.fstat(fh.fileno()).st_mode
+        if not stat.S_ISREG(mode):
+            raise TextSourceError(f"{path}: not a regular file (a pipe, device or socket): give a text file")
+        data = fh.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise TextSourceError(f"{path}: not UTF-8 text (byte {e.start}): convert it to UTF-8") from None
+
+
+def _read_jsonl(path: Path) -> list[str]:
+    docs = []
+    for i, line in enumerate(_read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise TextSourceError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise TextSourceError(f'{path}:{i}: each line needs a string "text" field')
+        docs.append(record["text"])
+    return docs
+
+
 def _read_user_source(source: str | Path) -> list[str]:
     text = str(source)
     if text.startswith("hf:"):
@@ -155,28 +190,12 @@ def _read_user_source(source: str | Path) -> list[str]:
         files = sorted(path.glob("*.txt"))
         if not files:
             raise TextSourceError(f"{path}: folder holds no .txt files")
-        return [f.read_text(encoding="utf-8") for f in files]
-    if not path.is_file():
+        return [_read_text(f) for f in files]
+    if not path.exists():
         raise TextSourceError(
             f"text source {text!r} is neither a file, a folder, one of {EMBEDDED_SOURCES} nor 'hf:NAME'"
         )
-    if path.suffix == ".jsonl":
-        docs = []
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TextSourceError(f"{path}:{i}: not valid JSON ({e.msg})") from e
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise TextSourceError(f'{path}:{i}: each line needs a string "text" field')
-            docs.append(record["text"])
-        return docs
-    try:
-        return [path.read_text(encoding="utf-8")]
-    except UnicodeDecodeError as e:
-        raise TextSourceError(f"{path}: not UTF-8 text") from e
+    return _read_jsonl(path) if path.suffix == ".jsonl" else [_read_text(path)]
 
 
 def _read_hf_dataset(spec: str) -> list[str]:
@@ -217,15 +236,45 @@ def evaluation_text(source: str | Path | None = None) -> str:
     return text
 
 
+# Files a transformers tokenizer is read from; one of the first six must be there.
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "config.json",
+)
+
+
+def _check_tokenizer_files(folder: Path) -> None:
+    """The tokenizer files must be regular files inside the folder, and there must be some."""
+    present = [n for n in _TOKENIZER_FILES if os.path.lexists(folder / n)]
+    for name in present:
+        check_inside(folder, name, "tokenizer file")
+    if not set(present) & set(_TOKENIZER_FILES[:6]):
+        raise TextSourceError(
+            f"{folder}: no loadable tokenizer (none of {', '.join(_TOKENIZER_FILES[:3])}, ...); calibration text needs "
+            "the exported folder's tokenizer files, or pass token ids"
+        )
+
+
 @functools.lru_cache(maxsize=8)
 def load_tokenizer(tokenizer_dir: str | Path):  # -> transformers.PreTrainedTokenizerBase
     from transformers import AutoTokenizer
 
+    folder = Path(tokenizer_dir)
+    if folder.is_dir():
+        _check_tokenizer_files(folder)
     try:
         return AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    except (OSError, ValueError) as e:
+    except Exception as e:  # OSError, ValueError, and AttributeError/KeyError/... from half-present files
         # transformers' messages can run to pages (every known model type): keep the first 160 characters.
-        why = (str(e).splitlines() or [""])[0]
+        why = " ".join(str(e).split()) or type(e).__name__
         why = why if len(why) <= 160 else why[:160] + "..."
         raise TextSourceError(
             f"{tokenizer_dir}: no loadable tokenizer ({why}); calibration text needs the exported folder's "
