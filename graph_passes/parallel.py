@@ -5,6 +5,7 @@ loop, AdaRound's steps): they hold the GIL, so threads gain little (measured on 
 cores: 1.14x for GPTQ, 1.35x for AdaRound), while the sites of one decoder block are independent given
 their statistics. Worker processes (spawned, one torch thread each) round them side by side; the main
 process reads weights, packs and records in site order, so the output is the same bytes as a serial run.
+A worker gets the method's config (a small frozen record) with each site and builds the method from it.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from typing import TypeVar
 
 import numpy as np
 
-from .errors import UnsupportedSchemeError
+from .errors import InvalidOptionError
 from .records import QuantizedWeight, WeightSite
-from .rounding.base import RoundingMethod, SiteStats
+from .rounding.base import MethodConfig, SiteStats, build_method
 from .scheme import QuantScheme
 
 __all__ = [
@@ -55,9 +56,7 @@ def resolve_workers(workers: int | None, sites: Sequence[WeightSite], cpu_count:
     one per CPU (at most ``MAX_AUTO_WORKERS``) when the sites hold ``AUTO_MIN_WEIGHTS`` weights or more."""
     if workers is not None:
         if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
-            raise UnsupportedSchemeError(
-                f"workers={workers!r}: use a positive integer (1 = no worker processes)"
-            )
+            raise InvalidOptionError(f"workers={workers!r}: use a positive integer (1 = no worker processes)")
         return workers
     cpus = cpu_count if cpu_count is not None else (os.cpu_count() or 1)
     if sum(s.n * s.k for s in sites) < AUTO_MIN_WEIGHTS:
@@ -66,11 +65,12 @@ def resolve_workers(workers: int | None, sites: Sequence[WeightSite], cpu_count:
 
 
 def round_site(
-    method: RoundingMethod, weight: np.ndarray, scheme: QuantScheme, stats: SiteStats | None, name: str
+    config: MethodConfig, weight: np.ndarray, scheme: QuantScheme, stats: SiteStats | None, name: str
 ) -> tuple[QuantizedWeight, float]:
-    """``method.quantize`` and its wall time (module level, so a worker process can run it)."""
+    """The method of ``config`` applied to one site, and its wall time (module level, so a worker process
+    can run it)."""
     t0 = time.perf_counter()
-    qw = method.quantize(weight, scheme, stats, site=name)
+    qw = build_method(config).quantize(weight, scheme, stats, site=name)
     return qw, time.perf_counter() - t0
 
 

@@ -5,11 +5,13 @@ Per weight ``Wq = s * (base + h(V) - z)`` with the rectified sigmoid
 ``h(V) = clip(sigmoid(V) * (zeta - gamma) + gamma, 0, 1)`` and the regulariser
 ``lambda * sum(1 - |2h - 1|^beta)``, beta annealed from 20 to 2 after a warm-up. Scales stay fixed.
 
-How it is made cheap enough for ~2 s per LLM site on two CPU cores (measured, see the tests/report):
+How it is made cheap enough for ~2 s per LLM site on two CPU cores:
 
 - *Start from GPTQ.* ``base`` and ``V`` are chosen so that the starting point is exactly GPTQ's codes
   (``base = code - [code > W/s + z]``, so ``h0 in {0, 1}`` and the pair {base, base+1} always contains the
   GPTQ code and the code range). The relaxed start is GPTQ's rounding softened toward 0.5 (``soft_init``).
+  On strongly correlated LLM Hessians the start is what matters: the paper's start (relaxed weight = W,
+  every weight free) reached 0.48x min-max RTN's proxy loss on a SmolLM2 q_proj, GPTQ alone 0.12x.
 - *Rows are independent given H*, so all rows are optimised at once, with manual gradients (one batched
   matmul per step, no autograd) and Adam written out in place.
 - *Optimise where rounding is uncertain.* Each round picks, per tile of ``tile_rows`` rows, the ``free_cols``
@@ -21,15 +23,9 @@ How it is made cheap enough for ~2 s per LLM site on two CPU cores (measured, se
   did not increase; the method's result is therefore never worse than its initialisation.
 - The reconstruction term of each row is divided by that row's mean single-weight cost ``mean_j s^2 H_jj``
   so one ``lambda`` fits every row and site (a scaled H, well conditioned for Adam).
-- *Exact flip descent* (``greedy_flips``, ``polish_steps``) finishes: steepest single-code flips per row until
-  none lowers the row loss.
-
-Measured on 35 real SmolLM2-135M sites (5 of 30 layers, 4096 calibration tokens, W4 g128 sym, defaults):
-proxy loss 4.7% below GPTQ (act_order) in geometric mean, lower on 35 of 35 sites. Most of that comes
-from the flip descent: the relaxation rounds add about 0.2% on top of it at this budget. Paper-style
-AdaRound (every weight free, relaxed start at W, 1000 Adam steps) reached only 0.48x the proxy loss of
-min-max RTN on the same grid on layer 22's q_proj, where GPTQ with act_order reaches 0.12x: on these
-strongly correlated Hessians the GPTQ start is what matters, so it is the default.
+- *Exact flip descent* (``polish_steps``) finishes: steepest single-code flips per row until none lowers
+  the row loss. On 35 SmolLM2-135M sites (W4 g128) the result is 4.7% below GPTQ's proxy loss in
+  geometric mean, lower on every site; most of it comes from the flip descent.
 """
 
 from __future__ import annotations
@@ -37,28 +33,41 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-import time
 from typing import ClassVar, Literal
 
 import numpy as np
 import torch
 
-from ..errors import UnsupportedSchemeError
+from ..errors import InternalError, InvalidOptionError
+from ..options import option
 from ..records import QuantizedWeight
 from ..scheme import QuantScheme
 from . import hessian as hs
-from .base import FIRST_POSITION, FIRST_POSITION_TOKENS, FP_CROSS, SiteStats, register_method
-from .gptq import GPTQ, _check_scheme, gptq_quantize, round_to_nearest, torch_threads
-from .grid import check_finite
-from .metrics import quadratic_form, row_quadratic_forms, site_quality
+from .base import FIRST_POSITION, FIRST_POSITION_TOKENS, MethodConfig, SiteStats, register_method
+from .calibrated import Site, open_site, site_report, torch_threads
+from .gptq import (
+    ACT_ORDER_HELP,
+    MSE_CLIP_HELP,
+    PERCDAMP_HELP,
+    REFIT_ROUNDS_HELP,
+    THREADS_HELP,
+    GPTQConfig,
+    check_gptq_options,
+    gptq_quantize,
+)
+from .metrics import quadratic_form, row_quadratic_forms
+from .rtn import round_to_nearest
 from .scales import refit_scales
 
-__all__ = ["AdaRound", "AdaRoundOptions", "RoundingState", "adaround_refine", "rectified_sigmoid"]
+__all__ = ["AdaRound", "AdaRoundConfig", "RoundingState", "adaround_refine", "rectified_sigmoid"]
 
 logger = logging.getLogger(__name__)
 
 ZETA = 1.1
 GAMMA = -0.1
+BETA_START = 20.0
+BETA_END = 2.0
+"""The regulariser's exponent, annealed from ``BETA_START`` to ``BETA_END`` after the warm-up (the paper's)."""
 
 
 def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
@@ -73,46 +82,85 @@ def inverse_rectified_sigmoid(h: torch.Tensor) -> torch.Tensor:
 
 
 @dataclasses.dataclass(frozen=True)
-class AdaRoundOptions:
-    """Knobs of the optimisation (defaults chosen by measurement on SmolLM2 Hessians, see the report)."""
+class AdaRoundConfig(MethodConfig):
+    """Options of ``adaround``: learned up/down rounding under the H-weighted output loss from GPTQ's codes,
+    exact single-flip descent, then a refit of the block scales to the final codes."""
 
-    iters: int = 100
-    """Adam steps per round."""
-    rounds: int = 2
-    """Rounds of (select uncertain columns, optimise, harden, keep improved rows)."""
-    lr: float = 0.3
-    lam: float = 2.0
-    """Regulariser weight (relative to the per-row normalised reconstruction term)."""
-    warmup: float = 0.1
-    """Fraction of each round's steps without the regulariser."""
-    beta_start: float = 20.0
-    beta_end: float = 2.0
-    soft_init: float = 0.6
-    """Start at ``h = 0.5 + soft_init * (h0 - 0.5)``: 1.0 starts exactly at the init's binary rounding."""
-    start: Literal["init", "frac"] = "init"
-    """Relaxed start: the init's rounding softened by ``soft_init``, or ``frac`` (relaxed weight = W)."""
-    tile_rows: int = 64
-    free_cols: int | None = 128
-    """Columns optimised per row tile and round; None: every column (plain AdaRound)."""
-    polish_steps: int = 200
-    """After the rounds, at most this many steps of exact single-flip descent (``greedy_flips``); 0: off."""
+    name: ClassVar[str] = "adaround"
+    needs: ClassVar[frozenset[str]] = frozenset({"hessian"})
+    default_calib_samples: ClassVar[int] = 128
+    """AdaRound fits H more closely than GPTQ and gains more from data (benchmarks/results/adaround_calibration.md)."""
 
-    def validate(self, method: str) -> None:
-        def bad(msg: str) -> UnsupportedSchemeError:
-            return UnsupportedSchemeError(f"{method} option {msg}")
+    init: Literal["gptq", "rtn"] = option(
+        "gptq", "the starting rounding (GPTQ's is what makes AdaRound work here)"
+    )
+    iters: int = option(100, "Adam steps per relaxation round")
+    rounds: int = option(
+        2, "rounds of: select uncertain columns, optimise, harden, keep the rows that improved"
+    )
+    lr: float = option(0.3, "Adam's learning rate on the relaxed rounding variables")
+    lam: float = option(2.0, "regulariser weight, relative to each row's normalised reconstruction term")
+    warmup: float = option(0.1, "fraction of each round's steps without the regulariser")
+    soft_init: float = option(
+        0.6, "relaxed start h = 0.5 + soft_init (h0 - 0.5); 1 starts at the init's rounding"
+    )
+    tile_rows: int = option(64, "rows that share one selection of free columns")
+    free_cols: int | None = option(128, "columns optimised per row tile and round; null: every column")
+    polish_steps: int = option(
+        200, "at most this many steps of exact single-flip descent after the rounds; 0: off"
+    )
+    percdamp: float = option(0.01, "GPTQ init: " + PERCDAMP_HELP)
+    act_order: bool = option(True, "GPTQ init: " + ACT_ORDER_HELP)
+    mse_clip: bool = option(False, "GPTQ init: " + MSE_CLIP_HELP)
+    refit_rounds: int = option(2, "GPTQ init: " + REFIT_ROUNDS_HELP)
+    final_refit: Literal["guarded", "full", "none"] | bool = option(
+        "guarded",
+        "refit the block scales to the final codes: guarded keeps a row's refit only where the first-position "
+        "guard allows it too (true/false: guarded/none; benchmarks/results/adaround_final_refit.md)",
+    )
+    guard_first_position: Literal["rest", "none"] | bool = option(
+        "rest",
+        "take a change only if it does not raise the loss over the tokens after each sequence's first position "
+        "either (SmolLM2 W4 g128 perplexity 33.24 without, 32.96 with it; true/false: rest/none)",
+    )
+    threads: int | None = option(1, THREADS_HELP)
+    device: str = option("cpu", "torch device of the relaxation and flip descent: cpu, cuda or cuda:N")
 
-        if self.iters < 0 or self.rounds < 0:
-            raise bad(f"iters={self.iters}/rounds={self.rounds}: use non-negative integers")
-        if self.start not in ("init", "frac"):
-            raise bad(f"start={self.start!r}: use 'init' or 'frac'")
-        if not 0 < self.soft_init <= 1:
-            raise bad(f"soft_init={self.soft_init}: use a value in (0, 1]")
-        if not 0 <= self.warmup < 1:
-            raise bad(f"warmup={self.warmup}: use a fraction in [0, 1)")
-        if self.tile_rows < 1 or (self.free_cols is not None and self.free_cols < 1):
-            raise bad(f"tile_rows={self.tile_rows}/free_cols={self.free_cols}: use positive integers")
-        if self.lr <= 0 or self.lam < 0:
-            raise bad(f"lr={self.lr}/lam={self.lam}: lr must be > 0 and lam >= 0")
+    def validate(self) -> None:
+        check_gptq_options(self)
+        for name, ok, what in (
+            ("iters", self.iters >= 0, "use an integer >= 0"),
+            ("rounds", self.rounds >= 0, "use an integer >= 0"),
+            ("polish_steps", self.polish_steps >= 0, "use an integer >= 0"),
+            ("soft_init", 0 < self.soft_init <= 1, "use a value in (0, 1]"),
+            ("warmup", 0 <= self.warmup < 1, "use a fraction in [0, 1)"),
+            ("tile_rows", self.tile_rows >= 1, "use a positive integer"),
+            ("free_cols", self.free_cols is None or self.free_cols >= 1, "use a positive integer, or null"),
+            ("lr", self.lr > 0, "use a value > 0"),
+            ("lam", self.lam >= 0, "use a value >= 0"),
+            (
+                "device",
+                self.device == "cpu" or re.fullmatch(r"cuda(:\d+)?", self.device),
+                "use 'cpu', 'cuda' or 'cuda:N'",
+            ),
+        ):
+            if not ok:
+                self.reject(name, what)
+        # true/false are spellings of the first mode and of "none": stored as the mode's name
+        for name, on in (("final_refit", "guarded"), ("guard_first_position", "rest")):
+            value = getattr(self, name)
+            if isinstance(value, bool):
+                object.__setattr__(self, name, on if value else "none")
+
+    def gptq(self) -> GPTQConfig:
+        """The options of the GPTQ init."""
+        return GPTQConfig(
+            percdamp=self.percdamp,
+            act_order=self.act_order,
+            mse_clip=self.mse_clip,
+            refit_rounds=self.refit_rounds,
+            threads=self.threads,
+        )
 
 
 @dataclasses.dataclass
@@ -200,7 +248,7 @@ def _optimise(
     hcc: torch.Tensor,
     inv_c: torch.Tensor,
     live: torch.Tensor,
-    opts: AdaRoundOptions,
+    opts: AdaRoundConfig,
 ) -> torch.Tensor:
     """Adam on ``V[T, R, m]`` for the loss ``2 d.g0 + d Hcc d^T`` (+ regulariser), ``d = s (h(V) - h0)``.
 
@@ -219,7 +267,7 @@ def _optimise(
         d = s * (h - h0)
         grad_h = scale * (g0 + torch.bmm(d, hcc))
         if it >= n_warm and opts.lam > 0:
-            beta = opts.beta_start + (opts.beta_end - opts.beta_start) * (it - n_warm) / span
+            beta = BETA_START + (BETA_END - BETA_START) * (it - n_warm) / span
             t = 2 * h - 1
             grad_h -= (2 * opts.lam * beta) * t.abs().pow(beta - 1) * t.sign()
         inside = (hu > 0) & (hu < 1) & live
@@ -238,17 +286,16 @@ def greedy_flips(
 
     Each step flips, in every row where it helps, the one weight whose flip lowers that row's loss most
     (exact change ``2 s dh g + s^2 H_jj``), then updates the row's gradient ``g = dW H`` by one row of H.
-    Stops at a local minimum of single flips. Returns the number of flips made. With ``guard`` (more mean
-    Hessians, ``[G, K, K]`` or one ``[K, K]``), only flips that do not raise the row's loss under any of
-    them either are taken.
+    Stops at a local minimum of single flips. Returns the number of flips made. With ``guard`` (another
+    mean Hessian ``[K, K]``), only flips that do not raise the row's loss under it either are taken.
     """
     hm32 = hm.to(torch.float32)
     hdiag = torch.diagonal(hm32)
     g = (st.dequantize() - st.w) @ hm32
     cost = st.s * st.s * hdiag[None, :]
-    gm32 = None if guard is None else _stacked(guard).to(torch.float32)
+    gm32 = None if guard is None else guard[None].to(torch.float32)  # [1, K, K]
     if gm32 is not None:
-        g_guard = (st.dequantize() - st.w)[None] @ gm32  # [G, N, K]
+        g_guard = (st.dequantize() - st.w)[None] @ gm32  # [1, N, K]
         cost_guard = st.s[None] * st.s[None] * torch.diagonal(gm32, dim1=1, dim2=2)[:, None, :]
     rows = torch.arange(st.w.shape[0], device=st.w.device)
     tol = 1e-6 * cost.mean(dim=1)
@@ -274,22 +321,14 @@ def greedy_flips(
     return flips
 
 
-def _stacked(guard: torch.Tensor) -> torch.Tensor:
-    """Guards as ``[G, K, K]`` (one ``[K, K]`` guard is a stack of one)."""
-    return guard if guard.dim() == 3 else guard[None]
-
-
-def _guard_losses(d: torch.Tensor, guards: torch.Tensor) -> torch.Tensor:
-    """``[G, N]``: each row's loss under each guard."""
-    return torch.stack([row_quadratic_forms(d, g) for g in _stacked(guards)])
-
-
 def adaround_refine(
-    st: RoundingState, hm: torch.Tensor, opts: AdaRoundOptions, guard: torch.Tensor | None = None
+    st: RoundingState, hm: torch.Tensor, opts: AdaRoundConfig, guard: torch.Tensor | None = None
 ) -> tuple[RoundingState, dict[str, float]]:
     """Run ``opts.rounds`` rounds of AdaRound on ``st`` (modified in place) with mean Hessian ``hm``
-    (float64 ``[K, K]``). Returns the state and stats: ``nonbinary_frac`` (relaxed values not exactly 0/1
-    before hardening), ``flipped_frac`` (codes changed vs the start), ``rows_improved_frac``."""
+    (float64 ``[K, K]``), then ``opts.polish_steps`` of flip descent; with ``guard`` (another mean Hessian)
+    no accepted change raises a row's loss under it either. Returns the state and stats:
+    ``nonbinary_frac`` (relaxed values not exactly 0/1 before hardening), ``flipped_frac`` (codes changed
+    vs the start), ``rows_improved_frac``."""
     n, k = st.w.shape
     hm64 = hm.to(torch.float64)
     hm32 = hm64.to(torch.float32)
@@ -298,8 +337,8 @@ def adaround_refine(
     inv_c = torch.where(cost > 0, 1 / cost, torch.zeros_like(cost))[:, None]
     h_start = st.h.clone()
     loss = row_quadratic_forms(st.dequantize() - st.w, hm64)
-    guard64 = None if guard is None else _stacked(guard).to(torch.float64)
-    loss_guard = None if guard64 is None else _guard_losses(st.dequantize() - st.w, guard64)
+    guard64 = None if guard is None else guard.to(torch.float64)
+    loss_guard = None if guard64 is None else row_quadratic_forms(st.dequantize() - st.w, guard64)
     nonbinary = total_free = 0
     improved = torch.zeros(n, dtype=torch.bool, device=st.w.device)
     dense = opts.free_cols is None or opts.free_cols >= k
@@ -314,11 +353,6 @@ def adaround_refine(
         h0 = _tiles(st.h, tile, idx)
         live = _tiles(st.live.to(torch.float32), tile, idx) > 0
         h_soft = 0.5 + opts.soft_init * (h0 - 0.5)
-        if opts.start == "frac":  # the paper's start: the relaxed weight equals W (clipped to the pair)
-            frac = (st.w / torch.where(st.live, st.s, torch.ones_like(st.s)) + st.z - st.base).clamp(
-                0.01, 0.99
-            )
-            h_soft = _tiles(frac, tile, idx)
         v = inverse_rectified_sigmoid(torch.where(live, h_soft, h0))
         h_rel = _optimise(
             v,
@@ -334,14 +368,13 @@ def adaround_refine(
         nonbinary += int(((h_rel > 0) & (h_rel < 1) & live).sum())
         total_free += int(live.sum())
         h_hard = (h_rel >= 0.5).to(h0.dtype)
-        assert bool(((h_hard == 0) | (h_hard == 1)).all())
         h_new = _untile(h_hard, st.h, idx)
         new_loss = row_quadratic_forms(st.dequantize(h_new) - st.w, hm64)
         keep = new_loss <= loss
         if guard64 is not None and loss_guard is not None:
-            new_guard = _guard_losses(st.dequantize(h_new) - st.w, guard64)
-            keep &= (new_guard <= loss_guard).all(dim=0)
-            loss_guard = torch.where(keep[None], new_guard, loss_guard)
+            new_guard = row_quadratic_forms(st.dequantize(h_new) - st.w, guard64)
+            keep &= new_guard <= loss_guard
+            loss_guard = torch.where(keep, new_guard, loss_guard)
         improved |= keep & (new_loss < loss)
         st.h = torch.where(keep[:, None], h_new, st.h)
         loss = torch.where(keep, new_loss, loss)
@@ -357,34 +390,12 @@ def adaround_refine(
     return st, info
 
 
-def init_rounding(
-    w: np.ndarray,
-    scheme: QuantScheme,
-    prep: hs.PreparedHessian,
-    init: str,
-    *,
-    site: str,
-    percdamp: float,
-    act_order: bool,
-    mse_clip: bool,
-    refit_rounds: int = 0,
-    h_raw: np.ndarray | None = None,
-) -> tuple[QuantizedWeight, dict[str, float]]:
+def init_rounding(site: Site, config: AdaRoundConfig) -> tuple[QuantizedWeight, dict[str, float]]:
     """The starting rounding: GPTQ's (with its fallback policy and scale refits) or round-to-nearest."""
-    if init == "gptq":
-        return gptq_quantize(
-            w,
-            prep,
-            scheme,
-            site=site,
-            percdamp=percdamp,
-            act_order=act_order,
-            mse_clip=mse_clip,
-            refit_rounds=refit_rounds,
-            h_raw=h_raw,
-        )
-    codes, scales, zps = round_to_nearest(w, scheme)
-    return QuantizedWeight(codes, scales, zps, scheme), {"fallback": 0.0}
+    if config.init == "gptq":
+        return gptq_quantize(site, config.gptq())
+    codes, scales, zps = round_to_nearest(site.w, site.scheme)
+    return QuantizedWeight(codes, scales, zps, site.scheme), {"fallback": 0.0}
 
 
 def state_from(w: np.ndarray, qw: QuantizedWeight) -> RoundingState:
@@ -398,309 +409,116 @@ def state_from(w: np.ndarray, qw: QuantizedWeight) -> RoundingState:
     return RoundingState.from_codes(torch.from_numpy(w), s, z, codes, qw.scheme.qmax)
 
 
-def site_metrics(
-    w: np.ndarray, wq: np.ndarray, h: np.ndarray, n_tokens: int, extra: dict[str, np.ndarray]
-) -> dict[str, float]:
-    """proxy_loss, sqnr_db, output_sqnr_db, and ``proxy_loss_<name>`` for each reference rounding."""
-    m = site_quality(w, wq, h, n_tokens)
-    for name, ref in extra.items():
-        m[f"proxy_loss_{name}"] = quadratic_form(ref - w, h) / max(n_tokens, 1)
-    return m
+def first_position_guard(stats: SiteStats) -> torch.Tensor | None:
+    """Mean ``X^T X`` over every position but each sequence's first (float64 ``[K, K]``), or None without
+    the ``FIRST_POSITION`` statistics.
+
+    Why: the first position's massive activations can own nearly all of H; a change that lowers
+    ``tr(dW H dW^T)`` may then serve that one token and cost all the others."""
+    first = stats.extra.get(FIRST_POSITION)
+    if first is None or stats.hessian is None:
+        return None
+    n_first = int(stats.extra[FIRST_POSITION_TOKENS])
+    n_rest = stats.n_tokens - n_first
+    return hs.mean_hessian(stats.hessian - first, n_rest) if n_rest > 0 else None
 
 
-@register_method
-@dataclasses.dataclass
+def refit_final_scales(
+    site: Site, qw: QuantizedWeight, guard: torch.Tensor | None, info: dict[str, float]
+) -> QuantizedWeight:
+    """``qw`` with its block scales refit to its codes under the site's Hessian, row by row where that
+    does not raise the row's loss under ``guard`` either (the same rule as the flips)."""
+    w = site.w
+    refit = refit_scales(w, qw.codes, qw.scales, qw.zero_points, qw.scheme, site.h)
+    take = np.any(refit != qw.scales, axis=1)
+    if guard is not None and take.any():
+        new = QuantizedWeight(qw.codes, refit, qw.zero_points, qw.scheme)
+        after = row_quadratic_forms(torch.from_numpy(new.dequantize() - w), guard)
+        before = row_quadratic_forms(torch.from_numpy(qw.dequantize() - w), guard)
+        take &= (after <= before).numpy()
+    info["final_refit_rows"] = float(take.mean())
+    if not take.any():
+        return qw
+    return QuantizedWeight(qw.codes, np.where(take[:, None], refit, qw.scales), qw.zero_points, qw.scheme)
+
+
+@register_method(AdaRoundConfig)
 class AdaRound:
-    """Method ``adaround``: learned up/down rounding under the H-weighted output loss, from GPTQ's codes,
-    then exact single-flip descent (``polish_steps``), on the init's grid; then the block scales are refit
-    to the final codes (``final_refit``)."""
+    """Method ``adaround`` (see the module docstring)."""
 
-    name: ClassVar[str] = "adaround"
-    default_calib_samples: ClassVar[int] = 128
-    """Calibration sequences (of 256 tokens) the API and CLIs use for this method unless told otherwise;
-    32 for GPTQ. AdaRound fits H more closely than GPTQ, so it gains more from data: SmolLM2-135M W4 g128,
-    whole evaluation split (119291 tokens), paired vs ``gptq`` calibrated the same way: 32 sequences
-    29.154 vs 29.156 (-0.0000 +- 0.0018 nats/token), 128 sequences 28.489 vs 28.798 (-0.0108 +- 0.0015);
-    its layer-loss gain over GPTQ on held-out statistics grows from 2.7% to 3.8%
-    (benchmarks/results/adaround_calibration.md)."""
+    config: AdaRoundConfig
 
-    init: Literal["gptq", "rtn"] = "gptq"
-    iters: int = AdaRoundOptions.iters
-    rounds: int = AdaRoundOptions.rounds
-    lr: float = AdaRoundOptions.lr
-    lam: float = AdaRoundOptions.lam
-    warmup: float = AdaRoundOptions.warmup
-    soft_init: float = AdaRoundOptions.soft_init
-    start: Literal["init", "frac"] = AdaRoundOptions.start
-    tile_rows: int = AdaRoundOptions.tile_rows
-    free_cols: int | None = AdaRoundOptions.free_cols
-    polish_steps: int = AdaRoundOptions.polish_steps
-    percdamp: float = 0.01
-    act_order: bool = True
-    mse_clip: bool = False
-    refit_rounds: int = GPTQ.refit_rounds
-    """Scale refits of the GPTQ init (see ``GPTQ.refit_rounds``); AdaRound then rounds on that grid."""
-    final_refit: Literal["guarded", "full", "none"] | bool = "guarded"
-    """End with a closed-form refit of the block scales to the final codes under H (``refit_scales``), as
-    the GPTQ init does after its own rounding: ``guarded`` keeps a row's new scales only where they do not
-    raise its loss over the tokens after each sequence's first position either (the flips' rule), ``full``
-    takes every refit row, ``none`` keeps the init's scales (True / False mean guarded / none). SmolLM2-135M,
-    16384 eval tokens, nats/token vs ``gptq`` (+- s.e.): W4 g128 none +0.0085 (0.0047), guarded +0.0108
-    (0.0052), full +0.0154 (0.0046); W3 g128 none +0.0081 (0.0093), guarded -0.0184 (0.0094), full -0.0393
-    (0.0098) (benchmarks/results/adaround_final_refit.md)."""
-    guard_first_position: Literal["rest", "both", "none"] | bool = True
-    """Take a flip (or a relaxation round's new row, or a refit row) only if it does not raise the loss over
-    the tokens *after* each sequence's first position either (``rest``; ``FIRST_POSITION`` statistics), or
-    neither that loss nor the loss over the first positions alone (``both``); True / False mean rest / none.
-    The first position's massive activations can own nearly all of H; then flips that lower
-    ``tr(dW H dW^T)`` serve that one token and cost the others. Measured on SmolLM2-135M W4 g128, 32768 eval
-    tokens (GPTQ: 32.92): perplexity 33.24 without the guard, 32.96 with it. ``both`` keeps about a third
-    of the flips (layer loss 1.8% below GPTQ instead of 4.8%) and was not better: whole evaluation split,
-    32 calibration sequences, nats/token vs ``gptq`` +0.0026 +- 0.0017 against -0.0000 +- 0.0018 for ``rest``."""
-    target: Literal["fp", "layer"] = "layer"
-    """``layer`` (default): the layer's own output on the same input, ``tr(dW H dW^T)``, as GPTQ.
-    ``fp`` (experimental): match the full-precision model's output of the layer,
-    ``|X_q Wq^T - X_fp W^T|`` (the AdaRound paper's asymmetric reconstruction, also GPTAQ's idea); needs
-    sequential calibration, which then also runs the fp path. Measured on SmolLM2-135M W4 g128 (32768 eval
-    tokens): it *hurts* badly, perplexity 164.6 (``target_damp=0.01``) and 89.8 (``target_damp=1``) vs
-    33.24 with ``layer``: the correction ``W~ - W`` grows layer after layer (proxy loss vs W up to 100x,
-    weight SQNR -2 to -9 dB), fitting upstream error that is dominated by the first position's massive
-    activations (up to 99.9% of trace(H) in some down_proj inputs)."""
-    target_damp: float = 0.01
-    """Ridge of the fp target's solve (``hessian.fp_target_weight``), relative to the mean diagonal of H."""
-    seed: int = 0
-    threads: int | None = 1
-    """torch intra-op threads while rounding (see ``gptq.torch_threads``); None keeps torch's setting."""
-    device: str = "cpu"
-    """torch device of the relaxation and flip descent (``cpu``, ``cuda``, ``cuda:N``); the GPTQ init and
-    the metrics stay on the CPU."""
-
-    @property
-    def needs(self) -> frozenset[str]:  # type: ignore[override]
-        return frozenset({"hessian", FP_CROSS}) if self.target == "fp" else frozenset({"hessian"})
-
-    def __post_init__(self) -> None:
-        if self.target not in ("fp", "layer"):
-            raise UnsupportedSchemeError(f"{self.name} option target={self.target!r}: use 'fp' or 'layer'")
-        if not 0 < self.target_damp < 10:
-            raise UnsupportedSchemeError(
-                f"{self.name} option target_damp={self.target_damp!r}: use a value in (0, 10)"
+    def __init__(self, config: AdaRoundConfig) -> None:
+        if config.device != "cpu" and not torch.cuda.is_available():
+            raise InvalidOptionError(
+                f"{config.name} option device={config.device!r}: torch {torch.__version__} sees no CUDA "
+                "device here; use 'cpu'"
             )
-        if self.init not in ("gptq", "rtn"):
-            raise UnsupportedSchemeError(f"{self.name} option init={self.init!r}: use 'gptq' or 'rtn'")
-        check_device(self.device, self.name)
-        self._guard_mode()  # both raise a one-line error on a value they do not know
-        self._refit_mode()
-        if not (isinstance(self.refit_rounds, int) and self.refit_rounds >= 0):
-            raise UnsupportedSchemeError(
-                f"{self.name} option refit_rounds={self.refit_rounds!r}: use an integer >= 0"
-            )
-        self.options().validate(self.name)
-
-    def options(self) -> AdaRoundOptions:
-        return AdaRoundOptions(
-            iters=self.iters,
-            rounds=self.rounds,
-            lr=self.lr,
-            lam=self.lam,
-            warmup=self.warmup,
-            soft_init=self.soft_init,
-            start=self.start,
-            tile_rows=self.tile_rows,
-            free_cols=self.free_cols,
-            polish_steps=self.polish_steps,
-        )
+        self.config = config
 
     def quantize(
         self, weight: np.ndarray, scheme: QuantScheme, stats: SiteStats | None = None, *, site: str = "?"
     ) -> QuantizedWeight:
-        with torch_threads(self.threads):
-            return self._quantize(weight, scheme, stats, site)
-
-    def _quantize(
-        self, weight: np.ndarray, scheme: QuantScheme, stats: SiteStats | None, site: str
-    ) -> QuantizedWeight:
-        _check_scheme(scheme, self.name)
-        t0 = time.perf_counter()
-        torch.manual_seed(self.seed)  # the method draws no random numbers today; keep it reproducible anyway
-        w = np.ascontiguousarray(weight, dtype=np.float32)
-        check_finite(w, f"site {site}: weight")
-        k = w.shape[1]
-        h_raw = stats.hessian if stats is not None else None
-        prep = hs.prepare(h_raw, k, site)
-        assert stats is not None and h_raw is not None
-        cross = stats.extra.get(FP_CROSS) if self.target == "fp" else None
-        # Without the fp path's statistics (one-pass calibration, or nothing quantized upstream yet) X_fp
-        # is X_q and the fp target is W itself.
-        target = (
-            w
-            if cross is None or cross is h_raw
-            else hs.fp_target_weight(w, h_raw, cross, self.target_damp, site)
-        )
-        init_qw, info = init_rounding(
-            target,
-            scheme,
-            prep,
-            self.init,
-            site=site,
-            percdamp=self.percdamp,
-            act_order=self.act_order,
-            mse_clip=self.mse_clip,
-            refit_rounds=self.refit_rounds,
-            h_raw=h_raw,
-        )
-        init_wq = init_qw.dequantize()
-        qw = init_qw
-        if not info.get("fallback"):
-            guard = self._guard(stats)  # mean Hessian(s): built once for the refinement and the refit
-            qw, more = self.refine(target, init_qw, h_raw, stats.n_tokens, site, guard)
-            info.update(more)
-            mode = self._refit_mode()
-            if mode != "none":
-                qw = self._final_refit(target, qw, h_raw, guard if mode == "guarded" else None, info)
-        rtn_codes, rtn_s, rtn_z = round_to_nearest(w, scheme)  # the rtn method's default
-        refs = {"init": init_wq, "rtn": QuantizedWeight(rtn_codes, rtn_s, rtn_z, scheme).dequantize()}
-        qw.metrics.update(site_metrics(w, qw.dequantize(), h_raw, stats.n_tokens, refs))
-        if target is not w:  # the loss the method minimised (up to a constant), final and at its init
-            n = max(stats.n_tokens, 1)
-            qw.metrics["fp_target_loss"] = quadratic_form(qw.dequantize() - target, h_raw) / n
-            qw.metrics["fp_target_loss_init"] = quadratic_form(init_wq - target, h_raw) / n
-        qw.metrics.update(info)
-        qw.metrics["time_s"] = time.perf_counter() - t0
-        return qw
-
-    def _refit_mode(self) -> str:
-        return _mode(self.name, "final_refit", self.final_refit, ("guarded", "full", "none"))
-
-    def _final_refit(
-        self,
-        w: np.ndarray,
-        qw: QuantizedWeight,
-        h: np.ndarray,
-        guard: torch.Tensor | None,
-        info: dict[str, float],
-    ) -> QuantizedWeight:
-        """``qw`` with its block scales refit to its codes under ``h``, row by row where that does not
-        raise the row's loss under ``guard`` either (the same rule as the flips)."""
-        refit = refit_scales(w, qw.codes, qw.scales, qw.zero_points, qw.scheme, h)
-        take = np.any(refit != qw.scales, axis=1)
-        if guard is not None and take.any():
-            new = QuantizedWeight(qw.codes, refit, qw.zero_points, qw.scheme)
-            after = _guard_losses(torch.from_numpy(new.dequantize() - w), guard)
-            before = _guard_losses(torch.from_numpy(qw.dequantize() - w), guard)
-            take &= (after <= before).all(dim=0).numpy()
-        info["final_refit_rows"] = float(take.mean())
-        if not take.any():
-            return qw
-        return QuantizedWeight(qw.codes, np.where(take[:, None], refit, qw.scales), qw.zero_points, qw.scheme)
-
-    def _guard(self, stats: SiteStats) -> torch.Tensor | None:
-        """Mean ``X^T X`` over every position but the first (``rest``), and over the first positions too
-        (``both``: a ``[2, K, K]`` stack), as ``guard_first_position`` asks."""
-        first = stats.extra.get(FIRST_POSITION)
-        mode = self._guard_mode()
-        if mode == "none" or first is None or stats.hessian is None:
-            return None
-        n_first = int(stats.extra[FIRST_POSITION_TOKENS])
-        n_rest = stats.n_tokens - n_first
-        if n_rest <= 0:
-            return None
-        rest = hs.mean_hessian(stats.hessian - first, n_rest)
-        return torch.stack([rest, hs.mean_hessian(first, n_first)]) if mode == "both" else rest
-
-    def _guard_mode(self) -> str:
-        return _mode(self.name, "guard_first_position", self.guard_first_position, ("rest", "both", "none"))
+        config = self.config
+        with torch_threads(config.threads):
+            opened = open_site(config.name, weight, scheme, stats, site)
+            init_qw, info = init_rounding(opened, config)
+            qw = init_qw
+            if not info.get("fallback"):
+                guard = first_position_guard(opened.stats) if config.guard_first_position == "rest" else None
+                qw, more = self.refine(opened, init_qw, guard)
+                info.update(more)
+                if config.final_refit != "none":
+                    qw = refit_final_scales(
+                        opened, qw, guard if config.final_refit == "guarded" else None, info
+                    )
+            return site_report(opened, qw, info, init=init_qw.dequantize())
 
     def refine(
-        self,
-        w: np.ndarray,
-        init_qw: QuantizedWeight,
-        h: np.ndarray,
-        n_tokens: int,
-        site: str,
-        guard: torch.Tensor | None = None,
+        self, site: Site, init_qw: QuantizedWeight, guard: torch.Tensor | None
     ) -> tuple[QuantizedWeight, dict[str, float]]:
         """Improve ``init_qw`` (same grid); subclasses may also change the scales. ``guard``: a mean
-        Hessian under which no accepted change may raise a row's loss (see ``adaround_refine``)."""
-        return refine(w, init_qw, h, n_tokens, self.options(), site, guard, self.device)
+        Hessian under which no accepted change may raise a row's loss (see ``adaround_refine``).
+        Keeps the init if the result is not better (row-wise acceptance makes that impossible, the check
+        guards the guarantee)."""
+        st, info = refine_on(state_from(site.w, init_qw), site, self.config, guard)
+        qw = QuantizedWeight(
+            codes_of(st, init_qw.scheme, site.name), init_qw.scales, init_qw.zero_points, init_qw.scheme
+        )
+        return keep_better(site, init_qw, qw, info), info
 
 
 def codes_of(st: RoundingState, scheme: QuantScheme, site: str) -> np.ndarray:
     """The state's codes as uint8, after checking they are integers on the code range."""
     codes = st.codes()
     if not bool(((codes >= 0) & (codes <= scheme.qmax) & (codes == codes.round())).all()):
-        raise AssertionError(f"site {site}: rounding produced codes off the integer grid")
+        raise InternalError(f"site {site}: rounding produced codes off the integer grid")
     return codes.to(torch.uint8).numpy()
 
 
 def keep_better(
-    w: np.ndarray,
-    init_qw: QuantizedWeight,
-    qw: QuantizedWeight,
-    h: np.ndarray,
-    site: str,
-    info: dict[str, float],
+    site: Site, init_qw: QuantizedWeight, qw: QuantizedWeight, info: dict[str, float]
 ) -> QuantizedWeight:
     """``qw`` unless its loss exceeds the init's (then the init, with ``kept_init = 1`` in ``info``)."""
+    w, h = site.w, site.h
     info["kept_init"] = 0.0
     if quadratic_form(qw.dequantize() - w, h) > quadratic_form(init_qw.dequantize() - w, h):
-        logger.warning("site %s: refinement did not improve on its init; keeping the init", site)
+        logger.warning("site %s: refinement did not improve on its init; keeping the init", site.name)
         info["kept_init"] = 1.0
         return init_qw
     return qw
 
 
-def _mode(method: str, option: str, value: object, modes: tuple[str, ...]) -> str:
-    """An option's mode: ``value`` itself, True for the first of ``modes``, False for ``"none"`` (the
-    last); a one-line error naming ``option`` for anything else."""
-    mode = value if isinstance(value, str) else {True: modes[0], False: "none"}.get(value, value)  # type: ignore[call-overload]
-    if mode not in modes:
-        choices = ", ".join(repr(m) for m in modes[:-1]) + f" or {modes[-1]!r}"
-        raise UnsupportedSchemeError(f"{method} option {option}={value!r}: use {choices}")
-    return mode  # type: ignore[return-value]
-
-
-def check_device(device: str, method: str) -> None:
-    """One-line error unless ``device`` is ``cpu`` or a CUDA device that torch can use here."""
-    if not isinstance(device, str) or not (device == "cpu" or re.fullmatch(r"cuda(:\d+)?", device)):
-        raise UnsupportedSchemeError(f"{method} option device={device!r}: use 'cpu', 'cuda' or 'cuda:N'")
-    if device != "cpu" and not torch.cuda.is_available():
-        raise UnsupportedSchemeError(
-            f"{method} option device={device!r}: torch {torch.__version__} sees no CUDA device here; use 'cpu'"
-        )
-
-
 def refine_on(
-    st: RoundingState,
-    hm: torch.Tensor,
-    opts: AdaRoundOptions,
-    guard: torch.Tensor | None,
-    device: str = "cpu",
+    st: RoundingState, site: Site, config: AdaRoundConfig, guard: torch.Tensor | None
 ) -> tuple[RoundingState, dict[str, float]]:
-    """``adaround_refine`` run on ``device``; the returned state is on the CPU again."""
-    if device == "cpu":
-        return adaround_refine(st, hm, opts, guard)
+    """``adaround_refine`` of ``st`` under the site's mean Hessian, run on ``config.device``; the returned
+    state is on the CPU."""
+    hm = hs.mean_hessian(site.h, site.n_tokens)
+    if config.device == "cpu":
+        return adaround_refine(st, hm, config, guard)
+    device = config.device
     out, info = adaround_refine(
-        st.to(device), hm.to(device), opts, None if guard is None else guard.to(device)
+        st.to(device), hm.to(device), config, None if guard is None else guard.to(device)
     )
     return out.to("cpu"), info
-
-
-def refine(
-    w: np.ndarray,
-    init_qw: QuantizedWeight,
-    h: np.ndarray,
-    n_tokens: int,
-    opts: AdaRoundOptions,
-    site: str,
-    guard: torch.Tensor | None = None,
-    device: str = "cpu",
-) -> tuple[QuantizedWeight, dict[str, float]]:
-    """AdaRound from ``init_qw``'s codes and scales; keeps the init if the result is not better
-    (row-wise acceptance makes that impossible, the check guards the guarantee)."""
-    st = state_from(w, init_qw)
-    st, info = refine_on(st, hs.mean_hessian(h, n_tokens), opts, guard, device)
-    qw = QuantizedWeight(
-        codes_of(st, init_qw.scheme, site), init_qw.scales, init_qw.zero_points, init_qw.scheme
-    )
-    return keep_better(w, init_qw, qw, h, site, info), info

@@ -20,13 +20,12 @@ from ..records import QuantizedWeight
 from ..scheme import QuantScheme
 
 __all__ = [
+    "DEFAULT_CALIB_SAMPLES",
     "FIRST_POSITION",
     "FIRST_POSITION_TOKENS",
-    "FP_CROSS",
-    "DEFAULT_CALIB_SAMPLES",
     "METHODS",
-    "MethodConfig",
     "SINK_SITES",
+    "MethodConfig",
     "RoundingMethod",
     "SiteStats",
     "build_method",
@@ -37,11 +36,6 @@ __all__ = [
     "weight_first_position",
 ]
 
-
-FP_CROSS = "fp_cross"
-"""``SiteStats.extra`` key of ``G = sum X_q^T X_fp``: the activation seen with earlier blocks quantized
-(``X_q``, the one ``H`` is built from) against the full-precision model's activation for the same tokens
-(``X_fp``). Methods minimising ``|X_q Wq^T - X_fp W^T|`` (the fp-target objective) need it."""
 
 FIRST_POSITION = "hessian_first_position"
 """``SiteStats.extra`` key of ``sum x_0^T x_0`` over the *first* position of every calibration sequence
@@ -151,7 +145,9 @@ def register_method(config_cls: type[MethodConfig]) -> Callable[[type], type]:
 
 def method_class(name: str) -> type[MethodConfig]:
     if name not in METHODS:
-        raise InvalidOptionError(f"unknown rounding method {name!r}; choose one of {', '.join(sorted(METHODS))}")
+        raise InvalidOptionError(
+            f"unknown rounding method {name!r}; choose one of {', '.join(sorted(METHODS))}"
+        )
     return METHODS[name]
 
 

@@ -20,61 +20,27 @@ Implementation notes (why, not what):
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import logging
-import time
-from collections.abc import Iterator
-from typing import ClassVar
+import functools
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
+from ..options import option
 from ..records import QuantizedWeight
-from ..scheme import DataType, QuantScheme
+from ..scheme import QuantScheme
 from . import hessian as hs
-from .base import SiteStats, register_method
-from .grid import check_finite, grid_params
-from .metrics import proxy_loss, row_quadratic_forms, site_quality
-from .rtn import clip_ratios, mse_clip_search
+from .base import MethodConfig, SiteStats, register_method
+from .calibrated import Site, open_site, site_report, torch_threads
+from .grid import grid_params
+from .metrics import row_quadratic_forms
+from .rtn import CLIP_GRID, round_to_nearest
 from .scales import refit_scales
 
-__all__ = ["GPTQ", "block_grid", "gptq_round", "quantize_columns", "round_to_nearest"]
-
-logger = logging.getLogger(__name__)
+__all__ = ["GPTQ", "GPTQConfig", "block_grid", "gptq_quantize", "gptq_round", "quantize_columns"]
 
 _TINY = 1e-12
-# Clip factors tried by the MSE clip search: the same grid as the ``rtn`` method's default (1.0 first).
-CLIP_GRID: np.ndarray = clip_ratios(16, 0.5)
-
-
-@contextlib.contextmanager
-def torch_threads(n: int | None) -> Iterator[None]:
-    """Run torch on ``n`` intra-op threads inside the block (None: leave as is).
-
-    The rounding loops issue thousands of small ops; with OpenMP threads on a busy 2-core machine each op
-    waits at a barrier for a descheduled peer (measured in the pipeline: GPTQ 6 s instead of 0.3 s per site,
-    ``cholesky_inverse`` 1.9 s instead of 0.01 s), so the methods default to one thread.
-    """
-    if n is None or n == torch.get_num_threads():
-        yield
-        return
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
-def _check_scheme(scheme: QuantScheme, method: str) -> None:
-    if scheme.data_type is not DataType.INT:
-        from ..errors import UnsupportedSchemeError
-
-        raise UnsupportedSchemeError(
-            f"method {method} rounds onto a uniform integer grid; data_type={scheme.data_type.value} "
-            "is not supported (use data_type=int)"
-        )
 
 
 def quantize_columns(
@@ -144,16 +110,6 @@ def _expand(per_block: np.ndarray, g: int, k: int) -> torch.Tensor:
     return torch.from_numpy(np.repeat(per_block.astype(np.float32), g, axis=1)[:, :k].copy())
 
 
-def round_to_nearest(
-    w: np.ndarray, scheme: QuantScheme, mse_clip: bool = False
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Round-to-nearest exactly as the ``rtn`` method does it (min-max by default, per-block MSE clip
-    search with ``mse_clip=True``): the baseline in metrics and the fallback. Codes, scales, zps."""
-    ratios = CLIP_GRID if mse_clip else np.ones(1, np.float32)
-    scales, zps, codes, _, _ = mse_clip_search(np.ascontiguousarray(w, dtype=np.float32), scheme, ratios)
-    return codes, scales, zps
-
-
 def gptq_round(
     w: torch.Tensor,
     upper: torch.Tensor,
@@ -213,9 +169,8 @@ def gptq_round(
                 scales[:, col // g] = s_b
                 width = min(g, k - col)
                 s_cols[:, col : col + width] = torch.from_numpy(s_b)[:, None]
-                if zps is not None and z_b is not None:
+                if zps is not None and z_b is not None and isinstance(z_cols, torch.Tensor):
                     zps[:, col // g] = z_b
-                    assert isinstance(z_cols, torch.Tensor)
                     z_cols[:, col : col + width] = torch.from_numpy(z_b.astype(np.float32))[:, None]
             z = z_cols[:, col] if isinstance(z_cols, torch.Tensor) else z_cols
             wc = w1[:, j]
@@ -233,139 +188,100 @@ def gptq_round(
     return codes.to(torch.uint8), scales, zps, wq
 
 
-def _metrics(
-    w: np.ndarray, qw: QuantizedWeight, h: np.ndarray, n_tokens: int, rtn: QuantizedWeight | None
-) -> dict[str, float]:
-    m = site_quality(w, qw.dequantize(), h, n_tokens)
-    if rtn is not None:
-        m["proxy_loss_rtn"] = proxy_loss(w, rtn.dequantize(), h, n_tokens)
-    return m
+PERCDAMP_HELP = (
+    "dampening added to diag H, relative to its mean (retried x10 while H is not positive definite)"
+)
+ACT_ORDER_HELP = (
+    "round columns in descending diag H order, with static groups (no g_idx): a lower layer loss than natural "
+    "order on 20 of 20 SmolLM2 W4 g128 sites"
+)
+MSE_CLIP_HELP = "search each group's clip factor for the least squared rounding error"
+REFIT_ROUNDS_HELP = (
+    "closed-form refits of the block scales to the codes under H, each after one more GPTQ pass on the refit "
+    "grid (SmolLM2 W4 g128 perplexity 31.44, 31.20, 30.66 with 0, 1, 2)"
+)
+THREADS_HELP = (
+    "torch intra-op threads while rounding (one: on busy cores each small op waits for its peers); "
+    "null keeps torch's setting"
+)
 
 
-@register_method
-@dataclasses.dataclass
-class GPTQ:
-    """Method ``gptq``: Hessian-aware error-feedback rounding (options: see the fields)."""
+def check_gptq_options(config: Any) -> None:
+    """Range checks of the options that ``gptq`` and AdaRound's GPTQ init share (``config`` has them)."""
+    for name, ok, what in (
+        ("percdamp", 0 <= config.percdamp < 10, "use a value in [0, 10)"),
+        ("refit_rounds", config.refit_rounds >= 0, "use an integer >= 0"),
+        ("threads", config.threads is None or config.threads >= 1, "use a positive integer, or null"),
+    ):
+        if not ok:
+            config.reject(name, what)
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTQConfig(MethodConfig):
+    """Options of ``gptq``: Hessian-aware error-feedback rounding."""
 
     name: ClassVar[str] = "gptq"
     needs: ClassVar[frozenset[str]] = frozenset({"hessian"})
 
-    percdamp: float = 0.01
-    """Dampening added to the diagonal, relative to its mean (retried x10 if not positive definite)."""
-    block_size: int = 128
-    """Lazy-batch width (columns updated together); rounded up to a multiple of the group size."""
-    act_order: bool = True
-    """Round columns in descending ``diag H`` order (static natural-order groups: no g_idx needed).
-    On by default: better proxy loss than natural order on 20 of 20 SmolLM2 sites measured (W4 g128)."""
-    mse_clip: bool = False
-    """Search a clip factor per group (``CLIP_GRID``) minimising the group's squared rounding error."""
-    refit_rounds: int = 2
-    """Rounds of scale refitting: after rounding, re-solve each row's block scales for the chosen codes in
-    closed form under H (``scales.py``; a row keeps its scales where that would not lower its loss); each
-    further round first re-runs GPTQ on the refit grid (a row keeps the better of the two roundings).
-    Measured on SmolLM2 W4 g128 (2048 eval tokens): perplexity 31.44 with 0 rounds, 31.20 with 1, 30.66
-    with 2; each round beyond the first costs one more GPTQ pass."""
-    threads: int | None = 1
-    """torch intra-op threads while rounding (see ``torch_threads``); None keeps torch's setting."""
+    percdamp: float = option(0.01, PERCDAMP_HELP)
+    block_size: int = option(
+        128, "lazy-batch width in columns (rounded up to a multiple of the group size); changes speed only"
+    )
+    act_order: bool = option(True, ACT_ORDER_HELP)
+    mse_clip: bool = option(False, MSE_CLIP_HELP)
+    refit_rounds: int = option(2, REFIT_ROUNDS_HELP)
+    threads: int | None = option(1, THREADS_HELP)
 
-    def __post_init__(self) -> None:
-        from ..errors import UnsupportedSchemeError
-
-        if not 0 <= self.percdamp < 10:
-            raise UnsupportedSchemeError(f"gptq option percdamp={self.percdamp!r}: use a value in [0, 10)")
+    def validate(self) -> None:
+        check_gptq_options(self)
         if self.block_size < 1:
-            raise UnsupportedSchemeError(
-                f"gptq option block_size={self.block_size!r}: use a positive integer"
-            )
-        if not (isinstance(self.refit_rounds, int) and self.refit_rounds >= 0):
-            raise UnsupportedSchemeError(
-                f"gptq option refit_rounds={self.refit_rounds!r}: use an integer >= 0"
-            )
+            self.reject("block_size", "use a positive integer")
+
+
+@register_method(GPTQConfig)
+class GPTQ:
+    """Method ``gptq``: round column by column, feeding each column's error back through ``H^-1``."""
+
+    def __init__(self, config: GPTQConfig) -> None:
+        self.config = config
 
     def quantize(
         self, weight: np.ndarray, scheme: QuantScheme, stats: SiteStats | None = None, *, site: str = "?"
     ) -> QuantizedWeight:
-        with torch_threads(self.threads):
-            return self._quantize(weight, scheme, stats, site)
-
-    def _quantize(
-        self, weight: np.ndarray, scheme: QuantScheme, stats: SiteStats | None, site: str
-    ) -> QuantizedWeight:
-        _check_scheme(scheme, self.name)
-        t0 = time.perf_counter()
-        w = np.ascontiguousarray(weight, dtype=np.float32)
-        check_finite(w, f"site {site}: weight")
-        k = w.shape[1]
-        h_raw = stats.hessian if stats is not None else None
-        prep = hs.prepare(h_raw, k, site)
-        assert stats is not None and h_raw is not None
-        qw, info = gptq_quantize(
-            w,
-            prep,
-            scheme,
-            site=site,
-            percdamp=self.percdamp,
-            block_size=self.block_size,
-            act_order=self.act_order,
-            mse_clip=self.mse_clip,
-            refit_rounds=self.refit_rounds,
-            h_raw=h_raw,
-        )
-        codes, scales, zps = round_to_nearest(w, scheme)  # the rtn method's default, as the baseline
-        rtn = QuantizedWeight(codes, scales, zps, scheme)
-        qw.metrics.update(_metrics(w, qw, h_raw, stats.n_tokens, rtn))
-        qw.metrics.update(info)
-        qw.metrics["time_s"] = time.perf_counter() - t0
-        return qw
+        with torch_threads(self.config.threads):
+            opened = open_site(self.config.name, weight, scheme, stats, site)
+            return site_report(opened, *gptq_quantize(opened, self.config))
 
 
-def gptq_quantize(
-    w: np.ndarray,
-    prep: hs.PreparedHessian,
-    scheme: QuantScheme,
-    *,
-    site: str = "?",
-    percdamp: float = 0.01,
-    block_size: int = 128,
-    act_order: bool = False,
-    mse_clip: bool = False,
-    refit_rounds: int = 0,
-    h_raw: np.ndarray | None = None,
-) -> tuple[QuantizedWeight, dict[str, float]]:
-    """GPTQ of ``w[N, K]`` with a prepared Hessian; falls back to round-to-nearest (``fallback = 1``) when
-    the Hessian cannot be made positive definite. ``refit_rounds`` > 0 alternates closed-form scale refits
-    (under ``h_raw``, the undampened sum) with GPTQ on the refit grid, ending with a refit. Returns the
-    weight and bookkeeping metrics."""
+def gptq_quantize(site: Site, config: GPTQConfig) -> tuple[QuantizedWeight, dict[str, float]]:
+    """GPTQ of ``site``; falls back to round-to-nearest (``fallback = 1``) when the Hessian cannot be made
+    positive definite. ``refit_rounds`` > 0 alternates closed-form scale refits (under the undampened
+    Hessian) with GPTQ on the refit grid, ending with a refit. Returns the weight and bookkeeping metrics."""
+    w, scheme = site.w, site.scheme
     wt = torch.from_numpy(w.copy())
-    dead = prep.dead
+    dead = site.prep.dead
     wt[:, dead] = 0  # dead inputs never reach the output: zero them so they do not widen the grid
-    h = prep.h
+    h = site.prep.h
     perm = None
-    if act_order:
+    if config.act_order:
         perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
         h = h[perm][:, perm]
-    chol = hs.inverse_cholesky(h, percdamp, site=site)
+    chol = hs.inverse_cholesky(h, config.percdamp, site=site.name)
     info: dict[str, float] = {"dead_columns": float(int(dead.sum())), "fallback": 0.0}
     if chol is None:
         codes, scales, zps = round_to_nearest(w, scheme)
         info["fallback"] = 1.0
         return QuantizedWeight(codes, scales, zps, scheme), info
-    upper, used = chol
-    info["percdamp"] = used
-    codes_t, scales, zps, _ = gptq_round(
-        wt, upper, scheme, perm=perm, block_size=block_size, mse_clip=mse_clip
-    )
+    upper, info["percdamp"] = chol
+    rounding = functools.partial(gptq_round, wt, upper, scheme, perm=perm, block_size=config.block_size)
+    codes_t, scales, zps, _ = rounding(mse_clip=config.mse_clip)
     qw = QuantizedWeight(codes_t.numpy(), scales, zps, scheme)
-    for r in range(refit_rounds):
-        assert h_raw is not None, "refit_rounds needs the Hessian"
+    for r in range(config.refit_rounds):
         if r:
-            grid = (qw.scales, qw.zero_points)
-            codes_t, scales, zps, _ = gptq_round(
-                wt, upper, scheme, perm=perm, block_size=block_size, grid=grid
-            )
-            again = QuantizedWeight(codes_t.numpy(), scales, zps, scheme)
-            qw = keep_lower(w, qw, again, h_raw)
-        refit = refit_scales(w, qw.codes, qw.scales, qw.zero_points, scheme, h_raw)
+            codes_t, scales, zps, _ = rounding(grid=(qw.scales, qw.zero_points))
+            qw = keep_lower(w, qw, QuantizedWeight(codes_t.numpy(), scales, zps, scheme), site.h)
+        refit = refit_scales(w, qw.codes, qw.scales, qw.zero_points, scheme, site.h)
         info["scales_refit_frac"] = float(np.mean(refit != qw.scales))
         qw = QuantizedWeight(qw.codes, refit, qw.zero_points, scheme)
     return qw, info

@@ -30,7 +30,6 @@ __all__ = [
     "check_hessian",
     "dampen",
     "empty_hessian",
-    "fp_target_weight",
     "inverse_cholesky",
     "mean_hessian",
     "prepare",
@@ -63,8 +62,9 @@ def mean_hessian(h: np.ndarray, n_tokens: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(h, dtype=np.float64)) / max(int(n_tokens), 1)
 
 
-def check_hessian(h: np.ndarray | None, k: int, site: str) -> None:
-    """Raise :class:`CalibrationError` naming ``site`` if ``h`` is missing, mis-shaped or non-finite."""
+def check_hessian(h: np.ndarray | None, k: int, site: str) -> np.ndarray:
+    """``h``, after raising :class:`CalibrationError` naming ``site`` if it is missing, mis-shaped or
+    non-finite."""
     if h is None:
         raise CalibrationError(
             f"site {site}: this method needs calibration statistics (a Hessian), none given"
@@ -76,6 +76,7 @@ def check_hessian(h: np.ndarray | None, k: int, site: str) -> None:
             f"site {site}: the calibration Hessian contains NaN/Inf (overflowing activations?); "
             "check the calibration data or run the model in float32"
         )
+    return h
 
 
 def dampen(h: torch.Tensor, percdamp: float) -> torch.Tensor:
@@ -96,9 +97,7 @@ class PreparedHessian:
 
 def prepare(h: np.ndarray | None, k: int, site: str) -> PreparedHessian:
     """Validate (see module policy 1) and patch dead inputs (policy 2); returns a float64 torch copy."""
-    check_hessian(h, k, site)
-    assert h is not None
-    t = torch.from_numpy(np.array(h, dtype=np.float64, copy=True))
+    t = torch.from_numpy(np.array(check_hessian(h, k, site), dtype=np.float64, copy=True))
     dead = torch.diagonal(t) == 0
     if bool(dead.any()):
         t[dead, :] = 0
@@ -133,31 +132,3 @@ def inverse_cholesky(
         damp / 10.0,
     )
     return None
-
-
-def fp_target_weight(
-    w: np.ndarray, h: np.ndarray, cross: np.ndarray, percdamp: float = 0.01, site: str = "?"
-) -> np.ndarray:
-    """The weight whose layer loss is the fp-target loss, up to a constant (float32 ``[N, K]``).
-
-    With ``X_q`` the activation seen with earlier blocks quantized (``H = X_q^T X_q``), ``X_fp`` the fp
-    model's (``G = X_q^T X_fp``) and GPTQ's ridge ``lam = percdamp x mean diag H``,
-    ``|X_q Q^T - X_fp W^T|^2 + lam |Q - W|^2 = tr((Q - W~)(H + lam I)(Q - W~)^T) + const`` for
-    ``W~ = W + W (G^T - H)(H + lam I)^-1``: rounding ``W~`` also undoes what earlier blocks' quantization
-    did to this layer's output. The correction is a ridge regression of that output error on ``X_q``
-    (so it does not fit calibration noise in weak directions); with ``G = H`` the target is ``W``.
-    Dead inputs keep zero weight.
-    """
-    check_hessian(cross, w.shape[1], site)
-    prep = prepare(h, w.shape[1], site)
-    lower, info = torch.linalg.cholesky_ex(dampen(prep.h, percdamp))
-    if int(info) != 0:
-        raise CalibrationError(f"site {site}: the dampened Hessian is not positive definite")
-    g = torch.from_numpy(np.asarray(cross, dtype=np.float64))
-    w64 = torch.from_numpy(np.asarray(w, dtype=np.float64))
-    w64[:, prep.dead] = 0
-    # (H + lam I)^-1 (G - H) W^T, transposed; G - H is zero on dead rows and columns (X_q is zero there)
-    delta = torch.cholesky_solve((g - torch.from_numpy(np.asarray(h, np.float64))) @ w64.T, lower).T
-    target = w64 + delta
-    target[:, prep.dead] = 0
-    return target.to(torch.float32).numpy()

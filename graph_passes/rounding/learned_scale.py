@@ -19,46 +19,52 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar, Literal
 
-import numpy as np
 import torch
 
+from ..options import option
 from ..records import QuantizedWeight
-from .adaround import AdaRound, codes_of, keep_better, refine_on, state_from
+from .adaround import AdaRound, AdaRoundConfig, codes_of, keep_better, refine_on, state_from
 from .base import register_method
-from .hessian import mean_hessian
+from .calibrated import Site
 from .scales import refit_scales
 
-__all__ = ["AdaRoundLS", "refit_scales"]
+__all__ = ["AdaRoundLS", "AdaRoundLSConfig", "refit_scales"]
 
 
-@register_method
-@dataclasses.dataclass
-class AdaRoundLS(AdaRound):
-    """Method ``adaround_ls``: ``adaround`` plus learned per-block scales (``scale_steps`` alternations)."""
+@dataclasses.dataclass(frozen=True)
+class AdaRoundLSConfig(AdaRoundConfig):
+    """Options of ``adaround_ls``: ``adaround``'s, plus alternating refits of the block scales."""
 
     name: ClassVar[str] = "adaround_ls"
 
-    scale_steps: int = 2
-    final_refit: Literal["guarded", "full", "none"] | bool = "none"
-    """Off here: the scale steps above already alternate refits with rounding (and were measured so)."""
+    final_refit: Literal["guarded", "full", "none"] | bool = option(
+        "none", "off here: the scale steps already end with a refit followed by rounding on that grid"
+    )
+    scale_steps: int = option(
+        2, "alternations of (refit the block scales to the codes, AdaRound on that grid)"
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        if self.scale_steps < 0:
+            self.reject("scale_steps", "use an integer >= 0")
+
+
+@register_method(AdaRoundLSConfig)
+class AdaRoundLS(AdaRound):
+    """Method ``adaround_ls``: ``adaround`` plus learned per-block scales (``scale_steps`` alternations)."""
+
+    config: AdaRoundLSConfig
 
     def refine(
-        self,
-        w: np.ndarray,
-        init_qw: QuantizedWeight,
-        h: np.ndarray,
-        n_tokens: int,
-        site: str,
-        guard: torch.Tensor | None = None,
+        self, site: Site, init_qw: QuantizedWeight, guard: torch.Tensor | None
     ) -> tuple[QuantizedWeight, dict[str, float]]:
-        qw, info = super().refine(w, init_qw, h, n_tokens, site, guard)
-        hm = mean_hessian(h, n_tokens)
-        opts = self.options()
-        for _ in range(self.scale_steps):
-            scales = refit_scales(w, qw.codes, qw.scales, qw.zero_points, qw.scheme, h)
+        qw, info = super().refine(site, init_qw, guard)
+        for _ in range(self.config.scale_steps):
+            scales = refit_scales(site.w, qw.codes, qw.scales, qw.zero_points, qw.scheme, site.h)
             moved = QuantizedWeight(qw.codes, scales, qw.zero_points, qw.scheme)
-            st, _ = refine_on(state_from(w, moved), hm, opts, guard, self.device)
-            qw = QuantizedWeight(codes_of(st, qw.scheme, site), scales, qw.zero_points, qw.scheme)
+            st, _ = refine_on(state_from(site.w, moved), site, self.config, guard)
+            qw = QuantizedWeight(codes_of(st, qw.scheme, site.name), scales, qw.zero_points, qw.scheme)
         nz = init_qw.scales != 0
         info["clip_mean"] = float((qw.scales[nz] / init_qw.scales[nz]).mean()) if nz.any() else 1.0
-        return keep_better(w, init_qw, qw, h, site, info), info
+        return keep_better(site, init_qw, qw, info), info

@@ -1,27 +1,25 @@
 """Round-to-nearest, with an optional per-block clip-ratio search (data-free baseline).
 
-``search="minmax"`` (default) uses each block's full range. ``search="mse"`` shrinks the range by each
-ratio of a grid (1.0 down to ``min_clip``) and keeps, per block, the ratio whose rounding has the least
-squared error: a few outliers then no longer stretch the grid of the whole block. Ratio 1.0 is tried
-first and only a strictly smaller error replaces it, so weights that already lie on a min-max grid keep
-their exact codes. It raises weight SQNR but, measured on SmolLM2 W4 g128 (2048 eval tokens), perplexity
-rose: 35.85 with min-max vs 37.39 with the search, hence min-max by default.
-
-``grid="ort"`` reproduces onnxruntime's own RTN quantizer bit for bit (its ``roundf`` rounding of codes
-and zero points, see ``grid.py``); it is a min-max method, so it requires ``search="minmax"``.
+``search="mse"`` shrinks each block's range by each ratio of a grid (1.0 down to ``min_clip``) and keeps
+the ratio whose rounding has the least squared error, so a few outliers no longer stretch the grid of the
+whole block. Ratio 1.0 is tried first and only a strictly smaller error replaces it, so weights that
+already lie on a min-max grid keep their exact codes. ``grid="ort"`` reproduces onnxruntime's own RTN
+quantizer bit for bit (its ``roundf`` rounding of codes and zero points, see ``grid.py``).
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+import dataclasses
+from typing import ClassVar, Literal
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from ..errors import UnsupportedSchemeError
+from ..options import option
 from ..records import QuantizedWeight
 from ..scheme import DataType, QuantScheme
-from .base import SiteStats, register_method
+from .base import MethodConfig, SiteStats, register_method
 from .grid import (
     blockwise_minmax,
     check_finite,
@@ -33,11 +31,9 @@ from .grid import (
 )
 from .metrics import proxy_loss, sqnr_db
 
-__all__ = ["RTN", "clip_ratios", "mse_clip_search"]
+__all__ = ["CLIP_GRID", "RTN", "RTNConfig", "clip_ratios", "mse_clip_search", "round_to_nearest"]
 
 _TINY = np.float32(1e-12)  # scales at or below this are all-zero blocks (as in grid.py)
-_SEARCHES = ("minmax", "mse")
-_GRIDS = ("default", "ort")
 
 
 def _db(signal: float, noise: float) -> float:
@@ -93,39 +89,57 @@ def mse_clip_search(
     return scales, zp, codes, best_clip, float(best_err.sum(dtype=np.float64))
 
 
-@register_method
+# Clip factors tried by the default MSE clip search (``rtn`` search="mse", ``gptq`` mse_clip): 1.0 first.
+CLIP_GRID: np.ndarray = clip_ratios(16, 0.5)
+
+
+def round_to_nearest(
+    w: np.ndarray, scheme: QuantScheme, mse_clip: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Round-to-nearest exactly as the ``rtn`` method does it (min-max by default, per-block MSE clip
+    search with ``mse_clip=True``): the baseline in metrics and the fallback. Codes, scales, zps."""
+    ratios = CLIP_GRID if mse_clip else np.ones(1, np.float32)
+    scales, zps, codes, _, _ = mse_clip_search(np.ascontiguousarray(w, dtype=np.float32), scheme, ratios)
+    return codes, scales, zps
+
+
+@dataclasses.dataclass(frozen=True)
+class RTNConfig(MethodConfig):
+    """Options of ``rtn``: round-to-nearest on a uniform grid, no calibration data."""
+
+    name: ClassVar[str] = "rtn"
+
+    search: Literal["minmax", "mse"] = option(
+        "minmax",
+        "per-block range: the full one, or the clip ratio with the least squared error (mse raised SmolLM2 "
+        "W4 g128 perplexity from 35.85 to 37.39)",
+    )
+    grid: Literal["default", "ort"] = option(
+        "default", "ort: onnxruntime's own RTN grid and rounding, bit for bit (needs search=minmax)"
+    )
+    n_grid: int = option(16, "clip ratios tried by search=mse, from 1.0 down to min_clip")
+    min_clip: float = option(0.5, "the smallest clip ratio tried by search=mse")
+    chunk_rows: int = option(4096, "rows searched at once: bounds the search's scratch memory")
+    progress: bool = option(False, "a progress bar over the row chunks of each weight")
+
+    def validate(self) -> None:
+        if self.grid == "ort" and self.search != "minmax":
+            self.reject("grid", "reproduces onnxruntime's min-max RTN; use search='minmax'")
+        if self.n_grid < 1:
+            self.reject("n_grid", "use an integer >= 1")
+        if not 0.0 < self.min_clip <= 1.0:
+            self.reject("min_clip", "use a ratio in (0, 1]")
+        if self.chunk_rows < 1:
+            self.reject("chunk_rows", "use a positive integer")
+
+
+@register_method(RTNConfig)
 class RTN:
     """Round-to-nearest on a uniform grid; min-max by default, per-block MSE clip search on request."""
 
-    name: ClassVar[str] = "rtn"
-    needs: ClassVar[frozenset[str]] = frozenset()
-
-    def __init__(
-        self,
-        search: str = "minmax",
-        grid: str = "default",
-        n_grid: int = 16,
-        min_clip: float = 0.5,
-        chunk_rows: int = 4096,
-        progress: bool = False,
-    ) -> None:
-        if search not in _SEARCHES:
-            raise UnsupportedSchemeError(f"rtn: search={search!r}; choose one of {list(_SEARCHES)}")
-        if grid not in _GRIDS:
-            raise UnsupportedSchemeError(f"rtn: grid={grid!r}; choose one of {list(_GRIDS)}")
-        if grid == "ort" and search != "minmax":
-            raise UnsupportedSchemeError(
-                "rtn: grid='ort' reproduces onnxruntime's min-max RTN; use search='minmax'"
-            )
-        if not (isinstance(n_grid, int) and n_grid >= 1):
-            raise UnsupportedSchemeError(f"rtn: n_grid={n_grid!r}; use an integer >= 1")
-        if not 0.0 < min_clip <= 1.0:
-            raise UnsupportedSchemeError(f"rtn: min_clip={min_clip!r}; use a ratio in (0, 1]")
-        self.search = search
-        self.grid = grid
-        self.ratios = clip_ratios(n_grid, min_clip)
-        self.chunk_rows = max(1, int(chunk_rows))
-        self.progress = progress
+    def __init__(self, config: RTNConfig) -> None:
+        self.config = config
+        self.ratios = clip_ratios(config.n_grid, config.min_clip)
 
     def quantize(
         self, weight: np.ndarray, scheme: QuantScheme, stats: SiteStats | None = None, *, site: str = "?"
@@ -138,34 +152,42 @@ class RTN:
         if w.ndim != 2:
             raise UnsupportedSchemeError(f"rtn expects a 2-D weight [N, K], got shape {list(w.shape)}")
         check_finite(w)
-        n, k = w.shape
-        if self.grid == "ort":
-            wmin, wmax = blockwise_minmax(w, scheme)
-            scales, zp = ort_grid_params(wmin, wmax, scheme)
-            qw = QuantizedWeight(ort_codes(w, scales, zp, scheme), scales, zp, scheme)
-            qw.metrics["sqnr_db"] = sqnr_db(w, qw.dequantize())
-            qw.metrics["clip_mean"] = 1.0
-        else:
-            ratios = self.ratios if self.search == "mse" else np.ones(1, np.float32)
-            nb = scheme.n_blocks(k)
-            scales = np.empty((n, nb), np.float32)
-            zp = None if scheme.symmetric else np.empty((n, nb), np.uint8)
-            codes = np.empty((n, k), np.uint8)
-            clip_sum = err_sum = 0.0
-            starts = range(0, n, self.chunk_rows)
-            for r0 in tqdm(starts, desc="rtn", disable=not self.progress, leave=False):
-                r1 = min(r0 + self.chunk_rows, n)
-                s, z, q, c, e = mse_clip_search(w[r0:r1], scheme, ratios)
-                scales[r0:r1], codes[r0:r1] = s, q
-                if zp is not None and z is not None:
-                    zp[r0:r1] = z
-                clip_sum += float(c.sum(dtype=np.float64))
-                err_sum += e
-            qw = QuantizedWeight(codes, scales, zp, scheme)
-            # sqnr from the search's own error sums (float32 per block, float64 total): no dequantization
-            signal = float(np.einsum("ij,ij->", w, w, dtype=np.float64))
-            qw.metrics["sqnr_db"] = _db(signal, err_sum)
-            qw.metrics["clip_mean"] = clip_sum / max(n * nb, 1)
+        qw = self._ort(w, scheme) if self.config.grid == "ort" else self._searched(w, scheme)
         if stats is not None and stats.hessian is not None:
             qw.metrics["proxy_loss"] = proxy_loss(w, qw.dequantize(), stats.hessian, stats.n_tokens)
+        return qw
+
+    @staticmethod
+    def _ort(w: np.ndarray, scheme: QuantScheme) -> QuantizedWeight:
+        wmin, wmax = blockwise_minmax(w, scheme)
+        scales, zp = ort_grid_params(wmin, wmax, scheme)
+        qw = QuantizedWeight(ort_codes(w, scales, zp, scheme), scales, zp, scheme)
+        qw.metrics["sqnr_db"] = sqnr_db(w, qw.dequantize())
+        qw.metrics["clip_mean"] = 1.0
+        return qw
+
+    def _searched(self, w: np.ndarray, scheme: QuantScheme) -> QuantizedWeight:
+        """Min-max or MSE-searched rounding, ``chunk_rows`` rows at a time."""
+        config = self.config
+        n, k = w.shape
+        ratios = self.ratios if config.search == "mse" else np.ones(1, np.float32)
+        nb = scheme.n_blocks(k)
+        scales = np.empty((n, nb), np.float32)
+        zp = None if scheme.symmetric else np.empty((n, nb), np.uint8)
+        codes = np.empty((n, k), np.uint8)
+        clip_sum = err_sum = 0.0
+        starts = range(0, n, config.chunk_rows)
+        for r0 in tqdm(starts, desc="rtn", disable=not config.progress, leave=False):
+            r1 = min(r0 + config.chunk_rows, n)
+            s, z, q, c, e = mse_clip_search(w[r0:r1], scheme, ratios)
+            scales[r0:r1], codes[r0:r1] = s, q
+            if zp is not None and z is not None:
+                zp[r0:r1] = z
+            clip_sum += float(c.sum(dtype=np.float64))
+            err_sum += e
+        qw = QuantizedWeight(codes, scales, zp, scheme)
+        # sqnr from the search's own error sums (float32 per block, float64 total): no dequantization
+        signal = float(np.einsum("ij,ij->", w, w, dtype=np.float64))
+        qw.metrics["sqnr_db"] = _db(signal, err_sum)
+        qw.metrics["clip_mean"] = clip_sum / max(n * nb, 1)
         return qw

@@ -12,7 +12,8 @@ from typing import ClassVar
 import numpy as np
 import pytest
 
-from optimum.adaround.graph_passes.errors import UnsupportedSchemeError, UserError
+from optimum.adaround.graph_passes.config import QuantConfig
+from optimum.adaround.graph_passes.errors import InvalidOptionError, UserError
 from optimum.adaround.graph_passes.model_io import load_model
 from optimum.adaround.graph_passes.parallel import (
     AUTO_MIN_WEIGHTS,
@@ -20,11 +21,14 @@ from optimum.adaround.graph_passes.parallel import (
     in_order,
     resolve_workers,
     result_of,
+    round_site,
     rounding_pool,
 )
 from optimum.adaround.graph_passes.pipeline import prepare_sites, quantize_model
 from optimum.adaround.graph_passes.records import WeightSite
-from optimum.adaround.graph_passes.rounding.base import METHODS
+from optimum.adaround.graph_passes.rounding.adaround import AdaRoundConfig
+from optimum.adaround.graph_passes.rounding.base import METHODS, MethodConfig, SiteStats, register_method
+from optimum.adaround.graph_passes.rounding.gptq import GPTQConfig
 from optimum.adaround.graph_passes.scheme import QuantScheme
 
 
@@ -39,7 +43,7 @@ def test_resolve_workers_explicit_and_automatic():
     assert resolve_workers(None, _sites(AUTO_MIN_WEIGHTS), cpu_count=2) == 2
     assert resolve_workers(None, _sites(AUTO_MIN_WEIGHTS), cpu_count=64) == MAX_AUTO_WORKERS
     for bad in (0, -1, 1.5, True):
-        with pytest.raises(UnsupportedSchemeError, match="workers="):
+        with pytest.raises(InvalidOptionError, match="workers="):
             resolve_workers(bad, _sites(10))  # type: ignore[arg-type]
 
 
@@ -77,14 +81,9 @@ def test_worker_processes_give_the_same_bytes(tiny_hf_onnx, method):
     runs = {}
     for workers in (1, 2):
         model = load_model(tiny_hf_onnx("llama")).model
+        config = QuantConfig().with_overrides(scheme="w4-g32", method=method, workers=workers)
         with quantize_model(
-            model,
-            QuantScheme.parse("w4-g32"),
-            method=method,
-            sites=prepare_sites(model),
-            token_ids=ids,
-            progress=False,
-            workers=workers,
+            model, config, sites=prepare_sites(model), token_ids=ids, progress=False
         ) as result:
             arrays = {n: v.const_value.numpy().copy() for n, v in model.graph.initializers.items()}
             metrics = [{k: v for k, v in s.metrics.items() if k != "time_s"} for s in result.sites]
@@ -97,25 +96,52 @@ def test_worker_processes_give_the_same_bytes(tiny_hf_onnx, method):
         np.testing.assert_array_equal(a1[name], a2[name], err_msg=name)
 
 
-@dataclasses.dataclass
+@pytest.mark.parametrize("config", [GPTQConfig(), AdaRoundConfig(iters=20, free_cols=32, tile_rows=16)])
+def test_a_site_rounded_in_a_worker_equals_one_rounded_here(config, minilm_weight, correlated_hessian):
+    """The worker receives the config, builds the method and rounds: the same bytes as in this process."""
+    w = np.ascontiguousarray(minilm_weight("encoder.layer.1.intermediate.dense.weight")[:32])
+    h, n = correlated_hessian(w.shape[1])
+    args = (config, w, QuantScheme.parse("w4-g64"), SiteStats(h, n), "ffn")
+    here, _ = round_site(*args)
+    with rounding_pool(2) as pool:
+        there, seconds = pool.submit(round_site, *args).result()
+    assert seconds > 0
+    np.testing.assert_array_equal(here.codes, there.codes)
+    np.testing.assert_array_equal(here.scales, there.scales)
+    assert {k: v for k, v in here.metrics.items() if k != "time_s"} == {
+        k: v for k, v in there.metrics.items() if k != "time_s"
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class _DiesConfig(MethodConfig):
+    name: ClassVar[str] = "dies_in_worker"
+    needs: ClassVar[frozenset[str]] = frozenset({"hessian"})
+
+
 class _Dies:
     """A calibrated method whose worker process dies (as if killed for memory)."""
 
-    name: ClassVar[str] = "dies_in_worker"
-    needs: ClassVar[frozenset[str]] = frozenset({"hessian"})
+    def __init__(self, config: _DiesConfig) -> None:
+        self.config = config
 
     def quantize(self, weight, scheme, stats=None, *, site="?"):
         os._exit(9)
 
 
+# Registered on import, so a worker process that unpickles the config can build the method too; listed as
+# a method only inside the test that uses it.
+register_method(_DiesConfig)(_Dies)
+del METHODS[_DiesConfig.name]
+
+
 def test_a_dead_worker_is_a_one_line_error(tiny_hf_onnx, monkeypatch):
-    monkeypatch.setitem(METHODS, _Dies.name, _Dies)
+    monkeypatch.setitem(METHODS, _DiesConfig.name, _DiesConfig)
     model = load_model(tiny_hf_onnx("llama")).model
     ids = np.random.default_rng(0).integers(0, 300, (2, 8))
+    config = QuantConfig().with_overrides(scheme="w4-g32", method=_DiesConfig(), workers=2)
     with pytest.raises(UserError, match=r"worker process ended abruptly.*--workers 1"):
-        quantize_model(
-            model, QuantScheme.parse("w4-g32"), method=_Dies.name, token_ids=ids, progress=False, workers=2
-        )
+        quantize_model(model, config, token_ids=ids, progress=False)
 
 
 def test_a_daemonic_process_rounds_in_process(monkeypatch, caplog):

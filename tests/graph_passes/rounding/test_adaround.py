@@ -9,21 +9,26 @@ import numpy as np
 import pytest
 import torch
 
-from optimum.adaround.graph_passes.errors import CalibrationError, UnsupportedSchemeError
+from optimum.adaround.graph_passes.errors import CalibrationError, InvalidOptionError
 from optimum.adaround.graph_passes.rounding import adaround as ar
+from optimum.adaround.graph_passes.rounding.adaround import AdaRoundConfig
 from optimum.adaround.graph_passes.rounding.base import (
     FIRST_POSITION,
     FIRST_POSITION_TOKENS,
-    FP_CROSS,
     SiteStats,
-    get_method,
+    build_method,
 )
+from optimum.adaround.graph_passes.rounding.gptq import GPTQConfig
+from optimum.adaround.graph_passes.rounding.learned_scale import AdaRoundLSConfig
 from optimum.adaround.graph_passes.rounding.metrics import row_quadratic_forms
+from optimum.adaround.graph_passes.rounding.rtn import RTNConfig
 from optimum.adaround.graph_passes.scheme import QuantScheme
 
 FFN = "encoder.layer.1.intermediate.dense.weight"  # [1536, 384]
 # Small, fast settings for unit tests (the defaults are sized for LLM layers).
-FAST = {"iters": 60, "rounds": 2, "free_cols": 64, "tile_rows": 16}
+FAST_OPTIONS = {"iters": 60, "rounds": 2, "free_cols": 64, "tile_rows": 16}
+FAST = AdaRoundConfig(**FAST_OPTIONS)
+GPTQ = build_method(GPTQConfig())
 
 
 @pytest.fixture(scope="module")
@@ -57,15 +62,15 @@ def test_state_reproduces_init_codes_including_the_range_ends():
 def test_adaround_beats_its_gptq_init_and_rtn(site, label):
     w, stats = site
     scheme = QuantScheme.parse(label)
-    qw = get_method("adaround", **FAST).quantize(w, scheme, stats, site="ffn")
+    qw = build_method(FAST).quantize(w, scheme, stats, site="ffn")
     qw.check()
     m = qw.metrics
-    gptq = get_method("gptq").quantize(w, scheme, stats)
+    gptq = GPTQ.quantize(w, scheme, stats)
     assert m["proxy_loss_init"] == pytest.approx(gptq.metrics["proxy_loss"])  # the default init is gptq
     assert m["proxy_loss"] < m["proxy_loss_init"] < m["proxy_loss_rtn"]
     assert m["kept_init"] == 0 and m["fallback"] == 0
     assert 0 <= m["nonbinary_frac"] <= 1 and m["flipped_frac"] > 0
-    fixed = get_method("adaround", final_refit="none", **FAST).quantize(w, scheme, stats, site="ffn")
+    fixed = build_method(FAST.replace(final_refit="none")).quantize(w, scheme, stats, site="ffn")
     np.testing.assert_array_equal(fixed.scales, gptq.scales)  # without the final refit: the init's scales
     np.testing.assert_array_equal(fixed.codes, qw.codes)  # the refit moves scales only
     assert m["proxy_loss"] <= fixed.metrics["proxy_loss"] and m["final_refit_rows"] > 0
@@ -74,12 +79,11 @@ def test_adaround_beats_its_gptq_init_and_rtn(site, label):
 def test_relaxed_rounding_hardens_to_binary_and_never_gets_worse(site):
     w, stats = site
     scheme = QuantScheme.parse("w4-g128-sym")
-    init = get_method("gptq").quantize(w, scheme, stats)
+    init = GPTQ.quantize(w, scheme, stats)
     st = ar.state_from(w, init)
     hm = torch.from_numpy(stats.hessian) / stats.n_tokens
     before = row_quadratic_forms(st.dequantize() - st.w, hm)
-    opts = ar.AdaRoundOptions(**FAST, polish_steps=0)
-    st, info = ar.adaround_refine(st, hm, opts)
+    st, info = ar.adaround_refine(st, hm, FAST.replace(polish_steps=0))
     assert bool(((st.h == 0) | (st.h == 1)).all())
     after = row_quadratic_forms(st.dequantize() - st.w, hm)
     assert bool((after <= before).all()) and float(after.sum()) < float(before.sum())
@@ -89,9 +93,8 @@ def test_relaxed_rounding_hardens_to_binary_and_never_gets_worse(site):
 def test_dense_mode_and_rtn_init(site):
     w, stats = site
     scheme = QuantScheme.parse("w4-g128-sym")
-    qw = get_method("adaround", init="rtn", iters=80, rounds=1, free_cols=None, polish_steps=0).quantize(
-        w, scheme, stats
-    )
+    dense = AdaRoundConfig(init="rtn", iters=80, rounds=1, free_cols=None, polish_steps=0)
+    qw = build_method(dense).quantize(w, scheme, stats)
     assert qw.metrics["proxy_loss_init"] == pytest.approx(qw.metrics["proxy_loss_rtn"])
     assert qw.metrics["proxy_loss"] < qw.metrics["proxy_loss_rtn"]
 
@@ -114,65 +117,66 @@ def test_greedy_flips_end_at_a_local_minimum():
         assert float(row_quadratic_forms(st.dequantize(h) - st.w, hm)[r]) >= float(loss[r]) - 1e-9
 
 
-def test_same_seed_same_codes(site):
+def test_same_input_same_codes(site):
     w, stats = site
     scheme = QuantScheme.parse("w4-g64-sym")
-    a = get_method("adaround", seed=1, **FAST).quantize(w, scheme, stats)
-    b = get_method("adaround", seed=1, **FAST).quantize(w, scheme, stats)
+    a = build_method(FAST).quantize(w, scheme, stats)
+    b = build_method(FAST).quantize(w, scheme, stats)
     np.testing.assert_array_equal(a.codes, b.codes)
+    np.testing.assert_array_equal(a.scales, b.scales)
 
 
 def test_fallback_and_bad_input(site, caplog):
     w, stats = site
     scheme = QuantScheme.parse("w4-g128-sym")
     with caplog.at_level(logging.WARNING):
-        qw = get_method("adaround", **FAST).quantize(
-            w, scheme, SiteStats(-np.eye(w.shape[1]), 5), site="l0.q"
-        )
+        qw = build_method(FAST).quantize(w, scheme, SiteStats(-np.eye(w.shape[1]), 5), site="l0.q")
     assert qw.metrics["fallback"] == 1 and "l0.q" in caplog.text
-    np.testing.assert_array_equal(qw.codes, get_method("rtn").quantize(w, scheme).codes)
+    np.testing.assert_array_equal(qw.codes, build_method(RTNConfig()).quantize(w, scheme).codes)
     h = stats.hessian.copy()
     h[2, 3] = np.inf
     with pytest.raises(CalibrationError, match=r"l0\.q"):
-        get_method("adaround").quantize(w, scheme, SiteStats(h, 5), site="l0.q")
-    with pytest.raises(UnsupportedSchemeError, match="init='foo'"):
-        get_method("adaround", init="foo")
-    with pytest.raises(UnsupportedSchemeError, match="soft_init"):
-        get_method("adaround", soft_init=0.0)
+        build_method(AdaRoundConfig()).quantize(w, scheme, SiteStats(h, 5), site="l0.q")
+    with pytest.raises(CalibrationError, match=r"l0\.q: this method needs calibration statistics"):
+        build_method(FAST).quantize(w, scheme, None, site="l0.q")
 
 
-def test_fp_target_lowers_the_fp_target_loss(site, minilm_weight):
-    """Given X_q^T X_fp, adaround rounds toward the weight that reproduces the fp model's output: its
-    fp-target loss is below that of the layer-target rounding of the same site, and the needs say so."""
-    w, stats = site
-    rng = np.random.default_rng(5)
-    k = w.shape[1]
-    # X_fp: the same correlated inputs; X_q = X_fp (I + E), a small upstream distortion of the features
-    x_fp = rng.standard_normal((2048, k)) @ np.linalg.cholesky(stats.hessian / stats.n_tokens).T
-    x_q = x_fp @ (np.eye(k) + 0.05 * rng.standard_normal((k, k)) / np.sqrt(k))
-    h, g = x_q.T @ x_q, x_q.T @ x_fp
-    both = SiteStats(h, x_q.shape[0], extra={FP_CROSS: g})
-    scheme = QuantScheme.parse("w4-g64-sym")
-    fp = get_method("adaround", target="fp", **FAST).quantize(w, scheme, both)
-    layer = get_method("adaround", **FAST).quantize(w, scheme, both)
+@pytest.mark.parametrize(
+    ("bad", "what"),
+    [
+        ({"init": "foo"}, "expected 'gptq' | 'rtn'"),
+        ({"soft_init": 0.0}, r"use a value in \(0, 1\]"),
+        ({"warmup": 1.0}, r"use a fraction in \[0, 1\)"),
+        ({"iters": -1}, "use an integer >= 0"),
+        ({"polish_steps": -1}, "use an integer >= 0"),
+        ({"free_cols": 0}, "use a positive integer, or null"),
+        ({"tile_rows": 0}, "use a positive integer"),
+        ({"lr": 0.0}, "use a value > 0"),
+        ({"lam": -1.0}, "use a value >= 0"),
+        ({"refit_rounds": -1}, "use an integer >= 0"),
+        ({"threads": 0}, "use a positive integer"),
+        ({"guard_first_position": "both"}, "expected 'rest' | 'none' or bool"),
+        ({"final_refit": "always"}, "expected 'guarded' | 'full' | 'none' or bool"),
+    ],
+)
+def test_options_out_of_range_are_one_line_errors(bad, what):
+    name, value = next(iter(bad.items()))
+    with pytest.raises(InvalidOptionError, match=rf"^adaround option {name}={value!r}: {what}"):
+        AdaRoundConfig(**bad)
 
-    def fp_loss(qw):
-        return float(
-            np.sum((x_q @ qw.dequantize().T.astype(np.float64) - x_fp @ w.T.astype(np.float64)) ** 2)
-        )
 
-    assert fp_loss(fp) < 0.9 * fp_loss(layer)
-    assert fp.metrics["fp_target_loss"] <= fp.metrics["fp_target_loss_init"]
-    assert "fp_target_loss" not in layer.metrics
-    assert get_method("adaround", target="fp").needs == {"hessian", FP_CROSS}
-    assert get_method("adaround").needs == {"hessian"}  # the default target is the layer's own output
-    # without the cross statistics (one-pass calibration) the fp target is W: same codes as target="layer"
-    np.testing.assert_array_equal(
-        get_method("adaround", target="fp", **FAST).quantize(w, scheme, stats).codes,
-        get_method("adaround", **FAST).quantize(w, scheme, stats).codes,
+def test_true_and_false_are_spellings_of_the_modes():
+    assert AdaRoundConfig(guard_first_position=True, final_refit=True) == AdaRoundConfig()
+    off = AdaRoundConfig(guard_first_position=False, final_refit=False)
+    assert (off.guard_first_position, off.final_refit) == ("none", "none")
+    assert off.to_data()["guard_first_position"] == "none"
+
+
+def test_the_gptq_init_takes_the_shared_options():
+    config = AdaRoundConfig(percdamp=0.1, act_order=False, mse_clip=True, refit_rounds=0, threads=None)
+    assert config.gptq() == GPTQConfig(
+        percdamp=0.1, act_order=False, mse_clip=True, refit_rounds=0, threads=None
     )
-    with pytest.raises(UnsupportedSchemeError, match="target='x'"):
-        get_method("adaround", target="x")
 
 
 def test_first_position_guard(site):
@@ -192,9 +196,9 @@ def test_first_position_guard(site):
     extra = {FIRST_POSITION: first, FIRST_POSITION_TOKENS: np.array(n_seq)}
     both = SiteStats(h, stats.n_tokens + n_seq, extra=extra)
     scheme = QuantScheme.parse("w4-g64-sym")
-    guarded = get_method("adaround", **FAST).quantize(w, scheme, both)
-    free = get_method("adaround", guard_first_position=False, **FAST).quantize(w, scheme, both)
-    init = get_method("gptq").quantize(w, scheme, both)
+    guarded = build_method(FAST).quantize(w, scheme, both)
+    free = build_method(FAST.replace(guard_first_position="none")).quantize(w, scheme, both)
+    init = GPTQ.quantize(w, scheme, both)
 
     def rows(qw, hh):
         d = torch.from_numpy((qw.dequantize() - w).astype(np.float64))
@@ -202,47 +206,47 @@ def test_first_position_guard(site):
 
     rest = stats.hessian
     assert (rows(guarded, rest) <= rows(init, rest) * (1 + 1e-6) + 1e-9).all()
+    assert (rows(free, rest) > rows(init, rest) * (1 + 1e-6)).any()  # what the guard prevents
     assert (guarded.codes != free.codes).any()
     assert rows(guarded, h).sum() < rows(init, h).sum()
-    # "both": neither the other tokens' loss nor the first positions' own loss rises in any row
-    pareto = get_method("adaround", guard_first_position="both", **FAST).quantize(w, scheme, both)
-    for part in (rest, first):
-        assert (rows(pareto, part) <= rows(init, part) * (1 + 1e-6) + 1e-9).all()
-    assert (rows(guarded, first) > rows(init, first) * (1 + 1e-6)).any()  # which "rest" alone allows
-    assert rows(pareto, h).sum() < rows(init, h).sum()
-    with pytest.raises(UnsupportedSchemeError, match="guard_first_position='all'"):
-        get_method("adaround", guard_first_position="all")
+    assert (rows(guarded, first) > rows(init, first) * (1 + 1e-6)).any()  # the first positions may lose
 
 
-@pytest.mark.parametrize("device", ["gpu", "cuda:x", "cpu0", 3])
+def test_without_first_position_statistics_the_guard_has_nothing_to_do(site):
+    w, stats = site
+    scheme = QuantScheme.parse("w4-g64-sym")
+    guarded = build_method(FAST).quantize(w, scheme, stats)
+    free = build_method(FAST.replace(guard_first_position="none")).quantize(w, scheme, stats)
+    np.testing.assert_array_equal(guarded.codes, free.codes)
+    np.testing.assert_array_equal(guarded.scales, free.scales)
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:x", "cpu0", "cuda:"])
 def test_device_option_names_what_is_accepted(device):
-    with pytest.raises(UnsupportedSchemeError, match="use 'cpu', 'cuda' or 'cuda:N'"):
-        get_method("adaround", device=device)
+    with pytest.raises(InvalidOptionError, match="use 'cpu', 'cuda' or 'cuda:N'"):
+        AdaRoundConfig(device=device)
+    with pytest.raises(InvalidOptionError, match="adaround option device=3: expected str"):
+        AdaRoundConfig(device=3)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a machine without a GPU")
-@pytest.mark.parametrize("method", ["adaround", "adaround_ls"])
-def test_cuda_without_a_gpu_is_a_one_line_error(method):
-    with pytest.raises(UnsupportedSchemeError, match=f"{method} option device='cuda': torch .* sees no CUDA"):
-        get_method(method, device="cuda")
-
-
-def test_refine_on_the_cpu_device_is_the_plain_refinement(site):
-    w, stats = site
-    scheme = QuantScheme.parse("w4-g64-sym")
-    a = get_method("adaround", **FAST).quantize(w, scheme, stats)
-    b = get_method("adaround", device="cpu", **FAST).quantize(w, scheme, stats)
-    np.testing.assert_array_equal(a.codes, b.codes)
+@pytest.mark.parametrize("config_class", [AdaRoundConfig, AdaRoundLSConfig])
+def test_cuda_without_a_gpu_is_a_one_line_error(config_class):
+    config = config_class(device="cuda")  # a record written on a GPU machine still reads here
+    with pytest.raises(
+        InvalidOptionError, match=f"{config.name} option device='cuda': torch .* sees no CUDA"
+    ):
+        build_method(config)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs torch with a CUDA GPU")
-@pytest.mark.parametrize("method", ["adaround", "adaround_ls"])
-def test_cuda_refinement_matches_the_cpu_one(site, method):
+@pytest.mark.parametrize("config_class", [AdaRoundConfig, AdaRoundLSConfig])
+def test_cuda_refinement_matches_the_cpu_one(site, config_class):
     # float32 sums in another order can flip near-ties: compare the loss, not every code
     w, stats = site
     scheme = QuantScheme.parse("w4-g64-sym")
-    cpu = get_method(method, **FAST).quantize(w, scheme, stats)
-    gpu = get_method(method, device="cuda", **FAST).quantize(w, scheme, stats)
+    cpu = build_method(config_class(**FAST_OPTIONS)).quantize(w, scheme, stats)
+    gpu = build_method(config_class(**FAST_OPTIONS, device="cuda")).quantize(w, scheme, stats)
     assert gpu.codes.dtype == np.uint8 and gpu.codes.max() <= scheme.qmax
     assert gpu.metrics["proxy_loss"] <= 1.02 * cpu.metrics["proxy_loss"]
     assert gpu.metrics["proxy_loss"] < gpu.metrics["proxy_loss_init"]
@@ -252,14 +256,11 @@ def test_cuda_refinement_matches_the_cpu_one(site, method):
 def test_final_refit_modes_never_raise_the_loss(site, mode):
     w, stats = site
     scheme = QuantScheme.parse("w4-g64-sym")
-    none = get_method("adaround", final_refit="none", **FAST).quantize(w, scheme, stats)
-    qw = get_method("adaround", final_refit=mode, **FAST).quantize(w, scheme, stats)
+    none = build_method(FAST.replace(final_refit="none")).quantize(w, scheme, stats)
+    qw = build_method(FAST.replace(final_refit=mode)).quantize(w, scheme, stats)
     np.testing.assert_array_equal(qw.codes, none.codes)
     assert qw.metrics["proxy_loss"] <= none.metrics["proxy_loss"] * (1 + 1e-12)
     if mode is False:
         np.testing.assert_array_equal(qw.scales, none.scales)
-
-
-def test_final_refit_option_is_checked():
-    with pytest.raises(UnsupportedSchemeError, match="final_refit='always': use 'guarded', 'full' or 'none'"):
-        get_method("adaround", final_refit="always")
+    else:
+        assert qw.metrics["final_refit_rows"] > 0

@@ -1,18 +1,32 @@
-"""weight_first_position and the default sink-site pattern."""
+"""The method configs and their registry, weight_first_position and the default sink-site pattern."""
 
 from __future__ import annotations
 
+import dataclasses
+import pickle
 import re
 
 import numpy as np
+import pytest
 
+from optimum.adaround.graph_passes.errors import InvalidOptionError
+from optimum.adaround.graph_passes.options import option_help
+from optimum.adaround.graph_passes.rounding.adaround import AdaRound, AdaRoundConfig
 from optimum.adaround.graph_passes.rounding.base import (
     FIRST_POSITION,
     FIRST_POSITION_TOKENS,
+    METHODS,
     SINK_SITES,
+    MethodConfig,
     SiteStats,
+    build_method,
+    method_config,
     weight_first_position,
 )
+from optimum.adaround.graph_passes.rounding.gptq import GPTQ, GPTQConfig
+from optimum.adaround.graph_passes.rounding.learned_scale import AdaRoundLS, AdaRoundLSConfig
+from optimum.adaround.graph_passes.rounding.rtn import RTN, RTNConfig
+from optimum.adaround.graph_passes.scheme import QuantScheme
 
 RNG = np.random.default_rng(5)
 
@@ -71,3 +85,59 @@ def test_default_pattern_picks_the_attention_input_projections():
     ]
     assert all(re.search(SINK_SITES, name) for name in hits)
     assert not any(re.search(SINK_SITES, name) for name in misses)
+
+
+def test_every_method_is_registered_by_its_config():
+    assert {
+        "rtn": RTNConfig,
+        "gptq": GPTQConfig,
+        "adaround": AdaRoundConfig,
+        "adaround_ls": AdaRoundLSConfig,
+    } == METHODS
+    for config_class, impl in ((RTNConfig, RTN), (GPTQConfig, GPTQ), (AdaRoundConfig, AdaRound)):
+        method = build_method(config_class())
+        assert type(method) is impl and method.config == config_class()
+    assert type(build_method(AdaRoundLSConfig())) is AdaRoundLS
+    assert RTNConfig.needs == frozenset()
+    assert GPTQConfig.needs == AdaRoundConfig.needs == AdaRoundLSConfig.needs == {"hessian"}
+    assert (GPTQConfig.default_calib_samples, AdaRoundConfig.default_calib_samples) == (32, 128)
+
+
+@pytest.mark.parametrize("config_class", [RTNConfig, GPTQConfig, AdaRoundConfig, AdaRoundLSConfig])
+def test_each_option_has_one_line_of_help_and_the_config_round_trips(config_class):
+    for field in dataclasses.fields(config_class):
+        help_text = option_help(field)
+        assert help_text and "\n" not in help_text, field.name
+    config = config_class()
+    assert MethodConfig.from_dict(config.to_dict()) == config
+    assert config.to_dict()["type"] == config.name
+    assert pickle.loads(pickle.dumps(config)) == config  # what a worker process receives
+
+
+def test_an_unknown_method_option_names_the_accepted_ones():
+    with pytest.raises(
+        InvalidOptionError, match=r"^gptq has no option 'damp'; accepted: act_order, block_size"
+    ):
+        method_config("gptq", {"damp": 0.1})
+    for removed in ("target", "target_damp", "start", "seed"):  # measured harmful or drawing nothing
+        with pytest.raises(InvalidOptionError, match=f"adaround has no option '{removed}'"):
+            method_config("adaround", {removed: 0})
+    assert method_config("adaround", {"iters": 5}) == AdaRoundConfig(iters=5)
+
+
+def test_an_option_of_the_wrong_type_is_a_one_line_error():
+    with pytest.raises(InvalidOptionError, match=r"^gptq option act_order='yes': expected bool$"):
+        GPTQConfig(act_order="yes")
+    with pytest.raises(InvalidOptionError, match=r"^rtn option n_grid=2.5: expected int$"):
+        RTNConfig(n_grid=2.5)
+
+
+def test_a_config_built_in_another_process_rounds_the_same(correlated_hessian):
+    rng = np.random.default_rng(3)
+    w = (rng.standard_normal((16, 64)) * 0.05).astype(np.float32)
+    h, n = correlated_hessian(64)
+    config = pickle.loads(pickle.dumps(GPTQConfig(act_order=False)))
+    a = build_method(config).quantize(w, QuantScheme.parse("w4-g32"), SiteStats(h, n))
+    b = GPTQ(GPTQConfig(act_order=False)).quantize(w, QuantScheme.parse("w4-g32"), SiteStats(h, n))
+    np.testing.assert_array_equal(a.codes, b.codes)
+    np.testing.assert_array_equal(a.scales, b.scales)

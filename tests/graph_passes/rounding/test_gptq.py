@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from optimum.adaround.graph_passes.errors import CalibrationError, InvalidModelError
+from optimum.adaround.graph_passes.errors import CalibrationError, InvalidModelError, InvalidOptionError
 from optimum.adaround.graph_passes.rounding import hessian as hs
-from optimum.adaround.graph_passes.rounding.base import SiteStats, get_method
-from optimum.adaround.graph_passes.rounding.gptq import gptq_round, round_to_nearest
+from optimum.adaround.graph_passes.rounding.base import SiteStats, build_method
+from optimum.adaround.graph_passes.rounding.gptq import GPTQConfig, gptq_round
 from optimum.adaround.graph_passes.rounding.grid import blockwise_minmax, grid_params
 from optimum.adaround.graph_passes.rounding.metrics import proxy_loss
+from optimum.adaround.graph_passes.rounding.rtn import RTNConfig, round_to_nearest
 from optimum.adaround.graph_passes.scheme import QuantScheme
 
 FFN = "encoder.layer.1.intermediate.dense.weight"  # [1536, 384]
@@ -32,9 +33,9 @@ def site(minilm_weight, correlated_hessian):
 def test_gptq_clearly_beats_rtn_on_the_proxy_loss(site, label, act_order):
     w, stats = site
     scheme = QuantScheme.parse(label)
-    qw = get_method("gptq", act_order=act_order).quantize(w, scheme, stats, site="ffn")
+    qw = build_method(GPTQConfig(act_order=act_order)).quantize(w, scheme, stats, site="ffn")
     qw.check()
-    rtn = get_method("rtn").quantize(w, scheme, stats)  # the rtn method's default (MSE clip search)
+    rtn = build_method(RTNConfig()).quantize(w, scheme, stats)  # the rtn method's default (MSE clip search)
     assert qw.metrics["proxy_loss"] == pytest.approx(
         proxy_loss(w, qw.dequantize(), stats.hessian, stats.n_tokens)
     )
@@ -47,7 +48,7 @@ def test_gptq_clearly_beats_rtn_on_the_proxy_loss(site, label, act_order):
 def test_real_outlier_layer(minilm_weight, correlated_hessian):
     w = np.ascontiguousarray(minilm_weight(DOWN)[:48, :512])
     h, n = correlated_hessian(512, seed=3)
-    qw = get_method("gptq").quantize(w, QuantScheme.parse("w4-g128-sym"), SiteStats(h, n))
+    qw = build_method(GPTQConfig()).quantize(w, QuantScheme.parse("w4-g128-sym"), SiteStats(h, n))
     assert qw.metrics["proxy_loss"] < 0.8 * qw.metrics["proxy_loss_rtn"]
 
 
@@ -90,7 +91,7 @@ def test_uncorrelated_inputs_reduce_to_round_to_nearest(minilm_weight, act_order
     """With H = c I there is no error to feed back: GPTQ's loop is min-max RTN, code for code."""
     w = np.ascontiguousarray(minilm_weight(FFN)[:32, :200])  # K not a multiple of the group
     scheme = QuantScheme.parse("w4-g64-sym")
-    gptq = get_method("gptq", act_order=act_order, refit_rounds=0)
+    gptq = build_method(GPTQConfig(act_order=act_order, refit_rounds=0))
     qw = gptq.quantize(w, scheme, SiteStats(np.eye(200) * 3.0, 10))
     codes, scales, _ = round_to_nearest(w, scheme, mse_clip=False)
     np.testing.assert_array_equal(qw.codes, codes)
@@ -104,7 +105,7 @@ def test_dead_inputs_are_zeroed(site):
     h[dead, :] = 0
     h[:, dead] = 0
     scheme = QuantScheme.parse("w4-g128-sym")
-    qw = get_method("gptq").quantize(w, scheme, SiteStats(h, stats.n_tokens))
+    qw = build_method(GPTQConfig()).quantize(w, scheme, SiteStats(h, stats.n_tokens))
     assert qw.metrics["dead_columns"] == 3
     assert (qw.codes[:, dead] == scheme.implied_zero_point).all()
     assert qw.metrics["proxy_loss"] < 0.8 * qw.metrics["proxy_loss_rtn"]
@@ -115,13 +116,13 @@ def test_nan_hessian_is_a_calibration_error(site):
     h = stats.hessian.copy()
     h[0, 0] = np.nan
     with pytest.raises(CalibrationError, match=r"site layers\.2\.fc1: .*NaN/Inf"):
-        get_method("gptq").quantize(w, QuantScheme(), SiteStats(h, 8), site="layers.2.fc1")
+        build_method(GPTQConfig()).quantize(w, QuantScheme(), SiteStats(h, 8), site="layers.2.fc1")
     with pytest.raises(CalibrationError, match="needs calibration statistics"):
-        get_method("gptq").quantize(w, QuantScheme(), None, site="x")
+        build_method(GPTQConfig()).quantize(w, QuantScheme(), None, site="x")
     bad_w = w.copy()
     bad_w[1, 2] = np.inf
     with pytest.raises(InvalidModelError, match="NaN/Inf"):
-        get_method("gptq").quantize(bad_w, QuantScheme(), stats)
+        build_method(GPTQConfig()).quantize(bad_w, QuantScheme(), stats)
 
 
 def test_non_positive_definite_hessian_falls_back_to_rtn(site, caplog):
@@ -129,10 +130,10 @@ def test_non_positive_definite_hessian_falls_back_to_rtn(site, caplog):
     scheme = QuantScheme.parse("w4-g128-sym")
     h = -np.eye(w.shape[1])
     with caplog.at_level(logging.WARNING):
-        qw = get_method("gptq").quantize(w, scheme, SiteStats(h, 10), site="layers.0.q")
+        qw = build_method(GPTQConfig()).quantize(w, scheme, SiteStats(h, 10), site="layers.0.q")
     assert qw.metrics["fallback"] == 1
     assert "layers.0.q" in caplog.text
-    rtn = get_method("rtn").quantize(w, scheme)
+    rtn = build_method(RTNConfig()).quantize(w, scheme)
     np.testing.assert_array_equal(qw.codes, rtn.codes)
     np.testing.assert_array_equal(qw.scales, rtn.scales)
 
@@ -140,8 +141,8 @@ def test_non_positive_definite_hessian_falls_back_to_rtn(site, caplog):
 def test_deterministic_and_fp16_scales(site):
     w, stats = site
     scheme = QuantScheme.parse("w4-g64-sym", scale_dtype="float16")
-    a = get_method("gptq", mse_clip=True).quantize(w, scheme, stats)
-    b = get_method("gptq", mse_clip=True).quantize(w, scheme, stats)
+    a = build_method(GPTQConfig(mse_clip=True)).quantize(w, scheme, stats)
+    b = build_method(GPTQConfig(mse_clip=True)).quantize(w, scheme, stats)
     np.testing.assert_array_equal(a.codes, b.codes)
     np.testing.assert_array_equal(a.scales, a.scales.astype(np.float16).astype(np.float32))
     assert a.metrics["proxy_loss"] < a.metrics["proxy_loss_rtn"]
@@ -154,10 +155,10 @@ def test_refit_rounds_lower_the_proxy_loss_row_by_row(site):
 
     w, stats = site
     scheme = QuantScheme.parse("w4-g128-sym")
-    base = get_method("gptq", refit_rounds=0).quantize(w, scheme, stats)
+    base = build_method(GPTQConfig(refit_rounds=0)).quantize(w, scheme, stats)
     losses = [base.metrics["proxy_loss"]]
     for rounds in (1, 2):
-        qw = get_method("gptq", refit_rounds=rounds).quantize(w, scheme, stats)
+        qw = build_method(GPTQConfig(refit_rounds=rounds)).quantize(w, scheme, stats)
         qw.check()
         assert np.array_equal(np.sign(qw.scales), np.sign(base.scales))  # refits never flip a scale
         for r in range(w.shape[0]):
@@ -170,8 +171,10 @@ def test_refit_rounds_lower_the_proxy_loss_row_by_row(site):
     assert losses[1] < 0.99 * losses[0] and losses[2] <= losses[1] * (1 + 1e-9)
 
 
-def test_refit_rounds_must_be_a_count():
-    from optimum.adaround.graph_passes.errors import UserError
-
-    with pytest.raises(UserError, match="refit_rounds"):
-        get_method("gptq", refit_rounds=-1)
+@pytest.mark.parametrize(
+    "bad", [{"refit_rounds": -1}, {"percdamp": -0.1}, {"percdamp": 10.0}, {"block_size": 0}, {"threads": 0}]
+)
+def test_options_out_of_range_are_one_line_errors(bad):
+    name, value = next(iter(bad.items()))
+    with pytest.raises(InvalidOptionError, match=rf"^gptq option {name}={value!r}: use "):
+        GPTQConfig(**bad)

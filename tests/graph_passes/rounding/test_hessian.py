@@ -90,36 +90,3 @@ def test_indefinite_hessian_retries_then_returns_none(caplog):
     h2 = torch.diag(torch.tensor([1.0, 1.0, 1.0, -0.05], dtype=torch.float64))
     out = hs.inverse_cholesky(h2, 0.01)
     assert out is not None and out[1] == pytest.approx(0.1)
-
-
-def test_fp_target_weight_turns_the_fp_target_loss_into_a_layer_loss():
-    """|X_q Q^T - X_fp W^T|^2 - tr((Q - W~) H (Q - W~)^T) is the same for every Q (tiny ridge), and
-    W~ is the least-squares solution; a dead input keeps zero weight; W~ = W when X_fp = X_q."""
-    rng = np.random.default_rng(0)
-    t, k, n = 400, 12, 5
-    x_fp = rng.standard_normal((t, k)) @ rng.standard_normal((k, k))
-    x_q = x_fp + 0.1 * rng.standard_normal((t, k))  # upstream quantization error
-    x_q[:, 4] = x_fp[:, 4] = 0  # a dead input
-    w = rng.standard_normal((n, k)).astype(np.float32)
-    h, g = x_q.T @ x_q, x_q.T @ x_fp
-    target = hs.fp_target_weight(w, h, g, percdamp=1e-10).astype(np.float64)
-    assert target.shape == w.shape and not target[:, 4].any()
-    lstsq = np.linalg.lstsq(x_q, x_fp @ w.T.astype(np.float64), rcond=None)[0].T
-    np.testing.assert_allclose(target, lstsq, rtol=1e-4, atol=1e-5)
-    consts = []
-    for _ in range(3):
-        q = w + rng.standard_normal(w.shape)
-        full = np.sum((x_q @ q.T - x_fp @ w.T) ** 2)
-        consts.append(full - np.trace((q - target) @ h @ (q - target).T))
-    np.testing.assert_allclose(consts, consts[0], rtol=1e-4)  # target is float32
-    # with X_fp = X_q the target is W itself (dead input zeroed), whatever the ridge
-    same = hs.fp_target_weight(w, h, h, percdamp=0.5)
-    np.testing.assert_array_equal(same[:, 4], 0)
-    np.testing.assert_allclose(np.delete(same, 4, axis=1), np.delete(w, 4, axis=1), rtol=1e-6)
-    # a larger ridge shrinks the correction, not the weight
-    live = np.arange(k) != 4
-    d_small = np.abs(hs.fp_target_weight(w, h, g, percdamp=1e-3) - w)[:, live].sum()
-    d_large = np.abs(hs.fp_target_weight(w, h, g, percdamp=10.0) - w)[:, live].sum()
-    assert d_large < 0.5 * d_small
-    with pytest.raises(CalibrationError, match=r"l3\.up"):
-        hs.fp_target_weight(w, h, np.full_like(h, np.nan), site="l3.up")

@@ -5,14 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from optimum.adaround.graph_passes.errors import InvalidOptionError
 from optimum.adaround.graph_passes.records import QuantizedWeight
-from optimum.adaround.graph_passes.rounding.base import METHODS, SiteStats, get_method
-from optimum.adaround.graph_passes.rounding.learned_scale import refit_scales
+from optimum.adaround.graph_passes.rounding.adaround import AdaRoundConfig
+from optimum.adaround.graph_passes.rounding.base import METHODS, SiteStats, build_method
+from optimum.adaround.graph_passes.rounding.gptq import GPTQConfig
+from optimum.adaround.graph_passes.rounding.learned_scale import AdaRoundLS, AdaRoundLSConfig, refit_scales
 from optimum.adaround.graph_passes.rounding.metrics import quadratic_form
 from optimum.adaround.graph_passes.scheme import QuantScheme
 
 FFN = "encoder.layer.1.intermediate.dense.weight"
-FAST = {"iters": 40, "rounds": 1, "free_cols": 64, "tile_rows": 16, "scale_steps": 1}
+FAST = {"iters": 40, "rounds": 1, "free_cols": 64, "tile_rows": 16}
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
@@ -35,7 +38,7 @@ def test_refit_never_increases_a_row_loss(minilm_weight, correlated_hessian):
     w = np.ascontiguousarray(minilm_weight(FFN)[:32])
     h, n = correlated_hessian(w.shape[1])
     scheme = QuantScheme.parse("w3-g64-sym", scale_dtype="float16")
-    qw = get_method("gptq", refit_rounds=0).quantize(w, scheme, SiteStats(h, n))
+    qw = build_method(GPTQConfig(refit_rounds=0)).quantize(w, scheme, SiteStats(h, n))
     new = refit_scales(w, qw.codes, qw.scales, None, scheme, h)
     np.testing.assert_array_equal(new, new.astype(np.float16).astype(np.float32))  # stored dtype respected
     moved = QuantizedWeight(qw.codes, new, None, scheme)
@@ -47,15 +50,30 @@ def test_refit_never_increases_a_row_loss(minilm_weight, correlated_hessian):
 
 
 def test_adaround_ls_is_registered_and_beats_adaround(minilm_weight, correlated_hessian):
-    assert "adaround_ls" in METHODS
+    assert METHODS["adaround_ls"] is AdaRoundLSConfig
+    config = AdaRoundLSConfig(**FAST, scale_steps=1)
+    assert isinstance(build_method(config), AdaRoundLS)
+    assert config.final_refit == "none" and AdaRoundConfig().final_refit == "guarded"
+    assert config.default_calib_samples == AdaRoundConfig.default_calib_samples == 128
     w = np.ascontiguousarray(minilm_weight(FFN)[:32])
     h, n = correlated_hessian(w.shape[1])
     scheme = QuantScheme.parse("w4-g128-sym")
-    ls = get_method("adaround_ls", **FAST).quantize(w, scheme, SiteStats(h, n), site="ffn")
-    fast = {k: v for k, v in FAST.items() if k != "scale_steps"}
-    ada = get_method("adaround", **fast).quantize(w, scheme, SiteStats(h, n))
+    ls = build_method(config).quantize(w, scheme, SiteStats(h, n), site="ffn")
+    ada = build_method(AdaRoundConfig(**FAST)).quantize(w, scheme, SiteStats(h, n))
     ls.check()
     assert ls.metrics["proxy_loss"] < ada.metrics["proxy_loss"] < ls.metrics["proxy_loss_init"]
     assert ls.metrics["kept_init"] == 0
     assert 0.5 < ls.metrics["clip_mean"] < 1.5
     assert np.array_equal(np.sign(ls.scales), np.sign(ada.scales))  # refits never flip a signed scale
+
+
+def test_zero_scale_steps_is_adaround_without_its_final_refit(minilm_weight, correlated_hessian):
+    w = np.ascontiguousarray(minilm_weight(FFN)[:32])
+    h, n = correlated_hessian(w.shape[1])
+    scheme = QuantScheme.parse("w3-g64-sym")
+    ls = build_method(AdaRoundLSConfig(**FAST, scale_steps=0)).quantize(w, scheme, SiteStats(h, n))
+    ada = build_method(AdaRoundConfig(**FAST, final_refit="none")).quantize(w, scheme, SiteStats(h, n))
+    np.testing.assert_array_equal(ls.codes, ada.codes)
+    np.testing.assert_array_equal(ls.scales, ada.scales)
+    with pytest.raises(InvalidOptionError, match=r"^adaround_ls option scale_steps=-1: use an integer >= 0"):
+        AdaRoundLSConfig(scale_steps=-1)

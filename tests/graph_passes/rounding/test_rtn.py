@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from optimum.adaround.graph_passes.errors import UnsupportedSchemeError, UserError
+from optimum.adaround.graph_passes.errors import InvalidOptionError, UnsupportedSchemeError, UserError
 from optimum.adaround.graph_passes.records import QuantizedWeight
-from optimum.adaround.graph_passes.rounding.base import METHODS, SiteStats, get_method
-from optimum.adaround.graph_passes.rounding.rtn import RTN
+from optimum.adaround.graph_passes.rounding.base import METHODS, SiteStats, build_method
+from optimum.adaround.graph_passes.rounding.rtn import RTN, RTNConfig
 from optimum.adaround.graph_passes.scheme import PER_CHANNEL, QuantScheme
 
 
@@ -41,7 +41,7 @@ SCHEMES = [
 def test_reproduces_grid_aligned_codes(scheme, search):
     rng = np.random.default_rng(scheme.bits)
     qw = _grid_aligned(rng, scheme, 12, 200)  # 200: short last block for 16 and 128
-    got = RTN(search=search).quantize(qw.dequantize(), scheme)
+    got = build_method(RTNConfig(search=search)).quantize(qw.dequantize(), scheme)
     assert got.codes.tobytes() == qw.codes.tobytes()
     if scheme.symmetric:  # absmax = 2**(b-1) * s exactly, so the scale itself comes back bit for bit
         assert got.scales.tobytes() == qw.scales.tobytes()
@@ -52,9 +52,9 @@ def test_reproduces_grid_aligned_codes(scheme, search):
 
 
 def test_registered_without_statistics():
-    assert METHODS["rtn"] is RTN
-    m = get_method("rtn", search="minmax")
-    assert m.needs == frozenset() and m.name == "rtn"
+    assert METHODS["rtn"] is RTNConfig
+    m = build_method(RTNConfig(search="minmax"))
+    assert isinstance(m, RTN) and m.config.needs == frozenset() and m.config.name == "rtn"
 
 
 def _outlier_weight(rng: np.random.Generator, n: int = 64, k: int = 576) -> np.ndarray:
@@ -70,8 +70,8 @@ def _outlier_weight(rng: np.random.Generator, n: int = 64, k: int = 576) -> np.n
 def test_mse_search_never_worse_per_block(scheme):
     rng = np.random.default_rng(5)
     w = _outlier_weight(rng)
-    mm = RTN(search="minmax").quantize(w, scheme)
-    mse = RTN(search="mse").quantize(w, scheme)
+    mm = build_method(RTNConfig(search="minmax")).quantize(w, scheme)
+    mse = build_method(RTNConfig(search="mse")).quantize(w, scheme)
     block = scheme.block_size(w.shape[1])
 
     def block_err(qw):  # zero-padded, so a short last block counts its real entries only
@@ -90,8 +90,8 @@ def test_short_last_block_padding_does_not_count():
     rng = np.random.default_rng(2)
     scheme = QuantScheme(bits=3, group_size=64, symmetric=False)
     w = _outlier_weight(rng, 16, 70)  # last block: 6 real values
-    full = RTN(search="mse").quantize(w, scheme)
-    alone = RTN(search="mse").quantize(
+    full = build_method(RTNConfig(search="mse")).quantize(w, scheme)
+    alone = build_method(RTNConfig(search="mse")).quantize(
         np.ascontiguousarray(w[:, 64:]), QuantScheme(bits=3, group_size=PER_CHANNEL, symmetric=False)
     )
     assert full.codes[:, 64:].tobytes() == alone.codes.tobytes()
@@ -104,7 +104,7 @@ def test_all_zero_blocks_dequantize_to_exact_zeros(symmetric, search):
     w = np.zeros((4, 96), np.float32)
     w[1, 40:60] = np.linspace(-1, 2, 20)
     scheme = QuantScheme(bits=4, group_size=32, symmetric=symmetric)
-    qw = RTN(search=search).quantize(w, scheme)
+    qw = build_method(RTNConfig(search=search)).quantize(w, scheme)
     assert qw.scales[0].tolist() == [0.0, 0.0, 0.0] and qw.scales[1, 0] == 0.0
     deq = qw.dequantize()
     assert np.array_equal(deq[[0, 2, 3]], np.zeros((3, 96), np.float32))
@@ -117,22 +117,23 @@ def test_non_finite_weights_raise_user_error(bad):
     w = np.ones((3, 32), np.float32)
     w[2, 7] = bad
     with pytest.raises(UserError, match=r"NaN/Inf.*\[2, 7\]"):
-        RTN().quantize(w, QuantScheme(bits=4, group_size=16))
+        build_method(RTNConfig()).quantize(w, QuantScheme(bits=4, group_size=16))
 
 
 def test_bad_options_and_inputs():
-    with pytest.raises(UnsupportedSchemeError, match="search"):
-        RTN(search="hqq")
-    with pytest.raises(UnsupportedSchemeError, match="grid"):
-        RTN(grid="gguf")
-    with pytest.raises(UnsupportedSchemeError, match="minmax"):
-        RTN(grid="ort", search="mse")
-    with pytest.raises(UnsupportedSchemeError, match="min_clip"):
-        RTN(min_clip=0.0)
+    with pytest.raises(InvalidOptionError, match="rtn option search='hqq'"):
+        RTNConfig(search="hqq")
+    with pytest.raises(InvalidOptionError, match="rtn option grid='gguf'"):
+        RTNConfig(grid="gguf")
+    with pytest.raises(InvalidOptionError, match="use search='minmax'"):
+        RTNConfig(grid="ort", search="mse")
+    for bad in ({"min_clip": 0.0}, {"n_grid": 0}, {"chunk_rows": 0}):
+        with pytest.raises(InvalidOptionError, match=f"rtn option {next(iter(bad))}="):
+            RTNConfig(**bad)
     with pytest.raises(UnsupportedSchemeError, match="2-D"):
-        RTN().quantize(np.ones(32, np.float32), QuantScheme())
+        build_method(RTNConfig()).quantize(np.ones(32, np.float32), QuantScheme())
     with pytest.raises(UnsupportedSchemeError, match="nf4"):
-        RTN().quantize(
+        build_method(RTNConfig()).quantize(
             np.ones((2, 64), np.float32), QuantScheme(bits=4, group_size=64, data_type="nf4", format="lowbit")
         )
 
@@ -141,7 +142,9 @@ def test_float16_scales_are_exact_in_float16():
     rng = np.random.default_rng(9)
     w = _outlier_weight(rng, 8, 256)
     for search in ("minmax", "mse"):
-        qw = RTN(search=search).quantize(w, QuantScheme(bits=4, group_size=64, scale_dtype="float16"))
+        qw = build_method(RTNConfig(search=search)).quantize(
+            w, QuantScheme(bits=4, group_size=64, scale_dtype="float16")
+        )
         assert np.array_equal(qw.scales.astype(np.float16).astype(np.float32), qw.scales)
 
 
@@ -150,21 +153,23 @@ def test_metrics_sqnr_and_proxy_loss():
     w = _outlier_weight(rng, 16, 64)
     x = rng.standard_normal((300, 64))
     stats = SiteStats(hessian=x.T @ x, n_tokens=300)
-    qw = RTN().quantize(w, QuantScheme(bits=3, group_size=32), stats)
+    qw = build_method(RTNConfig()).quantize(w, QuantScheme(bits=3, group_size=32), stats)
     dw = qw.dequantize().astype(np.float64) - w
     want_sqnr = 10 * np.log10((w.astype(np.float64) ** 2).sum() / (dw**2).sum())
     assert qw.metrics["sqnr_db"] == pytest.approx(want_sqnr, rel=1e-6)  # float32 block sums
     want_proxy = ((x @ dw.T) ** 2).sum() / 300  # mean over tokens of the squared output error
     assert qw.metrics["proxy_loss"] == pytest.approx(want_proxy, rel=1e-9)
-    assert "proxy_loss" not in RTN().quantize(w, QuantScheme(bits=3, group_size=32)).metrics
+    assert (
+        "proxy_loss" not in build_method(RTNConfig()).quantize(w, QuantScheme(bits=3, group_size=32)).metrics
+    )
 
 
 def test_chunking_does_not_change_results():
     rng = np.random.default_rng(8)
     w = _outlier_weight(rng, 37, 192)
     scheme = QuantScheme(bits=4, group_size=64, symmetric=False)
-    a = RTN(chunk_rows=5).quantize(w, scheme)
-    b = RTN(chunk_rows=4096).quantize(w, scheme)
+    a = build_method(RTNConfig(chunk_rows=5)).quantize(w, scheme)
+    b = build_method(RTNConfig(chunk_rows=4096)).quantize(w, scheme)
     assert a.codes.tobytes() == b.codes.tobytes() and a.scales.tobytes() == b.scales.tobytes()
     assert a.zero_points.tobytes() == b.zero_points.tobytes()
     assert a.metrics["clip_mean"] == pytest.approx(b.metrics["clip_mean"])
