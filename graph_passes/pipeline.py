@@ -32,7 +32,7 @@ from .packing.base import PackedWeight, Packer, get_packer
 from .parallel import in_order, resolve_workers, result_of, round_site, rounding_pool
 from .records import QuantizedWeight, SiteReport, SkippedSite, WeightSite
 from .rewrite import ReplaceWeightSitesPass, SiteRewrite
-from .rounding.base import SINK_SITES, RoundingMethod, SiteStats, build_method, weight_first_position
+from .rounding.base import SINK_SITES, MethodConfig, SiteStats, weight_first_position
 from .scheme import QuantScheme, WeightFormat
 from .sites import ALREADY_QUANTIZED, find_weight_sites
 
@@ -184,7 +184,7 @@ class _SiteQuantizer:
     collecting results."""
 
     def __init__(
-        self, model: ir.Model, scheme: QuantScheme, method: RoundingMethod, packer: Packer, folder: Path
+        self, model: ir.Model, scheme: QuantScheme, method: MethodConfig, packer: Packer, folder: Path
     ):
         self.model, self.scheme, self.method, self.packer, self.folder = model, scheme, method, packer, folder
         self.rewrites: list[SiteRewrite] = []
@@ -321,7 +321,6 @@ def quantize_model(
     packer = get_packer(scheme.format, **_packer_options(scheme.format, config))
     check_opset(model, scheme)
     check_sites(packer, scheme, report.sites)
-    rounding_method = build_method(config.method)
     n_workers = resolve_workers(config.output.workers, report.sites)  # checks ``workers`` for every method
     if needs and token_ids is None:
         raise CalibrationError(
@@ -330,7 +329,7 @@ def quantize_model(
         )
     folder, tmp = _scratch(spill_dir)
     try:
-        quantizer = _SiteQuantizer(model, scheme, rounding_method, packer, folder)
+        quantizer = _SiteQuantizer(model, scheme, config.method, packer, folder)
         t1 = time.perf_counter()
         calibration = _round_all(model, report, config, quantizer, token_ids, n_workers, progress)
         timings["quantize"] = time.perf_counter() - t1
