@@ -209,8 +209,16 @@ def run_calibration(
     run = _prepare(model, sites, token_ids, on_block, CalibrationOptions.build(options, overrides))
     totals = _Totals()
     parts = _sequential(run, totals) if run.options.sequential else _one_pass(run, totals)
+    report = _report(run, parts, totals, time.perf_counter() - t_start, time.process_time() - cpu_start)
+    logger.info("%s", report.summary())
+    return report
+
+
+def _report(
+    run: _Run, parts: list[PartReport], totals: _Totals, seconds: float, cpu_seconds: float
+) -> CalibrationReport:
     n, t = run.ids.shape
-    report = CalibrationReport(
+    return CalibrationReport(
         sequential=run.options.sequential,
         n_sequences=n,
         seq_len=t,
@@ -218,15 +226,13 @@ def run_calibration(
         batch_size=run.options.batch_size,
         providers=list(run.providers),
         parts=parts,
-        n_activations=len({s.activation for s in sites}),
+        n_activations=len({s.activation for s in run.sites}),
         n_quantized=totals.n_quantized,
         peak_cache_bytes=totals.peak_cache_bytes,
         peak_part_weight_bytes=max((p.weight_bytes for p in parts), default=0),
-        seconds=time.perf_counter() - t_start,
-        cpu_seconds=time.process_time() - cpu_start,
+        seconds=seconds,
+        cpu_seconds=cpu_seconds,
     )
-    logger.info("%s", report.summary())
-    return report
 
 
 def _prepare(
@@ -448,10 +454,20 @@ def _forward(
             kept[j].append(np.array(res[j], copy=True))
         if acc is not None:
             t0 = time.perf_counter()
-            for a in acc.activations:  # inputs of the part first: they come earlier in the graph
-                if a not in produced:
-                    acc.add(a, feed(a))
-            for a, x in zip(produced, res[len(outputs) :], strict=True):
-                acc.add(a, x)
+            _add_activations(acc, produced, res[len(outputs) :], feed)
             rep.stats_s += time.perf_counter() - t0
     return kept
+
+
+def _add_activations(
+    acc: HessianAccumulator,
+    produced: list[str],
+    values: Sequence[np.ndarray],
+    feed: Callable[[str], np.ndarray],
+) -> None:
+    """One batch into ``acc``: ``values`` of the ``produced`` activations, the others through ``feed``."""
+    for a in acc.activations:  # inputs of the part first: they come earlier in the graph
+        if a not in produced:
+            acc.add(a, feed(a))
+    for a, x in zip(produced, values, strict=True):
+        acc.add(a, x)
