@@ -193,11 +193,22 @@ def _check_inline(name: str, tensor: ir.TensorProtocol, where: Path | str) -> No
     """Inline data must hold exactly what the dims and type say (the checker lets longer raw_data through)."""
     nbytes = _expected_bytes(name, tensor, str(where))
     proto = getattr(tensor, "raw", None)
-    if isinstance(proto, onnx.TensorProto) and proto.HasField("raw_data") and len(proto.raw_data) != nbytes:
+    if not isinstance(proto, onnx.TensorProto):
+        return
+    if proto.HasField("raw_data"):
+        if len(proto.raw_data) != nbytes:
+            raise InvalidModelError(
+                f"{where}: tensor {name!r} holds {len(proto.raw_data)} bytes of raw_data, but its dims "
+                f"{list(proto.dims)} and type {tensor.dtype.name} take {nbytes}: fix or re-export the model"
+            )
+        return
+    try:  # typed fields (float_data, int32_data, ...): small by nature, decoding them is the check
+        tensor.numpy()
+    except (ValueError, TypeError) as e:
         raise InvalidModelError(
-            f"{where}: tensor {name!r} holds {len(proto.raw_data)} bytes of raw_data, but its dims "
-            f"{list(proto.dims)} and type {tensor.dtype.name} take {nbytes}: fix or re-export the model"
-        )
+            f"{where}: tensor {name!r} has data that does not fit its dims {list(proto.dims)} and type "
+            f"{tensor.dtype.name} ({_why(e)}): fix or re-export the model"
+        ) from None
 
 
 def _check_tensors(model: ir.Model, path: Path | None) -> None:
@@ -238,8 +249,8 @@ def _read_model_bytes(path: Path) -> bytes:
 
 def _why(e: BaseException) -> str:
     """The innermost cause of an exception, as ``Type: first line`` (onnx-ir wraps the real reason)."""
-    while e.__cause__ is not None:
-        e = e.__cause__
+    while (e.__cause__ or e.__context__) is not None:
+        e = e.__cause__ or e.__context__  # type: ignore[assignment]
     text = " ".join(str(e).split())
     return f"{type(e).__name__}: {text[:200]}"
 
@@ -273,7 +284,11 @@ def _skeleton(proto: onnx.ModelProto, where: Path | str) -> onnx.ModelProto:
     g = sk.graph
     g.name = src.name or "graph"
     listed = {vi.name for vi in src.input}
+    names: set[str] = set()
     for t in src.initializer:
+        if t.name in names:
+            raise InvalidModelError(f"{where}: initializer {t.name!r} is defined twice: keep one")
+        names.add(t.name)
         if t.data_location != onnx.TensorProto.EXTERNAL and int(np.prod(t.dims)) <= _SKELETON_MAX_ELEMENTS:
             g.initializer.append(t)
         elif t.name not in listed:
@@ -342,10 +357,11 @@ def _unique_node_names(model: ir.Model) -> None:
             continue
         if not name and node.op_type not in ("MatMul", "Gemm"):
             continue
-        base = name or f"/{node.op_type}_{i}/{node.op_type}"
-        candidate, j = base, 2
+        # A suffix on the scope, not the last part: the rewrite names its initializers after the scope.
+        scope, _, last = (name or f"/{node.op_type}_{i}/{node.op_type}").rpartition("/")
+        candidate, j = f"{scope}/{last}", 2
         while candidate in taken:
-            candidate, j = f"{base}_{j}", j + 1
+            candidate, j = f"{scope}_{j}/{last}", j + 1
         node.name = candidate
         taken.add(candidate)
         seen.add(candidate)
