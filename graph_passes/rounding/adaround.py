@@ -92,7 +92,7 @@ class AdaRoundConfig(MethodConfig):
     """AdaRound fits H more closely than GPTQ and gains more from data (benchmarks/results/adaround_calibration.md)."""
 
     init: Literal["gptq", "rtn"] = option(
-        "gptq", "the starting rounding (GPTQ's is what makes AdaRound work here)"
+        "gptq", "the rounding to start from (the result is never worse than it): GPTQ's or round-to-nearest"
     )
     iters: int = option(100, "Adam steps per relaxation round")
     rounds: int = option(

@@ -178,3 +178,20 @@ def test_options_out_of_range_are_one_line_errors(bad):
     name, value = next(iter(bad.items()))
     with pytest.raises(InvalidOptionError, match=rf"^gptq option {name}={value!r}: use "):
         GPTQConfig(**bad)
+
+
+@pytest.mark.parametrize("threads", [1, 2, None])
+def test_threads_hold_while_rounding_and_are_restored(site, monkeypatch, threads):
+    w, stats = site
+    seen = []
+    real = torch.linalg.cholesky_ex
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", spy)
+    build_method(GPTQConfig(threads=threads)).quantize(w, QuantScheme.parse("w4-g128"), stats)
+    assert seen and set(seen) == {before if threads is None else threads}
+    assert torch.get_num_threads() == before

@@ -173,3 +173,12 @@ def test_chunking_does_not_change_results():
     assert a.codes.tobytes() == b.codes.tobytes() and a.scales.tobytes() == b.scales.tobytes()
     assert a.zero_points.tobytes() == b.zero_points.tobytes()
     assert a.metrics["clip_mean"] == pytest.approx(b.metrics["clip_mean"])
+
+
+def test_progress_shows_a_bar_over_the_row_chunks(capsys):
+    w = _outlier_weight(np.random.default_rng(9), 40, 128)
+    build_method(RTNConfig(chunk_rows=8, progress=True)).quantize(w, QuantScheme(bits=4, group_size=64))
+    err = capsys.readouterr().err
+    assert "rtn:" in err and "/5 [" in err  # 40 rows in chunks of 8
+    build_method(RTNConfig(chunk_rows=8)).quantize(w, QuantScheme(bits=4, group_size=64))
+    assert capsys.readouterr().err == ""
