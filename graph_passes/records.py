@@ -12,6 +12,7 @@ from typing import Literal
 
 import numpy as np
 
+from .errors import InternalError
 from .scheme import DataType, QuantScheme
 
 __all__ = ["QuantizedWeight", "SiteReport", "SkippedSite", "WeightSite"]
@@ -108,17 +109,31 @@ class QuantizedWeight:
         return self.scheme.block_size(self.k)
 
     def check(self) -> None:
-        """Assert the shape/dtype/range invariants (cheap; used by packers and tests)."""
+        """Raise InternalError unless the shape/dtype/range invariants hold (cheap; used by packers and tests).
+        A method that returns a record breaking them has a bug: explicit raises, so ``python -O`` checks too."""
         n, k = self.codes.shape
         nb = self.scheme.n_blocks(k)
-        assert self.codes.dtype == np.uint8, self.codes.dtype
-        assert int(self.codes.max(initial=0)) <= self.scheme.qmax
-        assert self.scales.shape == (n, nb), (self.scales.shape, (n, nb))
+        problems = [
+            (self.codes.dtype != np.uint8, f"codes dtype {self.codes.dtype}, expected uint8"),
+            (int(self.codes.max(initial=0)) > self.scheme.qmax, f"a code above {self.scheme.qmax}"),
+            (self.scales.shape != (n, nb), f"scales shape {self.scales.shape}, expected {(n, nb)}"),
+        ]
         if self.zero_points is not None:
-            assert self.zero_points.shape == (n, nb) and self.zero_points.dtype == np.uint8
-            assert int(self.zero_points.max(initial=0)) <= self.scheme.qmax
+            zp = self.zero_points
+            problems.append(
+                (zp.shape != (n, nb) or zp.dtype != np.uint8, f"zero points {zp.dtype}{zp.shape}")
+            )
+            problems.append(
+                (int(zp.max(initial=0)) > self.scheme.qmax, f"a zero point above {self.scheme.qmax}")
+            )
         if self.scheme.data_type is not DataType.INT:
-            assert self.codebook is not None and self.codebook.shape == (1 << self.scheme.bits,)
+            book = self.codebook
+            problems.append(
+                (book is None or book.shape != (1 << self.scheme.bits,), "codebook missing or mis-sized")
+            )
+        for broken, what in problems:
+            if broken:
+                raise InternalError(f"quantized weight [{n}, {k}] under {self.scheme.label}: {what}")
 
     def expand(self, per_block: np.ndarray) -> np.ndarray:
         """Repeat a ``[N, n_blocks]`` array along K to ``[N, K]``."""
@@ -128,7 +143,7 @@ class QuantizedWeight:
         """The float32 ``[N, K]`` weight these codes stand for (the reference every format must match)."""
         scales = self.expand(self.scales.astype(np.float32))
         if self.scheme.data_type is not DataType.INT:
-            assert self.codebook is not None
+            self.check()  # a codebook scheme needs its codebook
             return (self.codebook.astype(np.float32)[self.codes] * scales).astype(np.float32)
         if self.zero_points is None:
             zp = np.float32(self.scheme.implied_zero_point)
