@@ -1,6 +1,8 @@
 """NumPy references of the ``com.optimum.adaround`` ops and of their packed weight layout ("lowbit v1").
 
-These functions are the test oracle of the C++/CUDA kernels and the pure half of the ``lowbit`` packer.
+These functions are the test oracle of the C++/CUDA kernels. The layout itself is defined by the package's
+``lowbit`` packer; this module, which imports nothing of the package, is tested to write and read the same
+bytes.
 
 Layout of the packed codes ``B`` (uint8, shape ``[N, n_chunks, 4 * bits]``, ``n_chunks = ceil(K / 32)``):
 

@@ -4,6 +4,9 @@ A packer is pure. ``pack``/``unpack`` convert between the package's ``[N, K]`` r
 format stores (NumPy only, exact both ways); ``build`` constructs the replacement nodes and initializer
 values for one weight site but never touches a graph: the rewrite pass (``graph_passes/rewrite.py``)
 inserts what it returns and reroutes the old MatMul/Gemm output to ``ReplacementNodes.output``.
+``read`` is the inverse of ``build``: it finds the stored weight of one node of the format in a graph
+(:func:`read_stored_weight` dispatches on the node's op), so evaluation reads every format through
+``unpack``.
 
 Packers are registered per :class:`WeightFormat` (``@register_packer``) and instantiated with their
 options through :func:`get_packer`; dispatch is by registry lookup, never by string ``if``s.
@@ -28,10 +31,12 @@ __all__ = [
     "PackedWeight",
     "Packer",
     "ReplacementNodes",
+    "StoredWeight",
     "activation_dtype",
     "get_packer",
     "initializer",
     "pack_lsb",
+    "read_stored_weight",
     "register_packer",
     "unpack_lsb",
 ]
@@ -65,10 +70,34 @@ class ReplacementNodes:
     opset_imports: dict[str, int]
 
 
+@dataclasses.dataclass
+class StoredWeight:
+    """A packed weight found in a graph (what a packer's ``build`` wrote), its tensors not yet read."""
+
+    node: ir.Node
+    """The node that computes with the weight (for a DequantizeLinear weight, the MatMul/Gemm it feeds)."""
+    packer: Packer
+    scheme: QuantScheme
+    k: int
+    n: int
+    tensors: dict[str, ir.TensorProtocol]
+    """Role -> stored tensor, the roles of :attr:`PackedWeight.tensors`."""
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(t.nbytes) for t in self.tensors.values())
+
+    def unpack(self) -> QuantizedWeight:
+        arrays = {role: np.asarray(t.numpy()) for role, t in self.tensors.items()}
+        return self.packer.unpack(PackedWeight(arrays, {}), self.scheme, self.k, self.n)
+
+
 class Packer(Protocol):
     """What every output format provides (see module docstring)."""
 
     format: ClassVar[WeightFormat]
+    reads: ClassVar[tuple[tuple[str, str], ...]]
+    """The ``(domain, op_type)`` of the nodes ``read`` takes (``""`` is the default ONNX domain)."""
 
     def supports(self, scheme: QuantScheme, k: int, n: int) -> str | None:
         """None when this format can store a ``[n, k]`` weight under ``scheme``, else the reason why not."""
@@ -82,6 +111,11 @@ class Packer(Protocol):
         self, site: WeightSite, x: ir.Value, packed: PackedWeight, bias: ir.Value | None, name: str
     ) -> ReplacementNodes:
         """Nodes computing ``x @ W^T (+ bias)`` from ``packed``; names start with ``name``."""
+        ...
+
+    def read(self, node: ir.Node) -> StoredWeight | None:
+        """The weight a node of :attr:`reads` stores, or None when its weight inputs are not constants
+        or are laid out in a way ``unpack`` does not take."""
         ...
 
 
@@ -98,17 +132,13 @@ def register_packer(cls: type) -> type:
 
 
 # Modules holding the built-in packers; imported on first lookup so that importing one packer never
-# drags in the others (lowbit belongs to the custom-op side and may be absent in a partial checkout).
+# drags in the others.
 _BUILTIN_MODULES = ("matmulnbits", "qdq", "lowbit")
 
 
 def _load_builtin_packers() -> None:
     for mod in _BUILTIN_MODULES:
-        try:
-            importlib.import_module(f"{__package__}.{mod}")
-        except ModuleNotFoundError as e:
-            if e.name != f"{__package__}.{mod}":
-                raise
+        importlib.import_module(f"{__package__}.{mod}")
 
 
 def get_packer(format: WeightFormat | str, **options: Any) -> Packer:
@@ -125,6 +155,36 @@ def get_packer(format: WeightFormat | str, **options: Any) -> Packer:
             f"no packer registered for format {fmt.value!r} (registered: {sorted(f.value for f in PACKERS)})"
         )
     return PACKERS[fmt](**options)
+
+
+def read_stored_weight(node: ir.Node) -> StoredWeight | None:
+    """The quantized weight ``node`` computes with, read by the packer of its format (None for any other
+    node, and for a node of a known format whose weight is not a constant of that format's layout)."""
+    _load_builtin_packers()
+    key = (node.domain if node.domain != "ai.onnx" else "", node.op_type)
+    for cls in PACKERS.values():
+        if key in cls.reads:  # type: ignore[attr-defined]
+            return cls().read(node)
+    return None
+
+
+def const_inputs(node: ir.Node, roles: tuple[str, ...]) -> dict[str, ir.TensorProtocol]:
+    """``role -> constant tensor`` of a node's inputs, in input order (absent or computed inputs left out)."""
+    out = {}
+    for role, value in zip(roles, node.inputs, strict=False):
+        if value is not None and value.const_value is not None:
+            out[role] = value.const_value
+    return out
+
+
+def attribute(node: ir.Node, name: str, default: Any = None) -> Any:
+    a = node.attributes.get(name)
+    return default if a is None else a.value
+
+
+def scale_dtype(t: ir.TensorProtocol) -> str:
+    """The scheme's ``scale_dtype`` of stored scales."""
+    return "float16" if t.dtype == ir.DataType.FLOAT16 else "float32"
 
 
 # -- helpers shared by the packers ---------------------------------------------------------------------
@@ -169,6 +229,11 @@ def unpack_lsb(packed: np.ndarray, bits: int, length: int) -> np.ndarray:
     stream = np.unpackbits(p, axis=-1, bitorder="little")[..., : length * bits]
     planes = stream.reshape(*p.shape[:-1], length, bits).astype(np.uint8)
     return np.bitwise_or.reduce(planes << np.arange(bits, dtype=np.uint8), axis=-1).astype(np.uint8)
+
+
+def initializers(name: str, packed: PackedWeight, roles: tuple[str, ...]) -> list[ir.Value]:
+    """Initializers ``{name}.{role}`` of the packed tensors present among ``roles``, in that order."""
+    return [initializer(f"{name}.{role}", packed.tensors[role]) for role in roles if role in packed.tensors]
 
 
 def initializer(name: str, array: np.ndarray) -> ir.Value:
@@ -218,6 +283,46 @@ def check_record(qw: QuantizedWeight) -> None:
         qw.check()
     except AssertionError as e:
         raise InternalError(f"malformed QuantizedWeight handed to a packer: {e}") from e
+
+
+def check_packable(packer: Packer, qw: QuantizedWeight) -> None:
+    """What every ``pack`` checks first: a well-formed record of a scheme and shape the format stores."""
+    check_record(qw)
+    check_supported(packer, qw.scheme, qw.k, qw.n)
+
+
+def split_bias(
+    bias: ir.Value | None, site: WeightSite, dtype: ir.DataType
+) -> tuple[ir.Value | None, ir.Value | None]:
+    """``(bias input of the node, bias of an Add after it)``: a 1-D ``[N]`` bias of the activation type is
+    one of the op's inputs; any other shape (``[1, N]``, ``[M, N]``, unknown) or type needs an Add."""
+    if bias is None:
+        return None, None
+    if bias.shape is not None and list(bias.shape) == [site.n] and bias.dtype in (None, dtype):
+        return bias, None
+    return None, bias
+
+
+def node_then_add(
+    op_type: str,
+    inputs: list[ir.Value | None],
+    attributes: dict[str, int | float | str],
+    domain: str,
+    x: ir.Value,
+    site: WeightSite,
+    name: str,
+    add_bias: ir.Value | None,
+) -> tuple[list[ir.Node], ir.Value]:
+    """One ``op_type`` node computing the site's output, then ``Add(add_bias)`` when a bias is left over;
+    the last output is named ``{name}/output``."""
+    dtype = activation_dtype(x)
+    out = output_value(x, site.n, f"{name}/{op_type}_output" if add_bias else f"{name}/output", dtype)
+    nodes = [ir.node(op_type, inputs, attributes, domain=domain, outputs=[out], name=f"{name}/{op_type}")]
+    if add_bias is None:
+        return nodes, out
+    final = output_value(x, site.n, f"{name}/output", dtype)
+    nodes.append(ir.node("Add", [out, add_bias], outputs=[final], name=f"{name}/Add"))
+    return nodes, final
 
 
 def stored_scales(qw: QuantizedWeight) -> np.ndarray:

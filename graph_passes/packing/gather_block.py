@@ -26,16 +26,8 @@ import onnx_ir as ir
 from ..errors import UnsupportedSchemeError
 from ..records import QuantizedWeight
 from ..scheme import DataType, QuantScheme
-from .base import (
-    PackedWeight,
-    ReplacementNodes,
-    check_record,
-    initializer,
-    numpy_float,
-    pack_lsb,
-    stored_scales,
-    unpack_lsb,
-)
+from . import base
+from .base import PackedWeight, ReplacementNodes, pack_lsb, unpack_lsb
 
 __all__ = ["GatherBlockQuantizedPacker"]
 
@@ -61,10 +53,10 @@ class GatherBlockQuantizedPacker:
             raise UnsupportedSchemeError(f"{scheme.label}, embedding [{n}, {k}]: {reason}")
 
     def pack(self, qw: QuantizedWeight) -> PackedWeight:
-        check_record(qw)
+        base.check_record(qw)
         scheme = qw.scheme
         self._check(scheme, qw.k, qw.n)
-        tensors = {"data": pack_lsb(qw.codes, scheme.bits), "scales": stored_scales(qw)}
+        tensors = {"data": pack_lsb(qw.codes, scheme.bits), "scales": base.stored_scales(qw)}
         if qw.zero_points is not None:
             tensors["zero_points"] = pack_lsb(qw.zero_points, scheme.bits)
         attributes: dict[str, int | float | str] = {
@@ -94,13 +86,10 @@ class GatherBlockQuantizedPacker:
 
         The output takes the scales' type, so scales are stored in ``dtype`` (float16 -> float32 exact).
         """
-        scales = packed.tensors["scales"].astype(numpy_float(dtype))
-        inits = [initializer(f"{name}.data", packed.tensors["data"]), initializer(f"{name}.scales", scales)]
-        inputs = [inits[0], indices, inits[1]]
-        if "zero_points" in packed.tensors:
-            zp = initializer(f"{name}.zero_points", packed.tensors["zero_points"])
-            inits.append(zp)
-            inputs.append(zp)
+        scales = packed.tensors["scales"].astype(base.numpy_float(dtype))
+        arrays = PackedWeight({**packed.tensors, "scales": scales}, packed.attributes)
+        inits = base.initializers(name, arrays, ("data", "scales", "zero_points"))
+        inputs = [inits[0], indices, *inits[1:]]
         hidden = int(packed.tensors["data"].shape[1]) * 8 // int(packed.attributes["bits"])
         shape = ir.Shape([*list(indices.shape), hidden]) if indices.shape is not None else None
         out = ir.Value(name=f"{name}/output", type=ir.TensorType(dtype), shape=shape)

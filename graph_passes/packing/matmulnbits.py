@@ -23,20 +23,8 @@ import onnx_ir as ir
 from ..errors import UnsupportedSchemeError
 from ..records import QuantizedWeight, WeightSite
 from ..scheme import DataType, QuantScheme, WeightFormat
-from .base import (
-    PackedWeight,
-    ReplacementNodes,
-    activation_dtype,
-    check_record,
-    check_supported,
-    initializer,
-    numpy_float,
-    output_value,
-    pack_lsb,
-    register_packer,
-    stored_scales,
-    unpack_lsb,
-)
+from . import base
+from .base import PackedWeight, ReplacementNodes, StoredWeight, pack_lsb, register_packer, unpack_lsb
 
 __all__ = ["MatMulNBitsPacker"]
 
@@ -55,6 +43,7 @@ class MatMulNBitsPacker:
     """
 
     format: ClassVar[WeightFormat] = WeightFormat.MATMULNBITS
+    reads: ClassVar[tuple[tuple[str, str], ...]] = (("com.microsoft", "MatMulNBits"),)
 
     def __init__(self, accuracy_level: int = 0, ort_padding: bool = False) -> None:
         if accuracy_level not in (0, 1, 2, 3, 4):
@@ -78,9 +67,8 @@ class MatMulNBitsPacker:
         return None
 
     def pack(self, qw: QuantizedWeight) -> PackedWeight:
-        check_record(qw)
+        base.check_packable(self, qw)
         scheme, n, k = qw.scheme, qw.n, qw.k
-        check_supported(self, scheme, k, n)
         block, nb, bits = qw.block_size, scheme.n_blocks(k), scheme.bits
         codes = qw.codes
         pad = nb * block - k
@@ -93,7 +81,7 @@ class MatMulNBitsPacker:
                 fill = np.repeat(qw.zero_points[:, -1:], pad, axis=1)
             codes = np.concatenate([codes, fill], axis=1)
         b = pack_lsb(codes.reshape(n, nb, block), bits)
-        tensors = {"B": b, "scales": stored_scales(qw).reshape(n * nb)}
+        tensors = {"B": b, "scales": base.stored_scales(qw).reshape(n * nb)}
         if qw.zero_points is not None:
             zp = qw.zero_points
             per_byte = 8 // bits
@@ -111,7 +99,7 @@ class MatMulNBitsPacker:
         return PackedWeight(tensors, attributes)
 
     def unpack(self, packed: PackedWeight, scheme: QuantScheme, k: int, n: int) -> QuantizedWeight:
-        check_supported(self, scheme, k, n)
+        base.check_supported(self, scheme, k, n)
         block, nb, bits = scheme.block_size(k), scheme.n_blocks(k), scheme.bits
         b = packed.tensors["B"]
         if b.shape != (n, nb, block * bits // 8):
@@ -137,36 +125,35 @@ class MatMulNBitsPacker:
 
         Assumes a Gemm site has ``alpha = beta = 1`` and ``transA = 0`` (site discovery's job).
         """
-        dtype = activation_dtype(x)
+        dtype = base.activation_dtype(x)
         # MatMulNBits ties `scales` to A's element type (type constraint T1 covers A, scales and bias):
         # float16 scales with float32 activations are rejected at session creation. float16 -> float32
         # is exact, so fp16-rounded scales are stored as float32 for float32 graphs (a few % more
         # bytes, the same numbers); a float16 graph gets float16 scales.
-        scales = packed.tensors["scales"].astype(numpy_float(dtype))
-        inits = [initializer(f"{name}.B", packed.tensors["B"]), initializer(f"{name}.scales", scales)]
+        scales = packed.tensors["scales"].astype(base.numpy_float(dtype))
+        arrays = PackedWeight({**packed.tensors, "scales": scales}, packed.attributes)
+        inits = base.initializers(name, arrays, ("B", "scales", "zero_points"))
         inputs: list[ir.Value | None] = [x, *inits]
-        if "zero_points" in packed.tensors:
-            zp = initializer(f"{name}.zero_points", packed.tensors["zero_points"])
-            inits.append(zp)
-            inputs.append(zp)
-        add_bias = None
-        if bias is not None:
-            if bias.shape is not None and list(bias.shape) == [site.n] and bias.dtype in (None, dtype):
-                inputs += [None] * (4 - len(inputs)) + [None, bias]  # zero_points?, g_idx, bias
-            else:
-                add_bias = bias
-        out = output_value(x, site.n, f"{name}/MatMulNBits_output" if add_bias else f"{name}/output", dtype)
-        node = ir.node(
-            "MatMulNBits",
-            inputs,
-            {k: v for k, v in packed.attributes.items()},
-            domain="com.microsoft",
-            outputs=[out],
-            name=f"{name}/MatMulNBits",
+        node_bias, add_bias = base.split_bias(bias, site, dtype)
+        if node_bias is not None:
+            inputs += [None] * (4 - len(inputs)) + [None, node_bias]  # zero_points?, g_idx, bias
+        nodes, out = base.node_then_add(
+            "MatMulNBits", inputs, dict(packed.attributes), "com.microsoft", x, site, name, add_bias
         )
-        nodes = [node]
-        if add_bias is not None:
-            final = output_value(x, site.n, f"{name}/output", dtype)
-            nodes.append(ir.node("Add", [out, add_bias], outputs=[final], name=f"{name}/Add"))
-            out = final
         return ReplacementNodes(nodes, inits, out, {"com.microsoft": 1})
+
+    def read(self, node: ir.Node) -> StoredWeight | None:
+        """Also reads float zero points (onnxruntime's HQQ): ``unpack`` refuses them, the caller applies them."""
+        tensors = base.const_inputs(node, ("A", "B", "scales", "zero_points"))
+        tensors.pop("A", None)
+        if "B" not in tensors or "scales" not in tensors:
+            return None
+        scheme = QuantScheme(
+            bits=int(base.attribute(node, "bits", 4)),
+            group_size=int(base.attribute(node, "block_size")),
+            symmetric="zero_points" not in tensors,
+            scale_dtype=base.scale_dtype(tensors["scales"]),
+            format=WeightFormat.MATMULNBITS,
+        )
+        k, n = int(base.attribute(node, "K")), int(base.attribute(node, "N"))
+        return StoredWeight(node, self, scheme, k, n, tensors)

@@ -28,19 +28,9 @@ import onnx_ir as ir
 
 from ..errors import UnsupportedSchemeError
 from ..records import QuantizedWeight, WeightSite
-from ..scheme import DataType, QuantScheme, WeightFormat
-from .base import (
-    PackedWeight,
-    ReplacementNodes,
-    activation_dtype,
-    check_record,
-    check_supported,
-    initializer,
-    numpy_float,
-    output_value,
-    register_packer,
-    stored_scales,
-)
+from ..scheme import PER_CHANNEL, DataType, QuantScheme, WeightFormat
+from . import base
+from .base import PackedWeight, ReplacementNodes, StoredWeight, register_packer
 
 __all__ = ["QDQPacker"]
 
@@ -53,11 +43,16 @@ _CONTAINERS = {
 }
 
 
+_BITS_OF = {ir.DataType.INT4: 4, ir.DataType.UINT4: 4, ir.DataType.INT8: 8, ir.DataType.UINT8: 8}
+_SIGNED = (ir.DataType.INT4, ir.DataType.INT8)
+
+
 @register_packer
 class QDQPacker:
     """Emits ``DequantizeLinear`` + the original MatMul/Gemm (see module docstring)."""
 
     format: ClassVar[WeightFormat] = WeightFormat.QDQ
+    reads: ClassVar[tuple[tuple[str, str], ...]] = (("", "DequantizeLinear"),)
 
     def __init__(self, emulate_low_bits: bool = False) -> None:
         self.emulate_low_bits = emulate_low_bits
@@ -76,15 +71,14 @@ class QDQPacker:
         return None
 
     def pack(self, qw: QuantizedWeight) -> PackedWeight:
-        check_record(qw)
+        base.check_packable(self, qw)
         scheme = qw.scheme
-        check_supported(self, scheme, qw.k, qw.n)
         qdtype = _CONTAINERS[self.container_bits(scheme.bits), scheme.symmetric]
         if scheme.symmetric:
             q = (qw.codes.T.astype(np.int16) - scheme.implied_zero_point).astype(qdtype)
         else:
             q = qw.codes.T.astype(qdtype)
-        scales = stored_scales(qw).T  # [nb, N]
+        scales = base.stored_scales(qw).T  # [nb, N]
         zp = None if qw.zero_points is None else qw.zero_points.T.astype(qdtype)
         attributes: dict[str, int | float | str]
         if scheme.per_channel:
@@ -99,29 +93,28 @@ class QDQPacker:
         return PackedWeight(tensors, attributes)
 
     def unpack(self, packed: PackedWeight, scheme: QuantScheme, k: int, n: int) -> QuantizedWeight:
-        check_supported(self, scheme, k, n)
+        """Also takes the DQ weights other tools write: signed codes with zero points (both shifted by
+        ``2**(bits-1)``) and unsigned codes without them (zero point 0), as an asymmetric record."""
+        base.check_supported(self, scheme, k, n)
         q = packed.tensors["q"]
         if q.shape != (k, n):
             raise UnsupportedSchemeError(f"QDQ weight has shape {q.shape}, expected [K, N] = {(k, n)}")
-        if scheme.symmetric:
-            codes = (q.astype(np.int16).T + scheme.implied_zero_point).astype(np.uint8)
-        else:
-            codes = q.astype(np.uint8).T
         nb = scheme.n_blocks(k)
-        scales = packed.tensors["scales"].astype(np.float32).reshape(nb, n).T
         zp = packed.tensors.get("zero_points")
-        zero_points = None if zp is None else zp.astype(np.uint8).reshape(nb, n).T
-        if (zero_points is None) != scheme.symmetric:
+        signed = np.issubdtype(q.dtype, np.signedinteger) or q.dtype == ml_dtypes.int4
+        if (zp is None and signed) != scheme.symmetric:
             raise UnsupportedSchemeError(
-                f"QDQ weight {'lacks' if zero_points is None else 'has'} zero points but the scheme is "
-                f"{'asymmetric' if zero_points is None else 'symmetric'}"
+                f"QDQ weight of {q.dtype} codes {'without' if zp is None else 'with'} zero points does not "
+                f"match the scheme, which is {'symmetric' if scheme.symmetric else 'asymmetric'}"
             )
-        return QuantizedWeight(
-            np.ascontiguousarray(codes),
-            np.ascontiguousarray(scales),
-            None if zero_points is None else np.ascontiguousarray(zero_points),
-            scheme,
-        )
+        shift = scheme.implied_zero_point if signed else 0
+        codes = (q.astype(np.int16).T + shift).astype(np.uint8)
+        zero_points = None
+        if not scheme.symmetric:
+            z = np.zeros((nb, n), np.int16) if zp is None else zp.astype(np.int16).reshape(nb, n)
+            zero_points = np.ascontiguousarray((z.T + shift).astype(np.uint8))
+        scales = packed.tensors["scales"].astype(np.float32).reshape(nb, n).T
+        return QuantizedWeight(np.ascontiguousarray(codes), np.ascontiguousarray(scales), zero_points, scheme)
 
     def build(
         self, site: WeightSite, x: ir.Value, packed: PackedWeight, bias: ir.Value | None, name: str
@@ -133,32 +126,60 @@ class QDQPacker:
         (float16 scales in a float32 graph) a Cast of the scales feeds DQ, which keeps the dequantized
         weight exact (float16 -> float32 is exact) and the stored scales small.
         """
-        dtype = activation_dtype(x)
-        q = initializer(f"{name}.q", packed.tensors["q"])
-        scales = initializer(f"{name}.scales", packed.tensors["scales"])
-        inits = [q, scales]
+        dtype = base.activation_dtype(x)
+        inits = base.initializers(name, packed, ("q", "scales", "zero_points"))
+        q, scales = inits[:2]
         nodes: list[ir.Node] = []
         scale_in = scales
-        if packed.tensors["scales"].dtype != numpy_float(dtype):
+        if packed.tensors["scales"].dtype != base.numpy_float(dtype):
             scale_in = ir.Value(name=f"{name}.scales_cast", type=ir.TensorType(dtype), shape=scales.shape)
             nodes.append(ir.node("Cast", [scales], {"to": dtype}, outputs=[scale_in], name=f"{name}/Cast"))
-        dq_inputs = [q, scale_in]
-        if "zero_points" in packed.tensors:
-            zp = initializer(f"{name}.zero_points", packed.tensors["zero_points"])
-            inits.append(zp)
-            dq_inputs.append(zp)
+        dq_inputs = [q, scale_in, *inits[2:]]
         w = ir.Value(name=f"{name}.dequantized", type=ir.TensorType(dtype), shape=ir.Shape([site.k, site.n]))
         nodes.append(
             ir.node("DequantizeLinear", dq_inputs, dict(packed.attributes), outputs=[w], name=f"{name}/DQ")
         )
-        out = output_value(x, site.n, f"{name}/output", dtype)
+        out = base.output_value(x, site.n, f"{name}/output", dtype)
         if site.op_type == "Gemm":
             inputs = [x, w] if bias is None else [x, w, bias]
             nodes.append(ir.node("Gemm", inputs, {"transB": 0}, outputs=[out], name=f"{name}/Gemm"))
         elif bias is None:
             nodes.append(ir.node("MatMul", [x, w], outputs=[out], name=f"{name}/MatMul"))
         else:  # a MatMul site handed a bias (e.g. a following Add folded in by the rewrite pass)
-            mm = output_value(x, site.n, f"{name}/MatMul_output", dtype)
+            mm = base.output_value(x, site.n, f"{name}/MatMul_output", dtype)
             nodes.append(ir.node("MatMul", [x, w], outputs=[mm], name=f"{name}/MatMul"))
             nodes.append(ir.node("Add", [mm, bias], outputs=[out], name=f"{name}/Add"))
         return ReplacementNodes(nodes, inits, out, {"": 21})
+
+    def read(self, node: ir.Node) -> StoredWeight | None:
+        """A DequantizeLinear of a constant ``[K, N]`` 4/8-bit weight, blocked or per channel along K,
+        feeding a MatMul (input B) or a ``transB=0`` Gemm: the layouts this packer and onnxruntime's
+        quantizer write. Scales count as stored when constant, or a Cast of a constant (see ``build``)."""
+        tensors = base.const_inputs(node, ("q", "scales", "zero_points"))
+        cast = node.inputs[1].producer() if len(node.inputs) > 1 and node.inputs[1] is not None else None
+        if cast is not None and cast.op_type == "Cast" and cast.inputs[0].const_value is not None:
+            tensors["scales"] = cast.inputs[0].const_value  # float16 scales cast to a float32 graph's type
+        q = tensors.get("q")
+        if q is None or "scales" not in tensors or len(q.shape) != 2 or q.dtype not in _BITS_OF:
+            return None
+        target = next(
+            (u.node for u in node.outputs[0].uses() if u.idx == 1 and u.node.op_type in ("MatMul", "Gemm")),
+            None,
+        )
+        if target is None or base.attribute(target, "transB", 0):
+            return None
+        k, n = (int(d) for d in q.shape)
+        axis, block = int(base.attribute(node, "axis", 1)), int(base.attribute(node, "block_size", 0))
+        if (axis, block > 0) not in ((0, True), (1, False)):
+            return None  # blocks along N, or one scale per input feature: not a [N, K] record
+        try:
+            scheme = QuantScheme(
+                bits=_BITS_OF[q.dtype],
+                group_size=block or PER_CHANNEL,
+                symmetric="zero_points" not in tensors and q.dtype in _SIGNED,
+                scale_dtype=base.scale_dtype(tensors["scales"]),
+                format=WeightFormat.QDQ,
+            )
+        except UnsupportedSchemeError:
+            return None  # a block size our schemes do not take
+        return StoredWeight(target, self, scheme, k, n, tensors)

@@ -1,6 +1,14 @@
-"""The lowbit layout (pack/unpack), the NumPy references, and the loader."""
+"""The lowbit layout (pack/unpack), the NumPy references, and the loader.
+
+The layout is defined by the ``lowbit`` packer (``graph_passes/packing/lowbit.py``); the reference here is
+the kernels' oracle and must read and write exactly the packer's bytes (the op library imports nothing of
+the package, so the two are written apart and compared here).
+"""
 
 from __future__ import annotations
+
+import ast
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -11,6 +19,7 @@ from ops_helpers import LIB, needs_lib, op_model
 
 from optimum.adaround import custom_ops
 from optimum.adaround.custom_ops import reference as ref
+from optimum.adaround.graph_passes.packing import lowbit
 
 
 @settings(max_examples=60, deadline=None)
@@ -27,6 +36,45 @@ def test_pack_unpack_round_trip(bits, n, k, seed):
     back = ref.unpack_lowbit(raw, 32 * ref.n_chunks(k), bits)
     assert int(back.max()) < 1 << bits
     np.testing.assert_array_equal(ref.pack_lowbit(back, bits), raw)
+
+
+@settings(max_examples=80, deadline=None)
+@given(bits=st.integers(2, 8), n=st.integers(1, 5), k=st.integers(1, 300), seed=st.integers(0, 2**32 - 1))
+def test_reference_writes_and_reads_the_packers_bytes(bits, n, k, seed):
+    codes = np.random.default_rng(seed).integers(0, 1 << bits, (n, k), dtype=np.uint8)
+    packed = lowbit.pack_codes(codes, bits)
+    assert packed.shape == lowbit.packed_shape(n, k, bits) == ref.packed_shape(n, k, bits)
+    assert packed.dtype == np.uint8
+    np.testing.assert_array_equal(ref.pack_lowbit(codes, bits), packed)
+    np.testing.assert_array_equal(ref.unpack_lowbit(packed, k, bits), codes)
+    np.testing.assert_array_equal(lowbit.unpack_codes(packed, k, bits), codes)
+
+
+def test_reference_names_the_packers_domain_and_layout():
+    assert custom_ops.DOMAIN == lowbit.DOMAIN and ref.CHUNK == lowbit.CHUNK
+    assert [ref.plane_widths(b) for b in range(2, 9)] == [lowbit.plane_widths(b) for b in range(2, 9)]
+    assert set(custom_ops.OP_TYPES) == {op for _, op in lowbit.LowbitPacker.reads}
+
+
+def _imported_modules(folder: Path) -> set[str]:
+    """Every module a folder's Python files import (relative imports as ``.name`` with their dots)."""
+    found = set()
+    for path in folder.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                found |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                module = "." * node.level + (node.module or "")
+                found |= {module} | {f"{module}.{a.name}" for a in node.names}
+    return found
+
+
+def test_layers_point_one_way():
+    """The op library imports nothing of the package, and graph_passes does not import the op library."""
+    ops = _imported_modules(Path(custom_ops.__file__).parent)
+    assert not [m for m in ops if m.startswith(("..", "optimum"))]
+    passes = _imported_modules(Path(lowbit.__file__).parents[1])
+    assert not [m for m in passes if "custom_ops" in m]
 
 
 def _bit(v: int, i: int) -> int:

@@ -6,12 +6,19 @@ Tiny one-site graphs, the minimal rewrite a test needs, an exact-math onnxruntim
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
+from hypothesis import strategies as st
 
-from optimum.adaround.graph_passes.packing.base import PackedWeight, Packer
+from optimum.adaround.graph_passes.packing.base import (
+    PackedWeight,
+    Packer,
+    ReplacementNodes,
+    read_stored_weight,
+)
 from optimum.adaround.graph_passes.records import QuantizedWeight, WeightSite
 from optimum.adaround.graph_passes.scheme import QuantScheme
 
@@ -137,3 +144,74 @@ def reference(x: np.ndarray, qw: QuantizedWeight, bias: np.ndarray | None) -> np
 def assert_close(y: np.ndarray, ref: np.ndarray, rel: float = 1e-5) -> None:
     err = float(np.max(np.abs(y - ref)))
     assert err <= rel * float(np.max(np.abs(ref))), (err, float(np.max(np.abs(ref))))
+
+
+def assert_same_record(back: QuantizedWeight, qw: QuantizedWeight) -> None:
+    """Byte for byte the same codes, scales, zero points and codebook."""
+    assert back.codes.tobytes() == qw.codes.tobytes()
+    assert back.scales.tobytes() == qw.scales.tobytes()
+    assert (back.zero_points is None) == (qw.zero_points is None)
+    if qw.zero_points is not None:
+        assert back.zero_points.tobytes() == qw.zero_points.tobytes()
+    assert (back.codebook is None) == (qw.codebook is None)
+    if qw.codebook is not None:
+        assert back.codebook.tobytes() == qw.codebook.tobytes()
+
+
+def check_in_onnxruntime(
+    packer: Packer,
+    qw: QuantizedWeight,
+    kind: str,
+    rng: np.random.Generator,
+    session: Callable[[ir.Model], ort.InferenceSession] = exact_session,
+) -> ir.Model:
+    """Pack ``qw`` into a one-site model of ``kind`` and check, in onnxruntime, that it computes
+    ``x @ qw.dequantize().T (+ bias)`` for 1 and 5 rows, and that ``read`` + ``unpack`` find ``qw`` again
+    (the same record; for narrow grids in a wider QDQ container, the container's record of the same weight)."""
+    n, k = qw.n, qw.k
+    bias = rng.standard_normal(n).astype(np.float32) if kind == "gemm" else None
+    m = one_site_model(kind, rng.standard_normal((n, k)).astype(np.float32), bias)
+    model = replace_site(m, packer, packer.pack(qw))
+    (stored,) = [w for w in map(read_stored_weight, model.graph) if w is not None]
+    assert (stored.k, stored.n, stored.scheme.block_size(k)) == (k, n, qw.block_size)
+    back = stored.unpack()
+    assert back.dequantize().tobytes() == qw.dequantize().tobytes()
+    if stored.scheme.bits == qw.scheme.bits:
+        assert_same_record(back, qw)
+    sess = session(model)
+    for mrows in (1, 5):
+        x = rng.standard_normal((mrows, k)).astype(np.float32)
+        (y,) = sess.run(None, {"x": x})
+        assert y.shape == (mrows, n)
+        assert_close(y, reference(x, qw, bias))
+    return model
+
+
+def model_of(inputs: Sequence[ir.Value], rep: ReplacementNodes) -> ir.Model:
+    """A graph of just the nodes ``build`` returned, its output named ``y``."""
+    rep.output.name = "y"
+    graph = ir.Graph(
+        inputs,
+        [rep.output],
+        nodes=rep.nodes,
+        initializers=rep.initializers,
+        opset_imports={"": 21, **rep.opset_imports},
+    )
+    return ir.Model(graph, ir_version=10)
+
+
+def int_schemes(
+    bits: Sequence[int],
+    groups: Sequence[int],
+    scale_dtypes: Sequence[str] = ("float32",),
+    format: str = "auto",
+) -> st.SearchStrategy[QuantScheme]:
+    """Integer schemes over bits x group size x symmetry x scale dtype."""
+    return st.builds(
+        QuantScheme,
+        bits=st.sampled_from(bits),
+        group_size=st.sampled_from(groups),
+        symmetric=st.booleans(),
+        scale_dtype=st.sampled_from(scale_dtypes),
+        format=st.just(format),
+    )

@@ -7,7 +7,7 @@ import onnx_ir as ir
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from packing_helpers import exact_session, random_qweight
+from packing_helpers import assert_same_record, exact_session, int_schemes, model_of, random_qweight
 
 from optimum.adaround.graph_passes.packing.gather_block import GatherBlockQuantizedPacker
 from optimum.adaround.graph_passes.packing.matmulnbits import MatMulNBitsPacker
@@ -30,16 +30,7 @@ def _float_gather(table: np.ndarray) -> ir.Model:
 
 def _quantized_gather(packed) -> ir.Model:
     ids = ir.Value(name="ids", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape(["B", "S"]))
-    rep = GatherBlockQuantizedPacker().build(ids, packed, "embed")
-    rep.output.name = "y"
-    g = ir.Graph(
-        [ids],
-        [rep.output],
-        nodes=rep.nodes,
-        initializers=rep.initializers,
-        opset_imports={"": 21, **rep.opset_imports},
-    )
-    return ir.Model(g, ir_version=10)
+    return model_of([ids], GatherBlockQuantizedPacker().build(ids, packed, "embed"))
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -105,18 +96,11 @@ def test_unsupported():
 @given(
     n=st.integers(1, 9),
     half_k=st.integers(8, 350),
-    bits=st.sampled_from([2, 4, 8]),
-    group=st.sampled_from([16, 32, 64, 128, 256]),
-    sym=st.booleans(),
+    scheme=int_schemes((2, 4, 8), (16, 32, 64, 128, 256)),
     seed=st.integers(0, 2**32 - 1),
 )
-def test_pack_unpack_round_trip(n, half_k, bits, group, sym, seed):
-    k = 4 * half_k if bits == 2 else 2 * half_k
-    scheme = QuantScheme(bits=bits, group_size=group, symmetric=sym)
+def test_pack_unpack_round_trip(n, half_k, scheme, seed):
+    k = 4 * half_k if scheme.bits == 2 else 2 * half_k
     qw = random_qweight(np.random.default_rng(seed), scheme, n, k)
     p = GatherBlockQuantizedPacker()
-    back = p.unpack(p.pack(qw), scheme, k, n)
-    assert back.codes.tobytes() == qw.codes.tobytes()
-    assert back.scales.tobytes() == qw.scales.tobytes()
-    if not sym:
-        assert back.zero_points.tobytes() == qw.zero_points.tobytes()
+    assert_same_record(p.unpack(p.pack(qw), scheme, k, n), qw)

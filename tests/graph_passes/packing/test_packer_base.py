@@ -7,7 +7,7 @@ import onnx_ir as ir
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from packing_helpers import exact_session, random_qweight
+from packing_helpers import exact_session, model_of, random_qweight
 
 from optimum.adaround.graph_passes.errors import InternalError, UnsupportedSchemeError
 from optimum.adaround.graph_passes.packing.base import (
@@ -75,16 +75,8 @@ def test_float16_graph(fmt, scale_dtype):
     site = WeightSite("lin", "lin/MatMul", "MatMul", "W", k, n, False, "x")
     rep = packer.build(site, x, packer.pack(qw), None, "lin")
     assert rep.output.dtype == ir.DataType.FLOAT16
-    rep.output.name = "y"
-    g = ir.Graph(
-        [x],
-        [rep.output],
-        nodes=rep.nodes,
-        initializers=rep.initializers,
-        opset_imports={"": 21, **rep.opset_imports},
-    )
     xs = (rng.standard_normal((3, k)) * 0.5).astype(np.float16)
-    (y,) = exact_session(ir.Model(g, ir_version=10)).run(None, {"x": xs})
+    (y,) = exact_session(model_of([x], rep)).run(None, {"x": xs})
     assert y.dtype == np.float16
     ref = xs.astype(np.float64) @ qw.dequantize().astype(np.float64).T
     assert np.max(np.abs(y - ref)) <= 5e-3 * np.max(np.abs(ref))
