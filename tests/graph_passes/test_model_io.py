@@ -100,7 +100,7 @@ def test_load_file_folder_proto_and_gs(tmp_path, external_model):
 
 
 def test_save_with_external_data_rewrites_constants(tmp_path, external_model):
-    """FACTS trap: Constant attributes must not keep pointing at the old data file."""
+    """Known trap: Constant attributes must not keep pointing at the old data file."""
     x = RNG.standard_normal((3, 64)).astype(np.float32)
     expected = x @ W + C
     model = load_model(external_model).model

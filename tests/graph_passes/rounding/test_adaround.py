@@ -232,7 +232,7 @@ def test_device_option_names_what_is_accepted(device):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a machine without a GPU")
 @pytest.mark.parametrize("config_class", [AdaRoundConfig, AdaRoundLSConfig])
 def test_cuda_without_a_gpu_is_a_one_line_error(config_class):
-    config = config_class(device="cuda")  # a record written on a GPU machine still reads here
+    config = config_class(device="cuda")  # a record written on a GPU host still reads here
     with pytest.raises(
         InvalidOptionError, match=f"{config.name} option device='cuda': torch .* sees no CUDA"
     ):
