@@ -13,7 +13,10 @@ from pathlib import Path
 import onnx_ir as ir
 import pytest
 
-from optimum.adaround.recipes import load_recipe
+import yaml
+
+from optimum.adaround.graph_passes.config import ModuleOverride, QuantConfig
+from optimum.adaround.recipes import load_config, save_config
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -35,9 +38,18 @@ def test_examples_exist():
     }
 
 
-def test_recipe_example_is_valid():
-    recipe = load_recipe(EXAMPLES / "recipe.yaml")
-    assert recipe.scheme == "w4-g128" and recipe.overrides[0].scheme == "w8-g128"
+def test_recipe_example_is_valid(tmp_path):
+    config = load_config(EXAMPLES / "recipe.yaml")
+    assert config.scheme.label.startswith("w4-g128") and config.scheme.format.value == "matmulnbits"
+    assert config.method.name == "gptq" and config.calibration.calib_samples == 128
+    assert config.selection.overrides == (ModuleOverride("mlp\\.down_proj", "w8-g128"),)
+    # it is the record save_config writes (comments aside), so it stays in step with the config's fields
+    text = (EXAMPLES / "recipe.yaml").read_text()
+    assert text.startswith("#") and yaml.safe_load(text) == config.to_dict()
+    body = [ln for ln in text.splitlines() if not ln.startswith("#")]
+    written = save_config(config, tmp_path / "r.yaml").read_text().splitlines()
+    assert body == [ln for ln in written if not ln.startswith("#")]
+    assert QuantConfig.from_dict(config.to_dict()) == config
 
 
 def test_python_api_with_recipe_then_load_and_generate(tiny_hf_model, tmp_path, capsys):
