@@ -59,7 +59,8 @@ def test_a_run_writes_one_file_per_row_and_renders_them(quality, tiny_run):
         ("gptq", "ok"),
     ]
     assert all(r.perplexity and r.perplexity > 1 and r.measured["commit"] for r in rows)
-    assert all(r.quant_seconds > 0 and r.peak_rss_anon_mb > 100 for r in rows[1:])
+    # a process with onnxruntime (and torch for ours) loaded holds tens of MB at least
+    assert all(r.quant_seconds > 0 and r.peak_rss_anon_mb > 50 for r in rows[1:])
     gptq = rows[3]
     assert gptq.site_counts["below_rtn_of"] == len(gptq.weight_sqnr_db) > 0  # from its quantization record
     md = (root / "out" / "RESULTS.md").read_text()
