@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from optimum.adaround.cli import main
-from optimum.adaround.commands.quantize import parse_method_options
+from optimum.adaround.commands.options import parse_method_options
 
 
 @pytest.fixture(scope="module")
@@ -20,15 +20,18 @@ def llama(tiny_hf_onnx):
 def test_quantize_command_prints_summary(llama, tmp_path, capsys):
     out = tmp_path / "q"
     rc = main(
-        ["quantize", str(llama), str(out), "--bits", "4", "--group-size", "32", "--asym", "--no-progress"]
-    )
+        ["quantize", str(llama), str(out), "--method", "rtn", "--bits", "4", "--group-size", "32", "--asym",
+         "--no-progress"]
+    )  # fmt: skip
     assert rc == 0
     text = capsys.readouterr().out
-    assert "quantized 14 weights with rtn w4-g32-asym (matmulnbits)" in text
+    assert "quantized 14 weights with rtn w4-g32-asym, format matmulnbits (chosen by --format auto)" in text
     assert "1 x lm_head left in float" in text
     assert f"output: {out}" in text and "smaller" in text
     record = json.loads((out / "quantization_config.json").read_text())
     assert record["scheme"]["data"]["symmetric"] is False
+    assert record["format"] == "matmulnbits" and record["config"]["data"]["scheme"]["data"]["format"] == "auto"
+    assert (out / "quantization_recipe.yaml").is_file()
 
 
 def test_lm_head_exclude_and_format_flags(llama, tmp_path, capsys):
@@ -37,6 +40,8 @@ def test_lm_head_exclude_and_format_flags(llama, tmp_path, capsys):
         "quantize",
         str(llama),
         str(out),
+        "--method",
+        "rtn",
         "--format",
         "qdq",
         "--lm-head",
@@ -49,6 +54,7 @@ def test_lm_head_exclude_and_format_flags(llama, tmp_path, capsys):
     names = [s["name"] for s in record["sites"]]
     assert "lm_head" in names and not any("down_proj" in n for n in names) and len(names) == 13
     assert record["format"] == "qdq"
+    assert "(chosen by --format auto)" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
@@ -59,6 +65,8 @@ def test_lm_head_exclude_and_format_flags(llama, tmp_path, capsys):
         ("bad_block", "block sizes are"),
         ("inside", "inside"),
         ("bad_workers", "workers=0"),
+        ("bad_option", "'damp'"),
+        ("bad_recipe", "r.yaml"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(llama, tmp_path, capsys, tree_hash, case, needle):
@@ -70,13 +78,19 @@ def test_bad_input_exits_2_with_one_line(llama, tmp_path, capsys, tree_hash, cas
     elif case == "no_weights":
         extra = ["--include", "nothing_matches_this"]
     elif case == "bad_block":
-        extra = ["--group-size", "512"]
+        extra = ["--group-size", "512", "--format", "matmulnbits"]
     elif case == "bad_workers":
         extra = ["--workers", "0"]
+    elif case == "bad_option":
+        extra = ["--method", "gptq", "--method-option", "damp=0.1"]
+    elif case == "bad_recipe":
+        recipe = tmp_path / "r.yaml"
+        recipe.write_text("version: 1\nbitz: 3\n")
+        extra = ["--recipe", str(recipe)]
     else:
         out = llama / "nested"
     before = tree_hash(llama)
-    rc = main(["quantize", src, str(out), "--no-progress", *extra])
+    rc = main(["quantize", src, str(out), "--method", "rtn", "--no-progress", *extra])
     err = capsys.readouterr().err.strip()
     assert rc == 2
     assert err.startswith("optimum-adaround: error:") and needle in err and "\n" not in err
@@ -100,8 +114,8 @@ def test_console_script_exit_code(tmp_path):
 
 
 def test_method_options_parsing():
-    assert parse_method_options(["damp=0.01", "act_order=true", "name=abc"]) == {
-        "damp": 0.01,
+    assert parse_method_options(["percdamp=0.01", "act_order=true", "name=abc"]) == {
+        "percdamp": 0.01,
         "act_order": True,
         "name": "abc",
     }
