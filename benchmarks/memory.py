@@ -59,6 +59,7 @@ def build_model(folder: Path, layers: int) -> int:
         nodes.append(node)
         weights.append(w)
         prev = node.outputs[0]
+        prev.type, prev.shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape(["batch", n])  # a valid value_info
         total += k * n * 4
     prev.name = "y"
     graph = ir.Graph([x], [prev], nodes=nodes, initializers=weights, opset_imports={"": 18}, name="chain")
