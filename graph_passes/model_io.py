@@ -268,6 +268,10 @@ def _check_graph(proto: onnx.ModelProto, where: Path | str) -> None:
         raise InvalidModelError(
             f"{where}: not a valid ONNX model (onnx.checker: {_why(e)}); fix it or re-export it"
         ) from None
+    except UnicodeDecodeError:  # the checker's message quotes a name whose bytes are not UTF-8
+        raise InvalidModelError(
+            f"{where}: not a valid ONNX model (a name or text field is not UTF-8); fix it or re-export it"
+        ) from None
 
 
 def _skeleton(proto: onnx.ModelProto, where: Path | str) -> onnx.ModelProto:
@@ -341,6 +345,27 @@ def _has_shape(vi: onnx.ValueInfoProto) -> bool:
     return vi.type.tensor_type.HasField("shape")
 
 
+def _check_names(model: ir.Model, where: Path | str) -> None:
+    """Names, op types and domains must be text: protobuf lets invalid UTF-8 through as bytes."""
+
+    def bad(*names: Any) -> bool:
+        return any(n is not None and not isinstance(n, str) for n in names)
+
+    for graph in model.graphs():
+        for value in [*graph.inputs, *graph.outputs, *graph.initializers.values()]:
+            if bad(value.name):
+                raise InvalidModelError(
+                    f"{where}: value name {value.name!r} is not UTF-8 text: fix or re-export"
+                )
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        names = [node.name, node.op_type, node.domain, *node.attributes.keys()]
+        names += [v.name for v in (*node.inputs, *node.outputs) if v is not None]
+        if bad(*names):
+            raise InvalidModelError(
+                f"{where}: node {node.name!r} has a name, type or input that is not UTF-8 text: fix or re-export"
+            )
+
+
 def _unique_node_names(model: ir.Model) -> None:
     """Give unnamed MatMul/Gemm nodes and every repeated node name a unique name.
 
@@ -380,6 +405,7 @@ def _load_path(path: Path) -> ir.Model:
         raise InvalidModelError(f"{path}: not an ONNX model (no ir_version or an empty graph)")
     model = _deserialize(proto, path)
     ir.external_data.set_base_dir(model.graph, path.parent)
+    _check_names(model, path)
     _check_tensors(model, path)
     _check_graph(proto, path)
     del proto
@@ -424,6 +450,7 @@ def load_model(source: Any) -> LoadedModel:
     if len(source.graph.node) == 0:
         raise InvalidModelError("in-memory model has an empty graph")
     model = _deserialize(source, "in-memory ModelProto")
+    _check_names(model, "in-memory model")
     _check_tensors(model, None)
     _check_graph(source, "in-memory model")
     _unique_node_names(model)
