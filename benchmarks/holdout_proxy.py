@@ -20,6 +20,7 @@ and on how many sites the method is lower, in and out of sample.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import re
@@ -27,7 +28,7 @@ import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 
@@ -44,12 +45,14 @@ def collect(seed: int, samples: int, seq_len: int, layers: str | None) -> dict[s
     store: dict[str, tuple[np.ndarray, Any]] = {}
     pattern = re.compile(layers) if layers else None
 
-    class Collect:  # round to nearest, keeping a float32 copy of what a calibrated method is handed
-        name: ClassVar[str] = "holdout_collect"
-        needs: ClassVar[frozenset[str]] = frozenset({"hessian"})
+    @dataclasses.dataclass(frozen=True)
+    class CollectConfig(base.MethodConfig):  # round to nearest, keeping a float32 copy of what is handed over
+        name = "holdout_collect"
+        needs = frozenset({"hessian"})
 
-        def __init__(self) -> None:
-            self.rtn = base.get_method("rtn")
+    class Collect:
+        def __init__(self, config: CollectConfig) -> None:
+            self.config, self.rtn = config, base.get_method("rtn")
 
         def quantize(self, weight, scheme, stats=None, *, site="?"):
             if stats is not None and (pattern is None or pattern.search(site)):
@@ -60,11 +63,22 @@ def collect(seed: int, samples: int, seq_len: int, layers: str | None) -> dict[s
                 store[site] = (np.array(weight, np.float32), base.SiteStats(hessian, stats.n_tokens, extra))
             return self.rtn.quantize(weight, scheme, stats, site=site)
 
-    base.METHODS[Collect.name] = Collect  # replaced on every call: it closes over this call's store
+    # registered per call (it closes over this call's store), taken out again below
+    base.register_method(CollectConfig)(Collect)
     model = default_onnx_dir()
     ids = calibration_token_ids(model, None, samples, seq_len, seed=seed)
-    with tempfile.TemporaryDirectory() as out:
-        quantize(model, Path(out) / "m", scheme="w4-g128-sym", method=Collect.name, calib_data=ids, workers=1)
+    try:
+        with tempfile.TemporaryDirectory() as out:
+            quantize(
+                model,
+                Path(out) / "m",
+                scheme="w4-g128-sym",
+                method=CollectConfig.name,
+                calib_data=ids,
+                workers=1,
+            )
+    finally:
+        base.METHODS.pop(CollectConfig.name, None)
     return store
 
 

@@ -18,12 +18,12 @@ asked for and prints the time and proxy loss of each site, then the block's tota
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import sys
 import time
 from pathlib import Path
-from typing import ClassVar
 
 import numpy as np
 
@@ -50,13 +50,16 @@ def dump(layer: int, out: Path, calib_samples: int, seq_len: int) -> None:
     pattern = re.compile(rf"(?:^|[./_])layers[./_]{layer}(?:$|[./_])")
     out.mkdir(parents=True, exist_ok=True)
 
-    @base.register_method
-    class DumpStats:  # RTN's rounding, plus a copy of what a calibrated method is handed
-        name: ClassVar[str] = "dump_stats"
-        needs: ClassVar[frozenset[str]] = frozenset({"hessian"})
+    @dataclasses.dataclass(frozen=True)
+    class DumpStatsConfig(
+        base.MethodConfig
+    ):  # RTN's rounding, plus a copy of what a calibrated method is handed
+        name = "dump_stats"
+        needs = frozenset({"hessian"})
 
-        def __init__(self) -> None:
-            self.rtn = base.get_method("rtn")
+    class DumpStats:
+        def __init__(self, config: DumpStatsConfig) -> None:
+            self.config, self.rtn = config, base.get_method("rtn")
 
         def quantize(self, weight, scheme, stats=None, *, site="?"):
             if stats is not None and pattern.search(site):
@@ -74,6 +77,7 @@ def dump(layer: int, out: Path, calib_samples: int, seq_len: int) -> None:
                 )
             return self.rtn.quantize(weight, scheme, stats, site=site)
 
+    base.register_method(DumpStatsConfig)(DumpStats)
     quantize(
         default_onnx_dir(),
         out / "model",
