@@ -35,14 +35,13 @@ import onnx_ir as ir
 from tqdm.auto import tqdm
 
 from .custom_ops import DOMAIN as CUSTOM_DOMAIN
-from .custom_ops import uses_custom_domain
+from .custom_ops import OP_TYPES, uses_custom_domain
 from .data.text import evaluation_text, load_tokenizer, special_prefix, token_stream
 from .graph_passes.calibration.feeds import feed_specs, make_feeds
 from .graph_passes.errors import InvalidModelError, UserError
 from .graph_passes.model_io import find_model_file, load_model, read_weight
-from .graph_passes.packing.base import PackedWeight, get_packer
+from .graph_passes.packing.base import StoredWeight, read_stored_weight
 from .graph_passes.rounding.metrics import sqnr_db
-from .graph_passes.scheme import PER_CHANNEL, DataType, QuantScheme, WeightFormat
 from .graph_passes.sites import find_weight_sites, module_path
 
 __all__ = [
@@ -124,7 +123,7 @@ def create_session(
     for key, value in (session_config or {}).items():
         so.add_session_config_entry(key, value)
     so.intra_op_num_threads = intra_op_threads
-    # Spinning worker threads only burn a shared CPU between the many small calls of decoding.
+    # Spinning worker threads burn CPU that other processes need between the many small calls of decoding.
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.log_severity_level = 3
     try:
@@ -251,19 +250,18 @@ def model_bytes(model_file: str | Path, model: ir.Model | None = None) -> int:
 
 @dataclasses.dataclass
 class QuantizedSite:
-    """One quantized linear weight found in a deployed graph."""
+    """One quantized linear weight found in a deployed graph, read by the packer of its format."""
 
     name: str
     """Module path (``model.layers.0.self_attn.q_proj``)."""
-    op_type: str
     k: int
     n: int
-    bits: int
-    block_size: int
     stored_bytes: int
-    """Bytes of codes + scales + zero points."""
+    """Bytes of codes + scales + zero points (or codebook)."""
     tensors: dict[str, ir.TensorProtocol]
-    attributes: dict[str, Any]
+    """Role -> stored tensor, as the format's packer names them (``B``/``q``, ``scales``, ...)."""
+    stored: StoredWeight
+    """What the packer read; ``stored.scheme`` says bits, block size and format."""
 
     @property
     def weights(self) -> int:
@@ -271,164 +269,20 @@ class QuantizedSite:
 
     def dequantize(self) -> np.ndarray:
         """The float32 ``W[N, K]`` this site computes with."""
-        return _DEQUANTIZERS[self.op_type](self)
+        zp = self.tensors.get("zero_points")
+        if zp is not None and zp.dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16):
+            return _float_zero_point_weight(self.stored, np.asarray(zp.numpy(), dtype=np.float32))
+        return self.stored.unpack().dequantize()
 
 
-def _attr(node: ir.Node, name: str, default: Any = None) -> Any:
-    a = node.attributes.get(name)
-    return default if a is None else a.value
-
-
-def _const_inputs(node: ir.Node, roles: Sequence[str]) -> dict[str, ir.TensorProtocol]:
-    out = {}
-    for role, value in zip(roles, node.inputs, strict=False):  # optional inputs may be absent
-        if value is not None and value.const_value is not None:
-            out[role] = value.const_value
-    return out
-
-
-def _tensor_bytes(t: ir.TensorProtocol) -> int:
-    return int(t.nbytes)
-
-
-def _numpy(t: ir.TensorProtocol) -> np.ndarray:
-    return np.asarray(t.numpy())
-
-
-def _matmulnbits_site(node: ir.Node) -> QuantizedSite | None:
-    tensors = _const_inputs(node, ("A", "B", "scales", "zero_points"))
-    if "B" not in tensors or "scales" not in tensors:
-        return None
-    return QuantizedSite(
-        module_path(node.name or ""),
-        "MatMulNBits",
-        int(_attr(node, "K")),
-        int(_attr(node, "N")),
-        int(_attr(node, "bits", 4)),
-        int(_attr(node, "block_size")),
-        sum(_tensor_bytes(t) for r, t in tensors.items() if r != "A"),
-        {r: t for r, t in tensors.items() if r != "A"},
-        {"K": _attr(node, "K"), "N": _attr(node, "N")},
-    )
-
-
-def _dequantize_matmulnbits(site: QuantizedSite) -> np.ndarray:
-    zp = site.tensors.get("zero_points")
-    zp_arr = None if zp is None else _numpy(zp)
-    scheme = QuantScheme(bits=site.bits, group_size=site.block_size, symmetric=zp is None)
-    arrays = {"B": _numpy(site.tensors["B"]), "scales": _numpy(site.tensors["scales"])}
-    nb = scheme.n_blocks(site.k)
-    if zp_arr is not None and zp_arr.dtype != np.uint8:
-        # Float zero points (onnxruntime's HQQ): value = (code - zp) * scale, zp per block.
-        qw = get_packer(WeightFormat.MATMULNBITS).unpack(
-            PackedWeight(arrays, {}), dataclasses.replace(scheme, symmetric=True), site.k, site.n
-        )
-        z = qw.expand(zp_arr.astype(np.float32).reshape(site.n, nb))
-        return ((qw.codes.astype(np.float32) - z) * qw.expand(qw.scales)).astype(np.float32)
-    if zp_arr is not None:
-        arrays["zero_points"] = zp_arr.reshape(site.n, -1)
-    return (
-        get_packer(WeightFormat.MATMULNBITS)
-        .unpack(PackedWeight(arrays, {}), scheme, site.k, site.n)
-        .dequantize()
-    )
-
-
-def _dq_site(node: ir.Node) -> QuantizedSite | None:
-    """A DequantizeLinear of a constant 2-D integer weight feeding a MatMul (input B) or Gemm."""
-    tensors = _const_inputs(node, ("q", "scales", "zero_points"))
-    q = tensors.get("q")
-    if q is None or "scales" not in tensors or len(q.shape) != 2:
-        return None
-    consumers = [u.node for u in node.outputs[0].uses()]
-    target = next(
-        (c for c in consumers if c.op_type in ("MatMul", "Gemm") and c.inputs[1] is node.outputs[0]), None
-    )
-    if target is None:
-        return None
-    if target.op_type == "Gemm" and _attr(target, "transB", 0):
-        return None  # [N, K]-stored DQ weights are not produced by our packers or onnxruntime's quantizer
-    k, n = (int(d) for d in q.shape)
-    axis = int(_attr(node, "axis", 1))
-    block = int(_attr(node, "block_size", 0)) or (k if axis == 1 else 1)
-    bits = {ir.DataType.INT4: 4, ir.DataType.UINT4: 4, ir.DataType.INT2: 2, ir.DataType.UINT2: 2}.get(
-        q.dtype, 8
-    )
-    return QuantizedSite(
-        module_path(target.name or ""),
-        "DequantizeLinear",
-        k,
-        n,
-        bits,
-        block,
-        sum(_tensor_bytes(t) for t in tensors.values()),
-        tensors,
-        {"axis": axis, "block_size": _attr(node, "block_size", 0)},
-    )
-
-
-def _dequantize_dq(site: QuantizedSite) -> np.ndarray:
-    q = _numpy(site.tensors["q"]).astype(np.float32)  # [K, N]
-    scales = _numpy(site.tensors["scales"]).astype(np.float32)
-    zp_t = site.tensors.get("zero_points")
-    zp = np.zeros_like(scales) if zp_t is None else _numpy(zp_t).astype(np.float32)
-    if scales.ndim == 1:  # per-axis
-        shape = (1, -1) if site.attributes["axis"] == 1 else (-1, 1)
-        return ((q - zp.reshape(shape)) * scales.reshape(shape)).T.astype(np.float32)
-    axis, block = site.attributes["axis"], site.attributes["block_size"]
-    s = np.repeat(scales, block, axis=axis)
-    z = np.repeat(zp, block, axis=axis)
-    s, z = (s[: site.k], z[: site.k]) if axis == 0 else (s[:, : site.n], z[:, : site.n])
-    return ((q - z) * s).T.astype(np.float32)
-
-
-def _lowbit_site(node: ir.Node) -> QuantizedSite | None:
-    """Our ``MatMulLowBit`` (A, B, scales, zero_points, bias) / ``MatMulCodebook`` (A, B, scales, codebook, bias)."""
-    fourth = "codebook" if node.op_type == "MatMulCodebook" else "zero_points"
-    tensors = _const_inputs(node, ("A", "B", "scales", fourth))
-    if "B" not in tensors or "scales" not in tensors:
-        return None
-    tensors.pop("A", None)
-    return QuantizedSite(
-        module_path(node.name or ""),
-        node.op_type,
-        int(_attr(node, "K")),
-        int(_attr(node, "N")),
-        int(_attr(node, "bits")),
-        int(_attr(node, "block_size")),
-        sum(_tensor_bytes(t) for t in tensors.values()),
-        tensors,
-        {},
-    )
-
-
-def _dequantize_lowbit(site: QuantizedSite) -> np.ndarray:
-    codebook = site.op_type == "MatMulCodebook"
-    scheme = QuantScheme(
-        bits=site.bits,
-        group_size=PER_CHANNEL if site.block_size == site.k else site.block_size,
-        symmetric="zero_points" not in site.tensors,
-        format=WeightFormat.LOWBIT,
-        data_type=DataType.CODEBOOK if codebook else DataType.INT,
-    )
-    arrays = {role: _numpy(t) for role, t in site.tensors.items()}
-    return (
-        get_packer(WeightFormat.LOWBIT).unpack(PackedWeight(arrays, {}), scheme, site.k, site.n).dequantize()
-    )
-
-
-_SITE_FINDERS = {
-    ("com.microsoft", "MatMulNBits"): _matmulnbits_site,
-    ("", "DequantizeLinear"): _dq_site,
-    (CUSTOM_DOMAIN, "MatMulLowBit"): _lowbit_site,
-    (CUSTOM_DOMAIN, "MatMulCodebook"): _lowbit_site,
-}
-_DEQUANTIZERS = {
-    "MatMulNBits": _dequantize_matmulnbits,
-    "DequantizeLinear": _dequantize_dq,
-    "MatMulLowBit": _dequantize_lowbit,
-    "MatMulCodebook": _dequantize_lowbit,
-}
+def _float_zero_point_weight(stored: StoredWeight, zp: np.ndarray) -> np.ndarray:
+    """MatMulNBits with float zero points (onnxruntime's HQQ): ``(code - zp) * scale``, zp per block.
+    A QuantizedWeight holds integer zero points only, so the codes are unpacked without them."""
+    tensors = {r: t for r, t in stored.tensors.items() if r != "zero_points"}
+    scheme = dataclasses.replace(stored.scheme, symmetric=True)
+    qw = dataclasses.replace(stored, scheme=scheme, tensors=tensors).unpack()
+    z = qw.expand(zp.reshape(stored.n, -1))
+    return ((qw.codes.astype(np.float32) - z) * qw.expand(qw.scales)).astype(np.float32)
 
 
 def quantized_sites(model: ir.Model) -> tuple[list[QuantizedSite], list[str]]:
@@ -436,12 +290,11 @@ def quantized_sites(model: ir.Model) -> tuple[list[QuantizedSite], list[str]]:
     sites: list[QuantizedSite] = []
     unknown: list[str] = []
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        finder = _SITE_FINDERS.get((node.domain if node.domain != "ai.onnx" else "", node.op_type))
-        if finder is not None:
-            site = finder(node)
-            if site is not None:
-                sites.append(site)
-        elif node.domain == CUSTOM_DOMAIN:
+        stored = read_stored_weight(node)
+        if stored is not None:
+            name = module_path(stored.node.name or "")
+            sites.append(QuantizedSite(name, stored.k, stored.n, stored.nbytes, stored.tensors, stored))
+        elif node.domain == CUSTOM_DOMAIN and node.op_type not in OP_TYPES:
             unknown.append(f"{node.name} ({node.op_type})")
     return sites, unknown
 
@@ -493,45 +346,27 @@ class EvalReport:
 def evaluate(
     model_dir: str | Path,
     *,
-    text: str | None = None,
     reference: str | Path | None = None,
-    context_length: int = 256,
-    max_tokens: int | None = None,
-    batch_size: int = 1,
     skip_perplexity: bool = False,
-    session_config: dict[str, str] | None = None,
-    providers: Sequence[str] = ("CPUExecutionProvider",),
     progress: bool = True,
+    **perplexity_options: Any,
 ) -> EvalReport:
-    """Perplexity, size, bits per weight and (with an fp32 ``reference`` export) per-site weight SQNR."""
+    """Perplexity, size, bits per weight and (with an fp32 ``reference`` export) per-site weight SQNR.
+
+    ``perplexity_options`` are :func:`perplexity`'s keywords (``text``, ``context_length``, ``max_tokens``,
+    ``batch_size``, ``session_config``, ``providers``).
+    """
     loaded = load_model(model_dir)
-    assert loaded.path is not None
-    model = loaded.model
+    model, model_file = loaded.model, Path(loaded.path or model_dir)
     sites, unknown = quantized_sites(model)
     sqnr: dict[str, float] = {}
     if reference is not None:
         sqnr = weight_sqnr(sites, load_model(reference).model, progress=progress)
-    ppl = None
-    if not skip_perplexity:
-        session = create_session(
-            loaded.path,
-            uses_custom_ops=uses_custom_domain(model),
-            providers=providers,
-            session_config=session_config,
-        )
-        ppl = perplexity(
-            loaded.path,
-            text,
-            context_length=context_length,
-            max_tokens=max_tokens,
-            batch_size=batch_size,
-            session=session,
-            progress=progress,
-        )
+    ppl = None if skip_perplexity else perplexity(model_file, progress=progress, **perplexity_options)
     return EvalReport(
         model=str(model_dir),
         perplexity=ppl,
-        model_bytes=model_bytes(loaded.path, model),
+        model_bytes=model_bytes(model_file, model),
         quantized_weights=sum(s.weights for s in sites),
         quantized_bytes=sum(s.stored_bytes for s in sites),
         sites=len(sites),

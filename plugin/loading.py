@@ -12,6 +12,7 @@ import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .custom_ops import DOMAIN as CUSTOM_DOMAIN
 from .graph_passes.errors import InvalidModelError, UserError
 
 if TYPE_CHECKING:
@@ -19,8 +20,6 @@ if TYPE_CHECKING:
     from optimum.onnxruntime import ORTModelForCausalLM
 
 __all__ = ["CUSTOM_DOMAIN", "load", "session_options", "uses_custom_domain"]
-
-CUSTOM_DOMAIN = "com.optimum.adaround"
 
 # session config key that keeps ORT's DQ->MatMul fusion (MatMulNBits) on exact fp32 math when set to 0.
 _ACCURACY_KEY = "session.qdq_matmulnbits_accuracy_level"

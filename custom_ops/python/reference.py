@@ -183,33 +183,14 @@ def _matmul(x: np.ndarray, w: np.ndarray, bias: np.ndarray | None) -> np.ndarray
     return y.astype(x.dtype)
 
 
-def matmul_lowbit_ref(
-    x: np.ndarray,
-    packed: np.ndarray,
-    scales: np.ndarray,
-    zero_points: np.ndarray | None = None,
-    bias: np.ndarray | None = None,
-    *,
-    k: int,
-    bits: int,
-    block_size: int,
-) -> np.ndarray:
-    """``MatMulLowBit``: ``x[..., K] @ dequant(B).T (+ bias)``, accumulated in float64, returned in x's dtype."""
-    w = dequantize_lowbit(packed, scales, zero_points, k=k, bits=bits, block_size=block_size)
-    return _matmul(x, w, bias)
+def matmul_lowbit_ref(x, packed, scales, zero_points=None, bias=None, **layout: int) -> np.ndarray:
+    """``MatMulLowBit``: ``x[..., K] @ dequant(B).T (+ bias)``, accumulated in float64, returned in x's dtype.
+
+    ``layout`` is the op's attributes ``k``, ``bits``, ``block_size``; arrays as in :func:`dequantize_lowbit`.
+    """
+    return _matmul(x, dequantize_lowbit(packed, scales, zero_points, **layout), bias)
 
 
-def matmul_codebook_ref(
-    x: np.ndarray,
-    packed: np.ndarray,
-    scales: np.ndarray,
-    codebook: np.ndarray,
-    bias: np.ndarray | None = None,
-    *,
-    k: int,
-    bits: int,
-    block_size: int,
-) -> np.ndarray:
-    """``MatMulCodebook``: ``x[..., K] @ (codebook[codes] * scales).T (+ bias)``."""
-    w = dequantize_codebook(packed, scales, codebook, k=k, bits=bits, block_size=block_size)
-    return _matmul(x, w, bias)
+def matmul_codebook_ref(x, packed, scales, codebook, bias=None, **layout: int) -> np.ndarray:
+    """``MatMulCodebook``: ``x[..., K] @ (codebook[codes] * scales).T (+ bias)`` (see :func:`matmul_lowbit_ref`)."""
+    return _matmul(x, dequantize_codebook(packed, scales, codebook, **layout), bias)

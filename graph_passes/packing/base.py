@@ -277,17 +277,10 @@ def check_supported(packer: Packer, scheme: QuantScheme, k: int, n: int) -> None
         raise UnsupportedSchemeError(f"{scheme.label}, weight [{n}, {k}]: {reason}")
 
 
-def check_record(qw: QuantizedWeight) -> None:
-    """Turn a broken record (a bug upstream, not user input) into an InternalError."""
-    try:
-        qw.check()
-    except AssertionError as e:
-        raise InternalError(f"malformed QuantizedWeight handed to a packer: {e}") from e
-
-
 def check_packable(packer: Packer, qw: QuantizedWeight) -> None:
-    """What every ``pack`` checks first: a well-formed record of a scheme and shape the format stores."""
-    check_record(qw)
+    """What every ``pack`` checks first: a well-formed record (``InternalError`` otherwise: a bug upstream,
+    not user input) of a scheme and shape the format stores."""
+    qw.check()
     check_supported(packer, qw.scheme, qw.k, qw.n)
 
 

@@ -53,7 +53,7 @@ class GatherBlockQuantizedPacker:
             raise UnsupportedSchemeError(f"{scheme.label}, embedding [{n}, {k}]: {reason}")
 
     def pack(self, qw: QuantizedWeight) -> PackedWeight:
-        base.check_record(qw)
+        qw.check()
         scheme = qw.scheme
         self._check(scheme, qw.k, qw.n)
         tensors = {"data": pack_lsb(qw.codes, scheme.bits), "scales": base.stored_scales(qw)}

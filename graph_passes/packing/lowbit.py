@@ -119,7 +119,6 @@ class LowbitPacker:
                 tensors["zero_points"] = np.ascontiguousarray(qw.zero_points, dtype=np.uint8)
             attributes["accuracy_level"] = self.accuracy_level
         else:
-            assert qw.codebook is not None  # check_record guarantees it
             tensors["codebook"] = np.ascontiguousarray(qw.codebook, dtype=np.float32)
         return PackedWeight(tensors, attributes)
 

@@ -32,7 +32,15 @@ def _inputs(rng, *, m, k, n, bits, block, zp, bias, x_dtype=np.float32, scale_dt
         feeds["bias"] = b
     shape = (m, k) if x_rank == 2 else (2, m, k)
     feeds["X"] = rng.standard_normal(shape).astype(x_dtype)
-    return feeds, zpa, b
+    return feeds
+
+
+def _reference(feeds: dict[str, np.ndarray], **layout: int) -> np.ndarray:
+    """The NumPy reference of the op ``feeds`` are for (``MatMulCodebook`` when they hold a codebook)."""
+    x, b, s = feeds["X"].astype(np.float32), feeds["B"], feeds["scales"]
+    if "codebook" in feeds:
+        return ref.matmul_codebook_ref(x, b, s, feeds["codebook"], feeds.get("bias"), **layout)
+    return ref.matmul_lowbit_ref(x, b, s, feeds.get("zero_points"), feeds.get("bias"), **layout)
 
 
 def _run_lowbit(
@@ -47,14 +55,12 @@ def _run_lowbit(
             ).items()
         ),
     )  # fmt: skip
-    feeds, zpa, b = _inputs(
+    feeds = _inputs(
         rng, m=m, k=k, n=N_ROWS, bits=bits, block=block, zp=zp, bias=bias, x_dtype=x_dtype,
         scale_dtype=scale_dtype, x_rank=x_rank,
     )  # fmt: skip
     (y,) = cached_session(key).run(None, feeds)
-    want = ref.matmul_lowbit_ref(
-        feeds["X"].astype(np.float32), feeds["B"], feeds["scales"], zpa, b, k=k, bits=bits, block_size=block
-    )
+    want = _reference(feeds, k=k, bits=bits, block_size=block)
     assert y.dtype == x_dtype and y.shape == (*feeds["X"].shape[:-1], N_ROWS)
     return y, want
 
@@ -120,7 +126,7 @@ def test_threads_agree_with_one_thread():
     rng = np.random.default_rng(3)
     k, n = 640, 301
     model = op_model("MatMulLowBit", k=k, n=n, bits=3, block_size=64, zero_points=True)
-    feeds, _, _ = _inputs(rng, m=1, k=k, n=n, bits=3, block=64, zp=True, bias=False)
+    feeds = _inputs(rng, m=1, k=k, n=n, bits=3, block=64, zp=True, bias=False)
     feeds.pop("bias", None)
     for m in (1, 9):
         feeds["X"] = rng.standard_normal((m, k)).astype(np.float32)
@@ -131,7 +137,7 @@ def test_threads_agree_with_one_thread():
 
 def test_empty_batch():
     rng = np.random.default_rng(0)
-    feeds, _, _ = _inputs(rng, m=0, k=64, n=N_ROWS, bits=4, block=32, zp=False, bias=False)
+    feeds = _inputs(rng, m=0, k=64, n=N_ROWS, bits=4, block=32, zp=False, bias=False)
     (y,) = session(op_model("MatMulLowBit", k=64, n=N_ROWS, bits=4, block_size=32)).run(None, feeds)
     assert y.shape == (0, N_ROWS)
 
@@ -160,21 +166,10 @@ def test_codebook_matches_reference(name, block, dtype):
         tuple(dict(k=k, n=N_ROWS, bits=bits, block_size=block, x_dtype=dtype, bias=True).items()),
     )
     for m in (1, 5):
-        feeds, _, b = _inputs(
-            rng, m=m, k=k, n=N_ROWS, bits=bits, block=block, zp=False, bias=True, x_dtype=dtype
-        )
+        feeds = _inputs(rng, m=m, k=k, n=N_ROWS, bits=bits, block=block, zp=False, bias=True, x_dtype=dtype)
         feeds["codebook"] = cb
         (y,) = cached_session(key).run(None, feeds)
-        want = ref.matmul_codebook_ref(
-            feeds["X"].astype(np.float32),
-            feeds["B"],
-            feeds["scales"],
-            cb,
-            b,
-            k=k,
-            bits=bits,
-            block_size=block,
-        )
+        want = _reference(feeds, k=k, bits=bits, block_size=block)
         assert rel_err(y, want) < (1e-5 if dtype == np.float32 else 2e-3)
 
 
@@ -213,7 +208,7 @@ def test_missing_attribute_and_bad_scale_type():
 
 def _feeds(k=64, n=8, bits=4, block=32, m=1):
     rng = np.random.default_rng(0)
-    feeds, _, _ = _inputs(rng, m=m, k=k, n=n, bits=bits, block=block, zp=True, bias=True)
+    feeds = _inputs(rng, m=m, k=k, n=n, bits=bits, block=block, zp=True, bias=True)
     return feeds
 
 
@@ -326,18 +321,7 @@ def test_cuda_matches_reference(bits, dtype):
     )
     sess = session(model, provider="CUDAExecutionProvider")
     for m in (1, 37):
-        feeds, zpa, b = _inputs(
-            rng, m=m, k=k, n=N_ROWS, bits=bits, block=block, zp=True, bias=True, x_dtype=dtype
-        )
+        feeds = _inputs(rng, m=m, k=k, n=N_ROWS, bits=bits, block=block, zp=True, bias=True, x_dtype=dtype)
         (y,) = sess.run(None, feeds)
-        want = ref.matmul_lowbit_ref(
-            feeds["X"].astype(np.float32),
-            feeds["B"],
-            feeds["scales"],
-            zpa,
-            b,
-            k=k,
-            bits=bits,
-            block_size=block,
-        )
+        want = _reference(feeds, k=k, bits=bits, block_size=block)
         assert rel_err(y, want) < (1e-5 if dtype == np.float32 else 2e-3)

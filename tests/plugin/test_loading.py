@@ -41,8 +41,8 @@ def lowbit_folder(tiny_hf_onnx, tmp_path_factory):
     return export(
         tiny_hf_onnx("llama"),
         tmp_path_factory.mktemp("lb") / "w3",
-        "w3-g32",
-        "rtn",
+        scheme="w3-g32",
+        method="rtn",
         format="lowbit",
         progress=False,
     )
