@@ -1,3 +1,4 @@
-"""Packers: one module per output format, each with ``pack`` / ``unpack`` and a graph emitter."""
+"""Packers: one module per output format, each with ``pack`` / ``unpack``, a graph emitter (``build``) and
+its inverse (``read``)."""
 
-from . import gather_block, matmulnbits, qdq  # noqa: F401  (importing registers the packers)
+from . import gather_block, lowbit, matmulnbits, qdq  # noqa: F401  (importing registers the packers)

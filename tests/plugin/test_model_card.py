@@ -27,7 +27,7 @@ def evaluated(tiny_hf_model, tmp_path_factory):
         " ".join(f"Sentence {i} tells the quick brown fox to jump over {i % 7} lazy dogs." for i in range(80))
     )
     return export(
-        tiny_hf_model("llama"), root / "llama-w4", "w4-g32", "rtn", eval=True,
+        tiny_hf_model("llama"), root / "llama-w4", scheme="w4-g32", method="rtn", eval=True,
         eval_options={"dataset": str(text), "context_length": 64, "progress": False}, progress=False,
     )  # fmt: skip
 
