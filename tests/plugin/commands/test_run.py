@@ -1,6 +1,8 @@
 """The main job (``optimum-adaround`` with no arguments) end to end on the real embedded model."""
 
+import argparse
 import json
+import types
 
 import pytest
 
@@ -15,8 +17,11 @@ def test_main_job_quantizes_and_evaluates_the_default_model(tmp_path, capsys):
     rc = cli.main(["run", "--method", "rtn", "--eval-tokens", "1024", "--quiet", "--output", str(out)])
     assert rc == 0
     printed = capsys.readouterr().out
-    assert "| fp32 |" in printed and "w4-g128-sym rtn" in printed and str(out) in printed
+    assert "| fp32 |" in printed and str(out) in printed
+    rows = [line for line in printed.splitlines() if line.startswith("| w4")]
+    assert len(rows) == 1 and "rtn" in rows[0] and "g128" in rows[0]
     summary = json.loads((out / "main_job.json").read_text())
+    assert (summary["scheme"], summary["method"]) == ("w4-g128-sym", "rtn")
     fp32, q = summary["fp32"], summary["quantized"]
     assert fp32["perplexity"]["tokens"] == q["perplexity"]["tokens"] >= 1000
     # A real trained model: fp32 perplexity on Wikipedia is tens, not tens of thousands (random weights).
@@ -33,3 +38,23 @@ def test_main_job_quantizes_and_evaluates_the_default_model(tmp_path, capsys):
     assert (out / "quantization_config.json").is_file()
     # A second run into its own earlier output replaces it without --overwrite.
     assert cli.main(["run", "--method", "rtn", "--no-eval", "--quiet", "--output", str(out)]) == 0
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="library: commands/run.py _evaluate labels the quantized row name.replace('-', ' ', 1) of "
+    "'w4-g128-sym-rtn', printing 'w4 g128-sym-rtn' instead of the scheme and method 'w4-g128-sym rtn'",
+)
+def test_the_table_row_names_scheme_and_method(tmp_path, monkeypatch, capsys):
+    from optimum.adaround import evaluation, plots
+    from optimum.adaround.commands import run
+
+    report = types.SimpleNamespace(
+        perplexity=None, bits_per_weight=4.25, model_bytes=10**6, weight_sqnr_db={}, to_dict=dict
+    )
+    monkeypatch.setattr(evaluation, "evaluate", lambda *a, **k: report)
+    monkeypatch.setattr(plots, "plot_sqnr_bars", lambda *a, **k: None)
+    args = argparse.Namespace(context_length=512, eval_tokens=None, no_eval=True)
+    summary = run._evaluate(args, tmp_path, tmp_path, "w4-g128-sym-rtn", 1.0, False)
+    assert (summary["scheme"], summary["method"]) == ("w4-g128-sym", "rtn")
+    assert "| w4-g128-sym rtn |" in capsys.readouterr().out
