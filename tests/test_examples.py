@@ -12,7 +12,6 @@ from pathlib import Path
 
 import onnx_ir as ir
 import pytest
-
 import yaml
 
 from optimum.adaround.graph_passes.config import ModuleOverride, QuantConfig

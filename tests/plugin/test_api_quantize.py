@@ -12,6 +12,7 @@ import onnx
 import pytest
 
 from optimum.adaround import quantize
+from optimum.adaround.graph_passes.config import QuantConfig
 from optimum.adaround.graph_passes.errors import (
     CalibrationError,
     InvalidModelError,
@@ -20,7 +21,6 @@ from optimum.adaround.graph_passes.errors import (
     OutputPathError,
     UnsupportedSchemeError,
 )
-from optimum.adaround.graph_passes.config import QuantConfig
 from optimum.adaround.graph_passes.rounding import base
 from optimum.adaround.graph_passes.rounding.base import MethodConfig, get_method
 from optimum.adaround.recipes import load_config

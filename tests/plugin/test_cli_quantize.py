@@ -30,7 +30,9 @@ def test_quantize_command_prints_summary(llama, tmp_path, capsys):
     assert f"output: {out}" in text and "smaller" in text
     record = json.loads((out / "quantization_config.json").read_text())
     assert record["scheme"]["data"]["symmetric"] is False
-    assert record["format"] == "matmulnbits" and record["config"]["data"]["scheme"]["data"]["format"] == "auto"
+    assert (
+        record["format"] == "matmulnbits" and record["config"]["data"]["scheme"]["data"]["format"] == "auto"
+    )
     assert (out / "quantization_recipe.yaml").is_file()
 
 

@@ -48,7 +48,13 @@ def test_flat_mapping_sets_every_field():
     assert c.scheme.format is WeightFormat.LOWBIT
     assert c.method.name == "gptq" and c.method.percdamp == 0.02 and c.method.act_order is True
     cal = c.calibration
-    assert (cal.calib_data, cal.calib_samples, cal.seq_len, cal.sequential, cal.seed) == ("news", 16, 128, False, 3)
+    assert (cal.calib_data, cal.calib_samples, cal.seq_len, cal.sequential, cal.seed) == (
+        "news",
+        16,
+        128,
+        False,
+        3,
+    )
     sel = c.selection
     assert sel.include == ("layers\\.",) and sel.exclude == ("lm_head", "embed") and sel.lm_head is True
     assert sel.overrides == (ModuleOverride("mlp\\.down_proj", "w8-g128"),)
@@ -58,7 +64,11 @@ def test_flat_mapping_sets_every_field():
 
 def test_defaults_are_w4_g128_sym_gptq_auto():
     c = QuantConfig()
-    assert (c.scheme.bits, c.scheme.group_size) == (4, 128) and c.scheme.symmetric and c.scheme.format is WeightFormat.AUTO
+    assert (
+        (c.scheme.bits, c.scheme.group_size) == (4, 128)
+        and c.scheme.symmetric
+        and c.scheme.format is WeightFormat.AUTO
+    )
     assert c.method.name == "gptq" and c.needs_calibration
     assert c.calib_samples == c.method.default_calib_samples
     assert QuantConfig().with_overrides(method="adaround").calib_samples == 128
@@ -96,7 +106,9 @@ def test_custom_round_trip_dict_yaml_json(tmp_path):
 def test_a_scheme_label_keeps_the_configs_format():
     base = QuantConfig().with_overrides(format="qdq")
     assert base.with_overrides(scheme="w8-pc").scheme.format is WeightFormat.QDQ
-    assert base.with_overrides(scheme=QuantScheme(bits=8, group_size=-1)).scheme.format is not WeightFormat.QDQ
+    assert (
+        base.with_overrides(scheme=QuantScheme(bits=8, group_size=-1)).scheme.format is not WeightFormat.QDQ
+    )
 
 
 def test_lists_and_tuples_compare_equal():
@@ -111,7 +123,11 @@ def test_lists_and_tuples_compare_equal():
         ({"quantize_lm_head": True}, InvalidOptionError, ["'quantize_lm_head'", "lm_head"]),
         ({"version": 2}, InvalidOptionError, ["version 2"]),
         ({"type": "QuantConfig", "version": 2, "data": {}}, InvalidOptionError, ["version 2"]),
-        ({"type": "QuantConfig", "version": 1, "data": {"bits": 3}}, InvalidOptionError, ["'bits'", "scheme"]),
+        (
+            {"type": "QuantConfig", "version": 1, "data": {"bits": 3}},
+            InvalidOptionError,
+            ["'bits'", "scheme"],
+        ),
         ({"type": "Recipe", "version": 1, "data": {}}, InvalidOptionError, ["QuantConfig", "Recipe"]),
         ({"scheme": "w4-q128"}, UnsupportedSchemeError, ["w4-q128"]),
         ({"scheme": "w9-g128"}, UnsupportedSchemeError, ["bits=9"]),
