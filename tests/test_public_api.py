@@ -8,16 +8,24 @@ import sys
 import optimum.adaround as oa
 
 EXPECTED = {
-    "quantize", "export", "load", "session_options", "Recipe", "QuantScheme", "WeightFormat", "DataType",
-    "PER_CHANNEL", "UserError", "AdaroundError", "InvalidModelError", "NoQuantizableWeightsError",
-    "OutputPathError", "UnsupportedSchemeError", "CalibrationError", "__version__",
+    "quantize", "export", "load", "session_options", "QuantConfig", "CalibrationConfig", "SelectionConfig",
+    "OutputConfig", "QuantScheme", "WeightFormat", "DataType", "PER_CHANNEL", "UserError", "AdaroundError",
+    "InvalidModelError", "InvalidOptionError", "NoQuantizableWeightsError", "OutputPathError",
+    "UnsupportedSchemeError", "CalibrationError", "__version__",
 }  # fmt: skip
 
 
 def test_all_is_explicit_and_importable():
     assert set(oa.__all__) >= EXPECTED
+    assert "Recipe" not in oa.__all__ and not hasattr(oa, "Recipe")  # a recipe is a QuantConfig's record
     for name in oa.__all__:
         assert getattr(oa, name) is not None, name
+
+
+def test_top_level_config_is_the_one_quantize_takes():
+    config = oa.QuantConfig().with_overrides(method="rtn", bits=8)
+    assert oa.QuantConfig.from_dict(config.to_dict()) == config
+    assert issubclass(oa.InvalidOptionError, oa.UserError)
 
 
 def test_no_top_level_import_of_source_folders(tmp_path):

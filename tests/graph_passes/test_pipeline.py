@@ -13,15 +13,18 @@ import onnxruntime as ort
 import pytest
 from onnx import helper, numpy_helper
 
+from optimum.adaround.graph_passes.config import QuantConfig
 from optimum.adaround.graph_passes.errors import (
     CalibrationError,
+    InvalidOptionError,
     NoQuantizableWeightsError,
     UnsupportedSchemeError,
 )
 from optimum.adaround.graph_passes.model_io import load_model, read_weight
-from optimum.adaround.graph_passes.pipeline import prepare_sites, quantize_model
-from optimum.adaround.graph_passes.rounding.base import METHODS, SiteStats, get_method
-from optimum.adaround.graph_passes.scheme import QuantScheme
+from optimum.adaround.graph_passes.pipeline import choose_format, prepare_sites, quantize_model
+from optimum.adaround.graph_passes.rounding import base
+from optimum.adaround.graph_passes.rounding.base import MethodConfig, SiteStats, get_method
+from optimum.adaround.graph_passes.scheme import QuantScheme, WeightFormat
 
 RNG = np.random.default_rng(2)
 K = 64
@@ -62,8 +65,12 @@ def test_rtn_pipeline_matches_method_reference():
     scheme = QuantScheme.parse("w4-g32")
     rtn = get_method("rtn")
     reference = [rtn.quantize(read_weight(model, s), scheme).dequantize() for s in report.sites]
-    result = quantize_model(model, scheme, sites=report, progress=False)
+    config = QuantConfig().with_overrides(scheme="w4-g32", method="rtn")
+    assert config.scheme.format is WeightFormat.AUTO
+    result = quantize_model(model, config, sites=report, progress=False)
     with result:
+        assert result.config == config.with_overrides(format="matmulnbits")  # auto chose MatMulNBits
+        assert result.scheme == scheme
         assert [s.name for s in result.sites] == [s.name for s in report.sites]
         assert all("sqnr_db" in s.metrics and s.packed_bytes < s.float_bytes for s in result.sites)
         spilled = sorted(p.name for p in result.spill_dir.iterdir())
@@ -81,37 +88,70 @@ def test_rtn_pipeline_matches_method_reference():
 
 
 class _Recorder:
-    """A local stand-in method that records calls (tests only)."""
+    """A local stand-in rounding method that records calls (tests only)."""
 
-    name = "recorder"
-    needs: frozenset[str] = frozenset()
     calls: ClassVar[list[tuple[int, int, SiteStats | None]]] = []
+
+    def __init__(self, config):
+        self.config = config
 
     def quantize(self, weight, scheme, stats=None, *, site="?"):
         type(self).calls.append((*weight.shape, stats))
         return get_method("rtn").quantize(weight, scheme)
 
 
-def test_unsupported_scheme_fails_before_any_work(monkeypatch):
-    monkeypatch.setitem(METHODS, "recorder", _Recorder)
+def _recorder(monkeypatch, name: str, needs: frozenset[str] = frozenset()) -> QuantConfig:
+    """Register the recorder as method ``name`` (for this test only); returns a run config using it."""
+    cfg = dataclasses.dataclass(frozen=True)(
+        type(f"{name}Config", (MethodConfig,), {"name": name, "needs": needs, "__annotations__": {}})
+    )
+    monkeypatch.setitem(base.METHODS, name, cfg)
+    monkeypatch.setitem(base._IMPLEMENTATIONS, cfg, _Recorder)
     _Recorder.calls = []
+    return QuantConfig(method=cfg())
+
+
+def test_unsupported_scheme_fails_before_any_work(monkeypatch):
+    config = _recorder(monkeypatch, "recorder").with_overrides(scheme="w3-g32", format="matmulnbits")
     model = load_model(_proto()).model
     with pytest.raises(UnsupportedSchemeError, match=r"model\.layers\.0\.mlp\.up_proj \(64x64\)"):
-        quantize_model(model, QuantScheme(bits=3, group_size=32), method="recorder", progress=False)
+        quantize_model(model, config, progress=False)
     assert _Recorder.calls == []
     assert [n.op_type for n in model.graph].count("MatMul") == 4  # untouched
 
 
+def test_auto_format_is_matmulnbits_where_it_stores_the_scheme_else_our_op():
+    def chosen(label, shapes=((64, 64),), **changes):
+        scheme = QuantConfig().with_overrides(scheme=label, **changes).scheme
+        return choose_format(scheme, list(shapes)).format
+
+    assert chosen("w4-g32") is WeightFormat.MATMULNBITS
+    assert chosen("w8-g128", [(4096, 11008)]) is WeightFormat.MATMULNBITS
+    assert chosen("w3-g32") is WeightFormat.LOWBIT  # MatMulNBits runs 2/4/8 bits only
+    assert chosen("w4-g512", [(1024, 64)]) is WeightFormat.LOWBIT  # MatMulNBits blocks are 16..256
+    assert chosen("w4-g32", data_type="nf4") is WeightFormat.LOWBIT
+    assert chosen("w3-g32", format="qdq") is WeightFormat.QDQ  # an explicit format is kept
+
+
+def test_three_bits_default_to_our_op(monkeypatch):
+    config = _recorder(monkeypatch, "recorder3").with_overrides(scheme="w3-g32")
+    model = load_model(_proto()).model
+    with quantize_model(model, config, progress=False) as result:
+        assert result.scheme.format is WeightFormat.LOWBIT and len(_Recorder.calls) == 4
+        assert {n.op_type for n in model.graph} == {"MatMulLowBit", "Identity"}
+
+
 def test_method_needing_statistics_requires_tokens(monkeypatch):
-    needy = type("Needy", (_Recorder,), {"name": "needy", "needs": frozenset({"hessian"})})
-    monkeypatch.setitem(METHODS, "needy", needy)
+    config = _recorder(monkeypatch, "needy", frozenset({"hessian"}))
     with pytest.raises(CalibrationError, match="needs calibration data"):
-        quantize_model(load_model(_proto()).model, QuantScheme(), method="needy", progress=False)
+        quantize_model(load_model(_proto()).model, config, progress=False)
+    assert _Recorder.calls == []
 
 
 def test_already_quantized_and_weightless_models_are_refused(tmp_path):
     model = load_model(_proto()).model
-    with quantize_model(model, QuantScheme.parse("w4-g32"), progress=False) as result:
+    config = QuantConfig().with_overrides(scheme="w4-g32", method="rtn")
+    with quantize_model(model, config, progress=False) as result:
         proto = ir.serde.serialize_model(result.model)
     with pytest.raises(NoQuantizableWeightsError, match="already quantized"):
         prepare_sites(load_model(proto).model)
@@ -127,18 +167,15 @@ def test_already_quantized_and_weightless_models_are_refused(tmp_path):
 
 def test_calibrated_pipeline_on_tiny_llama(tiny_hf_onnx, monkeypatch):
     """A method with ``needs`` runs the real calibration engine: per-block Hessians of the right size."""
-    needy = type("NeedyCal", (_Recorder,), {"name": "needy_cal", "needs": frozenset({"hessian"})})
-    monkeypatch.setitem(METHODS, "needy_cal", needy)
-    needy.calls = []
+    config = _recorder(monkeypatch, "needy_cal", frozenset({"hessian"}))
+    config = config.with_overrides(scheme="w4-g32", sink_weight=1)  # every token counted once
     model = load_model(tiny_hf_onnx("llama")).model
     report = prepare_sites(model)
     ids = RNG.integers(0, 300, (4, 16))
-    result = quantize_model(
-        model, QuantScheme.parse("w4-g32"), method="needy_cal", sites=report, token_ids=ids, progress=False
-    )
+    result = quantize_model(model, config, sites=report, token_ids=ids, progress=False)
     with result:
         assert len(result.sites) == len(report.sites) == 14
-        for (n, k, stats), site in zip(needy.calls, report.sites, strict=True):
+        for (n, k, stats), site in zip(_Recorder.calls, report.sites, strict=True):
             assert (n, k) == (site.n, site.k)
             assert stats is not None and stats.hessian.shape == (k, k) and stats.n_tokens == 4 * 16
         assert "MatMul" not in {n.op_type for n in model.graph if n.name and "proj" in n.name}
@@ -150,24 +187,16 @@ def test_sink_weight_reaches_only_the_qkv_projections(tiny_hf_onnx, monkeypatch)
     sites the engine's own; weight 1 hands every site the engine's record."""
     from optimum.adaround.graph_passes.rounding.base import FIRST_POSITION
 
-    needy = type("NeedySink", (_Recorder,), {"name": "needy_sink", "needs": frozenset({"hessian"})})
-    monkeypatch.setitem(METHODS, "needy_sink", needy)
+    config = _recorder(monkeypatch, "needy_sink", frozenset({"hessian"})).with_overrides(scheme="w4-g32")
     ids = RNG.integers(0, 300, (4, 16))
     runs = {}
     for weight in (1.0, 8.0):
-        needy.calls = []
+        _Recorder.calls = []
         model = load_model(tiny_hf_onnx("llama")).model
         report = prepare_sites(model)
-        with quantize_model(
-            model,
-            QuantScheme.parse("w4-g32"),
-            method="needy_sink",
-            sites=report,
-            token_ids=ids,
-            progress=False,
-            sink_weight=weight,
-        ):
-            runs[weight] = {s.name: st for s, (_, _, st) in zip(report.sites, needy.calls, strict=True)}
+        run = config.with_overrides(sink_weight=weight)
+        with quantize_model(model, run, sites=report, token_ids=ids, progress=False):
+            runs[weight] = {s.name: st for s, (_, _, st) in zip(report.sites, _Recorder.calls, strict=True)}
     plain, weighted = runs[1.0], runs[8.0]
     qkv = [n for n in plain if re.search(r"\.(q|k|v)_proj$", n)]
     assert len(qkv) == 6  # 2 layers x q, k, v
@@ -185,5 +214,6 @@ def test_sink_weight_reaches_only_the_qkv_projections(tiny_hf_onnx, monkeypatch)
 
 
 def test_sink_weight_out_of_range_is_refused():
-    with pytest.raises(UnsupportedSchemeError, match=r"sink_weight=0\.5"):
-        quantize_model(load_model(_proto()).model, QuantScheme(), sink_weight=0.5, progress=False)
+    # the config refuses it when it is built, before a model is loaded or touched
+    with pytest.raises(InvalidOptionError, match=r"sink_weight=0\.5"):
+        QuantConfig().with_overrides(sink_weight=0.5)
