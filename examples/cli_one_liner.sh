@@ -4,9 +4,10 @@
 #   examples/cli_one_liner.sh MODEL_DIR_OR_HUB_ID OUTPUT_DIR
 #
 # Environment knobs (defaults in brackets): METHOD [gptq], BITS [4], GROUP [128], CALIB_SAMPLES [128],
-# SEQ_LEN [512], FORMAT [matmulnbits], EVAL_TOKENS [all of the evaluation text]. The output folder is ready to publish: model.onnx, config and
-# tokenizer files, quantization_config.json, quantization_recipe.yaml and a README.md model card with
-# the measured perplexity before/after (--eval).
+# SEQ_LEN [512], FORMAT [auto: MatMulNBits where it runs the scheme, else our op], EVAL_TOKENS [all of the
+# evaluation text]. The output folder is ready to publish: model.onnx, config and tokenizer files,
+# quantization_config.json, quantization_recipe.yaml and a README.md model card with the measured
+# perplexity before/after (--eval).
 set -euo pipefail
 
 if [ $# -ne 2 ]; then
@@ -19,7 +20,7 @@ optimum-cli export onnx-quant \
     --task text-generation-with-past \
     --weight-bits "${BITS:-4}" --group-size "${GROUP:-128}" --sym \
     --method "${METHOD:-gptq}" \
-    --format "${FORMAT:-matmulnbits}" \
+    --format "${FORMAT:-auto}" \
     --calib-samples "${CALIB_SAMPLES:-128}" --seq-len "${SEQ_LEN:-512}" \
     --eval ${EVAL_TOKENS:+--eval-tokens "$EVAL_TOKENS"} \
     --overwrite \
