@@ -7,14 +7,18 @@ import json
 import numpy as np
 import pytest
 
+from optimum.adaround.graph_passes.config import QuantConfig
 from optimum.adaround.graph_passes.errors import OutputPathError
 from optimum.adaround.output import (
     CONFIG_NAME,
+    RECIPE_NAME,
     atomic_output,
     check_output_path,
     copy_side_files,
+    write_output,
     write_quantization_config,
 )
+from optimum.adaround.recipes import load_config
 
 
 def _siblings(path):
@@ -88,3 +92,29 @@ def test_side_files_and_config(tmp_path):
     assert path.name == CONFIG_NAME
     assert record["version"] == 1 and record["scheme"] == {"bits": 4}
     assert {"python", "onnx", "onnx-ir", "numpy"} <= set(record["versions"])
+
+
+def test_write_output_writes_model_record_and_recipe_once_then_commits(tmp_path):
+    config = QuantConfig().with_overrides(method="rtn", bits=8, exclude=["lm_head"])
+    seen = []
+
+    def fill(tmp):
+        (tmp / "model.onnx").write_bytes(b"model")
+        return {"config": config.to_dict(), "n_sites": 3}
+
+    def after(tmp):  # e.g. the model card: reads what was written before the commit
+        seen.append(sorted(p.name for p in tmp.iterdir()))
+
+    out = write_output(tmp_path / "o", [], False, fill, after)
+    assert seen == [sorted(["model.onnx", CONFIG_NAME, RECIPE_NAME])]
+    assert load_config(out / RECIPE_NAME) == config
+    record = json.loads((out / CONFIG_NAME).read_text())
+    assert record["recipe_file"] == RECIPE_NAME and QuantConfig.from_dict(record["config"]) == config
+    assert _siblings(out) == ["o"]
+
+    def broken(tmp):
+        raise RuntimeError("card failed")
+
+    with pytest.raises(RuntimeError, match="card failed"):
+        write_output(tmp_path / "p", [], False, fill, broken)
+    assert _siblings(out) == ["o"]  # nothing of the failed output is left
