@@ -92,6 +92,8 @@ class ModuleOverride(Options):
     scheme: str = option("w8-g128", "scheme label for the matching sites")
 
     def validate(self) -> None:
+        if not self.pattern:
+            self.reject("pattern", "give the regex of the sites this scheme is for")
         _check_regex(self.OWNER, "pattern", self.pattern)
         QuantScheme.parse(self.scheme)
 
@@ -251,13 +253,16 @@ class QuantConfig(Options):
         method = self.method
         if flat.get("method") is not None:
             method = _method_from(flat["method"])
-        if flat.get("method_options"):
+        options = flat.get("method_options")
+        if options is not None and not isinstance(options, Mapping):
+            raise InvalidOptionError(f"method_options={options!r}: expected a mapping of the method's options")
+        if options:
             base = (
                 method.to_data()
                 if flat.get("method") is None or isinstance(flat["method"], MethodConfig)
                 else {}
             )
-            method = type(method).from_data({**base, **dict(flat["method_options"])})
+            method = type(method).from_data({**base, **dict(options)})
         groups = {group: _replace_group(getattr(self, group), flat) for group in _GROUPS}
         return QuantConfig(scheme=scheme, method=method, **groups)
 
@@ -287,14 +292,14 @@ def _scheme_from(value: Any) -> QuantScheme:
 
 def _replace_scheme(scheme: QuantScheme, changes: Mapping[str, Any]) -> QuantScheme:
     check_keys("scheme", changes, list(_SCHEME_FIELDS))
-    try:
-        fmt = WeightFormat(changes.get("format", scheme.format))
-        dt = DataType(changes.get("data_type", scheme.data_type))
-    except ValueError as e:
-        raise InvalidOptionError(
-            f"scheme: {e}; formats: {', '.join(f.value for f in WeightFormat)}"
-        ) from None
-    return dataclasses.replace(scheme, **{**changes, "format": fmt, "data_type": dt})
+    values = {"format": scheme.format, "data_type": scheme.data_type, **changes}
+    for key, enum_cls in (("format", WeightFormat), ("data_type", DataType)):
+        try:
+            values[key] = enum_cls(values[key])
+        except ValueError:
+            names = ", ".join(m.value for m in enum_cls)
+            raise InvalidOptionError(f"{key}={values[key]!r}: choose one of {names}") from None
+    return dataclasses.replace(scheme, **values)
 
 
 def _method_from(value: Any) -> MethodConfig:

@@ -275,16 +275,22 @@ def _valid(scheme: QuantScheme, fmt: WeightFormat) -> bool:
 
 
 def resolve_config(config: QuantConfig, sites: Sequence[WeightSite]) -> QuantConfig:
-    """The config as it will run: the format chosen, and a method that rounds on a torch device moved to
-    the GPU when the run asks for ``device=cuda`` and torch sees one (an explicit method device is kept)."""
+    """The config as it will run: the format chosen, and the device of a method that rounds on a torch
+    device and was given none: the GPU when the run asks for ``device=cuda`` and torch sees one, else the
+    CPU (a device the user gave is kept)."""
     scheme = choose_format(config.scheme, [(s.k, s.n) for s in sites])
     method = config.method
-    if config.calibration.device == "cuda" and getattr(method, "device", None) == "cpu":
-        import torch
-
-        if torch.cuda.is_available():
-            method = method.replace(device="cuda")
+    if "device" in method.names() and method.device is None:
+        method = method.replace(device=_torch_device(config.calibration.device))
     return dataclasses.replace(config, scheme=scheme, method=method)
+
+
+def _torch_device(run_device: str) -> str:
+    if run_device != "cuda":
+        return "cpu"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _scratch(spill_dir: str | Path | None) -> tuple[Path, tempfile.TemporaryDirectory[str] | None]:

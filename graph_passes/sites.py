@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 
 import onnx_ir as ir
 
-from .errors import UserError
+from .errors import InternalError, UserError
 from .records import SiteReport, SkippedSite, WeightSite
 
 __all__ = ["ALREADY_QUANTIZED", "find_weight_sites", "layer_index", "module_path"]
@@ -122,9 +122,9 @@ def _first_operand(cand: _Candidate) -> _Candidate:
 
 
 def _check_tensor(cand: _Candidate) -> str | None:
-    assert cand.weight is not None
-    tensor = cand.weight.const_value
-    assert tensor is not None
+    tensor = cand.weight.const_value if cand.weight is not None else None
+    if tensor is None:
+        return "the weight has no constant value"
     if tensor.dtype not in _FLOAT_TYPES:
         return f"non-float weight ({tensor.dtype.name})"
     if tensor.shape.rank() != 2:
@@ -181,7 +181,8 @@ def find_weight_sites(
     names = _unique_names(cands)
     for cand, name in zip(cands, names, strict=True):
         node = cand.node
-        assert cand.weight is not None and cand.weight.const_value is not None
+        if cand.weight is None or cand.weight.const_value is None:  # _check_tensor kept only constants
+            raise InternalError(f"node {cand.node.name!r}: a weight site without a constant value")
         rows, cols = (int(d) for d in cand.weight.const_value.shape.dims)
         k, n = (cols, rows) if cand.transposed else (rows, cols)
         # The output projection: named lm_head, or producing the graph's logits directly.
@@ -251,7 +252,7 @@ def _selection_reason(
     min_features: int,
 ) -> str | None:
     if site.kind == "lm_head" and not quantize_lm_head:
-        return "lm_head left in float (enable quantize_lm_head / --lm-head to quantize it)"
+        return "lm_head left in float (lm_head=True / --lm-head quantizes it)"
     if includes and not any(p.search(site.name) for p in includes):
         return f"{site.name} matches no include pattern"
     for p in excludes:

@@ -45,8 +45,8 @@ QUANT_FLAGS: list = [
         {
             "dest": "method",
             "default": "==SUPPRESS==",
-            "choices": ["adaround", "adaround_ls", "gptq", "rtn"],
-            "help": "rounding method (default gptq)",
+            "metavar": "METHOD",
+            "help": "rounding method: adaround, adaround_ls, gptq, rtn (default gptq)",
         },
     ),
     (
@@ -84,6 +84,7 @@ QUANT_FLAGS: list = [
             "default": "==SUPPRESS==",
             "action": "store_true",
             "help": "symmetric grid, no zero points (default)",
+            "exclusive": "symmetric",
         },
     ),
     (
@@ -93,6 +94,7 @@ QUANT_FLAGS: list = [
             "default": "==SUPPRESS==",
             "action": "store_false",
             "help": "asymmetric grid with zero points",
+            "exclusive": "symmetric",
         },
     ),
     (
@@ -157,6 +159,7 @@ QUANT_FLAGS: list = [
             "default": "==SUPPRESS==",
             "action": "store_true",
             "help": "calibrate block by block with earlier blocks quantized (default)",
+            "exclusive": "sequential",
         },
     ),
     (
@@ -166,6 +169,7 @@ QUANT_FLAGS: list = [
             "default": "==SUPPRESS==",
             "action": "store_false",
             "help": "calibrate the float model in one pass",
+            "exclusive": "sequential",
         },
     ),
     (
@@ -252,15 +256,24 @@ _TYPES = {"int": int, "float": float, "str": str}
 
 
 def add_quant_arguments(parser: Any) -> None:
-    """Quantization flags (every default SUPPRESS: a ``--recipe`` value is overridden only by a given flag)."""
+    """Quantization flags (every default SUPPRESS: a ``--recipe`` value is overridden only by a given flag);
+    a spec's ``exclusive`` key names the mutually exclusive pair it belongs to (``--sym``/``--asym``)."""
     g = parser.add_argument_group("Weight quantization (optimum-adaround)")
+    pairs: dict[str, Any] = {}
     for flags, kw in (*QUANT_FLAGS, *COMMAND_FLAGS):
         kw = dict(kw)
         if "type" in kw:
             kw["type"] = _TYPES[kw["type"]]
-        if kw.get("default") == argparse.SUPPRESS:  # the data holds an equal string, argparse wants the object
+        # the data holds a string equal to argparse.SUPPRESS; argparse compares by identity
+        if kw.get("default") == argparse.SUPPRESS:
             kw["default"] = argparse.SUPPRESS
-        g.add_argument(*flags, **kw)
+        target = g
+        if "exclusive" in kw:
+            key = kw.pop("exclusive")
+            if key not in pairs:  # not setdefault: that would leave an empty group behind each time
+                pairs[key] = g.add_mutually_exclusive_group()
+            target = pairs[key]
+        target.add_argument(*flags, **kw)
 
 
 def add_export_arguments(parser: Any) -> None:

@@ -23,6 +23,7 @@ from .graph_passes.config import ModuleOverride, QuantConfig
 from .graph_passes.errors import CalibrationError, NoQuantizableWeightsError
 from .graph_passes.model_io import LoadedModel, initializer_bytes, load_model, save_model, to_source_kind
 from .graph_passes.pipeline import QuantizationResult, prepare_sites, quantize_model
+from .graph_passes.sites import ALREADY_QUANTIZED
 from .output import check_output_path, write_output
 from .recipes import ConfigLike, resolve_config
 
@@ -91,7 +92,9 @@ class QuantizationRun:
         self.loaded, self.config, self.progress = loaded, config, progress
         self.t0 = time.perf_counter()
         self.float_bytes = initializer_bytes(loaded.model)
-        self.token_ids, self.calib_info = _token_ids(config, loaded, token_ids)
+        self.given_ids = token_ids
+        self.token_ids: np.ndarray | None = None
+        self.calib_info: dict[str, Any] | None = None
         self.passes: list[tuple[ModuleOverride | None, QuantizationResult]] = []
         self._stack = contextlib.ExitStack()
 
@@ -125,6 +128,8 @@ class QuantizationRun:
             if self.passes:
                 return None  # every layer was taken by an override
             raise
+        if self.token_ids is None and config.needs_calibration:  # after the model's own checks passed
+            self.token_ids, self.calib_info = _token_ids(config, self.loaded, self.given_ids)
         return quantize_model(
             self.model, config, sites=report, token_ids=self.token_ids, progress=self.progress
         )
@@ -176,8 +181,13 @@ def build_record(run: QuantizationRun) -> dict[str, Any]:
         sites += [{**s, "scheme": result.scheme.label} for s in body["sites"]]
         for key, value in body["timings"].items():
             timings[key] = timings.get(key, 0.0) + value
-    done = {s["node_name"] for s in sites}
-    skipped = [s for s in last.to_dict()["skipped"] if s.get("node_name") not in done]
+    # the last pass sees the earlier passes' sites as "already quantized": only those of the input count
+    before = {s.node_name for s in run.passes[0][1].skipped if s.reason.startswith(ALREADY_QUANTIZED)}
+    skipped = [
+        dataclasses.asdict(s)
+        for s in last.skipped
+        if not s.reason.startswith(ALREADY_QUANTIZED) or s.node_name in before
+    ]
     return {
         "quant_method": "optimum-adaround",
         "config": run.config.to_dict(),  # as asked: format auto stays auto (the choice is "format")

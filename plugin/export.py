@@ -1,9 +1,9 @@
 """One-line export: a Hugging Face model (local folder or Hub id) -> quantized ONNX folder ready to publish.
 
-``export`` = Optimum's ``main_export`` into a temporary folder -> ``api.quantize`` (once per recipe override
-group, then once for the rest) -> recipe, evaluation, extended ``quantization_config.json`` and model card ->
-one rename into place. Nothing is left behind on error or Ctrl-C: all work happens in temporary siblings of
-the output folder, and an existing output folder is replaced only after the new one is complete.
+``export`` = Optimum's ``main_export`` into a temporary folder -> ``api.quantize_into`` inside the one output
+writer (``output.write_output``), which adds the evaluation and the model card before the folder is renamed
+into place. Nothing is left behind on error or Ctrl-C: all work happens in temporary siblings of the output
+folder, and an existing output folder is replaced only after the new one is complete.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
+
+import numpy as np
 
 from .graph_passes.config import QuantConfig
 from .graph_passes.errors import InvalidModelError, InvalidOptionError, UnsupportedSchemeError
@@ -146,12 +148,13 @@ def _preflight(config: QuantConfig) -> None:
             raise UnsupportedSchemeError(f"scheme {scheme.label} as format={chosen.format.value}: {reason}")
 
 
-def _calib_tokens_hash(config: QuantConfig, model_dir: Path) -> str | None:
-    """sha256 of the calibration token ids (same sampler and arguments as quantize); None for data-free methods."""
+def _calib_tokens_hash(config: QuantConfig, model_dir: Path, given: np.ndarray | None) -> str | None:
+    """sha256 of the calibration token ids (the caller's, or drawn by the same sampler and arguments as
+    quantize); None for data-free methods."""
     if not config.needs_calibration:
         return None
-    import numpy as np
-
+    if given is not None:
+        return hashlib.sha256(np.ascontiguousarray(given, dtype=np.int64).tobytes()).hexdigest()
     from .data.text import calibration_token_ids
 
     cal = config.calibration
@@ -224,6 +227,7 @@ def export(
 
     if config is not None and recipe is not None:
         raise InvalidOptionError("give config or recipe, not both (they are the same thing)")
+    token_ids = overrides.pop("calib_data") if isinstance(overrides.get("calib_data"), np.ndarray) else None
     cfg = run_config(config if config is not None else recipe, **overrides)
     _preflight(cfg)
     output = Path(output_dir).expanduser()
@@ -246,7 +250,10 @@ def export(
 
         def finish(folder: Path, record: dict[str, Any]) -> None:
             _source_record(
-                record, str(model_id_or_path), None if onnx_input else task, _calib_tokens_hash(cfg, exported)
+                record,
+                str(model_id_or_path),
+                None if onnx_input else task,
+                _calib_tokens_hash(cfg, exported, token_ids),
             )
             if eval:
                 result = _evaluate(exported, folder, dict(eval_options or {}))
@@ -261,7 +268,9 @@ def export(
                 command=_command_line(model_id_or_path, output, cfg, task=task, eval=eval),
             )
 
-        fill = lambda tmp: quantize_into(tmp, exported, cfg, progress=progress, extend=finish)  # noqa: E731
+        def fill(folder: Path) -> dict[str, Any]:
+            return quantize_into(folder, exported, cfg, progress=progress, token_ids=token_ids, extend=finish)
+
         write_output(output, [local] if local is not None else [], overwrite, fill, card)
     if push_to_hub:
         from .hub import push_to_hub as _push

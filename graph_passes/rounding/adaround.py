@@ -124,7 +124,11 @@ class AdaRoundConfig(MethodConfig):
         "either (SmolLM2 W4 g128 perplexity 33.24 without, 32.96 with it; true/false: rest/none)",
     )
     threads: int | None = option(1, THREADS_HELP)
-    device: str = option("cpu", "torch device of the relaxation and flip descent: cpu, cuda or cuda:N")
+    device: str | None = option(
+        None,
+        "torch device of the relaxation and flip descent: cpu, cuda or cuda:N; null = the run's device "
+        "(cuda where the run asks for it and torch sees a GPU)",
+    )
 
     def validate(self) -> None:
         check_gptq_options(self)
@@ -140,7 +144,7 @@ class AdaRoundConfig(MethodConfig):
             ("lam", self.lam >= 0, "use a value >= 0"),
             (
                 "device",
-                self.device == "cpu" or re.fullmatch(r"cuda(:\d+)?", self.device),
+                self.device in (None, "cpu") or re.fullmatch(r"cuda(:\d+)?", self.device),
                 "use 'cpu', 'cuda' or 'cuda:N'",
             ),
         ):
@@ -449,7 +453,7 @@ class AdaRound:
     config: AdaRoundConfig
 
     def __init__(self, config: AdaRoundConfig) -> None:
-        if config.device != "cpu" and not torch.cuda.is_available():
+        if config.device not in (None, "cpu") and not torch.cuda.is_available():
             raise InvalidOptionError(
                 f"{config.name} option device={config.device!r}: torch {torch.__version__} sees no CUDA "
                 "device here; use 'cpu'"
@@ -515,7 +519,7 @@ def refine_on(
     """``adaround_refine`` of ``st`` under the site's mean Hessian, run on ``config.device``; the returned
     state is on the CPU."""
     hm = hs.mean_hessian(site.h, site.n_tokens)
-    if config.device == "cpu":
+    if config.device in (None, "cpu"):
         return adaround_refine(st, hm, config, guard)
     device = config.device
     out, info = adaround_refine(

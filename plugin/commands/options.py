@@ -60,8 +60,8 @@ def _field_spec(name: str, hint: Any, default: Any, help: str, flag: str | None)
     if tp is bool and default is True:
         on, off, off_help = _ON_OFF[name]
         return [
-            ((on,), {**dest, "action": "store_true", "help": f"{help} (default)"}),
-            ((off,), {**dest, "action": "store_false", "help": off_help}),
+            ((on,), {**dest, "action": "store_true", "help": f"{help} (default)", "exclusive": name}),
+            ((off,), {**dest, "action": "store_false", "help": off_help, "exclusive": name}),
         ]
     flags = (flag or f"--{name.replace('_', '-')}",)
     if tp is bool:
@@ -86,8 +86,8 @@ def flag_specs(spelling: Mapping[str, str] | None = None, skip: tuple[str, ...] 
                          "help": "a recipe file (YAML/JSON) or preset name; the flags given override it"}),
         (("--scheme",), {"dest": "scheme", "default": argparse.SUPPRESS, "metavar": "LABEL",
                          "help": "scheme label such as w4-g128, w3-g64-asym, w4-pc (flags below override its parts)"}),
-        (("--method",), {"dest": "method", "default": argparse.SUPPRESS, "choices": sorted(METHODS),
-                         "help": f"rounding method (default {DEFAULT_METHOD})"}),
+        (("--method",), {"dest": "method", "default": argparse.SUPPRESS, "metavar": "METHOD",
+                         "help": f"rounding method: {', '.join(sorted(METHODS))} (default {DEFAULT_METHOD})"}),
         (("--method-option",), {"dest": "method_options", "default": argparse.SUPPRESS, "action": "append",
                                 "metavar": "KEY=VALUE",
                                 "help": "an option of the rounding method (repeatable; VALUE read as JSON when it can be)"}),
@@ -108,12 +108,20 @@ _TYPES = {"int": int, "float": float, "str": str}
 
 
 def add_config_arguments(parser: Any, specs: list[Spec] | None = None) -> None:
-    """Add the quantization flags to ``parser`` (an argparse parser or group)."""
+    """Add the quantization flags to ``parser`` (an argparse parser or group); a spec's ``exclusive`` key
+    names the mutually exclusive pair it belongs to (``--sym``/``--asym``)."""
+    groups: dict[str, Any] = {}
     for flags, kw in specs if specs is not None else flag_specs():
         kw = dict(kw)
         if "type" in kw:
             kw["type"] = _TYPES[kw["type"]]
-        parser.add_argument(*flags, **kw)
+        target = parser
+        if "exclusive" in kw:
+            key = kw.pop("exclusive")
+            if key not in groups:  # not setdefault: that would leave an empty group behind each time
+                groups[key] = parser.add_mutually_exclusive_group()
+            target = groups[key]
+        target.add_argument(*flags, **kw)
 
 
 def parse_method_options(items: list[str]) -> dict[str, Any]:

@@ -98,7 +98,8 @@ def _evaluate(
     print()
     print("| model | perplexity | size (MB) | bits/weight (linear) | quantization time (s) |")
     print("|---|---|---|---|---|")
-    for label, rep, secs in (("fp32", ref, None), (name.replace("-", " ", 1), q, t_quant)):
+    scheme, method = name.rsplit("-", 1)
+    for label, rep, secs in (("fp32", ref, None), (f"{scheme} {method}", q, t_quant)):
         ppl = f"{rep.perplexity.perplexity:.2f}" if rep.perplexity else "-"
         bpw = f"{rep.bits_per_weight:.2f}" if rep.bits_per_weight else "32"
         print(f"| {label} | {ppl} | {rep.model_bytes / 1e6:.1f} | {bpw} | {f'{secs:.0f}' if secs else '-'} |")
@@ -107,8 +108,8 @@ def _evaluate(
             f"\nEvaluated {q.perplexity.tokens} tokens of held-out Wikipedia text, context {args.context_length}."
         )
     return {
-        "scheme": name.rsplit("-", 1)[0],
-        "method": name.rsplit("-", 1)[-1],
+        "scheme": scheme,
+        "method": method,
         "fp32": ref.to_dict(),
         "quantized": q.to_dict(),
         "quantization_seconds": t_quant,

@@ -211,11 +211,6 @@ def test_a_cuda_run_refines_on_the_gpu_only_where_torch_sees_one(llama, monkeypa
     assert resolve_config(cuda, sites).method.device == "cpu"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library: pipeline.resolve_config moves a method whose device is 'cpu' to cuda when the run asks "
-    "for device=cuda, so a device='cpu' the user gave in method_options is not kept (its docstring says it is)",
-)
 def test_a_method_device_given_by_the_user_is_kept(llama, monkeypatch):
     import torch
 

@@ -151,12 +151,6 @@ def test_recipe_overrides_run_as_separate_passes(tiny_hf_onnx, tmp_path):
     assert sorted(s["scheme"].split("-sym")[0] for s in qconfig["sites"]) == ["w4-g32"] * 8 + ["w8-g32"] * 6
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library: api.build_record filters the last pass's skipped sites by the quantized sites' node "
-    "names, but an override pass renamed them (.../MatMul -> .../MatMulNBits), so they are also listed as "
-    "skipped ('already quantized (MatMulNBits)')",
-)
 def test_sites_of_an_override_pass_are_not_listed_as_skipped(tiny_hf_onnx, tmp_path):
     recipe = {"scheme": "w4-g32", "method": "rtn", "overrides": [{"pattern": r"mlp\.", "scheme": "w8-g32"}]}
     out = export(tiny_hf_onnx("llama"), tmp_path / "o", recipe=recipe, progress=False)
@@ -194,11 +188,6 @@ def test_calibration_source_and_token_hash_recorded(tiny_hf_onnx, tmp_path):
     assert calib["n_samples"] == 4
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library: export() passes calib_data straight to QuantConfig.with_overrides, which refuses an "
-    "int64 token-id array (quantize() takes it; quantize_into has token_ids but export does not pass it)",
-)
 def test_calibration_token_ids_given_as_an_array(tiny_hf_onnx, tmp_path):
     ids = np.random.default_rng(1).integers(0, 320, (2, 32), dtype=np.int64)
     out = export(

@@ -235,11 +235,6 @@ def test_sym_and_asym_set_symmetric(flag):
     assert "symmetric" not in vars(build_parser().parse_args(["--model", "m", "o"]))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library: the derived on/off flag pairs (--sym/--asym, --sequential/--one-pass) are no longer a "
-    "mutually exclusive group, so contradicting flags are accepted and the last one wins",
-)
 def test_sym_and_asym_are_exclusive():
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--model", "m", "o", "--sym", "--asym"])

@@ -158,30 +158,16 @@ def test_bad_recipes_raise_one_line_user_errors(data, error, needles):
     assert "\n" not in msg
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library: QuantConfig.with_overrides calls dict(method_options) unchecked, so a non-mapping "
-    "method_options raises TypeError instead of InvalidOptionError",
-)
 def test_method_options_must_be_a_mapping():
     with pytest.raises(InvalidOptionError, match="method_options"):
         config_from_mapping({"method_options": [1]})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library: ModuleOverride gives pattern a default of '' (matches every site), so an override "
-    "without a pattern silently re-schemes the whole model",
-)
 def test_an_override_needs_a_pattern():
     with pytest.raises(InvalidOptionError, match="pattern"):
         config_from_mapping({"overrides": [{"scheme": "w8-g128"}]})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library: config._replace_scheme's error for a bad data_type lists the formats, not the data types",
-)
 def test_bad_data_type_names_the_data_types():
     with pytest.raises(InvalidOptionError) as info:
         config_from_mapping({"data_type": "nf5"})

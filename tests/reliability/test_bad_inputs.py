@@ -273,7 +273,7 @@ def run_cli(case: Case, capsys: pytest.CaptureFixture[str], tree_hash: Callable[
 
     def run() -> str:
         capsys.readouterr()
-        rc = main(["quantize", str(case.src), str(case.out), "--no-progress", *case.cli])
+        rc = main(["quantize", str(case.src), str(case.out), "--no-progress", "--method", "rtn", *case.cli])
         err = capsys.readouterr().err.strip()
         assert rc == 2, err
         assert err.startswith("optimum-adaround: error: "), err
@@ -289,7 +289,12 @@ def run_api(case: Case, tree_hash: Callable[[Path], str]) -> None:
 
     def run() -> str:
         with pytest.raises(case.error) as info:
-            quantize(case.model if case.model is not None else case.src, case.out, progress=False, **case.api)
+            quantize(
+                case.model if case.model is not None else case.src,
+                case.out,
+                progress=False,
+                **{"method": "rtn", **case.api},
+            )
         return str(info.value)
 
     check_case(case, run, tree_hash)
@@ -328,7 +333,7 @@ def test_enospc_during_output_is_one_line_and_leaves_nothing(
 
     monkeypatch.setattr(api, where, full_disk)
     before = tree_hash(llama)
-    rc = main(["quantize", str(llama), str(tmp_path / "out"), "--no-progress"])
+    rc = main(["quantize", str(llama), str(tmp_path / "out"), "--no-progress", "--method", "rtn"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "\n" not in err and "No space left on device" in err, err
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
@@ -353,7 +358,7 @@ def test_real_full_disk_on_a_tiny_tmpfs(llama, tmp_path, capsys, tree_hash):
     """A real ENOSPC: the output goes to a 64 KiB tmpfs (the quantized tiny Llama needs ~200 KB)."""
     with _tiny_tmpfs(tmp_path / "disk", "64k") as disk:
         before = tree_hash(llama)
-        rc = main(["quantize", str(llama), str(disk / "out"), "--no-progress"])
+        rc = main(["quantize", str(llama), str(disk / "out"), "--no-progress", "--method", "rtn"])
         err = capsys.readouterr().err.strip()
         assert rc == 2 and "\n" not in err and "No space left on device" in err, err
         assert list(disk.iterdir()) == []
@@ -385,7 +390,7 @@ def test_internal_error_is_exit_1_one_line_and_debug_shows_traceback(llama, tmp_
         raise ZeroDivisionError("division by zero")
 
     monkeypatch.setattr(api, "quantize_model", broken)
-    rc = main(["quantize", str(llama), str(tmp_path / "out"), "--no-progress"])
+    rc = main(["quantize", str(llama), str(tmp_path / "out"), "--no-progress", "--method", "rtn"])
     err = capsys.readouterr().err.strip()
     assert rc == 1 and "\n" not in err and "internal error: ZeroDivisionError" in err and "--debug" in err
     with pytest.raises(ZeroDivisionError):
@@ -419,7 +424,9 @@ def test_odd_and_unsupported_shapes_are_skipped_with_reasons(tmp_path, capsys):
         model.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
     src = save(model, tmp_path / "src")
     out = tmp_path / "out"
-    assert main(["quantize", str(src), str(out), "--group-size", "16", "--no-progress"]) == 0
+    assert (
+        main(["quantize", str(src), str(out), "--group-size", "16", "--no-progress", "--method", "rtn"]) == 0
+    )
     text = capsys.readouterr().out
     record = json.loads((out / "quantization_config.json").read_text())
     reasons = {s["node_name"]: s["reason"] for s in record["skipped"]}
@@ -465,7 +472,18 @@ def test_already_quantized_weights_pass_through_never_twice(llama, tmp_path, cap
     """A partly quantized model: the float weights left are quantized, the quantized ones are reported as
     skipped ('already quantized') and never quantized again."""
     first = quantize(llama, tmp_path / "q1", scheme="w4-g32", exclude=[r"mlp\."], progress=False)
-    rc = main(["quantize", str(first), str(tmp_path / "q2"), "--group-size", "32", "--no-progress"])
+    rc = main(
+        [
+            "quantize",
+            str(first),
+            str(tmp_path / "q2"),
+            "--group-size",
+            "32",
+            "--no-progress",
+            "--method",
+            "rtn",
+        ]
+    )
     text = capsys.readouterr().out
     assert rc == 0
     assert "already quantized (MatMulNBits)" in text

@@ -184,7 +184,18 @@ def test_mutated_models_exit_0_or_2_and_read_only_their_folder(mutations):
         src = _build(root, mutations)
         err = io.StringIO()
         with _audited_and_bounded() as opened, contextlib.redirect_stderr(err):
-            rc = main(["quantize", str(src), str(root / "out"), "--group-size", "32", "--no-progress"])
+            rc = main(
+                [
+                    "quantize",
+                    str(src),
+                    str(root / "out"),
+                    "--group-size",
+                    "32",
+                    "--no-progress",
+                    "--method",
+                    "rtn",
+                ]
+            )
         _check_opened(opened, root)
         lines = err.getvalue().strip().splitlines()
         event(f"exit {rc}")

@@ -40,11 +40,6 @@ def test_main_job_quantizes_and_evaluates_the_default_model(tmp_path, capsys):
     assert cli.main(["run", "--method", "rtn", "--no-eval", "--quiet", "--output", str(out)]) == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library: commands/run.py _evaluate labels the quantized row name.replace('-', ' ', 1) of "
-    "'w4-g128-sym-rtn', printing 'w4 g128-sym-rtn' instead of the scheme and method 'w4-g128-sym rtn'",
-)
 def test_the_table_row_names_scheme_and_method(tmp_path, monkeypatch, capsys):
     from optimum.adaround import evaluation, plots
     from optimum.adaround.commands import run
