@@ -24,12 +24,13 @@ import pytest
 from onnx import helper, numpy_helper
 from reliability_helpers import Case, K, N, check_case, leftovers, matmul_model, save
 
-from optimum.adaround import api, quantize
+from optimum.adaround import api, output, quantize
 from optimum.adaround.cli import main
 from optimum.adaround.data.text import TextSourceError
 from optimum.adaround.graph_passes.errors import (
     CalibrationError,
     InvalidModelError,
+    InvalidOptionError,
     NoQuantizableWeightsError,
     OutputPathError,
     UnsupportedSchemeError,
@@ -145,13 +146,24 @@ def _already_quantized(tmp: Path, llama: Path) -> Case:
     return Case(src, tmp / "out", NoQuantizableWeightsError, "already quantized", ["--group-size", "32"])
 
 
-def _scheme_case(
-    cli: list[str] | None, api_kw: dict[str, Any] | None, needle: str
-) -> Callable[[Path, Path], Case]:
-    def build(tmp: Path, llama: Path) -> Case:
-        return Case(llama, tmp / "out", UnsupportedSchemeError, needle, cli, api_kw)
+def _flags_case(error: type[UserError]) -> Callable[..., Callable[[Path, Path], Case]]:
+    """Cases of the tiny Llama with bad flags / keywords, raising ``error``."""
 
-    return build
+    def case(
+        cli: list[str] | None, api_kw: dict[str, Any] | None, needle: str
+    ) -> Callable[[Path, Path], Case]:
+        def build(tmp: Path, llama: Path) -> Case:
+            return Case(llama, tmp / "out", error, needle, cli, api_kw)
+
+        return build
+
+    return case
+
+
+_scheme_case = _flags_case(UnsupportedSchemeError)
+_option_case = _flags_case(InvalidOptionError)
+# format auto stores any valid scheme (our op where MatMulNBits cannot): its limits need format=matmulnbits
+MNB = {"format": "matmulnbits"}
 
 
 def _qdq_old_opset(tmp: Path, llama: Path) -> Case:
@@ -165,7 +177,7 @@ def _qdq_old_opset(tmp: Path, llama: Path) -> Case:
 
 def _bad_regex(tmp: Path, llama: Path) -> Case:
     return Case(
-        llama, tmp / "out", UserError, "include pattern '(' is not a valid regular expression",
+        llama, tmp / "out", InvalidOptionError, "selection option include: '(' is not a valid regex",
         ["--include", "("], {"include": ["("]},
     )  # fmt: skip
 
@@ -231,7 +243,11 @@ CASES: dict[str, Callable[[Path, Path], Case]] = {
     "nan_weight": _nan_weight,
     "inf_weight": _inf_weight,
     "already_quantized": _already_quantized,
-    "bits3_matmulnbits": _scheme_case(["--bits", "3"], {"scheme": "w3-g128"}, "MatMulNBits runs bits 2/4/8"),
+    "bits3_matmulnbits": _scheme_case(
+        ["--bits", "3", "--format", "matmulnbits"],
+        {"scheme": "w3-g128", **MNB},
+        "MatMulNBits runs bits 2/4/8",
+    ),
     "bits2_qdq": _scheme_case(
         ["--bits", "2", "--format", "qdq"], {"scheme": "w2-g128", "format": "qdq"}, "4- and 8-bit"
     ),
@@ -239,23 +255,33 @@ CASES: dict[str, Callable[[Path, Path], Case]] = {
     "bits1": _scheme_case(["--bits", "1"], {"scheme": {"bits": 1}}, "bits=1"),
     "group17": _scheme_case(["--group-size", "17"], {"scheme": {"group_size": 17}}, "power of two"),
     "group8": _scheme_case(["--group-size", "8"], {"scheme": {"group_size": 8}}, "power of two >= 16"),
-    "group512_matmulnbits": _scheme_case(["--group-size", "512"], {"scheme": "w4-g512"}, "block sizes are"),
-    "nf4_matmulnbits": _scheme_case(None, {"scheme": "w4-g64-nf4"}, "runs only through format=lowbit"),
+    "group512_matmulnbits": _scheme_case(
+        ["--group-size", "512", "--format", "matmulnbits"], {"scheme": "w4-g512", **MNB}, "block sizes are"
+    ),
+    "nf4_matmulnbits": _scheme_case(
+        ["--data-type", "nf4", "--group-size", "64", "--format", "matmulnbits"],
+        {"scheme": "w4-g64-nf4", **MNB},
+        "runs only through format=lowbit",
+    ),
     "bad_scheme_label": _scheme_case(None, {"scheme": "w4-x7"}, "unknown part 'x7'"),
-    "bad_format": _scheme_case(None, {"format": "gguf"}, "format='gguf'"),
-    "unknown_method": _scheme_case(["--method", "magic"], {"method": "magic"}, "unknown rounding method"),
-    "unknown_method_option": _scheme_case(
+    "bad_format": _option_case(None, {"format": "gguf"}, "format='gguf'"),  # CLI: argparse choices
+    "unknown_method": _option_case(
+        ["--method", "magic"], {"method": "magic"}, "unknown rounding method 'magic'"
+    ),
+    "unknown_method_option": _option_case(
         ["--method-option", "nosuch=1"], {"method_options": {"nosuch": 1}}, "has no option 'nosuch'"
     ),
-    "malformed_method_option": _scheme_case(["--method-option", "oops"], None, "KEY=VALUE"),  # CLI only
-    "bad_device": _scheme_case(None, {"device": "tpu"}, "device='tpu'"),  # CLI: argparse choices
+    "malformed_method_option": _option_case(["--method-option", "oops"], None, "KEY=VALUE"),  # CLI only
+    "bad_device": _option_case(None, {"device": "tpu"}, "device='tpu'"),  # CLI: argparse choices
     "qdq_opset17": _qdq_old_opset,
     "bad_regex": _bad_regex,
     "calib_empty": _calib("", "is empty", CalibrationError),
     "calib_whitespace": _calib("   \n\n  ", "shorter than one sequence", CalibrationError),
     "calib_short": _calib("hello world", "shorter than one sequence of 64", CalibrationError, seq_len=64),
     "calib_missing": _calib(None, "is neither a file", TextSourceError),
-    "calib_zero_samples": _calib("a b c " * 50, "n_samples=0", CalibrationError, calib_samples=0),
+    "calib_zero_samples": _calib(
+        "a b c " * 50, "calibration option calib_samples=0", InvalidOptionError, calib_samples=0
+    ),
     "calib_seq_len_1": _calib("a b c " * 50, "seq_len=1", CalibrationError, seq_len=1),
     "calib_no_tokenizer": _no_tokenizer,
     "out_is_input": _out_is_input,
@@ -324,14 +350,15 @@ def test_catalogue_is_documented():
 def test_enospc_during_output_is_one_line_and_leaves_nothing(
     llama, tmp_path, capsys, tree_hash, monkeypatch, where
 ):
-    real = getattr(api, where)
+    module = api if where == "save_model" else output  # the model save, then the one writer's record
+    real = getattr(module, where)
 
     def full_disk(*args: Any, **kwargs: Any) -> Any:
         real(*args, **kwargs)  # write part of the output first, then fail like a full disk
         target = next(str(a) for a in args if isinstance(a, Path))
         raise OSError(errno.ENOSPC, "No space left on device", target)
 
-    monkeypatch.setattr(api, where, full_disk)
+    monkeypatch.setattr(module, where, full_disk)
     before = tree_hash(llama)
     rc = main(["quantize", str(llama), str(tmp_path / "out"), "--no-progress", "--method", "rtn"])
     err = capsys.readouterr().err.strip()
@@ -373,7 +400,7 @@ def test_real_subprocess_console_script(tmp_path):
     exe = Path(sys.executable).with_name("optimum-adaround")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "optimum.adaround.cli"]
     proc = subprocess.run(
-        [*cmd, "quantize", str(src), str(tmp_path / "out"), "--no-progress"],
+        [*cmd, "quantize", str(src), str(tmp_path / "out"), "--no-progress", "--method", "rtn"],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr
@@ -451,7 +478,7 @@ def test_all_zero_blocks_give_exact_zeros(tmp_path, fmt, symmetric):
     w[:, :4] = 0.0  # four whole output channels
     src = _small(tmp_path, [w])
     scheme = QuantScheme(group_size=32, symmetric=symmetric)
-    out = quantize(src, tmp_path / "out", scheme=scheme, format=fmt, progress=False)
+    out = quantize(src, tmp_path / "out", scheme=scheme, method="rtn", format=fmt, progress=False)
     proto = onnx.load(str(out / "model.onnx"))
     for init in proto.graph.initializer:
         arr = numpy_helper.to_array(init)
@@ -505,7 +532,7 @@ def test_input_folder_is_never_written_even_on_success(llama, tmp_path, tree_has
 def test_quantized_lm_head_keeps_the_logits_type_and_shape(llama, tmp_path):
     """Replacing the node that produces a graph output (logits, with --lm-head) keeps the output's type and
     shape: onnx.checker rejects a graph output without them."""
-    out = quantize(llama, tmp_path / "q", scheme="w4-g32", quantize_lm_head=True, progress=False)
+    out = quantize(llama, tmp_path / "q", scheme="w4-g32", method="rtn", lm_head=True, progress=False)
     proto = onnx.load(str(out / "model.onnx"))
     logits = next(o for o in proto.graph.output if o.name == "logits")
     assert logits.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
