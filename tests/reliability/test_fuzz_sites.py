@@ -257,17 +257,17 @@ def test_quantized_graph_is_valid_and_matches_the_dequantized_reference(chain, s
     reasons = [packer.supports(scheme, h.k, h.n) for h in built.holders.values()]
     if not built.holders:
         with pytest.raises(NoQuantizableWeightsError):
-            quantize(src, out, scheme=scheme, progress=False)
+            quantize(src, out, scheme=scheme, method="rtn", progress=False)
         assert not out.exists()
         event("refused: no site")
         return
     if any(reasons):
         with pytest.raises(UnsupportedSchemeError):
-            quantize(src, out, scheme=scheme, progress=False)
+            quantize(src, out, scheme=scheme, method="rtn", progress=False)
         assert not out.exists()
         event("refused: unsupported scheme for a shape")
         return
-    quantize(src, out, scheme=scheme, progress=False)
+    quantize(src, out, scheme=scheme, method="rtn", progress=False)
     event("quantized and compared")
     written = onnx.load(str(out / "model.onnx"))
     onnx.checker.check_model(written, full_check=True)

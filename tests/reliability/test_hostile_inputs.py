@@ -406,7 +406,7 @@ def test_repeated_or_missing_node_names_are_quantized(tmp_path, names):
     for node in model.graph.node:
         node.name = "/model/layers.0/mlp/proj/MatMul" if names == "duplicate" else ""
     src = save(model, tmp_path / "src")
-    out = quantize(src, tmp_path / "out", scheme="w4-g32", progress=False)
+    out = quantize(src, tmp_path / "out", scheme="w4-g32", method="rtn", progress=False)
     proto = onnx.load(str(out / "model.onnx"))
     assert [n.op_type for n in proto.graph.node].count("MatMulNBits") == 2
     x = RNG.standard_normal((3, K)).astype(np.float32)
