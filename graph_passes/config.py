@@ -64,7 +64,7 @@ class CalibrationConfig(Options):
     sink_weight: float = option(
         64.0,
         "times each sequence's first position counts for the attention q/k/v projections, 1 = off "
-        "(measured: docs/DESIGN.md, attention sink)",
+        "(benchmarks/results/option_defaults.md)",
     )
     seed: int = option(0, "seed of the calibration sampling")
     device: Literal["cpu", "cuda"] = option(
@@ -255,7 +255,9 @@ class QuantConfig(Options):
             method = _method_from(flat["method"])
         options = flat.get("method_options")
         if options is not None and not isinstance(options, Mapping):
-            raise InvalidOptionError(f"method_options={options!r}: expected a mapping of the method's options")
+            raise InvalidOptionError(
+                f"method_options={options!r}: expected a mapping of the method's options"
+            )
         if options:
             base = (
                 method.to_data()

@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import os
 import stat
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -110,7 +111,7 @@ def check_inside(folder: Path, name: str, what: str, where: Path | str | None = 
     ``note`` ends the message's first clause (``(needed by W0)``).
     """
     where = where if where is not None else folder
-    if not name or os.path.isabs(name):
+    if not name or "\0" in name or os.path.isabs(name):  # no OS call takes a NUL byte in a path
         raise InvalidModelError(
             f"{where}: {what} {name!r}{note} is not a relative path inside the model folder {folder}: fix it"
         )
@@ -366,6 +367,20 @@ def _check_names(model: ir.Model, where: Path | str) -> None:
             )
 
 
+def _check_value_types(model: ir.Model, where: Path | str) -> None:
+    """No value may be typed as a tensor of UNDEFINED elements (type 0): the checker lets such a graph
+    output or value_info entry through, onnxruntime refuses the model ("Invalid tensor data type 0")."""
+    for graph in model.graphs():
+        values = [*graph.inputs, *graph.outputs]
+        values += [v for node in graph for v in node.outputs if v is not None]
+        for value in values:
+            if value.type is not None and value.dtype == ir.DataType.UNDEFINED:
+                raise InvalidModelError(
+                    f"{where}: value {value.name!r} has element type UNDEFINED (0), which onnxruntime cannot "
+                    "load: set its type or re-export the model"
+                )
+
+
 def _unique_node_names(model: ir.Model) -> None:
     """Give unnamed MatMul/Gemm nodes and every repeated node name a unique name.
 
@@ -406,11 +421,15 @@ def _load_path(path: Path) -> ir.Model:
     model = _deserialize(proto, path)
     ir.external_data.set_base_dir(model.graph, path.parent)
     _check_names(model, path)
+    _check_value_types(model, path)
     _check_tensors(model, path)
     _check_graph(proto, path)
     del proto
     _unique_node_names(model)
     return model
+
+
+_UNKNOWN_KEY = "Ignoring unknown external data key"  # onnx's warning for a key outside the spec's five
 
 
 def _deserialize(proto: onnx.ModelProto, where: Path | str) -> ir.Model:
@@ -420,9 +439,19 @@ def _deserialize(proto: onnx.ModelProto, where: Path | str) -> ir.Model:
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        return ir.serde.deserialize_model(proto)
+        with warnings.catch_warnings():
+            # onnx ignores (with a warning) an external data key it does not know; onnxruntime refuses the
+            # model: refuse it here too, in one line, naming the key and the tensor
+            warnings.filterwarnings("error", _UNKNOWN_KEY, UserWarning)
+            return ir.serde.deserialize_model(proto)
     except Exception as e:
-        raise InvalidModelError(f"{where}: not a readable ONNX model ({_why(e)})") from None
+        why = _why(e)
+        if why.startswith(f"UserWarning: {_UNKNOWN_KEY}"):
+            raise InvalidModelError(
+                f"{where}: {why.removeprefix('UserWarning: Ignoring ')}; onnxruntime refuses such a model: "
+                "fix or remove the key"
+            ) from None
+        raise InvalidModelError(f"{where}: not a readable ONNX model ({why})") from None
     finally:
         logger.setLevel(level)
 
@@ -451,6 +480,7 @@ def load_model(source: Any) -> LoadedModel:
         raise InvalidModelError("in-memory model has an empty graph")
     model = _deserialize(source, "in-memory ModelProto")
     _check_names(model, "in-memory model")
+    _check_value_types(model, "in-memory model")
     _check_tensors(model, None)
     _check_graph(source, "in-memory model")
     _unique_node_names(model)

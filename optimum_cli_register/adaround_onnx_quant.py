@@ -178,7 +178,7 @@ QUANT_FLAGS: list = [
             "dest": "sink_weight",
             "default": "==SUPPRESS==",
             "help": "times each sequence's first position counts for the attention q/k/v projections, 1 = off "
-            "(measured: docs/DESIGN.md, attention sink) (default 64.0)",
+            "(benchmarks/results/option_defaults.md) (default 64.0)",
             "type": "float",
         },
     ),

@@ -20,7 +20,7 @@ from .graph_passes.errors import (
 from .graph_passes.scheme import PER_CHANNEL, DataType, QuantScheme, WeightFormat
 from .loading import load, session_options
 
-__version__ = "0.1.0"
+__version__ = "0.7.0"
 
 __all__ = [
     "PER_CHANNEL",

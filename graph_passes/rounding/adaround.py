@@ -121,7 +121,7 @@ class AdaRoundConfig(MethodConfig):
     guard_first_position: Literal["rest", "none"] | bool = option(
         "rest",
         "take a change only if it does not raise the loss over the tokens after each sequence's first position "
-        "either (SmolLM2 W4 g128 perplexity 33.24 without, 32.96 with it; true/false: rest/none)",
+        "either (true/false: rest/none; benchmarks/results/option_defaults.md)",
     )
     threads: int | None = option(1, THREADS_HELP)
     device: str | None = option(

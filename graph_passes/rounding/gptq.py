@@ -192,13 +192,13 @@ PERCDAMP_HELP = (
     "dampening added to diag H, relative to its mean (retried x10 while H is not positive definite)"
 )
 ACT_ORDER_HELP = (
-    "round columns in descending diag H order, with static groups (no g_idx): a lower layer loss than natural "
-    "order on 20 of 20 SmolLM2 W4 g128 sites"
+    "round columns in descending diag H order, with static groups (no g_idx); lowers the layer loss "
+    "(benchmarks/results/option_defaults.md)"
 )
 MSE_CLIP_HELP = "search each group's clip factor for the least squared rounding error"
 REFIT_ROUNDS_HELP = (
     "closed-form refits of the block scales to the codes under H, each after one more GPTQ pass on the refit "
-    "grid (SmolLM2 W4 g128 perplexity 31.44, 31.20, 30.66 with 0, 1, 2)"
+    "grid (benchmarks/results/option_defaults.md)"
 )
 THREADS_HELP = (
     "torch intra-op threads while rounding (one: on busy cores each small op waits for its peers); "

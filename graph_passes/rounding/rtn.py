@@ -111,8 +111,8 @@ class RTNConfig(MethodConfig):
 
     search: Literal["minmax", "mse"] = option(
         "minmax",
-        "per-block range: the full one, or the clip ratio with the least squared error (mse raised SmolLM2 "
-        "W4 g128 perplexity from 35.85 to 37.39)",
+        "per-block range: the full one, or the clip ratio with the least squared error (mse hurt "
+        "perplexity: benchmarks/results/option_defaults.md)",
     )
     grid: Literal["default", "ort"] = option(
         "default", "ort: onnxruntime's own RTN grid and rounding, bit for bit (needs search=minmax)"
