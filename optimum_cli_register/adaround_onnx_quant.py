@@ -255,25 +255,31 @@ COMMAND_FLAGS: list = [
 _TYPES = {"int": int, "float": float, "str": str}
 
 
-def add_quant_arguments(parser: Any) -> None:
-    """Quantization flags (every default SUPPRESS: a ``--recipe`` value is overridden only by a given flag);
-    a spec's ``exclusive`` key names the mutually exclusive pair it belongs to (``--sym``/``--asym``)."""
-    g = parser.add_argument_group("Weight quantization (optimum-adaround)")
+def add_flag_specs(container: Any, specs: Any) -> None:
+    """Add flags given as ``(flags, argparse kwargs)`` data to ``container`` (a parser or group): ``type`` is a
+    builtin's name, and an ``exclusive`` key names the mutually exclusive pair a flag belongs to
+    (``--sym``/``--asym``). optimum-adaround's own commands add their flags through here too."""
     pairs: dict[str, Any] = {}
-    for flags, kw in (*QUANT_FLAGS, *COMMAND_FLAGS):
+    for flags, kw in specs:
         kw = dict(kw)
         if "type" in kw:
             kw["type"] = _TYPES[kw["type"]]
         # the data holds a string equal to argparse.SUPPRESS; argparse compares by identity
         if kw.get("default") == argparse.SUPPRESS:
             kw["default"] = argparse.SUPPRESS
-        target = g
+        target = container
         if "exclusive" in kw:
             key = kw.pop("exclusive")
             if key not in pairs:  # not setdefault: that would leave an empty group behind each time
-                pairs[key] = g.add_mutually_exclusive_group()
+                pairs[key] = container.add_mutually_exclusive_group()
             target = pairs[key]
         target.add_argument(*flags, **kw)
+
+
+def add_quant_arguments(parser: Any) -> None:
+    """Quantization flags (every default SUPPRESS: a ``--recipe`` value is overridden only by a given flag)."""
+    g = parser.add_argument_group("Weight quantization (optimum-adaround)")
+    add_flag_specs(g, (*QUANT_FLAGS, *COMMAND_FLAGS))
 
 
 def add_export_arguments(parser: Any) -> None:

@@ -104,24 +104,11 @@ def flag_specs(spelling: Mapping[str, str] | None = None, skip: tuple[str, ...] 
     return specs
 
 
-_TYPES = {"int": int, "float": float, "str": str}
-
-
 def add_config_arguments(parser: Any, specs: list[Spec] | None = None) -> None:
-    """Add the quantization flags to ``parser`` (an argparse parser or group); a spec's ``exclusive`` key
-    names the mutually exclusive pair it belongs to (``--sym``/``--asym``)."""
-    groups: dict[str, Any] = {}
-    for flags, kw in specs if specs is not None else flag_specs():
-        kw = dict(kw)
-        if "type" in kw:
-            kw["type"] = _TYPES[kw["type"]]
-        target = parser
-        if "exclusive" in kw:
-            key = kw.pop("exclusive")
-            if key not in groups:  # not setdefault: that would leave an empty group behind each time
-                groups[key] = parser.add_mutually_exclusive_group()
-            target = groups[key]
-        target.add_argument(*flags, **kw)
+    """Add the quantization flags to ``parser`` (an argparse parser or group)."""
+    from optimum.commands.register.adaround_onnx_quant import add_flag_specs
+
+    add_flag_specs(parser, specs if specs is not None else flag_specs())
 
 
 def parse_method_options(items: list[str]) -> dict[str, Any]:
