@@ -2,8 +2,9 @@
 
 The base is a two-weight model with its weights in ``model.onnx_data``. Each example applies one to three
 mutations: truncate or flip bytes of ``model.onnx`` or of its external data, drop or duplicate a node or an
-initializer, rename a value, change an initializer's dims or data type, point its external location, offset
-or length elsewhere (``..``, an absolute path, ``/etc/passwd``, the decoy folder next to the model's). Then:
+initializer, rename a value, change an initializer's dims or data type or a value's element type, point its
+external location, offset or length elsewhere (``..``, an absolute path, ``/etc/passwd``, the decoy folder
+next to the model's). Then:
 
 - the CLI exits 0 with a model that onnxruntime loads, or 2 with one line; never 1, and never hangs (each
   run under a SIGALRM timeout);
@@ -28,7 +29,7 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime as ort
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from reliability_helpers import K, N, matmul_model, save
 
@@ -85,6 +86,7 @@ MUTATION = st.one_of(
     st.tuples(st.just("rename"), st.integers(0, 5), st.sampled_from(["x", "y", "h0", "W1", "zz", ""])),
     st.tuples(st.just("dims"), st.integers(0, 1), st.lists(st.integers(-2, 80), min_size=0, max_size=3)),
     st.tuples(st.just("dtype"), st.integers(0, 1), st.sampled_from(DTYPES)),
+    st.tuples(st.just("value_type"), st.integers(0, 2), st.sampled_from(DTYPES)),
     st.tuples(st.just("location"), st.integers(0, 1), st.sampled_from(LOCATIONS)),
     st.tuples(st.sampled_from(["offset", "length"]), st.integers(0, 1), st.integers(-10, 20000)),
 )
@@ -113,6 +115,9 @@ def _mutate_proto(proto: onnx.ModelProto, mutation: tuple[Any, ...], root: Path)
             del inits[i]
         else:
             inits.append(inits[i])
+    elif kind == "value_type":  # the element type of the graph input, the graph output or an inner value
+        value = [*g.input, *g.output][mutation[1]] if mutation[1] < 2 else g.value_info.add(name="h0")
+        value.type.tensor_type.elem_type = mutation[2]
     elif kind == "rename" and len(nodes):
         node = nodes[mutation[1] % len(nodes)]
         if len(node.input):
@@ -178,6 +183,7 @@ ESCAPED: set[str] = set()  # exception types the API let out on fuzzed input
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 @given(mutations=st.lists(MUTATION, min_size=1, max_size=3))
+@example(mutations=[("value_type", 1, 0)])  # a graph output of type 0: onnxruntime refuses the model
 def test_mutated_models_exit_0_or_2_and_read_only_their_folder(mutations):
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

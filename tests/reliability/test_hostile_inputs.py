@@ -156,6 +156,10 @@ def _constant_outside(tmp: Path, llama: Path) -> Case:
     return _case(save(model, tmp / "src"), tmp, "points to", watch=tmp)
 
 
+def _unknown_key(proto: onnx.ModelProto, folder: Path) -> None:
+    proto.graph.initializer[0].external_data.add(key="loc\u0081tion", value="x")  # onnxruntime refuses it
+
+
 def _in_memory_external(tmp: Path, llama: Path) -> Case:
     src = save(matmul_model([W]), tmp / "src", external=True)
     proto = onnx.load(str(src), load_external_data=False)
@@ -242,6 +246,14 @@ def _cycle(model: onnx.ModelProto) -> None:
 
 def _output_not_produced(model: onnx.ModelProto) -> None:
     model.graph.output[0].name = "nothing_makes_this"
+
+
+def _undefined_output_type(model: onnx.ModelProto) -> None:
+    model.graph.output[0].type.tensor_type.elem_type = onnx.TensorProto.UNDEFINED  # the checker allows it
+
+
+def _undefined_value_info(model: onnx.ModelProto) -> None:
+    model.graph.value_info.add(name="h0").type.tensor_type.elem_type = onnx.TensorProto.UNDEFINED
 
 
 # ---- tokenizers and calibration text -----------------------------------------------------------------
@@ -332,6 +344,13 @@ HOSTILE: dict[str, Build] = {
     "external_bad_offset": _ext_case(_set_entry("offset", "abc"), "not a readable ONNX model"),
     "external_offset_past_end": _ext_case(_set_entry("offset", "4096"), "is truncated"),
     "external_no_location": _ext_case(_no_location, "'' (needed by W0) is not a relative path"),
+    "external_nul_location": _ext_case(
+        _set_entry("location", "model.onnx\0data"),
+        "'model.onnx\\x00data' (needed by W0) is not a relative path",
+    ),
+    "external_unknown_key": _ext_case(
+        _unknown_key, "unknown external data key(s) ['loc\\x81tion'] for tensor 'W0'"
+    ),
     "external_in_constant": _constant_outside,
     "external_in_memory_proto": _in_memory_external,
     "raw_data_short": _inline(_raw(lambda b: b[:100]), "holds 100 bytes of raw_data"),
@@ -351,6 +370,10 @@ HOSTILE: dict[str, Build] = {
     "no_opset_import": _inline(_no_opset, "opset_import"),
     "cycle": _inline(_cycle, "input 'y'"),
     "output_not_produced": _inline(_output_not_produced, "nothing_makes_this"),
+    "undefined_output_type": _inline(_undefined_output_type, "value 'y' has element type UNDEFINED (0)"),
+    "undefined_value_info_type": _inline(
+        _undefined_value_info, "value 'h0' has element type UNDEFINED (0)", two=True
+    ),
     "calib_config_no_tokenizer": _tokenizer_case(_TOKENIZER_FILES),
     "calib_broken_tokenizer": _tokenizer_case((), garble="tokenizer.json"),
     "calib_not_utf8": _text_case(_write("text.txt", b"caf\xe9 " * 100), "not UTF-8 text (byte 3)"),
