@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from .graph_passes.config import ModuleOverride, QuantConfig
-from .graph_passes.errors import CalibrationError, NoQuantizableWeightsError
+from .graph_passes.errors import CalibrationError, InternalError, NoQuantizableWeightsError
 from .graph_passes.model_io import LoadedModel, initializer_bytes, load_model, save_model, to_source_kind
 from .graph_passes.pipeline import QuantizationResult, prepare_sites, quantize_model
 from .graph_passes.sites import ALREADY_QUANTIZED
@@ -70,15 +70,20 @@ def quantize(
     with QuantizationRun(loaded, cfg, token_ids, progress) as run:
         if output is not None:
             write_output(output, inputs, overwrite, run.write)
-        if loaded.kind == "path":
-            return Path(output)  # type: ignore[arg-type]
+        if loaded.kind == "path" and output is not None:
+            return Path(output)
         return to_source_kind(run.model, loaded.kind)
 
 
 def _default_output(loaded: LoadedModel, config: QuantConfig) -> Path:
-    src = loaded.folder if loaded.folder is not None else loaded.path
-    base = src if loaded.folder is not None else src.parent / src.stem  # type: ignore[union-attr]
-    return base.parent / f"{base.name}-{config.scheme.label}-{config.method.name}"  # type: ignore[union-attr]
+    """A sibling of the input folder (or file) named after the scheme and method."""
+    if loaded.folder is not None:
+        base = loaded.folder
+    elif loaded.path is not None:
+        base = loaded.path.parent / loaded.path.stem
+    else:
+        raise InternalError("a model loaded from a path has no path")
+    return base.parent / f"{base.name}-{config.scheme.label}-{config.method.name}"
 
 
 class QuantizationRun:
