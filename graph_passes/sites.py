@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 
 import onnx_ir as ir
 
-from .errors import InternalError, UserError
+from .errors import InternalError, InvalidOptionError
 from .records import SiteReport, SkippedSite, WeightSite
 
 __all__ = ["ALREADY_QUANTIZED", "find_weight_sites", "layer_index", "module_path"]
@@ -217,7 +217,7 @@ def _compile(pattern: str, option: str) -> re.Pattern[str]:
     try:
         return re.compile(pattern)
     except re.error as e:
-        raise UserError(f"{option} pattern {pattern!r} is not a valid regular expression ({e})") from None
+        raise InvalidOptionError(f"{option} pattern {pattern!r} is not a valid regular expression ({e})") from None
 
 
 def _unique_names(cands: Sequence[_Candidate]) -> list[str]:
