@@ -64,6 +64,16 @@ def weight_bytes(model: ir.Model) -> int:
     return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 
 
+def _external_data_folder(model: ir.Model) -> Path | None:
+    """The folder of the data file the part's external initializers point into (a model loaded from bytes
+    would otherwise have them resolved against the working directory, and refused outside it)."""
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if isinstance(tensor, ir.ExternalTensor):
+            return Path(tensor.base_dir).resolve()
+    return None
+
+
 def open_session(
     model: ir.Model, providers: Sequence[str], weights: dict[str, np.ndarray] | None = None
 ) -> ort.InferenceSession:
@@ -79,6 +89,9 @@ def open_session(
         inits[name].const_value = ir.tensor(arr, name=name)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    folder = _external_data_folder(model)
+    if folder is not None:  # weights left in the input's data file: onnxruntime reads them from there
+        opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
     if weight_bytes(model) < _INLINE_LIMIT:
         return ort.InferenceSession(ir.to_proto(model).SerializeToString(), opts, providers=list(providers))
     # protobuf's 2 GiB limit: go through a file with external data

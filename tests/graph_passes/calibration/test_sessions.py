@@ -1,0 +1,36 @@
+"""calibration/sessions.py: parts whose weights stay in the input's external data file."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import onnx
+
+from optimum.adaround import quantize
+
+
+def _with_external_data(src, dest):
+    shutil.copytree(src, dest)
+    model = onnx.load(dest / "model.onnx")
+    onnx.save_model(
+        model, dest / "model.onnx", save_as_external_data=True, location="model.onnx_data", size_threshold=0
+    )
+    return dest
+
+
+def test_calibration_reads_external_data_from_any_working_directory(tiny_hf_onnx, tmp_path, monkeypatch):
+    # onnxruntime resolves the external data of a model loaded from bytes against the working directory
+    # (and refuses a path escaping it): calibration must work, with the same bytes, from anywhere.
+    src = _with_external_data(tiny_hf_onnx("llama"), tmp_path / "model")
+    ids = np.random.default_rng(0).integers(0, 100, size=(2, 16))
+    outputs = {}
+    for name, cwd in (("inside", src), ("elsewhere", tmp_path / "elsewhere")):
+        cwd.mkdir(exist_ok=True)
+        monkeypatch.chdir(cwd)
+        out = quantize(
+            src, tmp_path / f"out-{name}", method="gptq", calib_data=ids, progress=False, workers=1
+        )
+        outputs[name] = {p.name: p.read_bytes() for p in out.glob("model.onnx*")}
+    assert set(outputs["inside"]) == {"model.onnx", "model.onnx_data"}
+    assert outputs["inside"] == outputs["elsewhere"]
