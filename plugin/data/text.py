@@ -27,6 +27,7 @@ import json
 import os
 import re
 import stat
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -273,13 +274,37 @@ def load_tokenizer(tokenizer_dir: str | Path):  # -> transformers.PreTrainedToke
     try:
         return AutoTokenizer.from_pretrained(str(tokenizer_dir))
     except Exception as e:  # OSError, ValueError, and AttributeError/KeyError/... from half-present files
+        fallback = _from_tokenizer_json(folder)
+        if fallback is not None:
+            return fallback
         # transformers' messages can run to pages (every known model type): keep the first 160 characters.
         why = " ".join(str(e).split()) or type(e).__name__
         why = why if len(why) <= 160 else why[:160] + "..."
         raise TextSourceError(
             f"{tokenizer_dir}: no loadable tokenizer ({why}); calibration text needs the exported folder's "
-            "tokenizer files, or pass token ids"
+            "tokenizer files, or pass token ids, or use a data-free method (--method rtn)"
         ) from e
+
+
+def _from_tokenizer_json(folder: Path):  # -> transformers.PreTrainedTokenizerFast | None
+    """The fast tokenizer of ``folder/tokenizer.json`` alone, for folders whose ``tokenizer_config.json``
+    names a class this transformers does not know (written by a newer one, or by onnxruntime-genai's
+    builder). Special tokens the config would add are not: a warning says so."""
+    path = folder / "tokenizer.json"
+    if not (folder.is_dir() and path.is_file() and not path.is_symlink()):
+        return None
+    from transformers import PreTrainedTokenizerFast
+
+    try:
+        tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(path))
+    except Exception:  # a broken tokenizer.json: the caller reports the first error
+        return None
+    warnings.warn(
+        f"{folder}: tokenizer_config.json could not be loaded; calibrating with tokenizer.json alone "
+        "(special tokens the config adds, such as BOS, are not added)",
+        stacklevel=3,
+    )
+    return tokenizer
 
 
 def token_stream(tokenizer, documents: Sequence[str]) -> np.ndarray:

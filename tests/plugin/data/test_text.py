@@ -117,3 +117,28 @@ def test_calibration_token_ids_errors(tmp_path, word_tokenizer_dir):
 def test_default_calibration_split_tokenizes(word_tokenizer_dir):
     ids = T.calibration_token_ids(word_tokenizer_dir(bos=False), None, n_samples=4, seq_len=64)
     assert ids.shape == (4, 64)
+
+
+def test_a_tokenizer_config_of_an_unknown_class_falls_back_to_tokenizer_json(tiny_hf_onnx, tmp_path):
+    # tokenizer_config.json written by a newer transformers (or onnxruntime-genai's builder) may name a
+    # class this transformers lacks: tokenizer.json alone still tokenizes the calibration text.
+    import json
+    import shutil
+
+    from optimum.adaround.data.text import load_tokenizer
+
+    src = tiny_hf_onnx("llama")
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    shutil.copy(src / "tokenizer.json", folder / "tokenizer.json")
+    config = json.loads((src / "tokenizer_config.json").read_text())
+    config["tokenizer_class"] = "TokenizersBackend"
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.warns(UserWarning, match="tokenizer.json alone"):
+        tokenizer = load_tokenizer(folder)
+    reference = load_tokenizer(src)
+    text = "the quick brown fox"
+    assert (
+        tokenizer(text, add_special_tokens=False)["input_ids"]
+        == reference(text, add_special_tokens=False)["input_ids"]
+    )
