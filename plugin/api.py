@@ -155,7 +155,7 @@ class QuantizationRun:
         if self.loaded.folder is not None:
             from .output import copy_side_files
 
-            record["copied_files"] = copy_side_files(self.loaded.folder, folder)
+            record["copied_files"] = copy_side_files(self.loaded.folder, folder, self.model, name)
         return record
 
 

@@ -136,14 +136,23 @@ def _write_error(output: str | os.PathLike, e: OSError) -> OutputPathError:
     )
 
 
-def copy_side_files(src_folder: Path, dst_folder: Path) -> list[str]:
-    """Copy config, generation config and tokenizer files of an exported folder; return their names."""
+def copy_side_files(
+    src_folder: Path, dst_folder: Path, model: Any = None, model_file: str | None = None
+) -> list[str]:
+    """Copy config, generation config and tokenizer files of an exported folder; return their names. Given
+    the quantized ``model`` (an ``ir.Model``) and its file name, ``genai_config.json`` is copied and updated
+    or written for it too, where onnxruntime-genai can run it (``genai.write_genai_config``)."""
     copied = []
     for name in COPIED_FILES:
         f = src_folder / name
         if f.is_file():
             shutil.copy2(f, dst_folder / name)
             copied.append(name)
+    if model is not None and model_file is not None:
+        from .genai import GENAI_CONFIG, write_genai_config
+
+        if write_genai_config(src_folder, dst_folder, model, model_file):
+            copied.append(GENAI_CONFIG)
     return copied
 
 
