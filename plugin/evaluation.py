@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -38,7 +38,7 @@ from .custom_ops import DOMAIN as CUSTOM_DOMAIN
 from .custom_ops import OP_TYPES, uses_custom_domain
 from .data.text import evaluation_text, load_tokenizer, special_prefix, token_stream
 from .graph_passes.calibration.feeds import feed_specs, make_feeds
-from .graph_passes.errors import InvalidModelError, UserError
+from .graph_passes.errors import InvalidModelError, InvalidOptionError, UserError
 from .graph_passes.model_io import find_model_file, load_model, read_weight
 from .graph_passes.packing.base import StoredWeight, read_stored_weight
 from .graph_passes.rounding.metrics import sqnr_db
@@ -46,6 +46,7 @@ from .graph_passes.sites import find_weight_sites, module_path
 
 __all__ = [
     "CUSTOM_DOMAIN",
+    "RUNTIMES",
     "EvalReport",
     "PerplexityResult",
     "QuantizedSite",
@@ -59,6 +60,10 @@ __all__ = [
     "weight_sqnr",
     "window_nll",
 ]
+
+
+RUNTIMES = ("onnxruntime", "genai")
+"""Runtimes perplexity is measured through: onnxruntime directly, or onnxruntime-genai's ``og.Model``."""
 
 
 class EvaluationError(UserError):
@@ -170,11 +175,17 @@ def perplexity(
     session_config: dict[str, str] | None = None,
     providers: Sequence[str] = ("CPUExecutionProvider",),
     progress: bool = True,
+    runtime: str = "onnxruntime",
 ) -> PerplexityResult:
     """Perplexity of the ONNX model in ``model_dir`` on ``text`` (default: the embedded evaluation split).
 
     See the module docstring for the exact protocol. ``tokenizer_dir`` defaults to ``model_dir``.
+    ``runtime="genai"`` computes the logits through onnxruntime-genai from the folder's
+    ``genai_config.json`` (its providers and session options; ``session``, ``session_config``,
+    ``providers`` and ``batch_size`` do not apply).
     """
+    if runtime not in RUNTIMES:
+        raise InvalidOptionError(f"runtime={runtime!r}: use one of {', '.join(RUNTIMES)}")
     model_dir = Path(model_dir)
     model_file = find_model_file(model_dir) if model_dir.is_dir() else model_dir
     tokenizer = load_tokenizer(str(tokenizer_dir or model_file.parent))
@@ -185,23 +196,24 @@ def perplexity(
     windows = make_windows(stream, context_length, prefix)
     if not windows:
         raise EvaluationError("the evaluation text is empty after tokenization")
-    if session is None:
-        session = create_session(
-            model_file,
-            uses_custom_ops=uses_custom_domain(model_file),  # reads the graph only, not external data
-            providers=providers,
-            session_config=session_config,
-        )
-    specs = feed_specs([_InputView(i) for i in session.get_inputs()])
-    if "logits" not in [o.name for o in session.get_outputs()]:
-        raise EvaluationError(f"{model_file} has no 'logits' output")
+    if runtime == "genai":
+        from .genai import genai_logits
+
+        logits_of = genai_logits(model_file.parent)
+    else:
+        if session is None:
+            session = create_session(
+                model_file,
+                uses_custom_ops=uses_custom_domain(model_file),  # reads the graph only, not external data
+                providers=providers,
+                session_config=session_config,
+            )
+        logits_of = _session_logits(session, model_file)
     total, count = 0.0, 0
     start = time.perf_counter()
     bar = tqdm(total=len(windows), desc="perplexity", unit="win", disable=not progress, leave=False)
     for batch in _batches(windows, batch_size):
-        ids = np.stack(batch)
-        (logits,) = session.run(["logits"], make_feeds(specs, ids))
-        for row, w in zip(logits, batch, strict=True):
+        for row, w in zip(logits_of(np.stack(batch)), batch, strict=True):
             s, c = window_nll(row, w, first_target=max(1, len(prefix)))
             total += s
             count += c
@@ -213,6 +225,14 @@ def perplexity(
     return PerplexityResult(
         math.exp(nll), nll, count, len(windows), context_length, time.perf_counter() - start
     )
+
+
+def _session_logits(session: Any, model_file: Path) -> Callable[[np.ndarray], np.ndarray]:
+    """``logits_of(ids[B, T])`` on an onnxruntime session fed the model's own inputs (empty caches)."""
+    specs = feed_specs([_InputView(i) for i in session.get_inputs()])
+    if "logits" not in [o.name for o in session.get_outputs()]:
+        raise EvaluationError(f"{model_file} has no 'logits' output")
+    return lambda ids: session.run(["logits"], make_feeds(specs, ids))[0]
 
 
 class _InputView:

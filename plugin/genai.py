@@ -20,14 +20,23 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx_ir as ir
 
 from .custom_ops import uses_custom_domain
+from .graph_passes.errors import InvalidModelError, UserError
 
-__all__ = ["GENAI_CONFIG", "GENAI_MODEL_TYPES", "genai_config_from_export", "write_genai_config"]
+__all__ = [
+    "GENAI_CONFIG",
+    "GENAI_MODEL_TYPES",
+    "genai_config_from_export",
+    "genai_logits",
+    "write_genai_config",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -187,3 +196,34 @@ def _special_tokens(folder: Path, hf: dict[str, Any]) -> dict[str, Any]:
     if ids["pad_token_id"] is None:
         ids["pad_token_id"] = eos[0] if isinstance(eos, list) else eos
     return {k: v for k, v in ids.items() if v is not None}
+
+
+def genai_logits(folder: Path) -> Callable[[np.ndarray], np.ndarray]:
+    """``logits_of(ids[B, T]) -> logits[B, T, vocab]`` computed by onnxruntime-genai on the folder's
+    ``genai_config.json`` (its providers and session options): one generator per window, the prompt's full
+    logits read from the decoder's output."""
+    try:
+        import onnxruntime_genai as og
+    except ImportError:
+        raise UserError(
+            "onnxruntime-genai is not installed: pip install 'optimum-adaround[genai]' (or use the onnxruntime "
+            "runtime)"
+        ) from None
+    if not (Path(folder) / GENAI_CONFIG).is_file():
+        raise InvalidModelError(
+            f"{folder} has no {GENAI_CONFIG}: onnxruntime-genai cannot open it (quantize the exported folder, "
+            "not the .onnx file, to get one)"
+        )
+    model = og.Model(str(folder))
+
+    def logits_of(ids: np.ndarray) -> np.ndarray:
+        rows = []
+        for row in np.asarray(ids, dtype=np.int32):
+            params = og.GeneratorParams(model)
+            params.set_search_options(max_length=int(row.size), do_sample=False)
+            gen = og.Generator(model, params)
+            gen.append_tokens(row[None])
+            rows.append(np.asarray(gen.get_output("logits"))[0])
+        return np.stack(rows)
+
+    return logits_of

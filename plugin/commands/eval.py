@@ -37,6 +37,13 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--context-length", type=int, default=256, help="tokens per window (default 256)")
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N text tokens")
     p.add_argument("--batch-size", type=int, default=1, help="windows per onnxruntime call (default 1)")
+    p.add_argument(
+        "--runtime",
+        choices=("onnxruntime", "genai"),
+        default="onnxruntime",
+        help="perplexity through onnxruntime (default) or onnxruntime-genai (needs the folder's "
+        "genai_config.json, written by quantize; pip install 'optimum-adaround[genai]')",
+    )
     p.add_argument("--no-perplexity", action="store_true", help="only size, bits per weight and SQNR")
     p.add_argument(
         "--sqnr-plot",
@@ -68,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
         context_length=args.context_length,
         max_tokens=args.max_tokens,
         batch_size=args.batch_size,
+        runtime=args.runtime,
         skip_perplexity=args.no_perplexity,
         progress=not args.no_progress,
     )
@@ -75,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
     if report.perplexity is not None:
         pr = report.perplexity
         print(
-            f"perplexity      {pr.perplexity:.4f}  ({pr.tokens} tokens, {pr.windows} windows of {pr.context_length})"
+            f"perplexity      {pr.perplexity:.4f}  ({pr.tokens} tokens, {pr.windows} windows of {pr.context_length}"
+            f", {args.runtime})"
         )
     print(f"model size      {report.model_bytes / 1e6:.2f} MB")
     if report.bits_per_weight is not None:

@@ -12,7 +12,10 @@ import numpy as np
 import pytest
 
 from optimum.adaround import custom_ops, quantize
+from optimum.adaround.cli import main as cli_main
+from optimum.adaround.evaluation import perplexity
 from optimum.adaround.genai import GENAI_CONFIG, write_genai_config
+from optimum.adaround.graph_passes.errors import InvalidOptionError
 from optimum.adaround.graph_passes.model_io import load_model
 from optimum.adaround.loading import session_options
 
@@ -153,3 +156,40 @@ def test_unsupported_graph_gets_no_config_and_a_note(tiny_hf_onnx, tmp_path, cap
     assert not (out / GENAI_CONFIG).exists()
     assert "'bert' is not one onnxruntime-genai runs" in caplog.text
     assert (out / "model.onnx").is_file()
+
+
+TEXT = "The quick brown fox jumps over the lazy dog. Hello world, a tiny tokenizer. " * 8
+
+
+def test_eval_runtime_genai_matches_onnxruntime(tiny_hf_onnx, tmp_path, capsys):
+    """``eval --runtime genai`` scores the same windows with genai's logits: the same perplexity as
+    onnxruntime's on the same quantized graph; lowbit outputs open through the config's op library."""
+    fmt = "lowbit" if _has_op_library() else "auto"
+    out = quantize(tiny_hf_onnx("llama"), tmp_path / "q", method="rtn", format=fmt, progress=False)
+    (tmp_path / "t.txt").write_text(TEXT)
+    reports = {}
+    for runtime in ("onnxruntime", "genai"):
+        args = [
+            "eval",
+            str(out),
+            "--text",
+            str(tmp_path / "t.txt"),
+            "--context-length",
+            "32",
+            "--no-progress",
+        ]
+        assert cli_main([*args, "--runtime", runtime, "--json", str(tmp_path / f"{runtime}.json")]) == 0
+        reports[runtime] = json.loads((tmp_path / f"{runtime}.json").read_text())["perplexity"]
+    assert reports["genai"]["tokens"] == reports["onnxruntime"]["tokens"] > 100
+    assert reports["genai"]["perplexity"] == pytest.approx(reports["onnxruntime"]["perplexity"], rel=1e-6)
+    assert ", genai)" in capsys.readouterr().out
+
+
+def test_eval_runtime_genai_needs_the_config(tiny_hf_onnx, tmp_path, capsys):
+    out = quantize(tiny_hf_onnx("llama"), tmp_path / "q", method="rtn", progress=False)
+    (out / GENAI_CONFIG).unlink()
+    assert cli_main(["eval", str(out), "--runtime", "genai", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"has no {GENAI_CONFIG}: onnxruntime-genai cannot open it" in err and err.count("\n") == 1
+    with pytest.raises(InvalidOptionError, match="runtime='tvm'"):
+        perplexity(out, TEXT, runtime="tvm")
