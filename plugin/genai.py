@@ -4,12 +4,15 @@ onnxruntime-genai opens a folder only through its ``genai_config.json`` (model t
 output names, head geometry, special tokens, search defaults). Two cases:
 
 - the input was written by onnxruntime-genai's model builder and has one: it is copied, with the decoder's
-  file name set to the output's and, when the output uses our ops (format lowbit), the op library named in
-  ``decoder.session_options.custom_ops_library`` (an absolute path: onnxruntime-genai 0.18 refuses ``..``);
+  file name set to the output's;
 - the input is an Optimum export (``config.json``, decoder with past): one is written from ``config.json``,
   ``generation_config.json`` and the graph's inputs and outputs. Optimum's names (``past_key_values.%d.key``,
   ``present.%d.key``) are the ones genai uses by default; the cache grows each step
   (``past_present_share_buffer`` false), as the export's attention expects.
+
+When the output uses our ops (format lowbit), the op library is copied into the folder and named in
+``decoder.session_options.custom_ops_library``: onnxruntime-genai 0.18 loads it only from inside the model
+folder or the working directory (and refuses ``..``), so the folder stays self-contained.
 
 Anything else (no ``config.json``, an encoder, a merged decoder with ``use_cache_branch``, a model type
 genai does not run) gets no config and a logged note: the quantized model itself is unaffected.
@@ -20,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -54,9 +58,10 @@ _PLAIN_INPUTS = ("input_ids", "attention_mask", "position_ids")
 _CACHE = "past_key_values.0.key"  # [batch, kv_heads, past_len, head_size]
 
 
-def write_genai_config(src_folder: Path, dst_folder: Path, model: ir.Model, model_file: str) -> bool:
+def write_genai_config(src_folder: Path, dst_folder: Path, model: ir.Model, model_file: str) -> list[str]:
     """Write ``dst_folder/genai_config.json`` for the quantized ``model`` saved as ``model_file``: the
-    input's own, updated, or one built for an Optimum export. Returns whether one was written."""
+    input's own, updated, or one built for an Optimum export. Returns the names of the files written (the
+    config, and our op library when the model uses our ops)."""
     src = Path(src_folder) / GENAI_CONFIG
     if src.is_file():
         config = json.loads(src.read_text(encoding="utf-8"))
@@ -65,25 +70,31 @@ def write_genai_config(src_folder: Path, dst_folder: Path, model: ir.Model, mode
         built = genai_config_from_export(Path(src_folder), model, model_file)
         if isinstance(built, str):
             logger.info("no %s written: %s", GENAI_CONFIG, built)
-            return False
+            return []
         config = built
+    written = [GENAI_CONFIG]
     if uses_custom_domain(model):
-        _name_op_library(config)
+        written += _add_op_library(config, Path(dst_folder))
     (Path(dst_folder) / GENAI_CONFIG).write_text(json.dumps(config, indent=4) + "\n", encoding="utf-8")
-    return True
+    return written
 
 
-def _name_op_library(config: dict[str, Any]) -> None:
-    """Point genai at our op library (absolute: genai refuses relative paths that climb out with ``..``)."""
+def _add_op_library(config: dict[str, Any], folder: Path) -> list[str]:
+    """Copy our op library beside the model and name it in the decoder's session options: genai 0.18 loads
+    ``custom_ops_library`` only from inside the model folder or the working directory, relative names
+    from the model folder."""
     from . import custom_ops
 
     try:
-        path = custom_ops.library_path().resolve()
+        library = custom_ops.library_path()
     except FileNotFoundError as e:
-        logger.warning("%s names no op library, onnxruntime-genai will not open it: %s", GENAI_CONFIG, e)
-        return
-    options = config["model"]["decoder"].setdefault("session_options", {})
-    options["custom_ops_library"] = str(path)
+        logger.warning(
+            "%s names no op library, onnxruntime-genai will not open the model: %s", GENAI_CONFIG, e
+        )
+        return []
+    shutil.copy2(library, folder / library.name)
+    config["model"]["decoder"].setdefault("session_options", {})["custom_ops_library"] = library.name
+    return [library.name]
 
 
 def genai_config_from_export(folder: Path, model: ir.Model, model_file: str) -> dict[str, Any] | str:

@@ -141,7 +141,8 @@ def copy_side_files(
 ) -> list[str]:
     """Copy config, generation config and tokenizer files of an exported folder; return their names. Given
     the quantized ``model`` (an ``ir.Model``) and its file name, ``genai_config.json`` is copied and updated
-    or written for it too, where onnxruntime-genai can run it (``genai.write_genai_config``)."""
+    or written for it too, where onnxruntime-genai can run it (``genai.write_genai_config``; with our op
+    library beside it when the model uses our ops)."""
     copied = []
     for name in COPIED_FILES:
         f = src_folder / name
@@ -149,10 +150,9 @@ def copy_side_files(
             shutil.copy2(f, dst_folder / name)
             copied.append(name)
     if model is not None and model_file is not None:
-        from .genai import GENAI_CONFIG, write_genai_config
+        from .genai import write_genai_config
 
-        if write_genai_config(src_folder, dst_folder, model, model_file):
-            copied.append(GENAI_CONFIG)
+        copied += write_genai_config(src_folder, dst_folder, model, model_file)
     return copied
 
 

@@ -91,7 +91,7 @@ FORMATS = [
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_optimum_export_runs_in_genai(fmt, tiny_hf_onnx, tmp_path):
+def test_optimum_export_runs_in_genai(fmt, tiny_hf_onnx, tmp_path, monkeypatch):
     out = quantize(tiny_hf_onnx("llama"), tmp_path / "q", method="rtn", format=fmt, progress=False)
     record = json.loads((out / "quantization_config.json").read_text())
     assert GENAI_CONFIG in record["copied_files"]
@@ -104,7 +104,13 @@ def test_optimum_export_runs_in_genai(fmt, tiny_hf_onnx, tmp_path):
     )
     assert (decoder["head_size"], config["model"]["vocab_size"]) == (16, 320)
     library = decoder["session_options"].get("custom_ops_library")
-    assert (library is not None) == (fmt == "lowbit")
+    if fmt == "lowbit":  # copied beside the model: the folder opens from any working directory
+        assert library == custom_ops.library_path().name and library in record["copied_files"]
+        assert (out / library).read_bytes() == custom_ops.library_path().read_bytes()
+    else:
+        assert library is None
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # neither the output nor the installed library lies below
     tokens, logits = genai_greedy(out)
     ref_tokens, ref_logits = ort_greedy(out)
     assert len(tokens) == NEW_TOKENS
@@ -119,6 +125,57 @@ def test_other_architectures_run_in_genai(arch, tiny_hf_onnx, tmp_path):
     ref_tokens, ref_logits = ort_greedy(out)
     assert tokens == ref_tokens
     np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-5)
+
+
+BUILDER_FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "genai"
+
+
+def builder_model(name: str) -> Path:
+    """A tiny model written by onnxruntime-genai's builder (tests/fixtures/genai), or a skip."""
+    folder = BUILDER_FIXTURES / name
+    if not (folder / GENAI_CONFIG).is_file():
+        pytest.skip(f"builder fixture {name} is not in this checkout")
+    return folder
+
+
+def prompt_logits(folder: Path, n: int = NEW_TOKENS) -> np.ndarray:
+    """onnxruntime's logits at the prompt's last position, fed as genai feeds a builder graph: zero caches
+    of the generation's full length (its shared past/present buffer), the mask over the prompt only."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(
+        str(folder / "model.onnx"), session_options(), providers=["CPUExecutionProvider"]
+    )
+    cfg = json.loads((folder / GENAI_CONFIG).read_text())["model"]["decoder"]
+    cache = (1, cfg["num_key_value_heads"], len(PROMPT) + n, cfg["head_size"])
+    feeds = {"input_ids": np.array([PROMPT]), "attention_mask": np.ones((1, len(PROMPT)), np.int64)}
+    feeds |= {i.name: np.zeros(cache, np.float32) for i in sess.get_inputs() if i.name.startswith("past")}
+    return sess.run(["logits"], feeds)[0][0, -1]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("name", ["llama-fp32", "qwen2-fp32"])
+def test_builder_model_runs_in_genai(name, fmt, tmp_path, monkeypatch):
+    """A builder model quantized from another working directory opens in genai with its own config (kept,
+    op library added for lowbit); genai's logits equal onnxruntime's on the quantized graph."""
+    src = builder_model(name)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    out = quantize(src, tmp_path / "q", method="rtn", format=fmt, progress=False)
+    written = json.loads((out / GENAI_CONFIG).read_text())
+    given = json.loads((src / GENAI_CONFIG).read_text())
+    assert written["search"] == given["search"] and written["model"]["type"] == given["model"]["type"]
+    tokens, logits = genai_greedy(out)
+    assert len(tokens) == NEW_TOKENS
+    np.testing.assert_allclose(logits, prompt_logits(out), rtol=1e-5, atol=1e-5)
+
+
+def test_windowed_builder_model_runs_in_genai(tmp_path):
+    """Gemma-3 with a sliding-window layer (window 16): genai needs a cache of at least the window."""
+    out = quantize(builder_model("gemma3-fp32"), tmp_path / "q", method="rtn", progress=False)
+    tokens, logits = genai_greedy(out, n=16)
+    assert len(tokens) == 16
+    np.testing.assert_allclose(logits, prompt_logits(out, n=16), rtol=1e-5, atol=1e-5)
 
 
 def test_input_genai_config_is_copied_and_updated(tiny_hf_onnx, tmp_path):
