@@ -37,10 +37,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def method_options_help() -> str:
     """Each method's options with their defaults, for ``--help``."""
-    lines = ["rounding methods and their --method-option KEY=VALUE options (defaults):"]
+    lines = ["rounding methods and their --method-option KEY=VALUE options (defaults; VALUE is JSON):"]
     for name in sorted(METHODS):
         cls = METHODS[name]
-        opts = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls))
+        opts = ", ".join(f"{f.name}={json.dumps(f.default)}" for f in dataclasses.fields(cls))
         lines.append(f"  {name}: {opts or '(none)'}")
     return "\n".join(lines)
 
