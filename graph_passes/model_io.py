@@ -50,6 +50,9 @@ _MAX_PROTO_BYTES = 2**31 - 1
 # from them); larger ones are replaced by typed inputs.
 _SKELETON_MAX_ELEMENTS = 1024
 _PLACEHOLDER_DOMAIN = "ai.onnx.adaround.check"
+# Ops onnxruntime registers in the ONNX domain that onnx itself lacks (onnxruntime-genai's model builder
+# writes them there): the checker sees them in the placeholder domain, unchecked.
+_ORT_ONNX_DOMAIN_OPS = frozenset({"SimplifiedLayerNormalization"})
 
 # Decoder files of Optimum exports, in the order they are preferred inside a folder.
 _DECODER_FILES = (
@@ -307,8 +310,17 @@ def _skeleton(proto: onnx.ModelProto, where: Path | str) -> onnx.ModelProto:
         g.value_info.extend(placeholders)
     g.input.extend(vi for vi in src.input if vi not in placeholders)
     g.node.extend(src.node)
+    ort_ops = [n for n in g.node if n.domain in ("", "ai.onnx") and n.op_type in _ORT_ONNX_DOMAIN_OPS]
+    for node in ort_ops:
+        node.domain = _PLACEHOLDER_DOMAIN
+    if ort_ops and not placeholders:
+        sk.opset_import.add(domain=_PLACEHOLDER_DOMAIN, version=1)
     _inline_external_attributes(g.node)
-    g.value_info.extend(src.value_info)
+    # A Constant's own tensor gives its shape: onnxruntime-genai's builder declares 1-D constants rank 0.
+    constants = {
+        o for n in src.node if n.op_type == "Constant" and n.domain in ("", "ai.onnx") for o in n.output
+    }
+    g.value_info.extend(vi for vi in src.value_info if vi.name not in constants)
     g.sparse_initializer.extend(src.sparse_initializer)
     known = listed | {t.name for t in src.initializer} | {o for n in src.node for o in n.output}
     for vi in src.output:

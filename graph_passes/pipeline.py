@@ -309,6 +309,7 @@ def quantize_model(
     token_ids: np.ndarray | None = None,
     progress: bool = True,
     spill_dir: str | Path | None = None,
+    model_dir: str | Path | None = None,
 ) -> QuantizationResult:
     """Quantize every site of ``model`` in place under ``config`` and return the rewritten model with
     its report.
@@ -316,7 +317,9 @@ def quantize_model(
     ``sites``: a :func:`prepare_sites` report (default: all sites, lm_head excluded). Data-free methods
     loop over sites; methods that need statistics run the calibration engine on ``token_ids`` (int64
     ``[n, T]``), which calls back once per decoder block. The packed arrays live in ``spill_dir``
-    (default: a fresh temporary folder owned by the result) until the model is saved.
+    (default: a fresh temporary folder owned by the result) until the model is saved. ``model_dir``: the
+    model's folder, whose ``genai_config.json`` / ``config.json`` calibration reads for cache dims the graph
+    leaves symbolic.
     """
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -337,7 +340,8 @@ def quantize_model(
     try:
         quantizer = _SiteQuantizer(model, scheme, config.method, packer, folder)
         t1 = time.perf_counter()
-        calibration = _round_all(model, report, config, quantizer, token_ids, n_workers, progress)
+        where = None if model_dir is None else Path(model_dir)
+        calibration = _round_all(model, report, config, quantizer, token_ids, n_workers, progress, where)
         timings["quantize"] = time.perf_counter() - t1
         t2 = time.perf_counter()
         ReplaceWeightSitesPass(packer, quantizer.rewrites)(model)
@@ -374,6 +378,7 @@ def _round_all(
     token_ids: np.ndarray | None,
     n_workers: int,
     progress: bool,
+    model_dir: Path | None,
 ) -> dict[str, Any] | None:
     """Round every site (through the calibration engine when the method needs statistics); returns the
     engine's report."""
@@ -410,6 +415,7 @@ def _round_all(
             config,
             progress,
             lambda site: float(weight) if sink.search(site.name) else 1.0,
+            model_dir,
         )
 
 
@@ -421,6 +427,7 @@ def _calibrated(
     config: QuantConfig,
     progress: bool,
     first_weight: Callable[[WeightSite], float],
+    model_dir: Path | None,
 ) -> dict[str, Any] | None:
     """Run the calibration engine, quantizing each block's sites with the statistics it hands over
     (first positions weighted by ``first_weight(site)``, once per shared statistics record)."""
@@ -454,6 +461,7 @@ def _calibrated(
         sequential=config.calibration.sequential,
         progress=progress,
         providers=_PROVIDERS[config.calibration.device],
+        model_dir=model_dir,
     )
     missing = [s.name for s in report.sites if s.name not in done]
     if missing:

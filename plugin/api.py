@@ -135,9 +135,11 @@ class QuantizationRun:
             raise
         if self.token_ids is None and config.needs_calibration:  # after the model's own checks passed
             self.token_ids, self.calib_info = _token_ids(config, self.loaded, self.given_ids)
+        loaded = self.loaded
         return quantize_model(
-            self.model, config, sites=report, token_ids=self.token_ids, progress=self.progress
-        )
+            self.model, config, sites=report, token_ids=self.token_ids, progress=self.progress,
+            model_dir=loaded.folder or (loaded.path.parent if loaded.path is not None else None),
+        )  # fmt: skip
 
     def record(self) -> dict[str, Any]:
         """The body of ``quantization_config.json`` (versions and date are added when it is written)."""

@@ -19,6 +19,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,7 +31,7 @@ from ..errors import CalibrationError, InternalError, InvalidOptionError
 from ..records import QuantizedWeight, WeightSite
 from ..rounding.base import SiteStats
 from .blocks import Part, PartPlan, extract_part, plan_parts
-from .feeds import FeedSpec, check_token_ids, feed_specs, make_feeds
+from .feeds import FeedSpec, check_token_ids, feed_specs, make_feeds, window_capacities
 from .sessions import open_session, release_memory, resolve_providers, weight_bytes
 from .stats import HessianAccumulator, Precision, check_precision
 
@@ -65,6 +66,9 @@ class CalibrationOptions:
     """Show a progress bar on stderr."""
     hessian_precision: Precision = "float64"
     """Precision of the per-batch ``X^T X`` (the sum is float64 either way; see ``stats.py``)."""
+    model_dir: Path | None = None
+    """The model's folder: its ``genai_config.json`` / ``config.json`` give cache dims the graph leaves
+    symbolic (onnxruntime-genai builder models)."""
 
     def __post_init__(self) -> None:
         size = self.batch_size
@@ -202,8 +206,8 @@ def run_calibration(
     are computed. One-pass (``sequential=False``): one run of the full fp model, then a single
     ``on_block(all_sites, stats)``. ``stats`` is keyed by site name; sites sharing an activation share one
     ``SiteStats``. ``model`` is not modified. ``overrides`` are ``CalibrationOptions`` fields
-    (``sequential``, ``batch_size``, ``providers``, ``progress``, ``hessian_precision``) replacing those of
-    ``options``.
+    (``sequential``, ``batch_size``, ``providers``, ``progress``, ``hessian_precision``, ``model_dir``)
+    replacing those of ``options``.
     """
     t_start, cpu_start = time.perf_counter(), time.process_time()
     run = _prepare(model, sites, token_ids, on_block, CalibrationOptions.build(options, overrides))
@@ -252,7 +256,9 @@ def _prepare(
         raise CalibrationError(
             f"weight sites have duplicate names, e.g. {repeated[0]!r}: give each site once"
         )
-    specs = tuple(feed_specs(model.graph.inputs))
+    specs = tuple(
+        feed_specs(model.graph.inputs, folder=options.model_dir, capacities=window_capacities(model.graph))
+    )
     providers = tuple(resolve_providers(options.providers))
     return _Run(model, tuple(sites), ids, on_block, options, specs, providers)
 
