@@ -21,8 +21,8 @@ def decode_speed(
 ) -> dict[str, float]:
     """Greedy generation through onnxruntime with the KV cache: prefill once, then one token per call."""
     from optimum.adaround.custom_ops import uses_custom_domain
-    from optimum.adaround.evaluation import _InputView, create_session
-    from optimum.adaround.graph_passes.calibration.feeds import InputKind, feed_specs
+    from optimum.adaround.evaluation import create_session, model_feed_specs
+    from optimum.adaround.graph_passes.calibration.feeds import InputKind
     from optimum.adaround.graph_passes.model_io import find_model_file
 
     model_file = find_model_file(model_dir)
@@ -32,7 +32,7 @@ def decode_speed(
         session_config=session_config,
         intra_op_threads=threads,
     )
-    specs = feed_specs([_InputView(i) for i in session.get_inputs()])
+    specs = model_feed_specs(model_file)
     past_names = [s.name for s in specs if s.kind == InputKind.PAST]
     out_names = [o.name for o in session.get_outputs()]
     present = [n.replace("past_key_values", "present") for n in past_names]

@@ -27,8 +27,8 @@ def window_nlls(model_dir: Path, max_tokens: int, context: int) -> np.ndarray:
     """``[windows, 2]``: summed NLL and tokens scored per window."""
     from optimum.adaround.custom_ops import uses_custom_domain
     from optimum.adaround.data.text import evaluation_text, load_tokenizer, special_prefix, token_stream
-    from optimum.adaround.evaluation import _InputView, create_session, make_windows, window_nll
-    from optimum.adaround.graph_passes.calibration.feeds import feed_specs, make_feeds
+    from optimum.adaround.evaluation import create_session, make_windows, model_feed_specs, window_nll
+    from optimum.adaround.graph_passes.calibration.feeds import make_feeds
     from optimum.adaround.graph_passes.model_io import find_model_file
 
     model_file = find_model_file(model_dir)
@@ -36,7 +36,7 @@ def window_nlls(model_dir: Path, max_tokens: int, context: int) -> np.ndarray:
     stream = token_stream(tokenizer, [evaluation_text()])[:max_tokens]
     prefix = special_prefix(tokenizer)
     session = create_session(model_file, uses_custom_ops=uses_custom_domain(model_file))
-    specs = feed_specs([_InputView(i) for i in session.get_inputs()])
+    specs = model_feed_specs(model_file)
     out = []
     for window in make_windows(stream, context, prefix):
         (logits,) = session.run(["logits"], make_feeds(specs, window[None, :]))

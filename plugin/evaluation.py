@@ -28,7 +28,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from .custom_ops import DOMAIN as CUSTOM_DOMAIN
 from .custom_ops import OP_TYPES, uses_custom_domain
 from .data.text import evaluation_text, load_tokenizer, special_prefix, token_stream
-from .graph_passes.calibration.feeds import feed_specs, make_feeds
+from .graph_passes.calibration.feeds import FeedSpec, feed_specs, make_feeds, window_capacities
 from .graph_passes.errors import InvalidModelError, InvalidOptionError, UserError
 from .graph_passes.model_io import find_model_file, load_model, read_weight
 from .graph_passes.packing.base import StoredWeight, read_stored_weight
@@ -227,32 +227,20 @@ def perplexity(
     )
 
 
+def model_feed_specs(model_file: Path) -> list[FeedSpec]:
+    """How to feed every input of ``model_file`` from token ids: empty caches, of window capacity where a
+    windowed attention needs it, with the cache dims the graph leaves symbolic taken from the folder's
+    genai_config.json / config.json (as calibration does)."""
+    graph = load_model(model_file).model.graph
+    return feed_specs(list(graph.inputs), folder=model_file.parent, capacities=window_capacities(graph))
+
+
 def _session_logits(session: Any, model_file: Path) -> Callable[[np.ndarray], np.ndarray]:
-    """``logits_of(ids[B, T])`` on an onnxruntime session fed the model's own inputs (empty caches)."""
-    specs = feed_specs([_InputView(i) for i in session.get_inputs()])
+    """``logits_of(ids[B, T])`` on an onnxruntime session fed the model's own inputs."""
+    specs = model_feed_specs(model_file)
     if "logits" not in [o.name for o in session.get_outputs()]:
         raise EvaluationError(f"{model_file} has no 'logits' output")
     return lambda ids: session.run(["logits"], make_feeds(specs, ids))[0]
-
-
-class _InputView:
-    """Adapts an onnxruntime ``NodeArg`` to the few ``ir.Value`` attributes ``feed_specs`` reads."""
-
-    _DTYPES: ClassVar[dict[str, ir.DataType]] = {
-        "tensor(int64)": ir.DataType.INT64,
-        "tensor(int32)": ir.DataType.INT32,
-        "tensor(float)": ir.DataType.FLOAT,
-        "tensor(float16)": ir.DataType.FLOAT16,
-        "tensor(bfloat16)": ir.DataType.BFLOAT16,
-    }
-
-    def __init__(self, arg: Any) -> None:
-        self.name = arg.name
-        self.dtype = self._DTYPES.get(arg.type)
-        self.shape = None if arg.shape is None else [d if isinstance(d, int) else None for d in arg.shape]
-
-
-# -- size, bits per weight, SQNR ------------------------------------------------------------------
 
 
 def model_bytes(model_file: str | Path, model: ir.Model | None = None) -> int:

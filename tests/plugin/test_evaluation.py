@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -253,3 +254,18 @@ def test_lowbit_custom_op_model_is_read_and_run(tiny_hf_onnx, tmp_path):
     assert rep.bits_per_weight == pytest.approx(4.0)
     assert all(5 < v < 20 for v in rep.weight_sqnr_db.values())  # 3-bit RTN: ~14 dB
     assert rep.perplexity is not None and math.isfinite(rep.perplexity.perplexity)
+
+
+@pytest.mark.parametrize("name", ["llama-fp32", "gemma3-fp32"])
+def test_perplexity_of_an_onnxruntime_genai_builder_model(name, tmp_path, monkeypatch):
+    # The builder leaves the cache's head size symbolic (the folder's genai_config.json has it) and Gemma-3's
+    # windowed layer needs a cache buffer of window capacity: evaluation feeds both, as calibration does.
+    from optimum.adaround.evaluation import perplexity
+
+    folder = Path(__file__).resolve().parents[1] / "fixtures" / "genai" / name
+    if not folder.is_dir():
+        pytest.skip("onnxruntime-genai builder fixtures not in this checkout")
+    monkeypatch.chdir(tmp_path)  # the external data is found from any working directory
+    text = "the quick brown fox jumps over the lazy dog and runs far away " * 8
+    result = perplexity(folder, text, context_length=40, progress=False)
+    assert result.tokens > 0 and np.isfinite(result.perplexity) and result.perplexity > 1
