@@ -259,19 +259,14 @@ def choose_format(scheme: QuantScheme, shapes: Sequence[tuple[int, int]]) -> Qua
     if scheme.format is not WeightFormat.AUTO:
         return scheme
     for fmt in (WeightFormat.MATMULNBITS, WeightFormat.LOWBIT):
-        candidate = dataclasses.replace(scheme, format=fmt) if _valid(scheme, fmt) else None
-        packer = get_packer(fmt) if candidate is not None else None
-        if packer is not None and all(packer.supports(candidate, k, n) is None for k, n in shapes):
+        try:
+            candidate = dataclasses.replace(scheme, format=fmt)
+        except UserError:  # e.g. a codebook data type only our op stores
+            continue
+        packer = get_packer(fmt)
+        if all(packer.supports(candidate, k, n) is None for k, n in shapes):
             return candidate
     return dataclasses.replace(scheme, format=WeightFormat.LOWBIT)  # check_sites names the site and why
-
-
-def _valid(scheme: QuantScheme, fmt: WeightFormat) -> bool:
-    try:
-        dataclasses.replace(scheme, format=fmt)
-    except UserError:
-        return False
-    return True
 
 
 def resolve_config(config: QuantConfig, sites: Sequence[WeightSite]) -> QuantConfig:

@@ -217,7 +217,9 @@ def _compile(pattern: str, option: str) -> re.Pattern[str]:
     try:
         return re.compile(pattern)
     except re.error as e:
-        raise InvalidOptionError(f"{option} pattern {pattern!r} is not a valid regular expression ({e})") from None
+        raise InvalidOptionError(
+            f"{option} pattern {pattern!r} is not a valid regular expression ({e})"
+        ) from None
 
 
 def _unique_names(cands: Sequence[_Candidate]) -> list[str]:
