@@ -149,14 +149,7 @@ class FlatField:
     owner: type
 
 
-_SCHEME_FIELDS = {
-    "bits": "bits per weight, 2..8 (3 runs through our MatMulLowBit op)",
-    "group_size": "block length along the input dimension; -1 = per channel",
-    "symmetric": "symmetric grid, no zero points",
-    "format": "graph format: auto (MatMulNBits where it runs the scheme, else our op), matmulnbits, qdq, lowbit",
-    "data_type": "code meaning: int (uniform grid), nf4, fp4, codebook (lowbit format)",
-    "scale_dtype": "data type of the stored block scales",
-}
+_SCHEME_FIELDS = tuple(f.name for f in dataclasses.fields(QuantScheme))
 _GROUPS: dict[str, type] = {
     "calibration": CalibrationConfig,
     "selection": SelectionConfig,
@@ -170,10 +163,6 @@ def flat_fields() -> list[FlatField]:
     for group, cls in _GROUPS.items():
         out += [FlatField(f.name, group, f, cls) for f in dataclasses.fields(cls)]
     return out
-
-
-def scheme_help(name: str) -> str:
-    return _SCHEME_FIELDS[name]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,6 +12,7 @@ import enum
 from typing import Any
 
 from .errors import UnsupportedSchemeError
+from .options import option
 
 __all__ = ["PER_CHANNEL", "DataType", "QuantScheme", "WeightFormat"]
 
@@ -56,12 +57,17 @@ class QuantScheme:
 
     VERSION = 1
 
-    bits: int = 4
-    group_size: int = 128
-    symmetric: bool = True
-    format: WeightFormat = WeightFormat.MATMULNBITS
-    data_type: DataType = DataType.INT
-    scale_dtype: str = "float32"
+    bits: int = option(4, "bits per weight, 2..8 (3 runs through our MatMulLowBit op)")
+    group_size: int = option(128, "block length along the input dimension; -1 = per channel")
+    symmetric: bool = option(True, "symmetric grid, no zero points")
+    format: WeightFormat = option(  # noqa: RUF009 (an enum member, immutable)
+        WeightFormat.MATMULNBITS,
+        "graph format: auto (MatMulNBits where it runs the scheme, else our op), matmulnbits, qdq, lowbit",
+    )
+    data_type: DataType = option(  # noqa: RUF009 (an enum member, immutable)
+        DataType.INT, "code meaning: int (uniform grid), nf4, fp4, codebook (lowbit format)"
+    )
+    scale_dtype: str = option("float32", "data type of the stored block scales")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "format", WeightFormat(self.format))

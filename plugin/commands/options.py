@@ -17,7 +17,7 @@ import typing
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from ..graph_passes.config import DEFAULT_METHOD, flat_fields, scheme_help
+from ..graph_passes.config import DEFAULT_METHOD, flat_fields
 from ..graph_passes.errors import InvalidOptionError
 from ..graph_passes.options import option_help
 from ..graph_passes.rounding.base import METHODS
@@ -98,7 +98,7 @@ def flag_specs(spelling: Mapping[str, str] | None = None, skip: tuple[str, ...] 
             continue
         hint = typing.get_type_hints(f.owner)[f.name]
         default = getattr(defaults, f.name) if f.group == "scheme" else f.field.default
-        help = scheme_help(f.name) if f.group == "scheme" else option_help(f.field)
+        help = option_help(f.field)
         flag = spelling.get(f.name, f.field.metadata.get("flag"))
         specs += _field_spec(f.name, hint, default, help, flag)
     return specs
