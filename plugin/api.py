@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -36,6 +37,11 @@ def run_config(config: ConfigLike = None, **overrides: Any) -> QuantConfig:
     return resolve_config(config).with_overrides(**overrides)
 
 
+def pop_token_ids(overrides: dict[str, Any]) -> np.ndarray | None:
+    """``calib_data`` given as a token-id array: taken out of ``overrides`` (it is data, not an option)."""
+    return overrides.pop("calib_data") if isinstance(overrides.get("calib_data"), np.ndarray) else None
+
+
 def quantize(
     model: Any,
     output: str | os.PathLike | None = None,
@@ -58,7 +64,7 @@ def quantize(
 
     Returns the output folder (``Path``) for path inputs, else the quantized model in the input's kind.
     """
-    token_ids = overrides.pop("calib_data") if isinstance(overrides.get("calib_data"), np.ndarray) else None
+    token_ids = pop_token_ids(overrides)
     cfg = run_config(config, **overrides)
     inputs = [model] if isinstance(model, (str, os.PathLike)) else []
     if output is not None:
@@ -227,7 +233,7 @@ def _token_ids(
                 f"calib_data array must be integer token ids [n, seq_len], got {ids.dtype}{list(ids.shape)}"
             )
         info.update(source="token ids given by the caller", n_samples=ids.shape[0], seq_len=ids.shape[1])
-        return ids.astype(np.int64), info
+        return _hashed(ids, info)
     tokenizer_dir = loaded.folder or (loaded.path.parent if loaded.path is not None else None)
     if tokenizer_dir is None:
         raise CalibrationError(
@@ -238,6 +244,13 @@ def _token_ids(
     n = config.calib_samples
     ids = calibration_token_ids(tokenizer_dir, cal.calib_data, n, cal.seq_len, seed=cal.seed)
     info.update(source=cal.calib_data or "default", n_samples=n, seq_len=cal.seq_len, seed=cal.seed)
+    return _hashed(ids, info)
+
+
+def _hashed(ids: np.ndarray, info: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
+    """int64 token ids, with their sha256 recorded (the same calibration tokens can be checked later)."""
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    info["tokens_sha256"] = hashlib.sha256(ids.tobytes()).hexdigest()
     return ids, info
 
 

@@ -9,7 +9,6 @@ folder, and an existing output folder is replaced only after the new one is comp
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import shutil
 import socket
@@ -18,8 +17,6 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
-
-import numpy as np
 
 from .graph_passes.config import QuantConfig
 from .graph_passes.errors import InvalidModelError, InvalidOptionError, UnsupportedSchemeError
@@ -148,32 +145,14 @@ def _preflight(config: QuantConfig) -> None:
             raise UnsupportedSchemeError(f"scheme {scheme.label} as format={chosen.format.value}: {reason}")
 
 
-def _calib_tokens_hash(config: QuantConfig, model_dir: Path, given: np.ndarray | None) -> str | None:
-    """sha256 of the calibration token ids (the caller's, or drawn by the same sampler and arguments as
-    quantize); None for data-free methods."""
-    if not config.needs_calibration:
-        return None
-    if given is not None:
-        return hashlib.sha256(np.ascontiguousarray(given, dtype=np.int64).tobytes()).hexdigest()
-    from .data.text import calibration_token_ids
-
-    cal = config.calibration
-    tokens = calibration_token_ids(
-        model_dir, cal.calib_data, config.calib_samples, cal.seq_len, seed=cal.seed
-    )
-    return hashlib.sha256(np.ascontiguousarray(tokens, dtype=np.int64).tobytes()).hexdigest()
-
-
-def _source_record(record: dict[str, Any], source: str, task: str | None, tokens_sha: str | None) -> None:
-    """Add what quantize cannot know: the model it came from and the calibration tokens' hash."""
+def _source_record(record: dict[str, Any], source: str, task: str | None) -> None:
+    """Add what quantize cannot know: the model it came from."""
     src = dict(record.get("source") or {})
     if task is not None:  # quantize saw only our temporary export folder: record the real source instead
         src.update(model=source, path=None, exported_by="optimum main_export", task=task)
     else:
         src.setdefault("model", source)
     record["source"] = src
-    if isinstance(record.get("calibration"), dict) and tokens_sha is not None:
-        record["calibration"]["tokens_sha256"] = tokens_sha
 
 
 # -- evaluation -------------------------------------------------------------------------------------------------
@@ -223,11 +202,11 @@ def export(
     perplexity before and after and puts it in the model card; ``push_to_hub="user/name"`` uploads the
     finished folder.
     """
-    from .api import quantize_into, run_config
+    from .api import pop_token_ids, quantize_into, run_config
 
     if config is not None and recipe is not None:
         raise InvalidOptionError("give config or recipe, not both (they are the same thing)")
-    token_ids = overrides.pop("calib_data") if isinstance(overrides.get("calib_data"), np.ndarray) else None
+    token_ids = pop_token_ids(overrides)
     cfg = run_config(config if config is not None else recipe, **overrides)
     _preflight(cfg)
     output = Path(output_dir).expanduser()
@@ -249,12 +228,7 @@ def export(
             )  # fmt: skip
 
         def finish(folder: Path, record: dict[str, Any]) -> None:
-            _source_record(
-                record,
-                str(model_id_or_path),
-                None if onnx_input else task,
-                _calib_tokens_hash(cfg, exported, token_ids),
-            )
+            _source_record(record, str(model_id_or_path), None if onnx_input else task)
             if eval:
                 result = _evaluate(exported, folder, dict(eval_options or {}))
                 (folder / EVAL_FILE_NAME).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
