@@ -176,13 +176,15 @@ def perplexity(
     providers: Sequence[str] = ("CPUExecutionProvider",),
     progress: bool = True,
     runtime: str = "onnxruntime",
+    graph: ir.Graph | None = None,
 ) -> PerplexityResult:
     """Perplexity of the ONNX model in ``model_dir`` on ``text`` (default: the embedded evaluation split).
 
     See the module docstring for the exact protocol. ``tokenizer_dir`` defaults to ``model_dir``.
     ``runtime="genai"`` computes the logits through onnxruntime-genai from the folder's
     ``genai_config.json`` (its providers and session options; ``session``, ``session_config``,
-    ``providers`` and ``batch_size`` do not apply).
+    ``providers`` and ``batch_size`` do not apply). ``graph``: the model's graph when the caller has
+    loaded it (read for its inputs, not loaded again).
     """
     if runtime not in RUNTIMES:
         raise InvalidOptionError(f"runtime={runtime!r}: use one of {', '.join(RUNTIMES)}")
@@ -208,7 +210,7 @@ def perplexity(
                 providers=providers,
                 session_config=session_config,
             )
-        logits_of = _session_logits(session, model_file)
+        logits_of = _session_logits(session, model_file, graph)
     total, count = 0.0, 0
     start = time.perf_counter()
     bar = tqdm(total=len(windows), desc="perplexity", unit="win", disable=not progress, leave=False)
@@ -227,17 +229,19 @@ def perplexity(
     )
 
 
-def model_feed_specs(model_file: Path) -> list[FeedSpec]:
-    """How to feed every input of ``model_file`` from token ids: empty caches, of window capacity where a
-    windowed attention needs it, with the cache dims the graph leaves symbolic taken from the folder's
-    genai_config.json / config.json (as calibration does)."""
-    graph = load_model(model_file).model.graph
+def model_feed_specs(model_file: Path, graph: ir.Graph | None = None) -> list[FeedSpec]:
+    """How to feed every input of ``model_file`` (whose graph the caller may have loaded already) from
+    token ids: empty caches, of window capacity where a windowed attention needs it, with the cache dims
+    the graph leaves symbolic taken from the folder's genai_config.json / config.json (as calibration does)."""
+    graph = graph if graph is not None else load_model(model_file).model.graph
     return feed_specs(list(graph.inputs), folder=model_file.parent, capacities=window_capacities(graph))
 
 
-def _session_logits(session: Any, model_file: Path) -> Callable[[np.ndarray], np.ndarray]:
+def _session_logits(
+    session: Any, model_file: Path, graph: ir.Graph | None
+) -> Callable[[np.ndarray], np.ndarray]:
     """``logits_of(ids[B, T])`` on an onnxruntime session fed the model's own inputs."""
-    specs = model_feed_specs(model_file)
+    specs = model_feed_specs(model_file, graph)
     if "logits" not in [o.name for o in session.get_outputs()]:
         raise EvaluationError(f"{model_file} has no 'logits' output")
     return lambda ids: session.run(["logits"], make_feeds(specs, ids))[0]
@@ -370,7 +374,11 @@ def evaluate(
     sqnr: dict[str, float] = {}
     if reference is not None:
         sqnr = weight_sqnr(sites, load_model(reference).model, progress=progress)
-    ppl = None if skip_perplexity else perplexity(model_file, progress=progress, **perplexity_options)
+    ppl = (
+        None
+        if skip_perplexity
+        else perplexity(model_file, progress=progress, graph=model.graph, **perplexity_options)
+    )
     return EvalReport(
         model=str(model_dir),
         perplexity=ppl,
