@@ -106,10 +106,33 @@ class SelectionConfig(Options):
 
     include: tuple[str, ...] = option((), "quantize only matching modules (regex; repeatable)")
     exclude: tuple[str, ...] = option((), "leave matching modules in float (regex, repeatable)")
-    lm_head: bool = option(False, "quantize the output projection too")
+    lm_head: Literal["8", "4", "2", "scheme", "none"] = option(
+        "8",
+        "output projection: its bits (8 = 1/4 of float, no measurable loss), scheme = the run's scheme, "
+        "none = float (benchmarks/results/small_fast_defaults.md)",
+    )
+    embeddings: Literal["8", "4", "2", "none"] = option(
+        "8",
+        "token embedding tables: GatherBlockQuantized at these bits (round to nearest); a table tied to a "
+        "quantized output projection shares its codes instead; none = float",
+    )
     overrides: tuple[ModuleOverride, ...] = option(
         (), "per-module schemes, first match wins (recipe files only)", flag=None
     )
+
+    def __post_init__(self) -> None:
+        # True/False (the lm_head switch of 0.7) and bit counts given as numbers read as their labels
+        for key, on in (("lm_head", "scheme"), ("embeddings", "8")):
+            value = getattr(self, key)
+            if isinstance(value, bool) or value is None:
+                object.__setattr__(self, key, on if value else "none")
+            elif isinstance(value, int):
+                object.__setattr__(self, key, str(value))
+        super().__post_init__()
+
+    @property
+    def quantize_lm_head(self) -> bool:
+        return self.lm_head != "none"
 
     def validate(self) -> None:
         for key in ("include", "exclude"):
@@ -124,7 +147,9 @@ class OutputConfig(Options):
     OWNER = "output"
 
     accuracy_level: int = option(
-        0, "MatMulNBits/MatMulLowBit accuracy_level: 0 exact fp32 accumulation, 4 int8 activations"
+        4,
+        "MatMulNBits/MatMulLowBit accuracy_level: 4 int8 activations (the fast CPU path; CUDA ignores it), "
+        "0 exact float accumulation (benchmarks/results/small_fast_defaults.md)",
     )
     workers: int | None = option(
         None,

@@ -13,7 +13,7 @@ import functools
 import re
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from . import packing, rounding  # noqa: F401  (importing the packages registers packers and methods)
 from .config import QuantConfig
+from .embeddings import quantize_embeddings
 from .errors import CalibrationError, NoQuantizableWeightsError, UnsupportedSchemeError, UserError
 from .model_io import read_weight
 from .packing.base import PackedWeight, Packer, get_packer
@@ -60,6 +61,8 @@ class SiteResult:
     packed_bytes: int
     seconds: float
     metrics: dict[str, float]
+    scheme: str = ""
+    """The label of the scheme the site was quantized with (the output projection may differ)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -81,6 +84,8 @@ class QuantizationResult:
     spill_dir: Path | None = None
     calibration: dict[str, Any] | None = None
     """The calibration engine's report (``CalibrationReport`` as a dict) for methods that needed statistics."""
+    embeddings: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    """Embedding tables replaced by ``GatherBlockQuantized`` (shared with the output projection or not)."""
     _tmp: tempfile.TemporaryDirectory[str] | None = dataclasses.field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -91,6 +96,7 @@ class QuantizationResult:
             "skipped": [dataclasses.asdict(s) for s in self.skipped],
             "timings": dict(self.timings),
             "calibration": self.calibration,
+            "embeddings": list(self.embeddings),
         }
 
     @property
@@ -184,9 +190,20 @@ class _SiteQuantizer:
     collecting results."""
 
     def __init__(
-        self, model: ir.Model, scheme: QuantScheme, method: MethodConfig, packer: Packer, folder: Path
+        self,
+        model: ir.Model,
+        schemes: Mapping[str, QuantScheme],
+        method: MethodConfig,
+        packers: Mapping[WeightFormat, Packer],
+        folder: Path,
     ):
-        self.model, self.scheme, self.method, self.packer, self.folder = model, scheme, method, packer, folder
+        self.model, self.schemes, self.method, self.packers, self.folder = (
+            model,
+            schemes,
+            method,
+            packers,
+            folder,
+        )
         self.rewrites: list[SiteRewrite] = []
         self.results: list[SiteResult] = []
 
@@ -198,7 +215,7 @@ class _SiteQuantizer:
 
         def submit(item: tuple[WeightSite, SiteStats | None]) -> Any:
             site, stats = item
-            args = (self.method, read_weight(self.model, site), self.scheme, stats, site.name)
+            args = (self.method, read_weight(self.model, site), self.schemes[site.name], stats, site.name)
             return (
                 pool.submit(round_site, *args) if pool is not None else functools.partial(round_site, *args)
             )
@@ -219,14 +236,16 @@ class _SiteQuantizer:
 
     def _record(self, site: WeightSite, qw: QuantizedWeight, seconds: float) -> QuantizedWeight:
         t0 = time.perf_counter()
+        scheme = self.schemes[site.name]
+        packer = self.packers[scheme.format]
         try:
-            packed = _spill(self.packer.pack(qw), self.folder, f"{len(self.rewrites):05d}")
+            packed = _spill(packer.pack(qw), self.folder, f"{len(self.rewrites):05d}")
         except OSError as e:  # the scratch folder is full or unwritable: the user's to fix
             raise UserError(
                 f"{site.name}: writing its packed weight to the scratch folder {self.folder} failed "
                 f"({e.strerror or e}): free space there or point TMPDIR at a larger folder"
             ) from e
-        self.rewrites.append(SiteRewrite(site, packed))
+        self.rewrites.append(SiteRewrite(site, packed, packer))
         stored = self.model.graph.initializers[site.weight_name].const_value
         float_bytes = int(stored.nbytes) if stored is not None else 4 * site.n * site.k
         self.results.append(
@@ -240,6 +259,7 @@ class _SiteQuantizer:
                 packed_bytes=packed.nbytes,
                 seconds=seconds + time.perf_counter() - t0,
                 metrics={k: float(v) for k, v in qw.metrics.items()},
+                scheme=scheme.label,
             )
         )
         return qw
@@ -263,8 +283,7 @@ def choose_format(scheme: QuantScheme, shapes: Sequence[tuple[int, int]]) -> Qua
             candidate = dataclasses.replace(scheme, format=fmt)
         except UserError:  # e.g. a codebook data type only our op stores
             continue
-        packer = get_packer(fmt)
-        if all(packer.supports(candidate, k, n) is None for k, n in shapes):
+        if _stores_all(candidate, shapes):
             return candidate
     return dataclasses.replace(scheme, format=WeightFormat.LOWBIT)  # check_sites names the site and why
 
@@ -273,11 +292,54 @@ def resolve_config(config: QuantConfig, sites: Sequence[WeightSite]) -> QuantCon
     """The config as it will run: the format chosen, and the device of a method that rounds on a torch
     device and was given none: the GPU when the run asks for ``device=cuda`` and torch sees one, else the
     CPU (a device the user gave is kept)."""
-    scheme = choose_format(config.scheme, [(s.k, s.n) for s in sites])
+    return plan_schemes(config, sites)[0]
+
+
+def plan_schemes(
+    config: QuantConfig, sites: Sequence[WeightSite]
+) -> tuple[QuantConfig, dict[str, QuantScheme]]:
+    """The resolved config (see :func:`resolve_config`) and each site's scheme, formats chosen: the run's
+    scheme, except the output projection at ``lm_head`` bits (its own format choice, so a 3-bit run in our
+    op still gets an 8-bit MatMulNBits head)."""
+    head = head_scheme(config)
+    own = [s for s in sites if head is None or s.kind != "lm_head"]
+    scheme = choose_format(config.scheme, [(s.k, s.n) for s in own or sites])
+    schemes = {s.name: scheme for s in own}
+    heads = [s for s in sites if head is not None and s.kind == "lm_head"]
+    if heads and head is not None:
+        shapes = [(s.k, s.n) for s in heads]
+        if head.format is not WeightFormat.AUTO and not _stores_all(head, shapes):
+            head = dataclasses.replace(
+                head, format=WeightFormat.AUTO
+            )  # the run's format cannot: let auto choose
+        schemes.update({s.name: choose_format(head, shapes) for s in heads})
     method = config.method
     if "device" in method.names() and method.device is None:
         method = method.replace(device=_torch_device(config.calibration.device))
-    return dataclasses.replace(config, scheme=scheme, method=method)
+    return dataclasses.replace(config, scheme=scheme, method=method), schemes
+
+
+def head_scheme(config: QuantConfig) -> QuantScheme | None:
+    """The output projection's own scheme when ``lm_head`` gives it bits (None: it takes the run's).
+
+    A uniform integer grid with the run's block (128 for a per-channel run: MatMulNBits needs a block),
+    symmetry, scale type and format."""
+    bits = config.selection.lm_head
+    if not bits.isdigit():
+        return None
+    run = config.scheme
+    return QuantScheme(
+        bits=int(bits),
+        group_size=128 if run.per_channel else run.group_size,
+        symmetric=run.symmetric,
+        scale_dtype=run.scale_dtype,
+        format=run.format,
+    )
+
+
+def _stores_all(scheme: QuantScheme, shapes: Sequence[tuple[int, int]]) -> bool:
+    packer = get_packer(scheme.format)
+    return all(packer.supports(scheme, k, n) is None for k, n in shapes)
 
 
 def _torch_device(run_device: str) -> str:
@@ -320,11 +382,12 @@ def quantize_model(
     t0 = time.perf_counter()
     report = sites if sites is not None else prepare_sites(model)
     timings["find_sites"] = time.perf_counter() - t0
-    config = resolve_config(config, report.sites)
-    scheme, needs = config.scheme, config.method.needs
-    packer = get_packer(scheme.format, **_packer_options(scheme.format, config))
-    check_opset(model, scheme)
-    check_sites(packer, scheme, report.sites)
+    config, schemes = plan_schemes(config, report.sites)
+    needs = config.method.needs
+    packers = {s.format: get_packer(s.format, **_packer_options(s.format, config)) for s in schemes.values()}
+    for site in report.sites:
+        check_opset(model, schemes[site.name])
+        check_sites(packers[schemes[site.name].format], schemes[site.name], [site])
     n_workers = resolve_workers(config.output.workers, report.sites)  # checks ``workers`` for every method
     if needs and token_ids is None:
         raise CalibrationError(
@@ -333,13 +396,16 @@ def quantize_model(
         )
     folder, tmp = _scratch(spill_dir)
     try:
-        quantizer = _SiteQuantizer(model, scheme, config.method, packer, folder)
+        quantizer = _SiteQuantizer(model, schemes, config.method, packers, folder)
         t1 = time.perf_counter()
         where = None if model_dir is None else Path(model_dir)
         calibration = _round_all(model, report, config, quantizer, token_ids, n_workers, progress, where)
         timings["quantize"] = time.perf_counter() - t1
         t2 = time.perf_counter()
-        ReplaceWeightSitesPass(packer, quantizer.rewrites)(model)
+        share = config.selection.embeddings != "none"
+        rewrite = ReplaceWeightSitesPass(quantizer.rewrites, share_embeddings=share)
+        rewrite(model)
+        embeddings = rewrite.shared + _quantize_embeddings(model, config)
         timings["rewrite"] = time.perf_counter() - t2
     except BaseException:
         if tmp is not None:
@@ -354,8 +420,14 @@ def quantize_model(
         timings=timings,
         spill_dir=folder,
         calibration=calibration,
+        embeddings=embeddings,
         _tmp=tmp,
     )
+
+
+def _quantize_embeddings(model: ir.Model, config: QuantConfig) -> list[dict[str, Any]]:
+    bits = config.selection.embeddings
+    return [] if bits == "none" else quantize_embeddings(model, int(bits), config.scheme)
 
 
 def _packer_options(fmt: WeightFormat, config: QuantConfig) -> dict[str, Any]:

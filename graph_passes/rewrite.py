@@ -3,7 +3,7 @@
 An onnx-ir in-place pass (``__call__(model) -> PassResult``). Per site it inserts the packer's nodes and
 initializers, reroutes the old output (keeping its name, so graph outputs like ``logits`` stay), removes
 the old node, then the Transpose and float weight once nothing else reads them (a tied embedding's Gather
-keeps its table). Opset imports are added; the default domain is bumped when a format needs a newer opset
+keeps its table, or, with ``share_embeddings``, becomes a lookup into the same packed arrays). Opset imports are added; the default domain is bumped when a format needs a newer opset
 (blockwise DequantizeLinear needs 21), together with the IR version that opset requires. Finally onnx-ir's
 cleanup passes run (unused nodes/initializers, topological sort).
 """
@@ -17,10 +17,10 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
 from .errors import InternalError
-from .packing.base import PackedWeight, Packer
+from .packing.base import PackedWeight, Packer, ReplacementNodes
 from .records import WeightSite
 
-__all__ = ["ReplaceWeightSitesPass", "SiteRewrite", "min_ir_version"]
+__all__ = ["ReplaceWeightSitesPass", "SiteRewrite", "min_ir_version", "take_place", "tied_gathers"]
 
 # Minimum IR version for a default-domain opset (onnx's VERSION_TABLE, the part that matters here).
 _IR_FOR_OPSET = {19: 9, 20: 9, 21: 10, 22: 10, 23: 11, 24: 11, 25: 12}
@@ -35,19 +35,25 @@ def min_ir_version(opset: int) -> int:
 
 @dataclasses.dataclass
 class SiteRewrite:
-    """One site and its packed weight, ready to be emitted."""
+    """One site, its packed weight and the packer that emits it."""
 
     site: WeightSite
     packed: PackedWeight
+    packer: Packer
 
 
 class ReplaceWeightSitesPass(ir.passes.InPlacePass):
-    """Replace every site in ``rewrites`` by ``packer.build(...)``'s nodes, then clean up the graph."""
+    """Replace every site in ``rewrites`` by its packer's ``build(...)`` nodes, then clean up the graph.
 
-    def __init__(self, packer: Packer, rewrites: Sequence[SiteRewrite]) -> None:
+    ``share_embeddings``: an embedding table tied to a replaced weight (a Gather reading the same tensor
+    as an ``[N, K]`` table) is replaced by the packer's ``build_gather`` over the same stored arrays, so
+    no float copy remains; ``shared`` lists those tables. Packers without ``build_gather`` keep the table."""
+
+    def __init__(self, rewrites: Sequence[SiteRewrite], *, share_embeddings: bool = False) -> None:
         super().__init__()
-        self.packer = packer
         self.rewrites = list(rewrites)
+        self.share_embeddings = share_embeddings
+        self.shared: list[dict[str, object]] = []
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -82,28 +88,21 @@ class ReplaceWeightSitesPass(ir.passes.InPlacePass):
         # ``/model/layers.0/mlp/up_proj/MatMulNBits``), so ``module_path`` of a quantized node still
         # names its module and evaluation can pair it with the fp32 weight.
         scope = node.name.rsplit("/", 1)[0] if node.name and "/" in node.name else (node.name or site.name)
-        repl = self.packer.build(site, x, rw.packed, bias, scope)
+        repl = rw.packer.build(site, x, rw.packed, bias, scope)
         for value in repl.initializers:
             if value.name in graph.initializers:
                 raise InternalError(f"site {site.name}: initializer name {value.name!r} already in the graph")
             graph.register_initializer(value)
         graph.insert_before(node, repl.nodes)
-        old = node.outputs[0]
-        old_name = old.name
-        ir.convenience.replace_all_uses_with(old, repl.output, replace_graph_outputs=True)
-        graph.remove(node, safe=True)
-        old.name = None
-        repl.output.name = old_name  # keep the output's name: graph outputs (logits) and readers rely on it
-        # ...and its type and shape: onnx.checker requires them on graph outputs, and the value is the same.
-        if repl.output.type is None:
-            repl.output.type = old.type
-        if repl.output.shape is None:
-            repl.output.shape = old.shape
+        take_place(graph, node, repl.output)
         weight = graph.initializers.get(site.weight_name)
-        if site.transpose_node is not None and weight is not None:
+        opsets = dict(repl.opset_imports)
+        if weight is not None and self.share_embeddings:
+            opsets.update(self._share_tables(graph, rw, repl, weight))
+        if weight is not None:
             for t in {id(u.node): u.node for u in weight.uses()}.values():
                 out = t.outputs[0]
-                if t.name == site.transpose_node and not out.uses() and not out.is_graph_output():
+                if t.op_type == "Transpose" and not out.uses() and not out.is_graph_output():
                     graph.remove(t, safe=True)
         if weight is not None and not weight.uses() and not weight.is_graph_output():
             if weight.is_graph_input():
@@ -111,4 +110,67 @@ class ReplaceWeightSitesPass(ir.passes.InPlacePass):
                 # data, else the quantized model would demand it as a required input.
                 graph.inputs.remove(weight)
             del graph.initializers[site.weight_name]
-        return dict(repl.opset_imports)
+        return opsets
+
+    def _share_tables(
+        self, graph: ir.Graph, rw: SiteRewrite, head: ReplacementNodes, weight: ir.Value
+    ) -> dict[str, int]:
+        """Replace the Gathers of a table tied to ``rw``'s weight by lookups into its stored arrays."""
+        build = getattr(rw.packer, "build_gather", None)
+        opsets: dict[str, int] = {}
+        for gather in tied_gathers(weight, rw.site) if build is not None else []:
+            name = gather.name or f"{rw.site.name}.embedding"
+            lookup = build(head, rw.packed, gather.inputs[1], name)
+            if lookup is None:
+                continue
+            for value in lookup.initializers:
+                graph.register_initializer(value)
+            graph.insert_before(gather, lookup.nodes)
+            take_place(graph, gather, lookup.output)
+            opsets.update(lookup.opset_imports)
+            self.shared.append(
+                {"table": rw.site.weight_name, "node": name, "shared_with": rw.site.name,
+                 "bits": rw.packed.attributes.get("bits"), "block_size": rw.packed.attributes.get("block_size")}
+            )  # fmt: skip
+        return opsets
+
+
+def tied_gathers(weight: ir.Value, site: WeightSite) -> list[ir.Node]:
+    """Gathers (axis 0) reading ``weight`` as the ``[N, K]`` table of ``site``: the initializer itself
+    when it is stored ``[N, K]``, else its Transpose."""
+    if site.transposed:
+        tables = [weight]
+    else:
+        tables = [
+            u.node.outputs[0]
+            for u in weight.uses()
+            if u.node.op_type == "Transpose" and _attr(u.node, "perm", [1, 0]) == [1, 0]
+        ]
+    return [
+        u.node
+        for table in tables
+        for u in table.uses()
+        if u.node.op_type == "Gather" and u.idx == 0 and _attr(u.node, "axis", 0) == 0
+        and u.node.domain in ("", "ai.onnx")
+    ]  # fmt: skip
+
+
+def _attr(node: ir.Node, name: str, default: object) -> object:
+    a = node.attributes.get(name)
+    return default if a is None else (list(a.value) if isinstance(a.value, Sequence) else a.value)
+
+
+def take_place(graph: ir.Graph, node: ir.Node, output: ir.Value) -> None:
+    """Reroute ``node``'s output to ``output`` and remove the node. The output keeps the old name (graph
+    outputs such as logits and readers rely on it) and its type and shape (onnx.checker requires them on
+    graph outputs; the value is the same)."""
+    old = node.outputs[0]
+    old_name = old.name
+    ir.convenience.replace_all_uses_with(old, output, replace_graph_outputs=True)
+    graph.remove(node, safe=True)
+    old.name = None
+    output.name = old_name
+    if output.type is None:
+        output.type = old.type
+    if output.shape is None:
+        output.shape = old.shape

@@ -212,12 +212,23 @@ QUANT_FLAGS: list = [
         },
     ),
     (
-        ("--quantize-lm-head",),
+        ("--lm-head",),
         {
             "dest": "lm_head",
             "default": "==SUPPRESS==",
-            "action": "store_true",
-            "help": "quantize the output projection too (default off)",
+            "help": "output projection: its bits (8 = 1/4 of float, no measurable loss), scheme = the run's scheme, "
+            "none = float (benchmarks/results/small_fast_defaults.md) (default 8)",
+            "choices": ["8", "4", "2", "scheme", "none"],
+        },
+    ),
+    (
+        ("--embeddings",),
+        {
+            "dest": "embeddings",
+            "default": "==SUPPRESS==",
+            "help": "token embedding tables: GatherBlockQuantized at these bits (round to nearest); a table tied to a "
+            "quantized output projection shares its codes instead; none = float (default 8)",
+            "choices": ["8", "4", "2", "none"],
         },
     ),
     (
@@ -225,8 +236,8 @@ QUANT_FLAGS: list = [
         {
             "dest": "accuracy_level",
             "default": "==SUPPRESS==",
-            "help": "MatMulNBits/MatMulLowBit accuracy_level: 0 exact fp32 accumulation, 4 int8 activations (default "
-            "0)",
+            "help": "MatMulNBits/MatMulLowBit accuracy_level: 4 int8 activations (the fast CPU path; CUDA ignores "
+            "it), 0 exact float accumulation (benchmarks/results/small_fast_defaults.md) (default 4)",
             "type": "int",
         },
     ),

@@ -130,7 +130,7 @@ class QuantizationRun:
     def _pass(self, override: ModuleOverride | None, config: QuantConfig) -> QuantizationResult | None:
         sel = config.selection
         try:
-            report = prepare_sites(self.model, sel.include, sel.exclude, sel.lm_head)
+            report = prepare_sites(self.model, sel.include, sel.exclude, sel.quantize_lm_head)
         except NoQuantizableWeightsError as e:
             if override is not None:
                 raise NoQuantizableWeightsError(
@@ -175,7 +175,11 @@ def _passes(config: QuantConfig) -> Iterator[tuple[ModuleOverride | None, QuantC
         scheme = dataclasses.replace(
             config.with_overrides(scheme=o.scheme).scheme, format=config.scheme.format
         )
-        pass_sel = sel.replace(include=(o.pattern,), exclude=(*sel.exclude, *taken), overrides=())
+        # an override that matches the output projection gives it the override's scheme
+        head = "scheme" if sel.quantize_lm_head else "none"
+        pass_sel = sel.replace(
+            include=(o.pattern,), exclude=(*sel.exclude, *taken), overrides=(), lm_head=head
+        )
         yield o, dataclasses.replace(config, scheme=scheme, selection=pass_sel)
         taken.append(o.pattern)
     yield (
@@ -188,10 +192,11 @@ def build_record(run: QuantizationRun) -> dict[str, Any]:
     """``quantization_config.json``'s body: the config as run, per-site results (each with its scheme),
     skipped sites, calibration report and timings."""
     last = run.passes[-1][1]
-    sites, timings = [], {}
+    sites, timings, embeddings = [], {}, []
     for _, result in run.passes:
         body = result.to_dict()
-        sites += [{**s, "scheme": result.scheme.label} for s in body["sites"]]
+        sites += body["sites"]
+        embeddings += body["embeddings"]
         for key, value in body["timings"].items():
             timings[key] = timings.get(key, 0.0) + value
     # the last pass sees the earlier passes' sites as "already quantized": only those of the input count
@@ -213,6 +218,7 @@ def build_record(run: QuantizationRun) -> dict[str, Any]:
         "float_bytes": run.float_bytes,
         "n_sites": len(sites),
         "sites": sites,
+        "embeddings": embeddings,
         "skipped": skipped,
         "timings": timings,
     }

@@ -142,6 +142,49 @@ class MatMulNBitsPacker:
         )
         return ReplacementNodes(nodes, inits, out, {"com.microsoft": 1})
 
+    def build_gather(
+        self, head: ReplacementNodes, packed: PackedWeight, indices: ir.Value, name: str
+    ) -> ReplacementNodes | None:
+        """The lookup of an embedding table tied to this weight, reading the same stored arrays (no copy):
+        ``GatherBlockQuantized`` over ``B`` viewed as ``[N, k_blocks * block * bits / 8]`` and the scales
+        as ``[N, k_blocks]`` (two Reshapes), then a Slice of the padded tail when K is not a multiple of
+        the block. ``head``: what :meth:`build` returned for the weight."""
+        n, k, bits, block = (int(packed.attributes[a]) for a in ("N", "K", "bits", "block_size"))
+        width = -(-k // block) * block
+        stored = {str(v.name).rsplit(".", 1)[-1]: v for v in head.initializers}
+        views = {"data": [n, width * bits // 8], "scales": [n, width // block]}
+        inits, nodes, inputs = [], [], {}
+        for role, source in (("data", stored["B"]), ("scales", stored["scales"])):
+            shape = base.initializer(f"{name}.{role}_shape", np.array(views[role], np.int64))
+            view = ir.Value(name=f"{name}/{role}", type=source.type, shape=ir.Shape(views[role]))
+            nodes.append(ir.node("Reshape", [source, shape], outputs=[view], name=f"{name}/Reshape_{role}"))
+            inits.append(shape)
+            inputs[role] = view
+        dtype = stored["scales"].dtype or ir.DataType.FLOAT
+        dims = list(indices.shape) if indices.shape is not None else None
+        out = ir.Value(
+            name=f"{name}/output",
+            type=ir.TensorType(dtype),
+            shape=None if dims is None else ir.Shape([*dims, width]),
+        )
+        gather_inputs = [inputs["data"], indices, inputs["scales"]]
+        if "zero_points" in stored:
+            gather_inputs.append(stored["zero_points"])
+        attributes = {"gather_axis": 0, "quantize_axis": 1, "block_size": block, "bits": bits}
+        nodes.append(
+            ir.node("GatherBlockQuantized", gather_inputs, attributes, domain="com.microsoft", outputs=[out],
+                    name=f"{name}/GatherBlockQuantized")
+        )  # fmt: skip
+        if width != k:  # the padded tail of each row holds zeros: drop it
+            ends = [base.initializer(f"{name}.slice_{r}", np.array([v], np.int64)) for r, v in
+                    (("starts", 0), ("ends", k), ("axes", -1))]  # fmt: skip
+            sliced = ir.Value(name=f"{name}/sliced", type=ir.TensorType(dtype),
+                              shape=None if dims is None else ir.Shape([*dims, k]))  # fmt: skip
+            nodes.append(ir.node("Slice", [out, *ends], outputs=[sliced], name=f"{name}/Slice"))
+            inits += ends
+            out = sliced
+        return ReplacementNodes(nodes, inits, out, {"com.microsoft": 1})
+
     def read(self, node: ir.Node) -> StoredWeight | None:
         """Also reads float zero points (onnxruntime's HQQ): ``unpack`` refuses them, the caller applies them."""
         tensors = base.const_inputs(node, ("A", "B", "scales", "zero_points"))

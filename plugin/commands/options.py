@@ -29,7 +29,7 @@ Spec = tuple[tuple[str, ...], dict[str, Any]]
 
 # optimum-cli export onnx-quant: Optimum has its own --device (the export device, also used here), and
 # the hook keeps the names its users already have.
-HOOK_SPELLING = {"bits": "--weight-bits", "lm_head": "--quantize-lm-head"}
+HOOK_SPELLING = {"bits": "--weight-bits"}
 HOOK_SKIP = ("device",)
 # bool options on by default: (flag that turns them on, flag that turns them off, help of the off flag)
 _ON_OFF = {

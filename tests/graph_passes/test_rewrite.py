@@ -26,12 +26,12 @@ def _rtn(w: np.ndarray, scheme: QuantScheme) -> QuantizedWeight:
     return QuantizedWeight(grid.codes_from_weight(w, scales, zp, scheme), scales, zp, scheme)
 
 
-def _graph():
+def _graph(k: int = K):
     """Embedding (tied to the lm_head through Transpose) -> up (MatMul [K,N]) -> Gemm(transB, bias) -> lm_head."""
-    e = RNG.standard_normal((V, K)).astype(np.float32)
-    w_up = RNG.standard_normal((K, N)).astype(np.float32)
-    w_dn = RNG.standard_normal((K, N)).astype(np.float32)  # Gemm transB: stored [out=K, in=N]
-    bias = RNG.standard_normal((K,)).astype(np.float32)
+    e = RNG.standard_normal((V, k)).astype(np.float32)
+    w_up = RNG.standard_normal((k, N)).astype(np.float32)
+    w_dn = RNG.standard_normal((k, N)).astype(np.float32)  # Gemm transB: stored [out=k, in=N]
+    bias = RNG.standard_normal((k,)).astype(np.float32)
     nodes = [
         helper.make_node("Gather", ["E", "ids"], ["h"], name="/model/embed_tokens/Gather"),
         helper.make_node("MatMul", ["h", "Wup"], ["a"], name="/model/layers.0/mlp/up_proj/MatMul"),
@@ -82,8 +82,8 @@ def test_rewrite_matches_dequantized_reference(fmt, label):
     packer = get_packer(fmt)
     weights = {"model.layers.0.mlp.up_proj": w_up.T, "model.layers.0.mlp.down_proj": w_dn_nk, "lm_head": e}
     qws = {name: _rtn(np.ascontiguousarray(w), scheme) for name, w in weights.items()}
-    rewrites = [SiteRewrite(s, packer.pack(qws[s.name])) for s in report.sites]
-    result = ReplaceWeightSitesPass(packer, rewrites)(model)
+    rewrites = [SiteRewrite(s, packer.pack(qws[s.name]), packer) for s in report.sites]
+    result = ReplaceWeightSitesPass(rewrites)(model)
     assert result.modified
 
     ops = [n.op_type for n in model.graph]
@@ -109,6 +109,30 @@ def test_rewrite_matches_dequantized_reference(fmt, label):
     np.testing.assert_allclose(logits, ref, rtol=1e-4, atol=1e-5 * float(np.abs(ref).max()))
 
 
+@pytest.mark.parametrize(("label", "k"), [("w8-g32-sym", 64), ("w4-g32-asym", 64), ("w8-g32-sym", 48)])
+def test_tied_embedding_shares_the_heads_packed_arrays(label, k):
+    """share_embeddings: the Gather of the tied table becomes a GatherBlockQuantized over the head's own
+    B/scales/zero points (no float table, no second copy); a row not filling whole blocks is sliced."""
+    proto, e, *_ = _graph(k)
+    model = ir.serde.deserialize_model(proto)
+    (head,) = [s for s in find_weight_sites(model, quantize_lm_head=True).sites if s.kind == "lm_head"]
+    packer = get_packer("matmulnbits")
+    qw = _rtn(e, QuantScheme.parse(label))
+    rewrite = ReplaceWeightSitesPass([SiteRewrite(head, packer.pack(qw), packer)], share_embeddings=True)
+    rewrite(model)
+    ops = [n.op_type for n in model.graph]
+    assert "Gather" not in ops and ops.count("GatherBlockQuantized") == 1
+    assert "E" not in model.graph.initializers
+    assert sum(v.const_value.dtype == ir.DataType.UINT8 and v.const_value.size >= V * k // 2
+               for v in model.graph.initializers.values()) == 1  # fmt: skip
+    assert rewrite.shared == [{"table": "E", "node": "/model/embed_tokens/Gather", "shared_with": "lm_head",
+                               "bits": qw.scheme.bits, "block_size": 32}]  # fmt: skip
+    ids = RNG.integers(0, V, (2, 5))
+    _, h = _run(model, ids)
+    assert h.shape == (2, 5, k)
+    np.testing.assert_allclose(h, qw.dequantize()[ids], rtol=1e-6, atol=1e-6)
+
+
 def test_untied_transpose_and_weight_are_removed():
     w = RNG.standard_normal((N, K)).astype(np.float32)
     nodes = [
@@ -128,7 +152,7 @@ def test_untied_transpose_and_weight_are_removed():
     scheme = QuantScheme.parse("w4-g64")
     packer = get_packer("matmulnbits")
     qw = _rtn(w, scheme)
-    ReplaceWeightSitesPass(packer, [SiteRewrite(site, packer.pack(qw))])(model)
+    ReplaceWeightSitesPass([SiteRewrite(site, packer.pack(qw), packer)])(model)
     assert [n.op_type for n in model.graph] == ["MatMulNBits"]
     assert "W" not in model.graph.initializers
     x = RNG.standard_normal((3, K)).astype(np.float32)
