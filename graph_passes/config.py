@@ -151,6 +151,11 @@ class OutputConfig(Options):
         "MatMulNBits/MatMulLowBit accuracy_level: 4 int8 activations (the fast CPU path; CUDA ignores it), "
         "0 exact float accumulation (benchmarks/results/small_fast_defaults.md)",
     )
+    fuse: bool = option(
+        True,
+        "one MatMulNBits (and a Split) for the projections that read the same input, such as q/k/v and "
+        "gate/up: fewer kernel calls (benchmarks/results/small_fast_defaults.md)",
+    )
     workers: int | None = option(
         None,
         "processes that round a decoder block's sites side by side (same output; default: one per CPU, at "

@@ -28,6 +28,7 @@ from . import packing, rounding  # noqa: F401  (importing the packages registers
 from .config import QuantConfig
 from .embeddings import quantize_embeddings
 from .errors import CalibrationError, NoQuantizableWeightsError, UnsupportedSchemeError, UserError
+from .fuse import FuseSiblingMatMulNBitsPass
 from .model_io import read_weight
 from .packing.base import PackedWeight, Packer, get_packer
 from .parallel import in_order, resolve_workers, result_of, round_site, rounding_pool
@@ -170,19 +171,22 @@ def check_sites(packer: Packer, scheme: QuantScheme, sites: Sequence[WeightSite]
 
 def _spill(packed: PackedWeight, folder: Path, stem: str) -> PackedWeight:
     """Write the packed arrays to files and reopen them read-only memory-mapped (no copy stays in RAM)."""
-    tensors: dict[str, np.ndarray] = {}
-    for role, array in packed.tensors.items():
-        arr = np.ascontiguousarray(array)
-        if arr.size == 0:
-            tensors[role] = arr
-            continue
-        file = folder / f"{stem}.{role}.bin"
-        out = np.memmap(file, dtype=arr.dtype, mode="w+", shape=arr.shape)
-        out[...] = arr
-        out.flush()
-        del out
-        tensors[role] = np.memmap(file, dtype=arr.dtype, mode="r", shape=arr.shape)
+    tensors = {
+        role: spill_array(array, folder / f"{stem}.{role}.bin") for role, array in packed.tensors.items()
+    }
     return dataclasses.replace(packed, tensors=tensors)
+
+
+def spill_array(array: np.ndarray, file: Path) -> np.ndarray:
+    """``array`` written to ``file`` and reopened read-only memory-mapped (empty arrays stay as they are)."""
+    arr = np.ascontiguousarray(array)
+    if arr.size == 0:
+        return arr
+    out = np.memmap(file, dtype=arr.dtype, mode="w+", shape=arr.shape)
+    out[...] = arr
+    out.flush()
+    del out
+    return np.memmap(file, dtype=arr.dtype, mode="r", shape=arr.shape)
 
 
 class _SiteQuantizer:
@@ -406,6 +410,10 @@ def quantize_model(
         rewrite = ReplaceWeightSitesPass(quantizer.rewrites, share_embeddings=share)
         rewrite(model)
         embeddings = rewrite.shared + _quantize_embeddings(model, config)
+        if config.output.fuse:
+            FuseSiblingMatMulNBitsPass(lambda name, a: spill_array(a, folder / f"{_file_stem(name)}.bin"))(
+                model
+            )
         timings["rewrite"] = time.perf_counter() - t2
     except BaseException:
         if tmp is not None:
@@ -423,6 +431,10 @@ def quantize_model(
         embeddings=embeddings,
         _tmp=tmp,
     )
+
+
+def _file_stem(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
 
 
 def _quantize_embeddings(model: ir.Model, config: QuantConfig) -> list[dict[str, Any]]:

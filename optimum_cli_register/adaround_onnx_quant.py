@@ -242,6 +242,27 @@ QUANT_FLAGS: list = [
         },
     ),
     (
+        ("--fuse",),
+        {
+            "dest": "fuse",
+            "default": "==SUPPRESS==",
+            "action": "store_true",
+            "help": "one MatMulNBits (and a Split) for the projections that read the same input, such as q/k/v and "
+            "gate/up: fewer kernel calls (benchmarks/results/small_fast_defaults.md) (default)",
+            "exclusive": "fuse",
+        },
+    ),
+    (
+        ("--no-fuse",),
+        {
+            "dest": "fuse",
+            "default": "==SUPPRESS==",
+            "action": "store_false",
+            "help": "keep one MatMulNBits per projection",
+            "exclusive": "fuse",
+        },
+    ),
+    (
         ("--workers",),
         {
             "dest": "workers",

@@ -39,6 +39,7 @@ from .custom_ops import OP_TYPES, uses_custom_domain
 from .data.text import evaluation_text, load_tokenizer, special_prefix, token_stream
 from .graph_passes.calibration.feeds import FeedSpec, feed_specs, make_feeds, window_capacities
 from .graph_passes.errors import InvalidModelError, InvalidOptionError, UserError
+from .graph_passes.fuse import fused_parts
 from .graph_passes.model_io import find_model_file, load_model, read_weight
 from .graph_passes.packing.base import StoredWeight, read_stored_weight
 from .graph_passes.rounding.metrics import sqnr_db
@@ -274,6 +275,8 @@ class QuantizedSite:
     """Role -> stored tensor, as the format's packer names them (``B``/``q``, ``scales``, ...)."""
     stored: StoredWeight
     """What the packer read; ``stored.scheme`` says bits, block size and format."""
+    rows: tuple[int, int] | None = None
+    """The rows of ``stored`` that are this module's, when one fused node holds several modules."""
 
     @property
     def weights(self) -> int:
@@ -283,8 +286,10 @@ class QuantizedSite:
         """The float32 ``W[N, K]`` this site computes with."""
         zp = self.tensors.get("zero_points")
         if zp is not None and zp.dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16):
-            return _float_zero_point_weight(self.stored, np.asarray(zp.numpy(), dtype=np.float32))
-        return self.stored.unpack().dequantize()
+            w = _float_zero_point_weight(self.stored, np.asarray(zp.numpy(), dtype=np.float32))
+        else:
+            w = self.stored.unpack().dequantize()
+        return w if self.rows is None else w[self.rows[0] : self.rows[1]]
 
 
 def _float_zero_point_weight(stored: StoredWeight, zp: np.ndarray) -> np.ndarray:
@@ -304,11 +309,23 @@ def quantized_sites(model: ir.Model) -> tuple[list[QuantizedSite], list[str]]:
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
         stored = read_stored_weight(node)
         if stored is not None:
-            name = module_path(stored.node.name or "")
-            sites.append(QuantizedSite(name, stored.k, stored.n, stored.nbytes, stored.tensors, stored))
+            sites += _modules_of(stored)
         elif node.domain == CUSTOM_DOMAIN and node.op_type not in OP_TYPES:
             unknown.append(f"{node.name} ({node.op_type})")
     return sites, unknown
+
+
+def _modules_of(stored: StoredWeight) -> list[QuantizedSite]:
+    """One site per module: a fused node (``graph_passes/fuse.py``) holds several, row after row; its
+    stored bytes are shared in proportion to the rows."""
+    parts = fused_parts(stored.node) or [(stored.node.name or "", stored.n)]
+    out, start = [], 0
+    for name, n in parts:
+        rows = None if len(parts) == 1 else (start, start + n)
+        share = stored.nbytes * n // stored.n
+        out.append(QuantizedSite(module_path(name), stored.k, n, share, stored.tensors, stored, rows))
+        start += n
+    return out
 
 
 def weight_sqnr(

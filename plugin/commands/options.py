@@ -35,6 +35,7 @@ HOOK_SKIP = ("device",)
 _ON_OFF = {
     "symmetric": ("--sym", "--asym", "asymmetric grid with zero points"),
     "sequential": ("--sequential", "--one-pass", "calibrate the float model in one pass"),
+    "fuse": ("--fuse", "--no-fuse", "keep one MatMulNBits per projection"),
 }
 
 
