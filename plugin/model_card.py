@@ -279,6 +279,7 @@ def _quantization_table(qconfig: Mapping[str, Any], scheme: Mapping[str, Any], m
         f"| method | `{method}` |",
         *(f"| scheme.{k} | `{v}` |" for k, v in scheme.items()),
     ]
+    lines += _site_scheme_rows(qconfig) + _embedding_rows(qconfig)
     calib = qconfig.get("calibration")
     if isinstance(calib, Mapping):
         lines += [f"| calibration.{k} | `{v}` |" for k, v in calib.items()]
@@ -288,6 +289,40 @@ def _quantization_table(qconfig: Mapping[str, Any], scheme: Mapping[str, Any], m
     if isinstance(versions, Mapping) and versions:
         lines.append("| versions | " + ", ".join(f"{k} {v}" for k, v in versions.items()) + " |")
     return [*lines, ""]
+
+
+def _site_scheme_rows(qconfig: Mapping[str, Any]) -> list[str]:
+    """One row per scheme when the layers do not all share the run's: the output projection has its own
+    bits by default, and recipe overrides give matching layers theirs (so bits per weight is not the
+    scheme's alone)."""
+    by_scheme: dict[str, list[str]] = {}
+    for site in qconfig.get("sites") or []:
+        if isinstance(site, Mapping) and site.get("scheme"):
+            by_scheme.setdefault(str(site["scheme"]), []).append(str(site.get("name", "?")))
+    if len(by_scheme) < 2:
+        return []
+    return [
+        f"| layers at `{label}` | "
+        + (", ".join(f"`{n}`" for n in names) if len(names) <= 3 else f"{len(names)} layers")
+        + " |"
+        for label, names in by_scheme.items()
+    ]
+
+
+def _embedding_rows(qconfig: Mapping[str, Any]) -> list[str]:
+    """The token embedding tables stored as ``GatherBlockQuantized`` (their bytes are not in bits per weight,
+    which counts the linear layers)."""
+    rows = []
+    for table in qconfig.get("embeddings") or []:
+        if not isinstance(table, Mapping):
+            continue
+        shared = table.get("shared_with")
+        codes = f"the codes of `{shared}`" if shared else "its own codes"
+        rows.append(
+            f"| embedding `{table.get('table')}` | GatherBlockQuantized, {table.get('bits')} bits, "
+            f"block {table.get('block_size')}, {codes} |"
+        )
+    return rows
 
 
 _USAGE = [

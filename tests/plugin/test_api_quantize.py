@@ -51,8 +51,14 @@ def test_folder_input_writes_complete_output(llama, tmp_path, tree_hash):
     # the config as asked (format auto) is both in the record and the recipe written next to the model
     asked = QuantConfig().with_overrides(scheme="w4-g32", method="rtn")
     assert QuantConfig.from_dict(record["config"]) == asked == load_config(out / "quantization_recipe.yaml")
-    assert record["n_sites"] == len(record["sites"]) == 14
-    assert [s["node_name"] for s in record["skipped"]] == ["/lm_head/MatMul"]
+    # by default the output projection is quantized too, at 8 bits with the run's block and symmetry
+    assert record["n_sites"] == len(record["sites"]) == 15 and record["skipped"] == []
+    schemes = {s["name"]: s["scheme"] for s in record["sites"]}
+    assert schemes.pop("lm_head") == "w8-g32-sym" and set(schemes.values()) == {"w4-g32-sym"}
+    # the separate (untied) token embedding becomes an 8-bit GatherBlockQuantized table
+    [table] = record["embeddings"]
+    assert (table["table"], table["shared_with"], table["bits"]) == ("model.embed_tokens.weight", None, 8)
+    assert table["packed_bytes"] < table["float_bytes"] / 3
     assert all(s["metrics"]["sqnr_db"] > 10 for s in record["sites"])
     assert record["quantized_bytes"] < record["float_bytes"]
     assert {"onnx", "onnx-ir", "onnxruntime", "python"} <= set(record["versions"])
@@ -75,7 +81,7 @@ def test_in_memory_inputs_come_back_in_their_kind(llama):
     proto = onnx.load(llama / "model.onnx")
     out = quantize(proto, scheme="w4-g32", method="rtn", format="qdq", progress=False)
     assert isinstance(out, onnx.ModelProto)
-    assert sum(n.op_type == "DequantizeLinear" for n in out.graph.node) == 14
+    assert sum(n.op_type == "DequantizeLinear" for n in out.graph.node) == 15  # 14 linear + lm_head
     assert {o.domain: o.version for o in out.opset_import}[""] == 21
     # the default method (gptq) calibrates: an in-memory model has no tokenizer to read text with
     with pytest.raises(CalibrationError, match="token-id array"):
@@ -83,7 +89,7 @@ def test_in_memory_inputs_come_back_in_their_kind(llama):
     gs = pytest.importorskip("onnx_graphsurgeon")
     graph = quantize(gs.import_onnx(proto), scheme="w8-g32", method="rtn", progress=False)
     assert isinstance(graph, gs.Graph)
-    assert sum(n.op == "MatMulNBits" for n in graph.nodes) == 14
+    assert sum(n.op == "MatMulNBits" for n in graph.nodes) == 15
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,14 +116,15 @@ def test_calibrated_method_reads_text_through_the_tokenizer(llama, tmp_path, mon
     out = quantize(llama, tmp_path / "q", method="needy_api", calib_samples=2, seq_len=32, progress=False)
     record = json.loads((out / "quantization_config.json").read_text())
     assert record["calibration"]["n_samples"] == 2 and record["calibration"]["seq_len"] == 32
-    # q/k/v count each sequence's first position 64 times by default (2 sequences: 64 + 2 * 63 tokens)
+    # q/k/v count each sequence's first position 64 times by default (2 sequences: 64 + 2 * 63 tokens);
+    # o/gate/up/down of both layers and the output projection count each token once
     assert record["calibration"]["sink_weight"] == 64.0
-    assert sorted(seen) == [64] * 8 + [64 + 2 * 63] * 6
+    assert sorted(seen) == [64] * 9 + [64 + 2 * 63] * 6
     seen.clear()
     quantize(
         llama, tmp_path / "q1", method="needy_api", calib_samples=2, seq_len=32, sink_weight=1, progress=False
     )
-    assert seen == [64] * 14
+    assert seen == [64] * 15
     ids = np.arange(40, dtype=np.int64).reshape(2, 20)
     quantize(llama, tmp_path / "q2", method="needy_api", calib_data=ids, progress=False)
     assert seen[-1] == 40
@@ -181,7 +188,7 @@ def test_a_recipe_file_reproduces_the_same_output_bytes(llama, tmp_path):
     assert (first / "model.onnx").read_bytes() == (again / "model.onnx").read_bytes()
     assert load_config(again / "quantization_recipe.yaml") == load_config(first / "quantization_recipe.yaml")
     record = json.loads((again / "quantization_config.json").read_text())
-    assert record["n_sites"] == 11 and record["calibration"]["n_samples"] == 2
+    assert record["n_sites"] == 12 and record["calibration"]["n_samples"] == 2  # 11 linear + lm_head
     # keywords next to a config replace only what they name
     third = quantize(llama, tmp_path / "c", config=first / "quantization_recipe.yaml", bits=8, progress=False)
     changed = load_config(third / "quantization_recipe.yaml")

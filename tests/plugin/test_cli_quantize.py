@@ -10,6 +10,7 @@ import pytest
 
 from optimum.adaround.cli import main
 from optimum.adaround.commands.options import parse_method_options
+from optimum.adaround.graph_passes.config import QuantConfig
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +26,9 @@ def test_quantize_command_prints_summary(llama, tmp_path, capsys):
     )  # fmt: skip
     assert rc == 0
     text = capsys.readouterr().out
-    assert "quantized 14 weights with rtn w4-g32-asym, format matmulnbits (chosen by --format auto)" in text
-    assert "1 x lm_head left in float" in text
+    # 14 linear layers and the output projection (8 bits by default); nothing is left in float
+    assert "quantized 15 weights with rtn w4-g32-asym, format matmulnbits (chosen by --format auto)" in text
+    assert "left in float" not in text
     assert f"output: {out}" in text and "smaller" in text
     record = json.loads((out / "quantization_config.json").read_text())
     assert record["scheme"]["data"]["symmetric"] is False
@@ -47,16 +49,25 @@ def test_lm_head_exclude_and_format_flags(llama, tmp_path, capsys):
         "--format",
         "qdq",
         "--lm-head",
+        "scheme",
         "--exclude",
         r"mlp\.down",
         "--no-progress",
     ]
     assert main(argv) == 0
     record = json.loads((out / "quantization_config.json").read_text())
-    names = [s["name"] for s in record["sites"]]
-    assert "lm_head" in names and not any("down_proj" in n for n in names) and len(names) == 13
-    assert record["format"] == "qdq"
+    schemes = {s["name"]: s["scheme"] for s in record["sites"]}
+    assert not any("down_proj" in n for n in schemes) and len(schemes) == 13
+    assert schemes["lm_head"] == "w4-g128-sym"  # --lm-head scheme: the run's own scheme
+    assert record["format"] == "qdq" and QuantConfig.from_dict(record["config"]).selection.lm_head == "scheme"
     assert "(chosen by --format auto)" not in capsys.readouterr().out
+    # --lm-head none --embeddings none: the head and its table stay float, and the summary says so
+    argv = ["quantize", str(llama), str(tmp_path / "f"), "--method", "rtn", "--lm-head", "none", "--embeddings",
+            "none", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    assert "1 x lm_head left in float" in capsys.readouterr().out
+    record = json.loads((tmp_path / "f" / "quantization_config.json").read_text())
+    assert len(record["sites"]) == 14 and record["embeddings"] == []
 
 
 @pytest.mark.parametrize(

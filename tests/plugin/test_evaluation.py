@@ -13,6 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from optimum.adaround import evaluation as E
 from optimum.adaround.cli import main as cli_main
+from optimum.adaround.graph_passes.scheme import QuantScheme
 
 V = 8  # vocabulary of the word tokenizer fixture: <unk>, <s>, a..f
 
@@ -250,9 +251,18 @@ def test_lowbit_custom_op_model_is_read_and_run(tiny_hf_onnx, tmp_path):
         progress=False,
     )
     assert rep.sites == len(rep.weight_sqnr_db) > 0 and not rep.unreadable_sites
-    # 3-bit codes + one fp32 scale per 32 weights (K = 64, 128: whole chunks, no padding) = 4 bits
-    assert rep.bits_per_weight == pytest.approx(4.0)
-    assert all(5 < v < 20 for v in rep.weight_sqnr_db.values())  # 3-bit RTN: ~14 dB
+    # codes + one fp32 scale per 32 weights (K = 64, 128: whole chunks, no padding): 3 + 1 = 4 bits for the
+    # linear layers, 8 + 1 = 9 for the output projection (its own 8-bit default, in the same op)
+    sites = json.loads((out / "quantization_config.json").read_text())["sites"]
+    bits = {s["name"]: QuantScheme.parse(s["scheme"]).bits + 1 for s in sites}
+    assert set(bits.values()) == {4, 9} and bits["lm_head"] == 9 and set(bits) == set(rep.weight_sqnr_db)
+    weights = {s["name"]: s["k"] * s["n"] for s in sites}
+    assert rep.bits_per_weight == pytest.approx(
+        sum(bits[n] * w for n, w in weights.items()) / sum(weights.values())
+    )
+    # 3-bit RTN: ~14 dB; 8-bit: ~40 dB
+    assert all(5 < v < 20 for n, v in rep.weight_sqnr_db.items() if n != "lm_head")
+    assert rep.weight_sqnr_db["lm_head"] > 30
     assert rep.perplexity is not None and math.isfinite(rep.perplexity.perplexity)
 
 

@@ -60,6 +60,16 @@ def op_counts(model_file: Path) -> dict[str, int]:
     return counts
 
 
+def quantized_bits(model_file: Path) -> dict[str, int]:
+    """Module path -> bits of every quantized linear weight, read back as evaluation reads them (a fused
+    q/k/v or gate/up node counts as its modules)."""
+    from optimum.adaround.evaluation import quantized_sites
+
+    sites, unreadable = quantized_sites(ir.load(str(model_file)))
+    assert not unreadable
+    return {s.name: s.stored.scheme.bits for s in sites}
+
+
 def generate(folder: Path, n: int = 4) -> torch.Tensor:
     model = load(folder)
     ids = torch.tensor([[5, 17, 42, 8]])
@@ -85,10 +95,14 @@ def exported(tiny_hf_model, tmp_path_factory):
 def test_one_liner_quantizes_every_linear_layer_and_generates(arch, exported, tiny_hf_model):
     out = exported(arch)
     assert {p.name for p in out.iterdir()} >= PUBLISH_FILES
-    expected = linear_count(tiny_hf_model(arch))
+    expected = linear_count(tiny_hf_model(arch)) + 1  # and the output projection, 8-bit by default
     qconfig = json.loads((out / "quantization_config.json").read_text())
     assert qconfig["n_sites"] == expected
-    assert op_counts(out / "model.onnx").get("MatMulNBits", 0) == expected
+    bits = quantized_bits(out / "model.onnx")
+    assert set(bits) == {s["name"] for s in qconfig["sites"]} and bits["lm_head"] == 8
+    # the token embedding (tied to the head or not) is looked up in 8-bit blocks: no float Gather of it
+    [table] = qconfig["embeddings"]
+    assert table["bits"] == 8 and op_counts(out / "model.onnx").get("GatherBlockQuantized", 0) == 1
     assert qconfig["source"]["model"] == str(tiny_hf_model(arch))
     assert qconfig["source"]["task"] == "text-generation-with-past"
     tokens = generate(out)
@@ -121,7 +135,7 @@ def test_onnx_folder_input_is_quantized_directly(tiny_hf_onnx, tmp_path):
     qconfig = json.loads((out / "quantization_config.json").read_text())
     assert qconfig["scheme"]["data"]["symmetric"] is False
     assert qconfig["source"]["model"] == str(tiny_hf_onnx("llama"))
-    assert op_counts(out / "model.onnx")["MatMulNBits"] == 14
+    assert len(quantized_bits(out / "model.onnx")) == 15  # 14 linear + lm_head
 
 
 def test_qdq_format_exports_at_opset_21_and_generates(tiny_hf_model, tmp_path):
@@ -130,29 +144,31 @@ def test_qdq_format_exports_at_opset_21_and_generates(tiny_hf_model, tmp_path):
     )
     model = ir.load(str(out / "model.onnx"))
     assert model.opset_imports[""] >= 21
-    assert op_counts(out / "model.onnx")["DequantizeLinear"] == 14
+    assert op_counts(out / "model.onnx")["DequantizeLinear"] == 15  # 14 linear + lm_head
     assert generate(out).shape == (1, 8)
 
 
 def test_recipe_overrides_run_as_separate_passes(tiny_hf_onnx, tmp_path):
     recipe = {"scheme": "w4-g32", "method": "rtn", "overrides": [{"pattern": r"mlp\.", "scheme": "w8-g32"}]}
     out = export(tiny_hf_onnx("llama"), tmp_path / "o", recipe=recipe, progress=False)
-    bits = {}
-    for node in ir.load(str(out / "model.onnx")).graph.all_nodes():
-        if node.op_type == "MatMulNBits":
-            bits[node.name] = node.attributes["bits"].as_int()
-    mlp = {b for name, b in bits.items() if "/mlp/" in name}
-    attn = {b for name, b in bits.items() if "/self_attn/" in name}
-    assert len(bits) == 14 and mlp == {8} and attn == {4}
+    bits = quantized_bits(out / "model.onnx")
+    mlp = {b for name, b in bits.items() if ".mlp." in name}
+    attn = {b for name, b in bits.items() if ".self_attn." in name}
+    # the output projection, in the last pass, takes its own 8-bit default scheme
+    assert len(bits) == 15 and mlp == {8} and attn == {4} and bits["lm_head"] == 8
     qconfig = json.loads((out / "quantization_config.json").read_text())
-    assert qconfig["n_sites"] == len(qconfig["sites"]) == 14
+    assert qconfig["n_sites"] == len(qconfig["sites"]) == 15
     eight = [s["node_name"] for s in qconfig["sites"] if s["scheme"].startswith("w8-g32")]
-    assert len(eight) == 6 and all("/mlp/" in n for n in eight)  # gate/up/down x 2 layers
-    assert sorted(s["scheme"].split("-sym")[0] for s in qconfig["sites"]) == ["w4-g32"] * 8 + ["w8-g32"] * 6
+    assert len(eight) == 7 and all("/mlp/" in n for n in eight[:-1])  # gate/up/down x 2 layers
+    assert eight[-1] == "/lm_head/MatMul"
+    assert sorted(s["scheme"].split("-sym")[0] for s in qconfig["sites"]) == ["w4-g32"] * 8 + ["w8-g32"] * 7
 
 
 def test_sites_of_an_override_pass_are_not_listed_as_skipped(tiny_hf_onnx, tmp_path):
-    recipe = {"scheme": "w4-g32", "method": "rtn", "overrides": [{"pattern": r"mlp\.", "scheme": "w8-g32"}]}
+    recipe = {
+        "scheme": "w4-g32", "method": "rtn", "lm_head": "none",  # the one site no pass quantizes
+        "overrides": [{"pattern": r"mlp\.", "scheme": "w8-g32"}],
+    }  # fmt: skip
     out = export(tiny_hf_onnx("llama"), tmp_path / "o", recipe=recipe, progress=False)
     qconfig = json.loads((out / "quantization_config.json").read_text())
     assert [s["node_name"] for s in qconfig["skipped"]] == ["/lm_head/MatMul"]
@@ -305,7 +321,7 @@ def test_a_recipe_file_and_its_config_export_the_same_bytes(tiny_hf_onnx, tmp_pa
     b = export(tiny_hf_onnx("llama"), tmp_path / "b", recipe=recipe, progress=False)
     assert (a / "model.onnx").read_bytes() == (b / "model.onnx").read_bytes()
     assert load_config(b / "quantization_recipe.yaml") == config
-    assert json.loads((b / "quantization_config.json").read_text())["n_sites"] == 7
+    assert json.loads((b / "quantization_config.json").read_text())["n_sites"] == 8  # layer 1 + lm_head
 
 
 def test_push_to_hub_calls_the_wrapper_with_the_finished_folder(tiny_hf_onnx, tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ import re
 import pytest
 
 from optimum.adaround import export
+from optimum.adaround.graph_passes.scheme import QuantScheme
 from optimum.adaround.model_card import (
     build_model_card,
     fmt_mb,
@@ -63,9 +64,27 @@ def test_card_numbers_match_eval_json(evaluated):
     ]
     bpw = table_row(text, "bits per weight")
     assert bpw[2] == fmt_num(after["bits_per_weight"])
-    # w4, blocks of 32, symmetric, float32 scales: 4 + 32/32 bits per weight, exactly
-    assert after["bits_per_weight"] == pytest.approx(5.0)
-    assert after["sites"] == 14 and f"({after['sites']} layers" in bpw[0]
+    assert after["bits_per_weight"] == pytest.approx(expected_bits_per_weight(evaluated))
+    assert after["sites"] == 15 and f"({after['sites']} layers" in bpw[0]
+
+
+def expected_bits_per_weight(folder) -> float:
+    """Blocks of 32, symmetric, float32 scales: ``bits + 32/32`` per weight of each layer, exactly; the 14
+    linear layers at 4 bits and the output projection at its own 8 bits, weighted by their sizes."""
+    sites = json.loads((folder / "quantization_config.json").read_text())["sites"]
+    assert {s["scheme"] for s in sites} == {"w4-g32-sym", "w8-g32-sym"}
+    bits = sum((QuantScheme.parse(s["scheme"]).bits + 1) * s["k"] * s["n"] for s in sites)
+    return bits / sum(s["k"] * s["n"] for s in sites)
+
+
+def test_card_lists_the_head_scheme_and_the_quantized_embedding(evaluated):
+    """The card says which layers are not at the run's scheme and which embedding tables are quantized
+    (bits per weight above counts the linear layers only)."""
+    text = (evaluated / "README.md").read_text()
+    assert table_row(text, "layers at `w8-g32-sym`")[1] == "`lm_head`"
+    assert table_row(text, "layers at `w4-g32-sym`")[1] == "14 layers"
+    table = table_row(text, "embedding `model.embed_tokens.weight`")
+    assert table[1] == "GatherBlockQuantized, 8 bits, block 32, its own codes"
 
 
 def test_eval_perplexities_are_plausible(evaluated):
@@ -82,7 +101,7 @@ def test_card_without_eval_says_so(evaluated, tmp_path):
     assert "Perplexity was not measured" in text
     front = read_front_matter(text)
     assert front["base_model"] == "org/model" and front["license"] == "mit"
-    assert re.search(r"\| bits per weight.*\| 32 \| 5\.000 \|", text)
+    assert re.search(rf"\| bits per weight.*\| 32 \| {fmt_num(expected_bits_per_weight(tmp_path))} \|", text)
 
 
 def test_read_front_matter_edge_cases():

@@ -22,7 +22,7 @@ from optimum.adaround.recipes import save_config
 OPTIMUM_CLI = shutil.which("optimum-cli") or str(Path(sys.executable).with_name("optimum-cli"))
 QUANT_FLAGS = [
     "--weight-bits", "--group-size", "--sym", "--asym", "--method", "--format", "--calib-data",
-    "--calib-samples", "--seq-len", "--include", "--exclude", "--quantize-lm-head", "--recipe", "--eval",
+    "--calib-samples", "--seq-len", "--include", "--exclude", "--lm-head", "--embeddings", "--recipe", "--eval",
     "--overwrite", "--push-to-hub", "--scheme", "--method-option", "--data-type", "--scale-dtype", "--sequential",
     "--one-pass", "--sink-weight", "--seed", "--accuracy-level", "--workers",
 ]  # fmt: skip
@@ -151,9 +151,9 @@ def test_flags_override_recipe_only_when_given(tmp_path):
         return run_config(kw["config"], **overrides_from_args(args, hook_specs()))
 
     assert config() == written  # no flag given: nothing of the recipe is replaced by a default
-    four = config("--weight-bits", "4", "--quantize-lm-head")
-    # only the bits (and lm_head) change; group size, symmetry, format and the rest from the recipe
-    assert four == written.with_overrides(bits=4, lm_head=True)
+    four = config("--weight-bits", "4", "--lm-head", "scheme", "--embeddings", "none")
+    # only the bits, lm_head and embeddings change; group size, symmetry, format and the rest from the recipe
+    assert four == written.with_overrides(bits=4, lm_head="scheme", embeddings="none")
     assert (four.scheme.bits, four.scheme.group_size, four.scheme.symmetric) == (4, 64, False)
 
 
@@ -203,7 +203,9 @@ def test_cli_in_process_on_tiny_qwen2(tiny_hf_model, tmp_path, capsys):
     )  # fmt: skip
     assert code == 0, err[-3000:]
     qconfig = json.loads((out / "quantization_config.json").read_text())
-    assert qconfig["n_sites"] == 7 + 4  # layer 1 keeps gate/up/down in float
+    # layer 1 keeps gate/up/down in float; the output projection is quantized at 8 bits by default
+    assert qconfig["n_sites"] == 7 + 4 + 1
+    assert {s["name"]: s["scheme"] for s in qconfig["sites"]}["lm_head"] == "w8-g32-asym"
     assert qconfig["scheme"]["data"] == {
         **qconfig["scheme"]["data"],
         "bits": 4,

@@ -33,9 +33,10 @@ CUSTOM_FLAT = {
     "sequential": False,
     "include": ["layers\\."],
     "exclude": ["lm_head", "embed"],
-    "lm_head": True,
+    "lm_head": "4",
+    "embeddings": "none",
     "seed": 3,
-    "accuracy_level": 4,
+    "accuracy_level": 0,
     "workers": 2,
     "overrides": [{"pattern": "mlp\\.down_proj", "scheme": "w8-g128"}],
 }
@@ -56,10 +57,14 @@ def test_flat_mapping_sets_every_field():
         3,
     )
     sel = c.selection
-    assert sel.include == ("layers\\.",) and sel.exclude == ("lm_head", "embed") and sel.lm_head is True
+    assert sel.include == ("layers\\.",) and sel.exclude == ("lm_head", "embed")
+    assert (sel.lm_head, sel.embeddings) == ("4", "none")
     assert sel.overrides == (ModuleOverride("mlp\\.down_proj", "w8-g128"),)
-    assert (c.output.accuracy_level, c.output.workers) == (4, 2)
+    assert (c.output.accuracy_level, c.output.workers) == (0, 2)
     assert config_from_mapping({"version": 1, "name": "custom", **CUSTOM_FLAT}) == CUSTOM
+    # recipes of 0.7 wrote lm_head as a switch: true is the run's scheme, false is float
+    assert config_from_mapping({"lm_head": True}).selection.lm_head == "scheme"
+    assert config_from_mapping({"lm_head": False}).selection.lm_head == "none"
 
 
 def test_defaults_are_w4_g128_sym_gptq_auto():
@@ -70,6 +75,8 @@ def test_defaults_are_w4_g128_sym_gptq_auto():
         and c.scheme.format is WeightFormat.AUTO
     )
     assert c.method.name == "gptq" and c.needs_calibration
+    # small and fast by default: 8-bit output projection and embeddings, int8-activation kernels
+    assert (c.selection.lm_head, c.selection.embeddings, c.output.accuracy_level) == ("8", "8", 4)
     assert c.calib_samples == c.method.default_calib_samples
     assert QuantConfig().with_overrides(method="adaround").calib_samples == 128
     assert QuantConfig().with_overrides(calib_samples=7).calib_samples == 7

@@ -4,6 +4,7 @@ registers in the ONNX domain, external data read from any working directory."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -14,13 +15,16 @@ import pytest
 
 from optimum.adaround import quantize
 from optimum.adaround.cli import main
+from optimum.adaround.evaluation import quantized_sites
 from optimum.adaround.graph_passes.calibration.engine import run_calibration
 from optimum.adaround.graph_passes.calibration.feeds import feed_specs, make_feeds, window_capacities
 from optimum.adaround.graph_passes.calibration.sessions import open_session
 from optimum.adaround.graph_passes.errors import CalibrationError
 from optimum.adaround.graph_passes.model_io import load_model
-from optimum.adaround.graph_passes.packing.base import read_stored_weight
-from optimum.adaround.graph_passes.sites import find_weight_sites, module_path
+from optimum.adaround.graph_passes.packing.base import PackedWeight
+from optimum.adaround.graph_passes.packing.gather_block import GatherBlockQuantizedPacker
+from optimum.adaround.graph_passes.scheme import QuantScheme
+from optimum.adaround.graph_passes.sites import find_weight_sites
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "genai"
 MODELS = [f"{arch}-{precision}" for arch in ("llama", "qwen2", "gemma3") for precision in ("fp32", "fp16")]
@@ -45,29 +49,51 @@ def _logits(sess: ort.InferenceSession, model: ir.Model, folder: Path, past: flo
 
 
 def _dequantized_reference(src: Path, out: Path) -> ir.Model:
-    """The float model of ``src`` with each weight quantized in ``out`` replaced by its dequantized codes."""
+    """The float model of ``src`` with each weight quantized in ``out`` replaced by its dequantized codes:
+    every linear layer and the output projection (read as evaluation reads them, a fused q/k/v or gate/up
+    node as its modules), and each token embedding table stored as its own ``GatherBlockQuantized``. A
+    table tied to the output projection is the projection's weight (Gemma-3: the Gather reads its
+    transpose), so replacing that weight replaces the table too, as the quantized lookup reads the same
+    codes."""
     ref = load_model(src).model
     sites = {s.name: s for s in find_weight_sites(ref, quantize_lm_head=True).sites}
-    replaced = 0
-    for node in load_model(out).model.graph:
-        stored = read_stored_weight(node)
-        if stored is None:
-            continue
-        site = sites[module_path(node.name or "")]
-        init = ref.graph.initializers[site.weight_name]
-        w = stored.unpack().dequantize()
-        arr = w if site.transposed else w.T
-        init.const_value = ir.tensor(np.ascontiguousarray(arr, dtype=init.const_value.dtype.numpy()))
-        replaced += 1
-    assert replaced >= 10  # every projection of both layers: qkv, o, gate, up, down
+    quantized = load_model(out).model
+    found, unreadable = quantized_sites(quantized)
+    assert not unreadable
+    for q in found:
+        site = sites[q.name]
+        w = q.dequantize()
+        _replace(ref, site.weight_name, w if site.transposed else w.T)
+    assert {q.name for q in found} == set(sites)  # every projection of both layers and lm_head
+    record = json.loads((out / "quantization_config.json").read_text())
+    for table in record["embeddings"]:
+        if table["shared_with"] is None:
+            node = next(n for n in quantized.graph if n.name == f"{table['node']}/GatherBlockQuantized")
+            _replace(ref, table["table"], _gather_table(node))
     return ref
+
+
+def _replace(model: ir.Model, name: str, array: np.ndarray) -> None:
+    init = model.graph.initializers[name]
+    init.const_value = ir.tensor(np.ascontiguousarray(array, dtype=init.const_value.dtype.numpy()))
+
+
+def _gather_table(node: ir.Node) -> np.ndarray:
+    """The float table ``[vocab, hidden]`` a ``GatherBlockQuantized`` node looks rows up in."""
+    data, scales = (node.inputs[i].const_value.numpy() for i in (0, 2))
+    zp = node.inputs[3].const_value.numpy() if len(node.inputs) > 3 and node.inputs[3] is not None else None
+    bits, block = (node.attributes[a].as_int() for a in ("bits", "block_size"))
+    scheme = QuantScheme(bits=bits, group_size=block, symmetric=zp is None)
+    tensors = {"data": data, "scales": scales, **({} if zp is None else {"zero_points": zp})}
+    n, k = data.shape[0], data.shape[1] * 8 // bits
+    return GatherBlockQuantizedPacker().unpack(PackedWeight(tensors, {}), scheme, k, n).dequantize()
 
 
 def _check_against_dequantized_reference(src: Path, out: Path) -> None:
     """The output runs in plain onnxruntime, and its logits are those of the float graph with the
     dequantized weights in place of the float ones (and not those of the float graph itself)."""
     quantized = load_model(out).model
-    assert "MatMulNBits" in {n.op_type for n in quantized.graph}
+    assert {"MatMulNBits", "GatherBlockQuantized"} <= {n.op_type for n in quantized.graph}
     got = _logits(_session(out / "model.onnx"), quantized, src)
     reference = _dequantized_reference(src, out)
     want = _logits(_session(reference), reference, src)
@@ -84,8 +110,54 @@ def test_builder_model_quantizes_from_outside_its_folder(name, method, tmp_path,
     elsewhere = tmp_path / "cwd"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)  # external data of the calibration parts must not resolve against it
-    out = quantize(src, tmp_path / "q", method=method, calib_data=IDS[:, :32], progress=False)
+    # accuracy_level 0: the kernels compute in float, so the logits are the dequantized reference's up to
+    # float rounding (the default, 4, quantizes activations to int8 and differs by ~1e-2)
+    out = quantize(
+        src, tmp_path / "q", method=method, calib_data=IDS[:, :32], accuracy_level=0, progress=False
+    )
     _check_against_dequantized_reference(src, out)
+
+
+def test_defaults_share_the_tied_table_and_run_in_onnxruntime_genai(tmp_path):
+    """With the defaults (8-bit output projection, embeddings on, accuracy_level 4, fusion) the Gemma-3
+    builder model's tied embedding becomes a lookup into the head's own packed arrays: no float copy of
+    the table is left, and onnxruntime-genai loads the folder and generates."""
+    og = pytest.importorskip("onnxruntime_genai")
+    src = FIXTURES / "gemma3-fp32"
+    out = quantize(src, tmp_path / "q", calib_data=IDS[:, :32], progress=False)
+    record = json.loads((out / "quantization_config.json").read_text())
+    head = next(s for s in record["sites"] if s["kind"] == "lm_head")
+    assert head["scheme"] == "w8-g128-sym"
+    [table] = record["embeddings"]
+    assert table["shared_with"] == head["name"] and table["bits"] == 8
+    model = load_model(out).model
+    vocab, hidden = 320, 64
+    floats = [
+        name
+        for name, v in model.graph.initializers.items()
+        if v.const_value is not None
+        and v.const_value.dtype == ir.DataType.FLOAT
+        and sorted(v.const_value.shape.dims) == [hidden, vocab]
+    ]
+    assert floats == []  # neither the table nor its transpose
+    [lookup] = [n for n in model.graph if n.op_type == "GatherBlockQuantized"]
+    [matmul] = [n for n in model.graph if n.op_type == "MatMulNBits" and n.outputs[0].name == "logits"]
+    reshape = lookup.inputs[0].producer()
+    assert reshape.op_type == "Reshape" and reshape.inputs[0] is matmul.inputs[1]  # the head's own codes
+    levels = {n.attributes["accuracy_level"].as_int() for n in model.graph if n.op_type == "MatMulNBits"}
+    assert levels == {4}
+    og.disable_telemetry_events()
+    genai_model = og.Model(str(out))
+    params = og.GeneratorParams(genai_model)
+    # the cache must hold the sliding layer's window (16)
+    params.set_search_options(do_sample=False, max_length=24)
+    generator = og.Generator(genai_model, params)
+    generator.append_tokens(np.array([[5, 6, 7, 8]], dtype=np.int32))
+    tokens = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        tokens.append(int(generator.get_next_tokens()[0]))
+    assert len(tokens) == 20 and all(0 <= t < vocab for t in tokens)
 
 
 def test_cli_gptq_on_a_windowed_builder_model_calibrates_on_text(tmp_path, monkeypatch):
@@ -93,7 +165,8 @@ def test_cli_gptq_on_a_windowed_builder_model_calibrates_on_text(tmp_path, monke
     tokenizer files (longer sequences than the 16-token window)."""
     src = FIXTURES / "gemma3-fp32"
     monkeypatch.chdir(tmp_path)
-    argv = ["quantize", str(src), "out", "--method", "gptq", "--calib-samples", "4", "--seq-len", "40"]
+    argv = ["quantize", str(src), "out", "--method", "gptq", "--calib-samples", "4", "--seq-len", "40",
+            "--accuracy-level", "0"]  # fmt: skip
     with pytest.warns(UserWarning, match="tokenizer.json alone"):
         assert main([*argv, "--no-progress"]) == 0
     _check_against_dequantized_reference(src, tmp_path / "out")

@@ -98,14 +98,24 @@ def test_cli_and_api_build_the_same_config():
         "--calib-samples",
         "16",
         "--lm-head",
+        "scheme",
+        "--embeddings",
+        "4",
+        "--accuracy-level",
+        "0",
         "--exclude",
         "mlp",
         "--workers",
         "1",
     ]
     from_cli = options.config_from_args(parser.parse_args(argv))
-    from_api = api.run_config(method="adaround", calib_samples=16, lm_head=True, exclude=("mlp",), workers=1)
+    # lm_head=True (the 0.7 switch) reads as "scheme"; bit counts given as numbers read as their labels
+    from_api = api.run_config(
+        method="adaround", calib_samples=16, lm_head=True, embeddings=4, accuracy_level=0, exclude=("mlp",),
+        workers=1,
+    )  # fmt: skip
     assert from_cli == from_api
+    assert (from_api.selection.lm_head, from_api.selection.embeddings) == ("scheme", "4")
     assert QuantConfig.from_dict(from_api.to_dict()) == from_api
 
 
