@@ -33,7 +33,6 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from decode_speed import decode_speed  # noqa: E402
-from genai_peers import model_mb  # noqa: E402
 from measure import provenance  # noqa: E402
 
 DOMAINS = ("wikipedia", "news")
@@ -71,6 +70,8 @@ ROWS = (
     Row("ours adaround W4 g64, 4-bit head", "builder",
         {"method": "adaround", "scheme": "w4-g64", "lm_head": "4"}),
     Row("ours gptq W4 g128, defaults", "builder", {"method": "gptq"}),
+    Row("ours gptq W4 g32 asym, 8-bit head", "builder", {"method": "gptq", "scheme": "w4-g32-asym"}),
+    Row("ours adaround W4 g32 asym, 8-bit head", "builder", {"method": "adaround", "scheme": "w4-g32-asym"}),
 )  # fmt: skip
 
 
@@ -137,9 +138,11 @@ def measure(folder: Path, runtime: str, args: argparse.Namespace, prompt: np.nda
 
 
 def size_mb(folder: Path) -> float:
+    """The decoder's ONNX file and its external data (``model.onnx.data`` or ``model.onnx_data``)."""
+    name = "model.onnx"
     if (folder / "genai_config.json").is_file():
-        return model_mb(folder)
-    return sum(p.stat().st_size for p in folder.iterdir() if p.name.startswith("model.onnx")) / 1e6
+        name = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]["filename"]
+    return sum(p.stat().st_size for p in folder.iterdir() if p.name.startswith(name)) / 1e6
 
 
 def prompt_ids(n: int) -> np.ndarray:

@@ -64,6 +64,13 @@ def print_summary(out: Path, record: dict[str, Any]) -> None:
     asked = record.get("config", {}).get("data", {}).get("scheme", {}).get("data", {}).get("format")
     chosen = f"format {record['format']}" + (" (chosen by --format auto)" if asked == "auto" else "")
     print(f"quantized {record['n_sites']} weights with {record['method']['name']} {label}, {chosen}")
+    others = Counter(s["scheme"] for s in record["sites"] if s.get("scheme", label) != label)
+    for scheme, count in others.items():
+        names = [s["name"] for s in record["sites"] if s.get("scheme") == scheme]
+        print(f"  {count} at {scheme}: {', '.join(names[:3])}{', ...' if count > 3 else ''}")
+    for table in record.get("embeddings", []):
+        how = f"shares {table['shared_with']}'s codes" if table.get("shared_with") else "GatherBlockQuantized"
+        print(f"  embedding {table['table']}: {table['bits']} bits, {how}")
     reasons = Counter(s["reason"] for s in record["skipped"])
     if reasons:
         print(f"skipped {sum(reasons.values())}:")
