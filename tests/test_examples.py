@@ -14,6 +14,7 @@ import onnx_ir as ir
 import pytest
 import yaml
 
+from optimum.adaround.evaluation import quantized_sites
 from optimum.adaround.graph_passes.config import ModuleOverride, QuantConfig
 from optimum.adaround.recipes import load_config, save_config
 
@@ -62,14 +63,12 @@ def test_python_api_with_recipe_then_load_and_generate(tiny_hf_model, tmp_path, 
     )  # fmt: skip
     printed = capsys.readouterr().out
     assert "perplexity:" in printed and "bits per weight" in printed
-    bits = {
-        node.name: node.attributes["bits"].as_int()
-        for node in ir.load(str(out / "model.onnx")).graph.all_nodes()
-        if node.op_type == "MatMulNBits"
-    }
-    assert len(bits) == 14
+    # one weight per module (q/k/v and gate/up run fused), the output projection at 8 bits by default
+    bits = {s.name: s.stored.scheme.bits for s in quantized_sites(ir.load(str(out / "model.onnx")))[0]}
+    assert len(bits) == 15
     assert {b for n, b in bits.items() if "down_proj" in n} == {8}  # the recipe's override
-    assert {b for n, b in bits.items() if "down_proj" not in n} == {4}
+    assert bits["lm_head"] == 8
+    assert {b for n, b in bits.items() if "down_proj" not in n and n != "lm_head"} == {4}
     assert json.loads((out / "quantization_config.json").read_text())["method"]["name"] == "rtn"
 
     text = run_example("load_and_generate.py", str(out), "The quick brown", "--max-new-tokens", "5")
@@ -91,7 +90,7 @@ def test_cli_one_liner(tiny_hf_model, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     out = tmp_path / "m"
     assert (out / "eval_results.json").is_file() and (out / "README.md").is_file()
-    assert json.loads((out / "quantization_config.json").read_text())["n_sites"] == 14
+    assert json.loads((out / "quantization_config.json").read_text())["n_sites"] == 15
 
 
 def test_cli_one_liner_usage_error():

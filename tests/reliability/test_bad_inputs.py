@@ -451,7 +451,21 @@ def test_odd_and_unsupported_shapes_are_skipped_with_reasons(tmp_path, capsys):
     src = save(model, tmp_path / "src")
     out = tmp_path / "out"
     assert (
-        main(["quantize", str(src), str(out), "--group-size", "16", "--no-progress", "--method", "rtn"]) == 0
+        main(
+            [
+                "quantize",
+                str(src),
+                str(out),
+                "--group-size",
+                "16",
+                "--no-progress",
+                "--method",
+                "rtn",
+                "--accuracy-level",
+                "0",
+            ]
+        )
+        == 0
     )
     text = capsys.readouterr().out
     record = json.loads((out / "quantization_config.json").read_text())
