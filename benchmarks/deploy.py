@@ -120,21 +120,36 @@ def genai_decode(folder: Path, prompt: np.ndarray, new_tokens: int) -> dict[str,
     return {"prefill_seconds": prefill, "decode_tokens_per_s": new_tokens / decode}
 
 
-def measure(folder: Path, runtime: str, args: argparse.Namespace, prompt: np.ndarray) -> dict[str, Any]:
+def measure_ppl(folder: Path, runtime: str, eval_tokens: int) -> dict[str, float]:
     from optimum.adaround.data.text import evaluation_text
     from optimum.adaround.evaluation import perplexity
 
-    out: dict[str, Any] = {}
+    out = {}
     for domain in DOMAINS:
-        text = evaluation_text(domain)
-        res = perplexity(folder, text, max_tokens=args.eval_tokens, runtime=runtime, progress=False)
+        res = perplexity(
+            folder, evaluation_text(domain), max_tokens=eval_tokens, runtime=runtime, progress=False
+        )
         out[f"ppl_{domain}"] = res.perplexity
-    if runtime == "genai":
-        out.update(genai_decode(folder, prompt, args.new_tokens))
-    else:
-        speed = decode_speed(folder, prompt, args.new_tokens)
-        out.update(prefill_seconds=speed["prefill_seconds"], decode_tokens_per_s=speed["decode_tokens_per_s"])
     return out
+
+
+def decode_tokens_per_s(folder: Path, runtime: str, prompt: np.ndarray, new_tokens: int) -> float:
+    if runtime == "genai":
+        return genai_decode(folder, prompt, new_tokens)["decode_tokens_per_s"]
+    return decode_speed(folder, prompt, new_tokens)["decode_tokens_per_s"]
+
+
+def measure_speed(rows: list[dict[str, Any]], args: argparse.Namespace, prompt: np.ndarray) -> None:
+    """Decode speed of every (row, runtime), ``--speed-reps`` rounds over all rows in turn (so a slow
+    moment of the machine hits every row alike); the median and the rounds are stored."""
+    pairs = [(r, rt) for r in rows for rt in r["runtimes"]]
+    runs: dict[tuple[int, str], list[float]] = {(id(r), rt): [] for r, rt in pairs}
+    for _ in range(args.speed_reps):
+        for r, rt in pairs:
+            runs[(id(r), rt)].append(decode_tokens_per_s(Path(r["folder"]), rt, prompt, args.new_tokens))
+    for r, rt in pairs:
+        r[rt]["decode_runs"] = runs[(id(r), rt)]
+        r[rt]["decode_tokens_per_s"] = float(np.median(runs[(id(r), rt)]))
 
 
 def size_mb(folder: Path) -> float:
@@ -164,13 +179,29 @@ def run_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
         if args.only and not any(o in slug(row) for o in args.only):
             continue
         folder, seconds = model_dir(row, sources, args.peers, args.work)
+        if args.quantize_only:
+            continue
         rec = {"name": row.name, "source": row.source, "options": row.options, "peer": row.peer,
-               "size_mb": size_mb(folder), "quantize_seconds": seconds}  # fmt: skip
+               "folder": str(folder), "runtimes": list(row.runtimes), "size_mb": size_mb(folder),
+               "quantize_seconds": seconds}  # fmt: skip
         for runtime in row.runtimes:
-            rec[runtime] = measure(folder, runtime, args, prompt)
+            rec[runtime] = measure_ppl(folder, runtime, args.eval_tokens)
         print(json.dumps(rec), flush=True)
         rows.append(rec)
+    measure_speed(rows, args, prompt)
     return rows
+
+
+BASELINES = {"optimum": "0.7.0", "builder": "builder int4 (RTN"}
+"""Per table, the row (name prefix or part) decode speeds are compared with."""
+
+
+def _ratios(rows: list[dict[str, Any]], source: str, runtime: str) -> dict[str, float]:
+    base = next((r for r in rows if BASELINES[source] in r["name"] and runtime in r), None)
+    if base is None:
+        return {}
+    ref = base[runtime]["decode_tokens_per_s"]
+    return {r["name"]: r[runtime]["decode_tokens_per_s"] / ref for r in rows if runtime in r}
 
 
 def render(result: dict[str, Any]) -> str:
@@ -184,14 +215,17 @@ def render(result: dict[str, Any]) -> str:
         runtimes = [rt for rt in ("onnxruntime", "genai") if any(rt in r for r in rows)]
         head = ["model", "size (MB)"]
         for rt in runtimes:
-            head += [f"ppl wiki ({rt})", f"ppl news ({rt})", f"decode tok/s ({rt})"]
+            head += [f"ppl wiki ({rt})", f"ppl news ({rt})", f"decode tok/s ({rt})", "decode ratio"]
         lines += [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        ratios = {rt: _ratios(rows, source, rt) for rt in runtimes}
         for r in rows:
             cells = [r["name"], f"{r['size_mb']:.1f}"]
             for rt in runtimes:
                 m = r.get(rt)
-                cells += ["-"] * 3 if m is None else [
-                    f"{m['ppl_wikipedia']:.2f}", f"{m['ppl_news']:.2f}", f"{m['decode_tokens_per_s']:.1f}"]  # fmt: skip
+                ratio = ratios[rt].get(r["name"])
+                cells += ["-"] * 4 if m is None else [
+                    f"{m['ppl_wikipedia']:.2f}", f"{m['ppl_news']:.2f}", f"{m['decode_tokens_per_s']:.1f}",
+                    "-" if ratio is None else f"{ratio:.2f}x"]  # fmt: skip
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -206,6 +240,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--eval-tokens", type=int, default=8192)
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--speed-reps", type=int, default=5, help="decode measurements per row (median kept)")
+    ap.add_argument("--quantize-only", action="store_true", help="make the quantized models, measure nothing")
     ap.add_argument("--only", action="append", help="measure rows whose slug contains this (repeatable)")
     ap.add_argument("--json", type=Path, help="write the rows and provenance here")
     ap.add_argument("--md", type=Path, help="write the markdown tables here")
