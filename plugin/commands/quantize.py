@@ -68,6 +68,14 @@ def print_summary(out: Path, record: dict[str, Any]) -> None:
     for scheme, count in others.items():
         names = [s["name"] for s in record["sites"] if s.get("scheme") == scheme]
         print(f"  {count} at {scheme}: {', '.join(names[:3])}{', ...' if count > 3 else ''}")
+    level = record.get("config", {}).get("data", {}).get("output", {}).get("accuracy_level")
+    slow = [s["name"] for s in record["sites"] if s.get("scheme", "").startswith("w8-")]
+    if level == 0 and record["format"] != "qdq" and slow:
+        print(
+            f"  note: {len(slow)} site(s) at 8 bits with accuracy_level 0 ({slow[0]}...): onnxruntime's exact 8-bit "
+            "kernel is far slower on CPU than the float MatMul (benchmarks/results/small_fast_defaults.md); "
+            "--accuracy-level 4 or --lm-head none keep decoding fast"
+        )
     for table in record.get("embeddings", []):
         how = f"shares {table['shared_with']}'s codes" if table.get("shared_with") else "GatherBlockQuantized"
         print(f"  embedding {table['table']}: {table['bits']} bits, {how}")

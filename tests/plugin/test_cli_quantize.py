@@ -70,6 +70,18 @@ def test_lm_head_exclude_and_format_flags(llama, tmp_path, capsys):
     assert len(record["sites"]) == 14 and record["embeddings"] == []
 
 
+def test_summary_warns_of_the_slow_exact_8_bit_kernel(llama, tmp_path, capsys):
+    """accuracy_level 0 with the default 8-bit output projection: onnxruntime's exact 8-bit MatMulNBits is far
+    slower than the float MatMul it replaces, and the summary says so (and not at the default level)."""
+    for level, warned in (("0", True), ("4", False)):
+        argv = ["quantize", str(llama), str(tmp_path / level), "--method", "rtn", "--accuracy-level", level,
+                "--no-progress"]  # fmt: skip
+        assert main(argv) == 0
+        text = capsys.readouterr().out
+        assert ("8 bits with accuracy_level 0 (lm_head" in text) is warned
+        assert "1 at w8-" in text and "8 bits, GatherBlockQuantized" in text  # a separate table here
+
+
 @pytest.mark.parametrize(
     ("case", "needle"),
     [
