@@ -156,6 +156,11 @@ class OutputConfig(Options):
         "one MatMulNBits (and a Split) for the projections that read the same input, such as q/k/v and "
         "gate/up: fewer kernel calls (benchmarks/results/small_fast_defaults.md)",
     )
+    ort_fusions: bool = option(
+        False,
+        "run onnxruntime's transformer fusions (rotary embedding, skip + RMSNorm) on the written model: "
+        "faster decode of Optimum exports (benchmarks/results/small_fast_defaults.md); models up to 2 GB",
+    )
     workers: int | None = option(
         None,
         "processes that round a decoder block's sites side by side (same output; default: one per CPU, at "

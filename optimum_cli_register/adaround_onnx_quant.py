@@ -263,6 +263,17 @@ QUANT_FLAGS: list = [
         },
     ),
     (
+        ("--ort-fusions",),
+        {
+            "dest": "ort_fusions",
+            "default": "==SUPPRESS==",
+            "action": "store_true",
+            "help": "run onnxruntime's transformer fusions (rotary embedding, skip + RMSNorm) on the written model: "
+            "faster decode of Optimum exports (benchmarks/results/small_fast_defaults.md); models up to 2 GB "
+            "(default off)",
+        },
+    ),
+    (
         ("--workers",),
         {
             "dest": "workers",

@@ -1,0 +1,103 @@
+"""onnxruntime's transformer fusions on a written output (``ort_fusions``, off by default).
+
+Optimum's exports spell rotary embeddings and the residual-add + RMSNorm pairs as dozens of small ops per
+layer, and decode of a small model is bound by that per-node overhead. onnxruntime's own transformer
+optimizer (``onnxruntime.transformers.optimizer``, GPT-2 fusions, no session-level rewrites) replaces them
+by ``RotaryEmbedding`` and ``SkipSimplifiedLayerNormalization``: on SmolLM2-135M 7.4k -> 5.1k nodes and
+1.34x -> 1.56x decode against the 0.7.0 output at the same perplexity
+(benchmarks/results/small_fast_defaults.md). It loads the whole model into memory, so it is skipped above
+2 GB, and it is skipped for graphs that already use fused attention (onnxruntime-genai's builder) or our
+op library; a failure leaves the output as it was and says why in the record.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx_ir as ir
+
+__all__ = ["MAX_BYTES", "apply_ort_fusions"]
+
+MAX_BYTES = 2_000_000_000
+"""Models above this are left alone: the optimizer holds the whole protobuf in memory."""
+
+_FUSED_ATTENTION = frozenset({"GroupQueryAttention", "MultiHeadAttention", "Attention", "PagedAttention"})
+
+
+def _skip_reason(model: ir.Model, size: int) -> str | None:
+    if size > MAX_BYTES:
+        return (
+            f"the model is {size / 1e9:.1f} GB (the optimizer loads it whole; limit {MAX_BYTES / 1e9:.0f} GB)"
+        )
+    domains = {n.domain for n in model.graph} - {"", "ai.onnx", "com.microsoft"}
+    if domains:
+        return f"the graph uses ops of {', '.join(sorted(domains))}"
+    fused = sorted({n.op_type for n in model.graph if n.op_type in _FUSED_ATTENTION})
+    if fused:
+        return f"the graph already runs fused attention ({', '.join(fused)})"
+    return None
+
+
+def _trim_rotary_caches(graph: object, positions: int | None) -> int:
+    """Cut the cos/sin caches the rotary fusion writes (131072 rows on SmolLM2, 34 MB) to the model's
+    ``max_position_embeddings`` rows: positions beyond it are never looked up. Returns the bytes saved."""
+    if not positions:
+        return 0
+    names = {n.input[i] for n in graph.node if n.op_type == "RotaryEmbedding" for i in (2, 3)}  # type: ignore[attr-defined]
+    saved = 0
+    for t in graph.initializer:  # type: ignore[attr-defined]
+        if t.name in names and len(t.dims) == 2 and t.dims[0] > positions and t.raw_data:
+            row = len(t.raw_data) // t.dims[0]
+            saved += (t.dims[0] - positions) * row
+            t.raw_data = t.raw_data[: positions * row]
+            t.dims[0] = positions
+    return saved
+
+
+def apply_ort_fusions(
+    model: ir.Model, model_file: Path, files: list[Path], positions: int | None = None
+) -> dict[str, object]:
+    """Rewrite ``model_file`` (with its external data ``files``) in place with onnxruntime's fusions;
+    ``positions``: the model's ``max_position_embeddings`` (the rotary caches are cut to it).
+    Returns what happened: ``{"applied": bool, "reason" | "fused": ...}``."""
+    reason = _skip_reason(model, sum(f.stat().st_size for f in files))
+    if reason is not None:
+        return {"applied": False, "reason": reason}
+    try:
+        from onnxruntime.transformers.optimizer import optimize_model
+    except ImportError as e:  # pragma: no cover - onnxruntime ships it
+        return {"applied": False, "reason": f"onnxruntime.transformers is not available ({e})"}
+    before = len(model.graph)
+    tmp = Path(tempfile.mkdtemp(dir=model_file.parent, prefix=".ort-fusions-"))
+    try:
+        optimized = optimize_model(
+            str(model_file), model_type="gpt2", num_heads=0, hidden_size=0, opt_level=0
+        )
+        trimmed = _trim_rotary_caches(optimized.model.graph, positions)
+        optimized.save_model_to_file(str(tmp / model_file.name), use_external_data_format=len(files) > 1)
+    except Exception as e:  # any optimizer failure keeps the unfused output, said in the record
+        shutil.rmtree(tmp, ignore_errors=True)
+        return {"applied": False, "reason": f"onnxruntime's optimizer failed: {str(e).splitlines()[0][:200]}"}
+    for f in files:  # the fused model is complete on disk: it takes the unfused one's place
+        f.unlink()
+    for f in tmp.iterdir():
+        os.replace(f, model_file.parent / f.name)
+    tmp.rmdir()
+    counts: dict[str, int] = {}
+    for node in optimized.model.graph.node:
+        if node.op_type in (
+            "RotaryEmbedding",
+            "SkipSimplifiedLayerNormalization",
+            "SimplifiedLayerNormalization",
+        ):
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return {
+        "applied": True,
+        "nodes_before": before,
+        "nodes_after": len(optimized.model.graph.node),
+        "fused": counts,
+        "rotary_cache_bytes_cut": trimmed,
+    }
