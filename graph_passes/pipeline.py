@@ -27,7 +27,13 @@ from tqdm.auto import tqdm
 from . import packing, rounding  # noqa: F401  (importing the packages registers packers and methods)
 from .config import QuantConfig
 from .embeddings import quantize_embeddings
-from .errors import CalibrationError, NoQuantizableWeightsError, UnsupportedSchemeError, UserError
+from .errors import (
+    CalibrationError,
+    InternalError,
+    NoQuantizableWeightsError,
+    UnsupportedSchemeError,
+    UserError,
+)
 from .fuse import FuseSiblingMatMulNBitsPass
 from .model_io import read_weight
 from .packing.base import PackedWeight, Packer, get_packer
@@ -309,36 +315,53 @@ def plan_schemes(
     own = [s for s in sites if head is None or s.kind != "lm_head"]
     scheme = choose_format(config.scheme, [(s.k, s.n) for s in own or sites])
     schemes = {s.name: scheme for s in own}
-    heads = [s for s in sites if head is not None and s.kind == "lm_head"]
-    if heads and head is not None:
-        shapes = [(s.k, s.n) for s in heads]
-        if head.format is not WeightFormat.AUTO and not _stores_all(head, shapes):
-            head = dataclasses.replace(
-                head, format=WeightFormat.AUTO
-            )  # the run's format cannot: let auto choose
-        schemes.update({s.name: choose_format(head, shapes) for s in heads})
+    for site in sites if head is not None else []:
+        if site.kind == "lm_head":
+            schemes[site.name] = _head_for(config, site)
     method = config.method
     if "device" in method.names() and method.device is None:
         method = method.replace(device=_torch_device(config.calibration.device))
     return dataclasses.replace(config, scheme=scheme, method=method), schemes
 
 
-def head_scheme(config: QuantConfig) -> QuantScheme | None:
+def head_scheme(config: QuantConfig, k: int | None = None) -> QuantScheme | None:
     """The output projection's own scheme when ``lm_head`` gives it bits (None: it takes the run's).
 
-    A uniform integer grid with the run's block (128 for a per-channel run: MatMulNBits needs a block),
-    symmetry, scale type and format."""
+    A uniform integer grid with the run's symmetry, scale type and format, and the run's block (128 for a
+    per-channel run: MatMulNBits needs a block) halved while it does not divide ``k``, down to 16: a padded
+    block stores codes for nothing (K = 576 at block 128 is 5 blocks for 4.5), and a smaller block is no less
+    accurate (benchmarks/results/small_fast_defaults.md)."""
     bits = config.selection.lm_head
     if not bits.isdigit():
         return None
     run = config.scheme
+    block = 128 if run.per_channel else run.group_size
+    if k is not None:
+        fit = block
+        while fit > 16 and k % fit:
+            fit //= 2
+        block = fit if k % fit == 0 else block
     return QuantScheme(
         bits=int(bits),
-        group_size=128 if run.per_channel else run.group_size,
+        group_size=block,
         symmetric=run.symmetric,
         scale_dtype=run.scale_dtype,
         format=run.format,
     )
+
+
+def _head_for(config: QuantConfig, site: WeightSite) -> QuantScheme:
+    """The output projection's scheme for ``site`` with its format chosen (auto when the run's format
+    cannot store it)."""
+    head = head_scheme(config, site.k)
+    if head is None:
+        raise InternalError(
+            f"{site.name}: no output-projection scheme (lm_head={config.selection.lm_head!r})"
+        )
+    shapes = [(site.k, site.n)]
+    if head.format is not WeightFormat.AUTO and not _stores_all(head, shapes):
+        head = dataclasses.replace(head, format=WeightFormat.AUTO)  # the run's format cannot: let auto choose
+    return choose_format(head, shapes)
 
 
 def _stores_all(scheme: QuantScheme, shapes: Sequence[tuple[int, int]]) -> bool:
