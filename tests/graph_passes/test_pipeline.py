@@ -218,3 +218,14 @@ def test_sink_weight_out_of_range_is_refused():
     # the config refuses it when it is built, before a model is loaded or touched
     with pytest.raises(InvalidOptionError, match=r"sink_weight=0\.5"):
         QuantConfig().with_overrides(sink_weight=0.5)
+
+
+def test_output_projection_block_is_the_runs_halved_until_it_divides_k():
+    from optimum.adaround.graph_passes.config import QuantConfig
+    from optimum.adaround.graph_passes.pipeline import head_scheme
+
+    run = QuantConfig()  # w4-g128, lm_head 8
+    assert [head_scheme(run, k).group_size for k in (4096, 576, 64, 100)] == [128, 64, 64, 128]
+    assert head_scheme(run, 576).bits == 8 and head_scheme(run, 576).symmetric
+    assert head_scheme(run.with_overrides(group_size=-1), 2880).group_size == 64  # per-channel run: from 128
+    assert head_scheme(run.with_overrides(lm_head="scheme"), 576) is None  # the run's own scheme
