@@ -16,7 +16,7 @@ import numpy as np
 import onnx_ir as ir
 
 from .packing.gather_block import GatherBlockQuantizedPacker
-from .rewrite import take_place
+from .rewrite import put_in_place
 from .rounding.rtn import RTN, RTNConfig
 from .scheme import QuantScheme
 
@@ -89,10 +89,7 @@ class QuantizeEmbeddingsPass(ir.passes.InPlacePass):
         packed = self.packer.pack(qw)
         name = gather.name or f"{table_name}.lookup"
         repl = self.packer.build(gather.inputs[1], packed, name, dtype)  # type: ignore[arg-type]
-        for value in repl.initializers:
-            graph.register_initializer(value)
-        graph.insert_before(gather, repl.nodes)
-        take_place(graph, gather, repl.output)
+        put_in_place(graph, gather, repl)
         del graph.initializers[table_name]  # its only reader is gone
         self.done.append(
             {"table": table_name, "node": name, "shared_with": None, "bits": self.scheme.bits,

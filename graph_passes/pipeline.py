@@ -29,7 +29,6 @@ from .config import QuantConfig
 from .embeddings import quantize_embeddings
 from .errors import (
     CalibrationError,
-    InternalError,
     NoQuantizableWeightsError,
     UnsupportedSchemeError,
     UserError,
@@ -311,20 +310,19 @@ def plan_schemes(
     """The resolved config (see :func:`resolve_config`) and each site's scheme, formats chosen: the run's
     scheme, except the output projection at ``lm_head`` bits (its own format choice, so a 3-bit run in our
     op still gets an 8-bit MatMulNBits head)."""
-    head = head_scheme(config)
-    own = [s for s in sites if head is None or s.kind != "lm_head"]
+    heads = {
+        s.name: _head_for(s, h) for s in sites if s.kind == "lm_head" and (h := head_scheme(config, s.k))
+    }
+    own = [s for s in sites if s.name not in heads]
     scheme = choose_format(config.scheme, [(s.k, s.n) for s in own or sites])
-    schemes = {s.name: scheme for s in own}
-    for site in sites if head is not None else []:
-        if site.kind == "lm_head":
-            schemes[site.name] = _head_for(config, site)
+    schemes = {**{s.name: scheme for s in own}, **heads}
     method = config.method
     if "device" in method.names() and method.device is None:
         method = method.replace(device=_torch_device(config.calibration.device))
     return dataclasses.replace(config, scheme=scheme, method=method), schemes
 
 
-def head_scheme(config: QuantConfig, k: int | None = None) -> QuantScheme | None:
+def head_scheme(config: QuantConfig, k: int) -> QuantScheme | None:
     """The output projection's own scheme when ``lm_head`` gives it bits (None: it takes the run's).
 
     A uniform integer grid with the run's symmetry, scale type and format, and the run's block (128 for a
@@ -336,11 +334,10 @@ def head_scheme(config: QuantConfig, k: int | None = None) -> QuantScheme | None
         return None
     run = config.scheme
     block = 128 if run.per_channel else run.group_size
-    if k is not None:
-        fit = block
-        while fit > 16 and k % fit:
-            fit //= 2
-        block = fit if k % fit == 0 else block
+    fit = block
+    while fit > 16 and k % fit:
+        fit //= 2
+    block = fit if k % fit == 0 else block
     return QuantScheme(
         bits=int(bits),
         group_size=block,
@@ -350,14 +347,9 @@ def head_scheme(config: QuantConfig, k: int | None = None) -> QuantScheme | None
     )
 
 
-def _head_for(config: QuantConfig, site: WeightSite) -> QuantScheme:
-    """The output projection's scheme for ``site`` with its format chosen (auto when the run's format
-    cannot store it)."""
-    head = head_scheme(config, site.k)
-    if head is None:
-        raise InternalError(
-            f"{site.name}: no output-projection scheme (lm_head={config.selection.lm_head!r})"
-        )
+def _head_for(site: WeightSite, head: QuantScheme) -> QuantScheme:
+    """``head`` (the output projection's scheme) with its format chosen for ``site`` (auto when the run's
+    format cannot store it)."""
     shapes = [(site.k, site.n)]
     if head.format is not WeightFormat.AUTO and not _stores_all(head, shapes):
         head = dataclasses.replace(head, format=WeightFormat.AUTO)  # the run's format cannot: let auto choose
@@ -412,9 +404,9 @@ def quantize_model(
     config, schemes = plan_schemes(config, report.sites)
     needs = config.method.needs
     packers = {s.format: get_packer(s.format, **_packer_options(s.format, config)) for s in schemes.values()}
-    for site in report.sites:
-        check_opset(model, schemes[site.name])
-        check_sites(packers[schemes[site.name].format], schemes[site.name], [site])
+    for scheme in dict.fromkeys(schemes.values()):  # each distinct scheme once, in site order
+        check_opset(model, scheme)
+        check_sites(packers[scheme.format], scheme, [s for s in report.sites if schemes[s.name] == scheme])
     n_workers = resolve_workers(config.output.workers, report.sites)  # checks ``workers`` for every method
     if needs and token_ids is None:
         raise CalibrationError(

@@ -20,7 +20,14 @@ from .errors import InternalError
 from .packing.base import PackedWeight, Packer, ReplacementNodes
 from .records import WeightSite
 
-__all__ = ["ReplaceWeightSitesPass", "SiteRewrite", "min_ir_version", "take_place", "tied_gathers"]
+__all__ = [
+    "ReplaceWeightSitesPass",
+    "SiteRewrite",
+    "min_ir_version",
+    "put_in_place",
+    "take_place",
+    "tied_gathers",
+]
 
 # Minimum IR version for a default-domain opset (onnx's VERSION_TABLE, the part that matters here).
 _IR_FOR_OPSET = {19: 9, 20: 9, 21: 10, 22: 10, 23: 11, 24: 11, 25: 12}
@@ -89,12 +96,7 @@ class ReplaceWeightSitesPass(ir.passes.InPlacePass):
         # names its module and evaluation can pair it with the fp32 weight.
         scope = node.name.rsplit("/", 1)[0] if node.name and "/" in node.name else (node.name or site.name)
         repl = rw.packer.build(site, x, rw.packed, bias, scope)
-        for value in repl.initializers:
-            if value.name in graph.initializers:
-                raise InternalError(f"site {site.name}: initializer name {value.name!r} already in the graph")
-            graph.register_initializer(value)
-        graph.insert_before(node, repl.nodes)
-        take_place(graph, node, repl.output)
+        put_in_place(graph, node, repl)
         weight = graph.initializers.get(site.weight_name)
         opsets = dict(repl.opset_imports)
         if weight is not None and self.share_embeddings:
@@ -123,10 +125,7 @@ class ReplaceWeightSitesPass(ir.passes.InPlacePass):
             lookup = build(head, rw.packed, gather.inputs[1], name)
             if lookup is None:
                 continue
-            for value in lookup.initializers:
-                graph.register_initializer(value)
-            graph.insert_before(gather, lookup.nodes)
-            take_place(graph, gather, lookup.output)
+            put_in_place(graph, gather, lookup)
             opsets.update(lookup.opset_imports)
             self.shared.append(
                 {"table": rw.site.weight_name, "node": name, "shared_with": rw.site.name,
@@ -158,6 +157,17 @@ def tied_gathers(weight: ir.Value, site: WeightSite) -> list[ir.Node]:
 def _attr(node: ir.Node, name: str, default: object) -> object:
     a = node.attributes.get(name)
     return default if a is None else (list(a.value) if isinstance(a.value, Sequence) else a.value)
+
+
+def put_in_place(graph: ir.Graph, node: ir.Node, repl: ReplacementNodes) -> None:
+    """Register ``repl``'s initializers, insert its nodes before ``node`` and let its output take the place
+    of ``node``'s (see :func:`take_place`)."""
+    for value in repl.initializers:
+        if value.name in graph.initializers:
+            raise InternalError(f"node {node.name!r}: initializer name {value.name!r} already in the graph")
+        graph.register_initializer(value)
+    graph.insert_before(node, repl.nodes)
+    take_place(graph, node, repl.output)
 
 
 def take_place(graph: ir.Graph, node: ir.Node, output: ir.Value) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import json
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -161,9 +160,9 @@ class QuantizationRun:
         if self.config.output.ort_fusions:
             from .ort_fusions import apply_ort_fusions
 
-            positions = _max_positions(self.loaded.folder)
-            record["ort_fusions"] = apply_ort_fusions(self.model, folder / name, files, positions)
-            files = sorted(p for p in folder.iterdir() if p.name.startswith(name))
+            record["ort_fusions"], files = apply_ort_fusions(
+                self.model, folder / name, files, self.loaded.folder
+            )
         record["files"] = {f.name: f.stat().st_size for f in files}
         record["quantized_bytes"] = sum(record["files"].values())
         record["timings"]["total_with_save"] = time.perf_counter() - self.t0
@@ -172,19 +171,6 @@ class QuantizationRun:
 
             record["copied_files"] = copy_side_files(self.loaded.folder, folder, self.model, name)
         return record
-
-
-def _max_positions(folder: Path | None) -> int | None:
-    """``max_position_embeddings`` of the model folder's config.json, if it says."""
-    try:
-        value = (
-            json.loads((folder / "config.json").read_text()).get("max_position_embeddings")
-            if folder
-            else None
-        )
-    except (OSError, ValueError, AttributeError):
-        return None
-    return value if isinstance(value, int) and value > 0 else None
 
 
 def _passes(config: QuantConfig) -> Iterator[tuple[ModuleOverride | None, QuantConfig]]:

@@ -12,6 +12,7 @@ op library; a failure leaves the output as it was and says why in the record.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-__all__ = ["MAX_BYTES", "apply_ort_fusions"]
+__all__ = ["MAX_BYTES", "apply_ort_fusions", "max_positions"]
 
 MAX_BYTES = 2_000_000_000
 """Models above this are left alone: the optimizer holds the whole protobuf in memory."""
@@ -57,32 +58,44 @@ def _trim_rotary_caches(graph: object, positions: int | None) -> int:
     return saved
 
 
+def max_positions(folder: Path | None) -> int | None:
+    """``max_position_embeddings`` of the model folder's config.json, if it says."""
+    try:
+        hf = json.loads((folder / "config.json").read_text()) if folder is not None else {}
+    except (OSError, ValueError):
+        return None
+    value = hf.get("max_position_embeddings") if isinstance(hf, dict) else None
+    return value if isinstance(value, int) and value > 0 else None
+
+
 def apply_ort_fusions(
-    model: ir.Model, model_file: Path, files: list[Path], positions: int | None = None
-) -> dict[str, object]:
+    model: ir.Model, model_file: Path, files: list[Path], source: Path | None = None
+) -> tuple[dict[str, object], list[Path]]:
     """Rewrite ``model_file`` (with its external data ``files``) in place with onnxruntime's fusions;
-    ``positions``: the model's ``max_position_embeddings`` (the rotary caches are cut to it).
-    Returns what happened: ``{"applied": bool, "reason" | "fused": ...}``."""
+    ``source``: the input's folder, whose config.json's ``max_position_embeddings`` the rotary caches are cut
+    to. Returns what happened (``{"applied": bool, "reason" | "fused": ...}``) and the model's files now."""
     reason = _skip_reason(model, sum(f.stat().st_size for f in files))
     if reason is not None:
-        return {"applied": False, "reason": reason}
+        return {"applied": False, "reason": reason}, files
     try:
         from onnxruntime.transformers.optimizer import optimize_model
     except ImportError as e:  # pragma: no cover - onnxruntime ships it
-        return {"applied": False, "reason": f"onnxruntime.transformers is not available ({e})"}
+        return {"applied": False, "reason": f"onnxruntime.transformers is not available ({e})"}, files
     before = len(model.graph)
     tmp = Path(tempfile.mkdtemp(dir=model_file.parent, prefix=".ort-fusions-"))
     try:
         optimized = optimize_model(
             str(model_file), model_type="gpt2", num_heads=0, hidden_size=0, opt_level=0
         )
-        trimmed = _trim_rotary_caches(optimized.model.graph, positions)
+        trimmed = _trim_rotary_caches(optimized.model.graph, max_positions(source))
         optimized.save_model_to_file(str(tmp / model_file.name), use_external_data_format=len(files) > 1)
     except Exception as e:  # any optimizer failure keeps the unfused output, said in the record
         shutil.rmtree(tmp, ignore_errors=True)
-        return {"applied": False, "reason": f"onnxruntime's optimizer failed: {str(e).splitlines()[0][:200]}"}
+        failed = f"onnxruntime's optimizer failed: {str(e).splitlines()[0][:200]}"
+        return {"applied": False, "reason": failed}, files
     for f in files:  # the fused model is complete on disk: it takes the unfused one's place
         f.unlink()
+    written = [model_file.parent / f.name for f in tmp.iterdir()]
     for f in tmp.iterdir():
         os.replace(f, model_file.parent / f.name)
     tmp.rmdir()
@@ -94,10 +107,11 @@ def apply_ort_fusions(
             "SimplifiedLayerNormalization",
         ):
             counts[node.op_type] = counts.get(node.op_type, 0) + 1
-    return {
+    done = {
         "applied": True,
         "nodes_before": before,
         "nodes_after": len(optimized.model.graph.node),
         "fused": counts,
         "rotary_cache_bytes_cut": trimmed,
     }
+    return done, sorted(written)

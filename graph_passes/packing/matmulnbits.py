@@ -151,7 +151,8 @@ class MatMulNBitsPacker:
         the block. ``head``: what :meth:`build` returned for the weight."""
         n, k, bits, block = (int(packed.attributes[a]) for a in ("N", "K", "bits", "block_size"))
         width = -(-k // block) * block
-        stored = {str(v.name).rsplit(".", 1)[-1]: v for v in head.initializers}
+        # the MatMulNBits node's own inputs: A, B, scales[, zero_points]
+        stored = dict(zip(("A", "B", "scales", "zero_points"), head.nodes[0].inputs, strict=False))
         views = {"data": [n, width * bits // 8], "scales": [n, width // block]}
         inits, nodes, inputs = [], [], {}
         for role, source in (("data", stored["B"]), ("scales", stored["scales"])):
@@ -168,7 +169,7 @@ class MatMulNBitsPacker:
             shape=None if dims is None else ir.Shape([*dims, width]),
         )
         gather_inputs = [inputs["data"], indices, inputs["scales"]]
-        if "zero_points" in stored:
+        if stored.get("zero_points") is not None:  # absent, or an empty slot before a bias input
             gather_inputs.append(stored["zero_points"])
         attributes = {"gather_axis": 0, "quantize_axis": 1, "block_size": block, "bits": bits}
         nodes.append(
