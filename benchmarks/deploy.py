@@ -62,6 +62,8 @@ ROWS = (
     Row("gptq W4 g128, defaults (8-bit head shared with the embedding, accuracy_level 4)", "optimum",
         {"method": "gptq"}),
     Row("gptq W4 g128, defaults at accuracy_level 0", "optimum", {"method": "gptq", "accuracy_level": 0}),
+    Row("gptq W4 g128, defaults without shape sharing", "optimum", {"method": "gptq", "share_shapes": False}),
+    Row("gptq W4 g128, defaults with --ort-fusions", "optimum", {"method": "gptq", "ort_fusions": True}),
     Row("builder fp32", "builder", peer="fp32"),
     Row("builder int4 (RTN, block 32)", "builder", peer="int4"),
     Row("builder int4 block 128", "builder", peer="int4-block128"),
@@ -85,12 +87,15 @@ def model_dir(row: Row, sources: dict[str, Path], peers: Path, work: Path) -> tu
         return peers / row.peer, None
     if row.options is None:
         return sources[row.source], None
-    out = work / slug(row)
-    if (out / "quantization_config.json").is_file():
-        return out, json.loads((out / "quantization_config.json").read_text())["timings"].get(
-            "total_with_save"
-        )
     from optimum.adaround import quantize
+    from optimum.adaround.api import run_config
+
+    out = work / slug(row)
+    record = out / "quantization_config.json"
+    if record.is_file():  # made earlier: reused only when made under the same configuration as now
+        made = json.loads(record.read_text())
+        if made["config"] == run_config(None, **row.options).to_dict():
+            return out, made["timings"].get("total_with_save")
 
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()

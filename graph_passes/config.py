@@ -156,6 +156,11 @@ class OutputConfig(Options):
         "one MatMulNBits (and a Split) for the projections that read the same input, such as q/k/v and "
         "gate/up: fewer kernel calls (benchmarks/results/small_fast_defaults.md)",
     )
+    share_shapes: bool = option(
+        True,
+        "shape reads as constants or one shared value per symbolic dimension, repeated computations kept "
+        "once: same outputs, fewer nodes per decode step (benchmarks/results/small_fast_defaults.md)",
+    )
     ort_fusions: bool = option(
         False,
         "run onnxruntime's transformer fusions (rotary embedding, skip + RMSNorm) on the written model: "

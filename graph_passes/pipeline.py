@@ -25,7 +25,7 @@ from onnx_ir.passes.common import LiftConstantsToInitializersPass
 from tqdm.auto import tqdm
 
 from . import packing, rounding  # noqa: F401  (importing the packages registers packers and methods)
-from .config import QuantConfig
+from .config import OutputConfig, QuantConfig
 from .embeddings import quantize_embeddings
 from .errors import (
     CalibrationError,
@@ -41,6 +41,7 @@ from .records import QuantizedWeight, SiteReport, SkippedSite, WeightSite
 from .rewrite import ReplaceWeightSitesPass, SiteRewrite
 from .rounding.base import SINK_SITES, MethodConfig, SiteStats, weight_first_position
 from .scheme import QuantScheme, WeightFormat
+from .shapes import ShareShapeComputationsPass
 from .sites import ALREADY_QUANTIZED, find_weight_sites
 
 __all__ = [
@@ -92,6 +93,8 @@ class QuantizationResult:
     """The calibration engine's report (``CalibrationReport`` as a dict) for methods that needed statistics."""
     embeddings: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     """Embedding tables replaced by ``GatherBlockQuantized`` (shared with the output projection or not)."""
+    shapes: dict[str, Any] | None = None
+    """What ``ShareShapeComputationsPass`` did (None when it did not run)."""
     _tmp: tempfile.TemporaryDirectory[str] | None = dataclasses.field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -103,6 +106,7 @@ class QuantizationResult:
             "timings": dict(self.timings),
             "calibration": self.calibration,
             "embeddings": list(self.embeddings),
+            "shapes": self.shapes,
         }
 
     @property
@@ -377,6 +381,16 @@ def _scratch(spill_dir: str | Path | None) -> tuple[Path, tempfile.TemporaryDire
     return Path(tmp.name), tmp
 
 
+def _share_shapes(model: ir.Model, output: OutputConfig) -> dict[str, Any] | None:
+    """Shape sharing on the rewritten graph; with ``ort_fusions`` it runs after those instead (the rotary
+    fusion matches the export's own shape reads), on the written model."""
+    if not output.share_shapes or output.ort_fusions:
+        return None
+    shapes = ShareShapeComputationsPass()
+    shapes(model)
+    return shapes.record
+
+
 def quantize_model(
     model: ir.Model,
     config: QuantConfig,
@@ -429,6 +443,7 @@ def quantize_model(
             FuseSiblingMatMulNBitsPass(lambda name, a: spill_array(a, folder / f"{_file_stem(name)}.bin"))(
                 model
             )
+        shapes = _share_shapes(model, config.output)
         timings["rewrite"] = time.perf_counter() - t2
     except BaseException:
         if tmp is not None:
@@ -444,6 +459,7 @@ def quantize_model(
         spill_dir=folder,
         calibration=calibration,
         embeddings=embeddings,
+        shapes=shapes,
         _tmp=tmp,
     )
 

@@ -263,6 +263,28 @@ QUANT_FLAGS: list = [
         },
     ),
     (
+        ("--share-shapes",),
+        {
+            "dest": "share_shapes",
+            "default": "==SUPPRESS==",
+            "action": "store_true",
+            "help": "shape reads as constants or one shared value per symbolic dimension, repeated computations kept "
+            "once: same outputs, fewer nodes per decode step (benchmarks/results/small_fast_defaults.md) "
+            "(default)",
+            "exclusive": "share_shapes",
+        },
+    ),
+    (
+        ("--no-share-shapes",),
+        {
+            "dest": "share_shapes",
+            "default": "==SUPPRESS==",
+            "action": "store_false",
+            "help": "keep the graph's own shape computations",
+            "exclusive": "share_shapes",
+        },
+    ),
+    (
         ("--ort-fusions",),
         {
             "dest": "ort_fusions",

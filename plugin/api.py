@@ -161,8 +161,9 @@ class QuantizationRun:
             from .ort_fusions import apply_ort_fusions
 
             record["ort_fusions"], files = apply_ort_fusions(
-                self.model, folder / name, files, self.loaded.folder
-            )
+                self.model, folder / name, files, self.loaded.folder,
+                share_shapes=self.config.output.share_shapes,
+            )  # fmt: skip
         record["files"] = {f.name: f.stat().st_size for f in files}
         record["quantized_bytes"] = sum(record["files"].values())
         record["timings"]["total_with_save"] = time.perf_counter() - self.t0
@@ -225,9 +226,22 @@ def build_record(run: QuantizationRun) -> dict[str, Any]:
         "n_sites": len(sites),
         "sites": sites,
         "embeddings": embeddings,
+        "shapes": _merged_shapes([result.shapes for _, result in run.passes]),
         "skipped": skipped,
         "timings": timings,
     }
+
+
+def _merged_shapes(records: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+    """One shape-sharing record for the run: node counts before the first pass and after the last, reads
+    summed (the passes of scheme overrides each run it; the first does nearly all)."""
+    done = [r for r in records if r is not None and r.get("applied")]
+    if not done:
+        return next((r for r in records if r is not None), None)
+    merged = {**done[0], "nodes_after": done[-1]["nodes_after"]}
+    for key in ("constant_reads", "shared_reads"):
+        merged[key] = sum(r[key] for r in done)
+    return merged
 
 
 def _token_ids(

@@ -20,6 +20,9 @@ from pathlib import Path
 
 import onnx_ir as ir
 
+from .graph_passes.model_io import save_model
+from .graph_passes.shapes import ShareShapeComputationsPass
+
 __all__ = ["MAX_BYTES", "apply_ort_fusions", "max_positions"]
 
 MAX_BYTES = 2_000_000_000
@@ -69,11 +72,18 @@ def max_positions(folder: Path | None) -> int | None:
 
 
 def apply_ort_fusions(
-    model: ir.Model, model_file: Path, files: list[Path], source: Path | None = None
+    model: ir.Model,
+    model_file: Path,
+    files: list[Path],
+    source: Path | None = None,
+    *,
+    share_shapes: bool = False,
 ) -> tuple[dict[str, object], list[Path]]:
     """Rewrite ``model_file`` (with its external data ``files``) in place with onnxruntime's fusions;
     ``source``: the input's folder, whose config.json's ``max_position_embeddings`` the rotary caches are cut
-    to. Returns what happened (``{"applied": bool, "reason" | "fused": ...}``) and the model's files now."""
+    to; ``share_shapes``: run ``ShareShapeComputationsPass`` on the fused graph (after the fusions: the
+    rotary one matches the export's own shape reads). Returns what happened (``{"applied": bool, "reason" |
+    "fused": ...}``) and the model's files now."""
     reason = _skip_reason(model, sum(f.stat().st_size for f in files))
     if reason is not None:
         return {"applied": False, "reason": reason}, files
@@ -88,7 +98,11 @@ def apply_ort_fusions(
             str(model_file), model_type="gpt2", num_heads=0, hidden_size=0, opt_level=0
         )
         trimmed = _trim_rotary_caches(optimized.model.graph, max_positions(source))
-        optimized.save_model_to_file(str(tmp / model_file.name), use_external_data_format=len(files) > 1)
+        fused = ir.serde.deserialize_model(optimized.model)
+        shapes = ShareShapeComputationsPass() if share_shapes else None
+        if shapes is not None:
+            shapes(fused)
+        save_model(fused, tmp / model_file.name, external_data=len(files) > 1)
     except Exception as e:  # any optimizer failure keeps the unfused output, said in the record
         shutil.rmtree(tmp, ignore_errors=True)
         failed = f"onnxruntime's optimizer failed: {str(e).splitlines()[0][:200]}"
@@ -100,7 +114,7 @@ def apply_ort_fusions(
         os.replace(f, model_file.parent / f.name)
     tmp.rmdir()
     counts: dict[str, int] = {}
-    for node in optimized.model.graph.node:
+    for node in fused.graph:
         if node.op_type in (
             "RotaryEmbedding",
             "SkipSimplifiedLayerNormalization",
@@ -110,8 +124,9 @@ def apply_ort_fusions(
     done = {
         "applied": True,
         "nodes_before": before,
-        "nodes_after": len(optimized.model.graph.node),
+        "nodes_after": len(fused.graph),
         "fused": counts,
         "rotary_cache_bytes_cut": trimmed,
+        "shapes": shapes.record if shapes is not None else None,
     }
     return done, sorted(written)

@@ -36,6 +36,7 @@ _ON_OFF = {
     "symmetric": ("--sym", "--asym", "asymmetric grid with zero points"),
     "sequential": ("--sequential", "--one-pass", "calibrate the float model in one pass"),
     "fuse": ("--fuse", "--no-fuse", "keep one MatMulNBits per projection"),
+    "share_shapes": ("--share-shapes", "--no-share-shapes", "keep the graph's own shape computations"),
 }
 
 

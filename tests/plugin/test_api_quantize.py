@@ -226,3 +226,31 @@ def test_a_method_device_given_by_the_user_is_kept(llama, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     mine = QuantConfig().with_overrides(method="adaround", method_options={"device": "cpu"}, device="cuda")
     assert resolve_config(mine, _adaround_sites(llama)).method.device == "cpu"
+
+
+def test_shape_sharing_is_on_by_default_and_changes_no_output(llama, tmp_path):
+    import onnxruntime as ort
+
+    kw = {"method": "rtn", "scheme": "w4-g32", "progress": False}
+    shared = quantize(llama, tmp_path / "shared", **kw)
+    plain = quantize(llama, tmp_path / "plain", share_shapes=False, **kw)
+    record = json.loads((shared / "quantization_config.json").read_text())
+    assert record["config"]["data"]["output"]["share_shapes"] is True
+    shapes = record["shapes"]
+    assert shapes["applied"] and shapes["nodes_after"] < shapes["nodes_before"]
+    assert json.loads((plain / "quantization_config.json").read_text())["shapes"] is None
+    nodes = {name: len(onnx.load(d / "model.onnx").graph.node) for name, d in (("s", shared), ("p", plain))}
+    assert nodes["s"] == shapes["nodes_after"] < nodes["p"]
+    sessions = [
+        ort.InferenceSession(d / "model.onnx", providers=["CPUExecutionProvider"]) for d in (shared, plain)
+    ]
+    rng = np.random.default_rng(0)
+    feeds = {"input_ids": rng.integers(0, 60, (2, 5)), "attention_mask": np.ones((2, 5), np.int64),
+             "position_ids": np.tile(np.arange(5), (2, 1))}  # fmt: skip
+    for i in sessions[0].get_inputs():
+        if i.name.startswith("past"):
+            feeds[i.name] = np.zeros([2 if d == "batch_size" else 0 if isinstance(d, str) else d for d in i.shape],
+                                     np.float32)  # fmt: skip
+    feeds = {k: v.astype(np.int64) if v.dtype.kind == "i" else v for k, v in feeds.items()}
+    for x, y in zip(*(s.run(None, feeds) for s in sessions), strict=True):
+        np.testing.assert_array_equal(x, y)

@@ -39,6 +39,7 @@ def test_fusions_rewrite_an_optimum_export_and_keep_its_outputs(arch, tiny_hf_on
     fused = quantize(src, tmp_path / "fused", ort_fusions=True, **kw)
     record = json.loads((fused / "quantization_config.json").read_text())["ort_fusions"]
     assert record["applied"] and record["nodes_after"] < record["nodes_before"]
+    assert record["shapes"]["applied"]  # shape sharing runs after the fusions, on the fused graph
     ops = [n.op_type for n in ir.load(fused / "model.onnx").graph]
     if arch in ROTARY_FUSED:
         assert ops.count("RotaryEmbedding") == record["fused"]["RotaryEmbedding"] > 0
