@@ -180,6 +180,21 @@ class OutputConfig(Options):
 
 
 @dataclasses.dataclass(frozen=True)
+class TransformConfig(Options):
+    """Equivalent transforms applied to the float graph before calibration and rounding."""
+
+    OWNER = "transform"
+
+    transform: tuple[Literal["rotate"], ...] = option(
+        (),
+        "rotate: fold RMSNorm scales and rotate the residual stream by an orthogonal matrix (same float "
+        "model, checked on logits; outlier channels spread before rounding; benchmarks/results/transforms.md)",
+        metavar="NAME",
+    )
+    rotation_seed: int = option(0, "seed of the rotation's random signs and orthogonal factor")
+
+
+@dataclasses.dataclass(frozen=True)
 class FlatField:
     """One leaf option as the API and the CLIs see it: its flat name, the record it lives in, its field."""
 
@@ -191,6 +206,7 @@ class FlatField:
 
 _SCHEME_FIELDS = tuple(f.name for f in dataclasses.fields(QuantScheme))
 _GROUPS: dict[str, type] = {
+    "transform": TransformConfig,
     "calibration": CalibrationConfig,
     "selection": SelectionConfig,
     "output": OutputConfig,
@@ -215,6 +231,7 @@ class QuantConfig(Options):
         QuantScheme(format=WeightFormat.AUTO), "bits, block, symmetry, data type and graph format"
     )
     method: MethodConfig = option(None, f"rounding method and its options (default {DEFAULT_METHOD})")  # noqa: RUF009 (frozen records)
+    transform: TransformConfig = option(TransformConfig(), "equivalent transforms before rounding")  # noqa: RUF009 (frozen records)
     calibration: CalibrationConfig = option(CalibrationConfig(), "calibration data")  # noqa: RUF009 (frozen records)
     selection: SelectionConfig = option(SelectionConfig(), "which weights, which scheme")  # noqa: RUF009 (frozen records)
     output: OutputConfig = option(OutputConfig(), "how the output is written")  # noqa: RUF009 (frozen records)
@@ -244,6 +261,7 @@ class QuantConfig(Options):
         return {
             "scheme": self.scheme.to_dict(),
             "method": self.method.to_dict(),
+            "transform": self.transform.to_data(),
             "calibration": self.calibration.to_data(),
             "selection": self.selection.to_data(),
             "output": self.output.to_data(),

@@ -126,6 +126,27 @@ QUANT_FLAGS: list = [
         },
     ),
     (
+        ("--transform",),
+        {
+            "dest": "transform",
+            "default": "==SUPPRESS==",
+            "action": "append",
+            "metavar": "NAME",
+            "help": "rotate: fold RMSNorm scales and rotate the residual stream by an orthogonal matrix (same float "
+            "model, checked on logits; outlier channels spread before rounding; "
+            "benchmarks/results/transforms.md)",
+        },
+    ),
+    (
+        ("--rotation-seed",),
+        {
+            "dest": "rotation_seed",
+            "default": "==SUPPRESS==",
+            "help": "seed of the rotation's random signs and orthogonal factor (default 0)",
+            "type": "int",
+        },
+    ),
+    (
         ("--calib-data",),
         {
             "dest": "calib_data",

@@ -107,6 +107,7 @@ class QuantizationRun:
         self.token_ids: np.ndarray | None = None
         self.calib_info: dict[str, Any] | None = None
         self.passes: list[tuple[ModuleOverride | None, QuantizationResult]] = []
+        self.transforms: list[dict[str, Any]] = []
         self._stack = contextlib.ExitStack()
 
     @property
@@ -115,6 +116,7 @@ class QuantizationRun:
 
     def __enter__(self) -> QuantizationRun:
         try:
+            self.transforms = self._transform()
             for override, config in _passes(self.config):
                 result = self._pass(override, config)
                 if result is not None:
@@ -126,6 +128,22 @@ class QuantizationRun:
 
     def __exit__(self, *exc: object) -> None:
         self._stack.close()
+
+    def _transform(self) -> list[dict[str, Any]]:
+        """The float graph's equivalent transforms, checked on the first calibration sequences (computed
+        here, before the sites are found, since the transforms replace the weights)."""
+        names = self.config.transform.transform
+        if not names:
+            return []
+        from .graph_passes.transforms import apply_transforms, check_ids
+
+        if self.config.needs_calibration:
+            self.token_ids, self.calib_info = _token_ids(self.config, self.loaded, self.given_ids)
+        folder = self.loaded.folder or (self.loaded.path.parent if self.loaded.path is not None else None)
+        ids = check_ids(self.model, self.token_ids)
+        return apply_transforms(
+            self.model, names, ids, seed=self.config.transform.rotation_seed, folder=folder
+        )
 
     def _pass(self, override: ModuleOverride | None, config: QuantConfig) -> QuantizationResult | None:
         sel = config.selection
@@ -227,6 +245,7 @@ def build_record(run: QuantizationRun) -> dict[str, Any]:
         "sites": sites,
         "embeddings": embeddings,
         "shapes": _merged_shapes([result.shapes for _, result in run.passes]),
+        "transforms": run.transforms,
         "skipped": skipped,
         "timings": timings,
     }

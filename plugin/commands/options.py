@@ -56,7 +56,9 @@ def _default_text(value: Any) -> str:
     return "" if value in (None, ()) else f" (default {value})"
 
 
-def _field_spec(name: str, hint: Any, default: Any, help: str, flag: str | None) -> list[Spec]:
+def _field_spec(
+    name: str, hint: Any, default: Any, help: str, flag: str | None, metavar: str | None = None
+) -> list[Spec]:
     tp, _ = _leaf_type(hint)
     dest = {"dest": name, "default": argparse.SUPPRESS}
     if tp is bool and default is True:
@@ -69,7 +71,7 @@ def _field_spec(name: str, hint: Any, default: Any, help: str, flag: str | None)
     if tp is bool:
         return [(flags, {**dest, "action": "store_true", "help": help + _default_text(default)})]
     if typing.get_origin(tp) is tuple:
-        return [(flags, {**dest, "action": "append", "metavar": "REGEX", "help": help})]
+        return [(flags, {**dest, "action": "append", "metavar": metavar or "REGEX", "help": help})]
     kw: dict[str, Any] = {**dest, "help": help + _default_text(default)}
     if typing.get_origin(tp) is Literal:
         kw["choices"] = list(typing.get_args(tp))
@@ -102,7 +104,7 @@ def flag_specs(spelling: Mapping[str, str] | None = None, skip: tuple[str, ...] 
         default = getattr(defaults, f.name) if f.group == "scheme" else f.field.default
         help = option_help(f.field)
         flag = spelling.get(f.name, f.field.metadata.get("flag"))
-        specs += _field_spec(f.name, hint, default, help, flag)
+        specs += _field_spec(f.name, hint, default, help, flag, f.field.metadata.get("metavar"))
     return specs
 
 
@@ -134,9 +136,9 @@ def overrides_from_args(args: argparse.Namespace, specs: list[Spec] | None = Non
     out = {d: given[d] for d in dests if d in given and given[d] is not None}
     if "method_options" in out:
         out["method_options"] = parse_method_options(out["method_options"])
-    for key in ("include", "exclude"):
-        if key in out:
-            out[key] = tuple(out[key])
+    for key, value in out.items():
+        if isinstance(value, list) and key != "method_options":  # repeatable flags: tuple options
+            out[key] = tuple(value)
     return out
 
 

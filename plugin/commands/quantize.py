@@ -58,6 +58,18 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB"
 
 
+def _print_graph(record: dict[str, Any]) -> None:
+    """What shape sharing (and onnxruntime's fusions, when asked) did to the graph, or why they did not."""
+    fusions = record.get("ort_fusions")
+    shapes = (fusions or {}).get("shapes") or record.get("shapes")
+    if fusions is not None and not fusions.get("applied"):
+        print(f"  onnxruntime fusions not applied: {fusions.get('reason')}")
+    if shapes is not None and shapes.get("applied"):
+        print(f"  graph: {shapes['nodes_before']} -> {shapes['nodes_after']} nodes (shape reads shared)")
+    elif shapes is not None:
+        print(f"  shape sharing not applied: {shapes.get('reason')}")
+
+
 def print_summary(out: Path, record: dict[str, Any]) -> None:
     """A few lines: scheme/method, sites quantized, skipped by reason, size before/after, where."""
     label = QuantScheme.from_dict(record["scheme"]).label
@@ -79,6 +91,7 @@ def print_summary(out: Path, record: dict[str, Any]) -> None:
     for table in record.get("embeddings", []):
         how = f"shares {table['shared_with']}'s codes" if table.get("shared_with") else "GatherBlockQuantized"
         print(f"  embedding {table['table']}: {table['bits']} bits, {how}")
+    _print_graph(record)
     reasons = Counter(s["reason"] for s in record["skipped"])
     if reasons:
         print(f"skipped {sum(reasons.values())}:")

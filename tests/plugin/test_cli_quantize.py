@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -36,6 +37,18 @@ def test_quantize_command_prints_summary(llama, tmp_path, capsys):
         record["format"] == "matmulnbits" and record["config"]["data"]["scheme"]["data"]["format"] == "auto"
     )
     assert (out / "quantization_recipe.yaml").is_file()
+    shapes = record["shapes"]
+    assert f"graph: {shapes['nodes_before']} -> {shapes['nodes_after']} nodes (shape reads shared)" in text
+
+
+def test_summary_says_why_shape_sharing_did_not_apply(capsys):
+    from optimum.adaround.commands.quantize import print_summary
+
+    record = {"scheme": {"type": "QuantScheme", "version": 1, "data": {"bits": 4, "group_size": 32}},
+              "format": "matmulnbits", "n_sites": 1, "method": {"name": "rtn"}, "sites": [], "skipped": [],
+              "float_bytes": 10, "shapes": {"applied": False, "reason": "symbolic shape inference failed: x"}}  # fmt: skip
+    print_summary(Path("out"), record)
+    assert "shape sharing not applied: symbolic shape inference failed: x" in capsys.readouterr().out
 
 
 def test_lm_head_exclude_and_format_flags(llama, tmp_path, capsys):
