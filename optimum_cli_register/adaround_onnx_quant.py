@@ -132,9 +132,10 @@ QUANT_FLAGS: list = [
             "default": "==SUPPRESS==",
             "action": "append",
             "metavar": "NAME",
-            "help": "rotate: fold RMSNorm scales and rotate the residual stream by an orthogonal matrix (same float "
-            "model, checked on logits; outlier channels spread before rounding; "
-            "benchmarks/results/transforms.md)",
+            "help": "rotate: fold RMSNorm scales and rotate the residual stream by an orthogonal matrix in the "
+            "weights; rotate_down: a block-Hadamard rotation of the down projection's input, computed online; "
+            "same float model (checked on logits), outlier channels spread before rounding "
+            "(benchmarks/results/transforms.md)",
         },
     ),
     (

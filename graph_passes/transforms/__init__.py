@@ -19,11 +19,12 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 from ..calibration.feeds import feed_specs, make_feeds, window_capacities
 from ..calibration.sessions import open_session
 from ..errors import InternalError
+from .online import HadamardDownProjPass
 from .rotate import RotateResidualPass
 
 __all__ = ["TRANSFORMS", "TransformError", "apply_transforms", "check_ids", "logit_tolerance"]
 
-TRANSFORMS = {"rotate": RotateResidualPass}
+TRANSFORMS = {"rotate": RotateResidualPass, "rotate_down": HadamardDownProjPass}
 
 
 class TransformError(InternalError):
