@@ -33,7 +33,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from decode_speed import decode_speed  # noqa: E402
-from measure import provenance  # noqa: E402
+from measure import emit, provenance  # noqa: E402
 
 DOMAINS = ("wikipedia", "news")
 OLD_OUTPUT = {"lm_head": "none", "embeddings": "none", "accuracy_level": 0}
@@ -258,12 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     result = {"provenance": provenance(), "eval_tokens": args.eval_tokens, "prompt_tokens": args.prompt_tokens,
               "new_tokens": args.new_tokens, "rows": run_rows(args)}  # fmt: skip
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=1))
-    text = render(result)
-    if args.md:
-        args.md.write_text(text + "\n")
-    print(text)
+    emit(result, render(result), args.json, args.md)
     return 0
 
 

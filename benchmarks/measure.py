@@ -11,6 +11,7 @@ first on ``sys.path``.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import multiprocessing as mp
 import os
 import platform
@@ -114,6 +115,15 @@ def now() -> str:
 def provenance() -> dict[str, Any]:
     """Where and when a row was measured: stored with each row."""
     return {"date": now(), "machine": machine(), "commit": commit(), "load_average": list(os.getloadavg())}
+
+
+def emit(result: dict[str, Any], text: str, json_path: Path | None, md_path: Path | None) -> None:
+    """Write a benchmark's result (JSON) and its markdown where asked, and print the markdown."""
+    if json_path:
+        json_path.write_text(json.dumps(result, indent=1))
+    if md_path:
+        md_path.write_text(text + "\n")
+    print(text)
 
 
 def _child(fn: Callable[..., dict[str, Any]], kwargs: dict[str, Any], conn: Any) -> None:
