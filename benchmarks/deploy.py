@@ -36,7 +36,7 @@ from decode_speed import decode_speed  # noqa: E402
 from measure import emit, provenance  # noqa: E402
 
 DOMAINS = ("wikipedia", "news")
-OLD_OUTPUT = {"lm_head": "none", "embeddings": "none", "accuracy_level": 0}
+OLD_OUTPUT = {"lm_head": "none", "embeddings": "none", "accuracy_level": 0, "fuse": False, "share_shapes": False}
 
 
 @dataclasses.dataclass(frozen=True)

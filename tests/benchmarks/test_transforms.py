@@ -1,0 +1,26 @@
+"""benchmarks/transforms.py: its table, and its result written where asked."""
+
+from __future__ import annotations
+
+import json
+
+
+def _result():
+    rows = [{"scheme": "w3-g128", "transform": t, "size_mb": 158.1 + i, "ppl_wikipedia": 40.0 - i,
+             "ppl_news": 50.0 + i} for i, t in enumerate(("none", "rotate"))]  # fmt: skip
+    return {"provenance": {"date": "D", "machine": "M", "commit": "C"}, "eval_tokens": 16384,
+            "fp32": {"ppl_wikipedia": 25.0, "ppl_news": 40.0}, "rows": rows}  # fmt: skip
+
+
+def test_the_table_shows_each_row_against_fp32(transforms):
+    text = transforms.render(_result())
+    assert "fp32: Wikipedia 25.00, news 40.00" in text and "commit C" in text
+    assert "| w3-g128 | none | 158.1 | 40.00 | +60.0% | 50.00 | +25.0% |" in text
+    assert "| w3-g128 | rotate | 159.1 | 39.00 | +56.0% | 51.00 | +27.5% |" in text
+
+
+def test_emit_writes_json_and_markdown(measure, tmp_path, capsys):
+    result = _result()
+    measure.emit(result, "TABLE", tmp_path / "r.json", tmp_path / "r.md")
+    assert json.loads((tmp_path / "r.json").read_text()) == result
+    assert (tmp_path / "r.md").read_text() == "TABLE\n" and "TABLE" in capsys.readouterr().out
