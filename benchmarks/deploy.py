@@ -36,7 +36,13 @@ from decode_speed import decode_speed  # noqa: E402
 from measure import emit, provenance  # noqa: E402
 
 DOMAINS = ("wikipedia", "news")
-OLD_OUTPUT = {"lm_head": "none", "embeddings": "none", "accuracy_level": 0, "fuse": False, "share_shapes": False}
+OLD_OUTPUT = {
+    "lm_head": "none",
+    "embeddings": "none",
+    "accuracy_level": 0,
+    "fuse": False,
+    "share_shapes": False,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +77,7 @@ ROWS = (
     Row("ours gptq W4 g64, 4-bit head", "builder", {"method": "gptq", "scheme": "w4-g64", "lm_head": "4"}),
     Row("ours adaround W4 g64, 4-bit head", "builder",
         {"method": "adaround", "scheme": "w4-g64", "lm_head": "4"}),
+    Row("ours gptq W4 g128, 4-bit head", "builder", {"method": "gptq", "lm_head": "4"}),
     Row("ours gptq W4 g128, defaults", "builder", {"method": "gptq"}),
     Row("ours gptq W4 g32 asym, 8-bit head", "builder", {"method": "gptq", "scheme": "w4-g32-asym"}),
     Row("ours adaround W4 g32 asym, 8-bit head", "builder", {"method": "adaround", "scheme": "w4-g32-asym"}),
@@ -190,7 +197,7 @@ def run_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
                "folder": str(folder), "runtimes": list(row.runtimes), "size_mb": size_mb(folder),
                "quantize_seconds": seconds}  # fmt: skip
         for runtime in row.runtimes:
-            rec[runtime] = measure_ppl(folder, runtime, args.eval_tokens)
+            rec[runtime] = {} if args.speed_only else measure_ppl(folder, runtime, args.eval_tokens)
         print(json.dumps(rec), flush=True)
         rows.append(rec)
     measure_speed(rows, args, prompt)
@@ -217,6 +224,8 @@ def render(result: dict[str, Any]) -> str:
              f"after {result['prompt_tokens']}.", ""]  # fmt: skip
     for source, title in (("optimum", "Optimum export"), ("builder", "onnxruntime-genai builder model")):
         rows = [r for r in result["rows"] if r["source"] == source]
+        if not rows:
+            continue
         runtimes = [rt for rt in ("onnxruntime", "genai") if any(rt in r for r in rows)]
         head = ["model", "size (MB)"]
         for rt in runtimes:
@@ -229,7 +238,8 @@ def render(result: dict[str, Any]) -> str:
                 m = r.get(rt)
                 ratio = ratios[rt].get(r["name"])
                 cells += ["-"] * 4 if m is None else [
-                    f"{m['ppl_wikipedia']:.2f}", f"{m['ppl_news']:.2f}", f"{m['decode_tokens_per_s']:.1f}",
+                    f"{m['ppl_wikipedia']:.2f}" if "ppl_wikipedia" in m else "-",
+                    f"{m['ppl_news']:.2f}" if "ppl_news" in m else "-", f"{m['decode_tokens_per_s']:.1f}",
                     "-" if ratio is None else f"{ratio:.2f}x"]  # fmt: skip
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
@@ -247,6 +257,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--speed-reps", type=int, default=5, help="decode measurements per row (median kept)")
     ap.add_argument("--quantize-only", action="store_true", help="make the quantized models, measure nothing")
+    ap.add_argument("--speed-only", action="store_true", help="measure decode speed only (no perplexity)")
     ap.add_argument("--only", action="append", help="measure rows whose slug contains this (repeatable)")
     ap.add_argument("--json", type=Path, help="write the rows and provenance here")
     ap.add_argument("--md", type=Path, help="write the markdown tables here")
