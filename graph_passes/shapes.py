@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
+import threading
 from collections.abc import Iterator
 
 import numpy as np
@@ -63,6 +65,23 @@ def _without_weights(model: ir.Model) -> Iterator[set[str]]:
             model.graph.initializers[name].const_value = tensor
 
 
+@contextlib.contextmanager
+def _interrupt_after() -> Iterator[None]:
+    """Hold a Ctrl-C (SIGINT) that arrives inside the block and raise it when the block ends: the
+    inference's own code must not get the chance to swallow it (a run must stop on Ctrl-C)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            raise KeyboardInterrupt
+
+
 def symbolic_dims(model: ir.Model) -> dict[str, list[Dim]]:
     """Every value's dimensions as onnxruntime's symbolic shape inference gives them (ints, symbol strings
     such as ``past_sequence_length + sequence_length``, None where unknown), read from a copy of the
@@ -73,7 +92,8 @@ def symbolic_dims(model: ir.Model) -> dict[str, list[Dim]]:
         proto = ir.serde.serialize_model(model)
     # detached weights travel as graph inputs of known shape (their value_info entries)
     proto.graph.input.extend(vi for vi in proto.graph.value_info if vi.name in detached)
-    inferred = SymbolicShapeInference.infer_shapes(proto, auto_merge=False, guess_output_rank=False)
+    with _interrupt_after():
+        inferred = SymbolicShapeInference.infer_shapes(proto, auto_merge=False, guess_output_rank=False)
     dims: dict[str, list[Dim]] = {}
     graph = inferred.graph
     for info in (*graph.input, *graph.value_info, *graph.output):
