@@ -86,7 +86,8 @@ def symbolic_dims(model: ir.Model) -> dict[str, list[Dim]]:
     """Every value's dimensions as onnxruntime's symbolic shape inference gives them (ints, symbol strings
     such as ``past_sequence_length + sequence_length``, None where unknown), read from a copy of the
     graph without its weights. Raises what the inference raises when it cannot read the graph."""
-    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+    with _interrupt_after():  # sympy's first import takes a second; a Ctrl-C during it is held too
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
     with _without_weights(model) as detached:
         proto = ir.serde.serialize_model(model)
