@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import signal
-import threading
 from collections.abc import Iterator
 
 import numpy as np
@@ -28,6 +26,8 @@ from onnx_ir.passes.common import (
     DeduplicateInitializersPass,
     RemoveUnusedNodesPass,
 )
+
+from .packing.base import initializer
 
 __all__ = ["ShareShapeComputationsPass", "symbolic_dims"]
 
@@ -65,36 +65,17 @@ def _without_weights(model: ir.Model) -> Iterator[set[str]]:
             model.graph.initializers[name].const_value = tensor
 
 
-@contextlib.contextmanager
-def _interrupt_after() -> Iterator[None]:
-    """Hold a Ctrl-C (SIGINT) that arrives inside the block and raise it when the block ends: the
-    inference's own code must not get the chance to swallow it (a run must stop on Ctrl-C)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if caught:
-            raise KeyboardInterrupt
-
-
 def symbolic_dims(model: ir.Model) -> dict[str, list[Dim]]:
     """Every value's dimensions as onnxruntime's symbolic shape inference gives them (ints, symbol strings
     such as ``past_sequence_length + sequence_length``, None where unknown), read from a copy of the
     graph without its weights. Raises what the inference raises when it cannot read the graph."""
-    with _interrupt_after():  # sympy's first import takes a second; a Ctrl-C during it is held too
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
     with _without_weights(model) as detached:
         proto = ir.serde.serialize_model(model)
     # detached weights travel as graph inputs of known shape (their value_info entries)
     proto.graph.input.extend(vi for vi in proto.graph.value_info if vi.name in detached)
-    with _interrupt_after():
-        inferred = SymbolicShapeInference.infer_shapes(proto, auto_merge=False, guess_output_rank=False)
+    inferred = SymbolicShapeInference.infer_shapes(proto, auto_merge=False, guess_output_rank=False)
     dims: dict[str, list[Dim]] = {}
     graph = inferred.graph
     for info in (*graph.input, *graph.value_info, *graph.output):
@@ -210,12 +191,7 @@ class ShareShapeComputationsPass(ir.passes.InPlacePass):
             n = len(graph.initializers)
             while f"optimum_adaround.shape_{n}" in graph.initializers:
                 n += 1
-            value = ir.Value(
-                name=f"optimum_adaround.shape_{n}",
-                shape=ir.Shape(array.shape),
-                type=ir.TensorType(ir.DataType.INT64),
-                const_value=ir.tensor(array),
-            )
+            value = initializer(f"optimum_adaround.shape_{n}", array)
             graph.register_initializer(value)
             self._constants[key] = value
         return self._constants[key]

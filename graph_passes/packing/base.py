@@ -241,7 +241,8 @@ def initializer(name: str, array: np.ndarray) -> ir.Value:
 
     ml_dtypes ``int4``/``uint4`` arrays become ONNX INT4/UINT4 tensors (packed two per byte on save).
     """
-    tensor = ir.Tensor(np.ascontiguousarray(array), name=name)
+    # ascontiguousarray would turn a 0-d array (a scalar constant) into 1-d
+    tensor = ir.Tensor(array if array.flags.c_contiguous else np.ascontiguousarray(array), name=name)
     return ir.Value(
         name=name, type=ir.TensorType(tensor.dtype), shape=ir.Shape(tensor.shape), const_value=tensor
     )

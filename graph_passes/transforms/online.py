@@ -14,8 +14,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from .residual import find_residual_stream, weight_of
-from .rotate import _hadamard, _kn, _replace
+from ..packing.base import initializer
+from .residual import ResidualStream, StreamPass, kn_shape, weight_of
+from .rotate import hadamard, replace_initializer, weight_kn
 
 __all__ = ["HadamardDownProjPass", "block_hadamard"]
 
@@ -23,49 +24,37 @@ __all__ = ["HadamardDownProjPass", "block_hadamard"]
 def block_hadamard(b: int, seed: int = 0) -> np.ndarray:
     """``D H_b``: a ``b x b`` orthogonal matrix (float64), ``H_b`` Sylvester's normalized, ``D`` random signs."""
     signs = np.random.default_rng(seed).choice([-1.0, 1.0], size=b)
-    return signs[:, None] * (_hadamard(b) / np.sqrt(b))
+    return signs[:, None] * (hadamard(b) / np.sqrt(b))
 
 
 def _block(k: int, max_block: int) -> int:
     return min(k & -k, max_block)
 
 
-class HadamardDownProjPass(ir.passes.InPlacePass):
+class HadamardDownProjPass(StreamPass):
     """Rotate the input of every residual writer fed by an elementwise product (the MLP's down projection)
     online, in blocks. ``record`` says which and the block, or why none."""
 
     def __init__(self, seed: int = 0, max_block: int = 128) -> None:
-        super().__init__()
-        self.seed, self.max_block = seed, max_block
-        self.record: dict[str, object] = {"applied": False}
+        super().__init__(seed)
+        self.max_block = max_block
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        stream = find_residual_stream(model)
-        if isinstance(stream, str):
-            self.record = {"applied": False, "reason": stream}
-            return ir.passes.PassResult(model, modified=False)
-        writers = [w for w, _ in stream.writers if _fed_by_product(w)]
-        rotated = [w for w in writers if _block(_kn(w).shape[0], self.max_block) >= 16]
+    def rewrite(self, graph: ir.Graph, stream: ResidualStream) -> dict[str, object] | str:
+        blocks = {w: _block(kn_shape(w)[0], self.max_block) for w, _ in stream.writers if _fed_by_product(w)}
+        rotated = {w: b for w, b in blocks.items() if b >= 16}
         if not rotated:
-            self.record = {
-                "applied": False,
-                "reason": "no down projection (a writer fed by Mul) with K divisible by 16",
-            }
-            return ir.passes.PassResult(model, modified=False)
-        blocks = sorted({_block(_kn(w).shape[0], self.max_block) for w in rotated})
-        for i, node in enumerate(rotated):
-            self._rotate(model.graph, node, i)
-        self.record = {"applied": True, "layers": len(rotated), "block": blocks, "seed": self.seed}
-        return ir.passes.PassResult(model, modified=True)
+            return "no down projection (a writer fed by Mul) with K divisible by 16"
+        for i, (node, b) in enumerate(rotated.items()):
+            self._rotate(graph, node, b, i)
+        return {"layers": len(rotated), "block": sorted(set(rotated.values()))}
 
-    def _rotate(self, graph: ir.Graph, node: ir.Node, index: int) -> None:
-        w = _kn(node)
+    def _rotate(self, graph: ir.Graph, node: ir.Node, b: int, index: int) -> None:
+        w = weight_kn(node)
         k = w.shape[0]
-        b = _block(k, self.max_block)
         h = block_hadamard(b, self.seed)
         # W' = (I (x) H)^T W: each block of b rows of W is multiplied by H^T
         rotated = np.einsum("ji,cjn->cin", h, w.reshape(k // b, b, -1)).reshape(k, -1)
-        _replace(graph, node, 1, rotated, weight_of(node)[0])  # type: ignore[index]
+        replace_initializer(graph, node, 1, rotated, weight_of(node)[0])  # type: ignore[index]
         x = node.inputs[0]
         name = f"{node.name or f'down_proj_{index}'}/optimum_adaround.hadamard"
         dtype = node.inputs[1].const_value.dtype  # type: ignore[union-attr]
@@ -85,7 +74,6 @@ def _fed_by_product(node: ir.Node) -> bool:
 
 
 def _const(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    value = ir.Value(name=name, const_value=ir.tensor(array))
-    value.shape, value.type = value.const_value.shape, ir.TensorType(value.const_value.dtype)  # type: ignore[union-attr]
+    value = initializer(name, array)
     graph.register_initializer(value)
     return value

@@ -20,7 +20,10 @@ import dataclasses
 
 import onnx_ir as ir
 
-__all__ = ["Bias", "Norm", "ResidualStream", "find_residual_stream", "find_rms_norms", "weight_of"]
+__all__ = [
+    "Bias", "Norm", "ResidualStream", "StreamPass", "find_residual_stream", "find_rms_norms", "kn_shape",
+    "weight_of",
+]  # fmt: skip
 
 _STD = ("", "ai.onnx")
 _FUSED_NORMS = {("SimplifiedLayerNormalization", ""), ("SimplifiedLayerNormalization", "com.microsoft"),
@@ -171,7 +174,7 @@ def weight_of(node: ir.Node) -> tuple[ir.Value, bool] | None:
     return (w, transposed) if w is not None and w.const_value.shape.rank() == 2 else None  # type: ignore[union-attr]
 
 
-def _shape(node: ir.Node) -> tuple[int, int]:
+def kn_shape(node: ir.Node) -> tuple[int, int]:
     """``(K, N)`` of a linear layer found by ``weight_of``."""
     w, transposed = weight_of(node)  # type: ignore[misc]
     k, n = w.const_value.shape  # type: ignore[union-attr]
@@ -188,7 +191,7 @@ def _writer(value: ir.Value, width: int) -> tuple[ir.Node, Bias | None] | None:
                 bias, value = Bias(add, i, _initializer(add.inputs[i])), add.inputs[1 - i]  # type: ignore[arg-type,assignment]
                 break
     node = value.producer()
-    if node is None or weight_of(node) is None or _shape(node)[1] != width or len(value.uses()) != 1:
+    if node is None or weight_of(node) is None or kn_shape(node)[1] != width or len(value.uses()) != 1:
         return None
     return node, bias  # type: ignore[return-value]
 
@@ -261,7 +264,7 @@ def _with_readers(width: int, embeddings: list[ir.Node], norms: list[Norm],
         for node, index in norm.output.uses():
             if node.op_type == "Shape" and node.domain in _STD:
                 continue
-            if weight_of(node) is None or index != 0 or _shape(node)[0] != width:
+            if weight_of(node) is None or index != 0 or kn_shape(node)[0] != width:
                 return (
                     f"{node.op_type} node {node.name!r} reads a normalized stream and is not a linear layer"
                 )
@@ -269,3 +272,25 @@ def _with_readers(width: int, embeddings: list[ir.Node], norms: list[Norm],
         if norm.output.is_graph_output() or i not in readers:
             return f"the RMSNorm output {norm.output.name!r} feeds no linear layer"
     return ResidualStream(width, embeddings, norms, readers, writers)
+
+
+class StreamPass(ir.passes.InPlacePass):
+    """A rewrite of a decoder's residual stream: ``rewrite`` returns what it did (the record's fields) or a
+    reason it did nothing; a graph without the stream is left as it was. ``record`` says which."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        self.seed = seed
+        self.record: dict[str, object] = {"applied": False}
+
+    def rewrite(self, graph: ir.Graph, stream: ResidualStream) -> dict[str, object] | str:
+        raise NotImplementedError
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        stream = find_residual_stream(model)
+        done = stream if isinstance(stream, str) else self.rewrite(model.graph, stream)
+        if isinstance(done, str):
+            self.record = {"applied": False, "reason": done}
+            return ir.passes.PassResult(model, modified=False)
+        self.record = {"applied": True, **done, "seed": self.seed}
+        return ir.passes.PassResult(model, modified=True)

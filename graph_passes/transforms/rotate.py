@@ -15,12 +15,13 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from .residual import ResidualStream, find_residual_stream, weight_of
+from ..packing.base import initializer
+from .residual import ResidualStream, StreamPass, weight_of
 
-__all__ = ["RotateResidualPass", "orthogonal"]
+__all__ = ["RotateResidualPass", "hadamard", "orthogonal", "replace_initializer", "weight_kn"]
 
 
-def _hadamard(n: int) -> np.ndarray:
+def hadamard(n: int) -> np.ndarray:
     """Sylvester's Hadamard matrix of order ``n`` (a power of two), entries +-1."""
     h = np.ones((1, 1))
     while h.shape[0] < n:
@@ -34,73 +35,59 @@ def orthogonal(d: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     k = d & -d  # the largest power of two dividing d
     m = d // k
-    q = _hadamard(k) / np.sqrt(k)
+    q = hadamard(k) / np.sqrt(k)
     if m > 1:
         r, upper = np.linalg.qr(rng.standard_normal((m, m)))
         q = np.kron(r * np.sign(np.diag(upper)), q)
     return rng.choice([-1.0, 1.0], size=d)[:, None] * q
 
 
-class RotateResidualPass(ir.passes.InPlacePass):
+class RotateResidualPass(StreamPass):
     """Fold each RMSNorm's scale into its readers and rotate the residual stream by ``orthogonal(d, seed)``.
     ``record`` says what was rotated, or why nothing was (the graph is then left as it was)."""
 
-    def __init__(self, seed: int = 0) -> None:
-        super().__init__()
-        self.seed = seed
-        self.record: dict[str, object] = {"applied": False}
-
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        stream = find_residual_stream(model)
-        if isinstance(stream, str):
-            self.record = {"applied": False, "reason": stream}
-            return ir.passes.PassResult(model, modified=False)
-        q = orthogonal(stream.width, self.seed)
-        _rotate(model.graph, stream, q)
-        self.record = {
-            "applied": True, "width": stream.width, "seed": self.seed, "norms": len(stream.norms),
-            "readers": sum(len(r) for r in stream.readers.values()), "writers": len(stream.writers),
-        }  # fmt: skip
-        return ir.passes.PassResult(model, modified=True)
+    def rewrite(self, graph: ir.Graph, stream: ResidualStream) -> dict[str, object]:
+        _rotate(graph, stream, orthogonal(stream.width, self.seed))
+        return {"width": stream.width, "norms": len(stream.norms),
+                "readers": sum(len(r) for r in stream.readers.values()), "writers": len(stream.writers)}  # fmt: skip
 
 
 def _rotate(graph: ir.Graph, stream: ResidualStream, q: np.ndarray) -> None:
     for gather in stream.embeddings:
         table = gather.inputs[0]
-        _replace(graph, gather, 0, _array(table) @ q, table)  # type: ignore[arg-type]
+        replace_initializer(graph, gather, 0, _array(table) @ q, table)  # type: ignore[arg-type]
     for i, norm in enumerate(stream.norms):
         scale = norm.offset + _array(norm.scale)
         for reader in stream.readers[i]:
-            w = _kn(reader)
-            _replace(graph, reader, 1, q.T @ (scale[:, None] * w), weight_of(reader)[0])  # type: ignore[index]
+            w = weight_kn(reader)
+            replace_initializer(graph, reader, 1, q.T @ (scale[:, None] * w), weight_of(reader)[0])  # type: ignore[index]
         node, index = norm.scale_user
-        _replace(graph, node, index, np.ones_like(scale), norm.scale)
+        replace_initializer(graph, node, index, np.ones_like(scale), norm.scale)
     for writer, bias in stream.writers:
-        _replace(graph, writer, 1, _kn(writer) @ q, weight_of(writer)[0])  # type: ignore[index]
+        replace_initializer(graph, writer, 1, weight_kn(writer) @ q, weight_of(writer)[0])  # type: ignore[index]
         if bias is not None:
-            _replace(graph, bias.add, bias.index, _array(bias.value) @ q, bias.value)
+            replace_initializer(graph, bias.add, bias.index, _array(bias.value) @ q, bias.value)
 
 
 def _array(value: ir.Value) -> np.ndarray:
     return value.const_value.numpy().astype(np.float64)  # type: ignore[union-attr]
 
 
-def _kn(node: ir.Node) -> np.ndarray:
+def weight_kn(node: ir.Node) -> np.ndarray:
     """A linear layer's weight as ``[K, N]`` float64."""
     w, transposed = weight_of(node)  # type: ignore[misc]
     array = _array(w)
     return array.T if transposed else array
 
 
-def _replace(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray, old: ir.Value) -> None:
+def replace_initializer(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray, old: ir.Value) -> None:
     """Give ``node`` a new initializer (the old one's dtype) at input ``index``; the old one is left to any
     other reader (a tied table) and dropped when none remains."""
     dtype = old.const_value.dtype.numpy()  # type: ignore[union-attr]
     name, n = f"{old.name}.rotated", 1
     while name in graph.initializers:
         name, n = f"{old.name}.rotated{n}", n + 1
-    value = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(array.astype(dtype))))
-    value.shape, value.type = value.const_value.shape, ir.TensorType(value.const_value.dtype)  # type: ignore[union-attr]
+    value = initializer(name, array.astype(dtype))
     graph.register_initializer(value)
     node.replace_input_with(index, value)
     if not old.uses() and not old.is_graph_output() and old.name in graph.initializers:
