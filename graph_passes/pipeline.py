@@ -311,19 +311,50 @@ def resolve_config(config: QuantConfig, sites: Sequence[WeightSite]) -> QuantCon
 def plan_schemes(
     config: QuantConfig, sites: Sequence[WeightSite]
 ) -> tuple[QuantConfig, dict[str, QuantScheme]]:
-    """The resolved config (see :func:`resolve_config`) and each site's scheme, formats chosen: the run's
-    scheme, except the output projection at ``lm_head`` bits (its own format choice, so a 3-bit run in our
-    op still gets an 8-bit MatMulNBits head)."""
+    """The resolved config (see :func:`resolve_config`) and each site's scheme, formats chosen: the first
+    scheme override whose pattern matches the site, else the run's scheme, except the output projection at
+    ``lm_head`` bits (its own format choice, so a 3-bit run in our op still gets an 8-bit MatMulNBits head).
+    One pass rounds every site, whatever its scheme."""
+    taken = override_schemes(config, sites)
     heads = {
-        s.name: _head_for(s, h) for s in sites if s.kind == "lm_head" and (h := head_scheme(config, s.k))
+        s.name: _head_for(s, h)
+        for s in sites
+        if s.kind == "lm_head" and s.name not in taken and (h := head_scheme(config, s.k))
     }
-    own = [s for s in sites if s.name not in heads]
+    own = [s for s in sites if s.name not in heads and s.name not in taken]
     scheme = choose_format(config.scheme, [(s.k, s.n) for s in own or sites])
     schemes = {**{s.name: scheme for s in own}, **heads}
+    for wanted in dict.fromkeys(taken.values()):  # each override scheme's format chosen over its sites
+        mine = [s for s in sites if taken.get(s.name) == wanted]
+        chosen = choose_format(wanted, [(s.k, s.n) for s in mine])
+        schemes.update((s.name, chosen) for s in mine)
     method = config.method
     if "device" in method.names() and method.device is None:
         method = method.replace(device=_torch_device(config.calibration.device))
     return dataclasses.replace(config, scheme=scheme, method=method), schemes
+
+
+def override_schemes(config: QuantConfig, sites: Sequence[WeightSite]) -> dict[str, QuantScheme]:
+    """The scheme of each site a scheme override takes (first matching pattern wins), format unresolved;
+    an override that takes no site is a NoQuantizableWeightsError naming its pattern."""
+    overrides = config.selection.overrides
+    if not overrides:
+        return {}
+    patterns = [(o, re.compile(o.pattern)) for o in overrides]
+    out: dict[str, QuantScheme] = {}
+    used: set[str] = set()
+    for site in sites:
+        o = next((o for o, rx in patterns if rx.search(site.name)), None)
+        if o is not None:
+            out[site.name] = config.with_overrides(scheme=o.scheme).scheme  # the run's format
+            used.add(o.pattern)
+    for o in overrides:
+        if o.pattern not in used:
+            raise NoQuantizableWeightsError(
+                f"scheme override {o.pattern!r} matches no quantizable layer (or only layers an earlier "
+                "override takes)"
+            )
+    return out
 
 
 def head_scheme(config: QuantConfig, k: int) -> QuantScheme | None:

@@ -2,7 +2,7 @@
 
 Flow: config (``QuantConfig`` + keyword overrides, all validated before anything is loaded) -> load with
 onnx-ir (weights memory-mapped) -> find weight sites -> calibration token ids (methods that need
-statistics) -> one pipeline pass per scheme override, then one for the rest -> streamed save into the one
+statistics) -> one pipeline pass (every site with its scheme: scheme overrides, the output projection's) -> streamed save into the one
 atomic output writer (``output.write_output``) with the exported folder's side files, the config and
 ``quantization_config.json``.
 """
@@ -10,21 +10,19 @@ atomic output writer (``output.write_output``) with the exported folder's side f
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .graph_passes.config import ModuleOverride, QuantConfig
-from .graph_passes.errors import CalibrationError, InternalError, NoQuantizableWeightsError
+from .graph_passes.config import QuantConfig
+from .graph_passes.errors import CalibrationError, InternalError
 from .graph_passes.model_io import LoadedModel, initializer_bytes, load_model, save_model, to_source_kind
 from .graph_passes.pipeline import QuantizationResult, prepare_sites, quantize_model
-from .graph_passes.sites import ALREADY_QUANTIZED
 from .output import check_output_path, write_output
 from .recipes import ConfigLike, resolve_config
 
@@ -93,8 +91,8 @@ def _default_output(loaded: LoadedModel, config: QuantConfig) -> Path:
 
 
 class QuantizationRun:
-    """One run: quantizes ``loaded`` under ``config`` on entry (one pipeline pass per scheme override,
-    then one for the rest, on the same in-memory model) and keeps the results' scratch folders until exit.
+    """One run: quantizes ``loaded`` under ``config`` on entry (one pipeline pass, each site with its own
+    scheme) and keeps the result's scratch folder until exit.
     ``write(folder)`` saves the model, side files, config and record into ``folder``."""
 
     def __init__(
@@ -106,7 +104,7 @@ class QuantizationRun:
         self.given_ids = token_ids
         self.token_ids: np.ndarray | None = None
         self.calib_info: dict[str, Any] | None = None
-        self.passes: list[tuple[ModuleOverride | None, QuantizationResult]] = []
+        self.result: QuantizationResult | None = None
         self.transforms: list[dict[str, Any]] = []
         self._stack = contextlib.ExitStack()
 
@@ -117,10 +115,7 @@ class QuantizationRun:
     def __enter__(self) -> QuantizationRun:
         try:
             self.transforms = self._transform()
-            for override, config in _passes(self.config):
-                result = self._pass(override, config)
-                if result is not None:
-                    self.passes.append((override, self._stack.enter_context(result)))
+            self.result = self._stack.enter_context(self._pass(self.config))
         except BaseException:
             self._stack.close()
             raise
@@ -145,18 +140,9 @@ class QuantizationRun:
             self.model, names, ids, seed=self.config.transform.rotation_seed, folder=folder
         )
 
-    def _pass(self, override: ModuleOverride | None, config: QuantConfig) -> QuantizationResult | None:
+    def _pass(self, config: QuantConfig) -> QuantizationResult:
         sel = config.selection
-        try:
-            report = prepare_sites(self.model, sel.include, sel.exclude, sel.quantize_lm_head)
-        except NoQuantizableWeightsError as e:
-            if override is not None:
-                raise NoQuantizableWeightsError(
-                    f"scheme override {override.pattern!r} matches no quantizable layer ({e})"
-                ) from None
-            if self.passes:
-                return None  # every layer was taken by an override
-            raise
+        report = prepare_sites(self.model, sel.include, sel.exclude, sel.quantize_lm_head)
         if self.token_ids is None and config.needs_calibration:  # after the model's own checks passed
             self.token_ids, self.calib_info = _token_ids(config, self.loaded, self.given_ids)
         loaded = self.loaded
@@ -192,75 +178,31 @@ class QuantizationRun:
         return record
 
 
-def _passes(config: QuantConfig) -> Iterator[tuple[ModuleOverride | None, QuantConfig]]:
-    """One config per scheme override (its sites only), then the run's own for the rest."""
-    sel = config.selection
-    taken: list[str] = []
-    for o in sel.overrides:
-        scheme = dataclasses.replace(
-            config.with_overrides(scheme=o.scheme).scheme, format=config.scheme.format
-        )
-        # an override that matches the output projection gives it the override's scheme
-        head = "scheme" if sel.quantize_lm_head else "none"
-        pass_sel = sel.replace(
-            include=(o.pattern,), exclude=(*sel.exclude, *taken), overrides=(), lm_head=head
-        )
-        yield o, dataclasses.replace(config, scheme=scheme, selection=pass_sel)
-        taken.append(o.pattern)
-    yield (
-        None,
-        dataclasses.replace(config, selection=sel.replace(exclude=(*sel.exclude, *taken), overrides=())),
-    )
-
-
 def build_record(run: QuantizationRun) -> dict[str, Any]:
     """``quantization_config.json``'s body: the config as run, per-site results (each with its scheme),
     skipped sites, calibration report and timings."""
-    last = run.passes[-1][1]
-    sites, timings, embeddings = [], {}, []
-    for _, result in run.passes:
-        body = result.to_dict()
-        sites += body["sites"]
-        embeddings += body["embeddings"]
-        for key, value in body["timings"].items():
-            timings[key] = timings.get(key, 0.0) + value
-    # the last pass sees the earlier passes' sites as "already quantized": only those of the input count
-    before = {s.node_name for s in run.passes[0][1].skipped if s.reason.startswith(ALREADY_QUANTIZED)}
-    skipped = [
-        dataclasses.asdict(s)
-        for s in last.skipped
-        if not s.reason.startswith(ALREADY_QUANTIZED) or s.node_name in before
-    ]
+    result = run.result
+    if result is None:
+        raise InternalError("the record of a run that has not quantized yet")
+    body = result.to_dict()
     return {
         "quant_method": "optimum-adaround",
         "config": run.config.to_dict(),  # as asked: format auto stays auto (the choice is "format")
-        "scheme": last.scheme.to_dict(),
-        "format": last.scheme.format.value,
-        "method": {"name": last.config.method.name, "options": last.config.method.to_data()},
+        "scheme": result.scheme.to_dict(),
+        "format": result.scheme.format.value,
+        "method": body["method"],
         "calibration": run.calib_info,
-        "calibration_report": last.calibration,
+        "calibration_report": result.calibration,
         "source": {"kind": run.loaded.kind, "path": str(run.loaded.path) if run.loaded.path else None},
         "float_bytes": run.float_bytes,
-        "n_sites": len(sites),
-        "sites": sites,
-        "embeddings": embeddings,
-        "shapes": _merged_shapes([result.shapes for _, result in run.passes]),
+        "n_sites": len(body["sites"]),
+        "sites": body["sites"],
+        "embeddings": body["embeddings"],
+        "shapes": result.shapes,
         "transforms": run.transforms,
-        "skipped": skipped,
-        "timings": timings,
+        "skipped": body["skipped"],
+        "timings": body["timings"],
     }
-
-
-def _merged_shapes(records: list[dict[str, Any] | None]) -> dict[str, Any] | None:
-    """One shape-sharing record for the run: node counts before the first pass and after the last, reads
-    summed (the passes of scheme overrides each run it; the first does nearly all)."""
-    done = [r for r in records if r is not None and r.get("applied")]
-    if not done:
-        return next((r for r in records if r is not None), None)
-    merged = {**done[0], "nodes_after": done[-1]["nodes_after"]}
-    for key in ("constant_reads", "shared_reads"):
-        merged[key] = sum(r[key] for r in done)
-    return merged
 
 
 def _token_ids(

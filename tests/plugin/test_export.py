@@ -148,13 +148,13 @@ def test_qdq_format_exports_at_opset_21_and_generates(tiny_hf_model, tmp_path):
     assert generate(out).shape == (1, 8)
 
 
-def test_recipe_overrides_run_as_separate_passes(tiny_hf_onnx, tmp_path):
+def test_recipe_overrides_take_their_layers_in_one_pass(tiny_hf_onnx, tmp_path):
     recipe = {"scheme": "w4-g32", "method": "rtn", "overrides": [{"pattern": r"mlp\.", "scheme": "w8-g32"}]}
     out = export(tiny_hf_onnx("llama"), tmp_path / "o", recipe=recipe, progress=False)
     bits = quantized_bits(out / "model.onnx")
     mlp = {b for name, b in bits.items() if ".mlp." in name}
     attn = {b for name, b in bits.items() if ".self_attn." in name}
-    # the output projection, in the last pass, takes its own 8-bit default scheme
+    # the output projection, which no override matches, takes its own 8-bit default scheme
     assert len(bits) == 15 and mlp == {8} and attn == {4} and bits["lm_head"] == 8
     qconfig = json.loads((out / "quantization_config.json").read_text())
     assert qconfig["n_sites"] == len(qconfig["sites"]) == 15
@@ -164,7 +164,7 @@ def test_recipe_overrides_run_as_separate_passes(tiny_hf_onnx, tmp_path):
     assert sorted(s["scheme"].split("-sym")[0] for s in qconfig["sites"]) == ["w4-g32"] * 8 + ["w8-g32"] * 7
 
 
-def test_sites_of_an_override_pass_are_not_listed_as_skipped(tiny_hf_onnx, tmp_path):
+def test_sites_an_override_takes_are_not_listed_as_skipped(tiny_hf_onnx, tmp_path):
     recipe = {
         "scheme": "w4-g32", "method": "rtn", "lm_head": "none",  # the one site no pass quantizes
         "overrides": [{"pattern": r"mlp\.", "scheme": "w8-g32"}],
