@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import tempfile
 from collections.abc import Iterator
 
 import numpy as np
@@ -75,7 +76,9 @@ def symbolic_dims(model: ir.Model) -> dict[str, list[Dim]]:
         proto = ir.serde.serialize_model(model)
     # detached weights travel as graph inputs of known shape (their value_info entries)
     proto.graph.input.extend(vi for vi in proto.graph.value_info if vi.name in detached)
-    inferred = SymbolicShapeInference.infer_shapes(proto, auto_merge=False, guess_output_rank=False)
+    # an incomplete inference saves its partial graph into the working directory: keep it out of the user's
+    with tempfile.TemporaryDirectory(prefix="adaround-shapes-") as scratch, contextlib.chdir(scratch):
+        inferred = SymbolicShapeInference.infer_shapes(proto, auto_merge=False, guess_output_rank=False)
     dims: dict[str, list[Dim]] = {}
     graph = inferred.graph
     for info in (*graph.input, *graph.value_info, *graph.output):

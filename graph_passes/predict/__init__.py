@@ -1,0 +1,1 @@
+"""Prediction helpers: choosing a quantization format per group of weight sites from predicted losses."""
