@@ -22,7 +22,9 @@ from .rounding.base import MethodConfig, method_class, method_config
 from .scheme import DataType, QuantScheme, WeightFormat
 
 __all__ = [
+    "DEFAULT_CANDIDATES",
     "DEFAULT_METHOD",
+    "AllocationConfig",
     "CalibrationConfig",
     "FlatField",
     "ModuleOverride",
@@ -195,6 +197,47 @@ class TransformConfig(Options):
     rotation_seed: int = option(0, "seed of the rotation's random signs and orthogonal factor")
 
 
+DEFAULT_CANDIDATES = (
+    "w2-g32-asym", "w2-g64-asym", "w3-g64", "w3-g128", "w4-g32", "w4-g64", "w4-g128", "w8-g128", "float",
+)  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class AllocationConfig(Options):
+    """A size to meet instead of one scheme: each group of layers gets the candidate scheme that costs the
+    least predicted perplexity for its bytes (``predict/``)."""
+
+    OWNER = "allocation"
+
+    target_bits: float | None = option(
+        None,
+        "average bits per weight over the quantized layers (codes, scales, zero points): each layer group "
+        "gets the candidate scheme of least predicted loss within it (benchmarks/results/predictor.md)",
+        metavar="BITS",
+    )
+    candidates: tuple[str, ...] = option(
+        DEFAULT_CANDIDATES,
+        "schemes a layer group may get under --target-bits ('float' keeps it unquantized)",
+        metavar="LABEL",
+    )
+    probe_samples: int = option(
+        2, "calibration sequences the sensitivity probes run on (two onnxruntime runs per layer group)"
+    )
+
+    def validate(self) -> None:
+        if self.target_bits is not None and not 1.0 <= self.target_bits <= 32.0:
+            self.reject("target_bits", "use a number of bits per weight in [1, 32]")
+        if not self.candidates:
+            self.reject("candidates", "give at least one candidate scheme")
+        for label in self.candidates:
+            if label != "float":
+                QuantScheme.parse(label)
+        if self.probe_samples < 2:
+            self.reject(
+                "probe_samples", "use 2 or more sequences (the spread between them is the uncertainty)"
+            )
+
+
 @dataclasses.dataclass(frozen=True)
 class FlatField:
     """One leaf option as the API and the CLIs see it: its flat name, the record it lives in, its field."""
@@ -211,6 +254,7 @@ _GROUPS: dict[str, type] = {
     "calibration": CalibrationConfig,
     "selection": SelectionConfig,
     "output": OutputConfig,
+    "allocation": AllocationConfig,
 }
 
 
@@ -236,6 +280,7 @@ class QuantConfig(Options):
     calibration: CalibrationConfig = option(CalibrationConfig(), "calibration data")  # noqa: RUF009 (frozen records)
     selection: SelectionConfig = option(SelectionConfig(), "which weights, which scheme")  # noqa: RUF009 (frozen records)
     output: OutputConfig = option(OutputConfig(), "how the output is written")  # noqa: RUF009 (frozen records)
+    allocation: AllocationConfig = option(AllocationConfig(), "a size to meet with per-layer schemes")  # noqa: RUF009 (frozen records)
 
     def __post_init__(self) -> None:
         if self.method is None:
@@ -266,6 +311,7 @@ class QuantConfig(Options):
             "calibration": self.calibration.to_data(),
             "selection": self.selection.to_data(),
             "output": self.output.to_data(),
+            "allocation": self.allocation.to_data(),
         }
 
     @classmethod

@@ -327,6 +327,36 @@ QUANT_FLAGS: list = [
             "type": "int",
         },
     ),
+    (
+        ("--target-bits",),
+        {
+            "dest": "target_bits",
+            "default": "==SUPPRESS==",
+            "help": "average bits per weight over the quantized layers (codes, scales, zero points): each layer group "
+            "gets the candidate scheme of least predicted loss within it (benchmarks/results/predictor.md)",
+            "type": "float",
+        },
+    ),
+    (
+        ("--candidates",),
+        {
+            "dest": "candidates",
+            "default": "==SUPPRESS==",
+            "action": "append",
+            "metavar": "LABEL",
+            "help": "schemes a layer group may get under --target-bits ('float' keeps it unquantized)",
+        },
+    ),
+    (
+        ("--probe-samples",),
+        {
+            "dest": "probe_samples",
+            "default": "==SUPPRESS==",
+            "help": "calibration sequences the sensitivity probes run on (two onnxruntime runs per layer group) "
+            "(default 4)",
+            "type": "int",
+        },
+    ),
 ]
 
 # Flags of this command that are not quantization options.

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from .graph_passes.config import QuantConfig
-from .graph_passes.errors import CalibrationError, InternalError
+from .graph_passes.config import ModuleOverride, QuantConfig
+from .graph_passes.errors import CalibrationError, InternalError, InvalidOptionError
 from .graph_passes.model_io import LoadedModel, initializer_bytes, load_model, save_model, to_source_kind
 from .graph_passes.pipeline import QuantizationResult, prepare_sites, quantize_model
 from .output import check_output_path, write_output
@@ -106,6 +106,7 @@ class QuantizationRun:
         self.calib_info: dict[str, Any] | None = None
         self.result: QuantizationResult | None = None
         self.transforms: list[dict[str, Any]] = []
+        self.allocation: dict[str, Any] | None = None
         self._stack = contextlib.ExitStack()
 
     @property
@@ -115,7 +116,7 @@ class QuantizationRun:
     def __enter__(self) -> QuantizationRun:
         try:
             self.transforms = self._transform()
-            self.result = self._stack.enter_context(self._pass(self.config))
+            self.result = self._stack.enter_context(self._pass(self._allocate(self.config)))
         except BaseException:
             self._stack.close()
             raise
@@ -139,6 +140,38 @@ class QuantizationRun:
         return apply_transforms(
             self.model, names, ids, seed=self.config.transform.rotation_seed, folder=folder
         )
+
+    def _allocate(self, config: QuantConfig) -> QuantConfig:
+        """Under ``target_bits``: the config with each layer group's chosen scheme as an override (float
+        groups excluded), from the predictor's sensitivities and error estimates (``predict/``)."""
+        bits = config.allocation.target_bits
+        if bits is None:
+            return config
+        if config.selection.overrides:
+            raise InvalidOptionError(
+                "target_bits chooses every layer's scheme: drop the scheme overrides, or drop target_bits"
+            )
+        from .graph_passes.predict.plan import as_selection, plan_allocation
+
+        sel = config.selection
+        report = prepare_sites(self.model, sel.include, sel.exclude, sel.quantize_lm_head)
+        if self.token_ids is None:
+            self.token_ids, self.calib_info = _token_ids(config, self.loaded, self.given_ids, force=True)
+        planned = plan_allocation(
+            self.model, report.sites, _candidate_schemes(config, report.sites), config.method, self.token_ids,
+            target_bits=bits, probe_samples=config.allocation.probe_samples,
+            accuracy_level=config.output.accuracy_level, progress=self.progress, model_dir=self._folder(),
+        )  # fmt: skip
+        self.allocation = planned.to_dict()
+        overrides, exclude = as_selection(planned.allocation)
+        return config.with_overrides(
+            overrides=tuple(ModuleOverride(p, label) for p, label in overrides),
+            exclude=(*sel.exclude, *exclude),
+        )
+
+    def _folder(self) -> Path | None:
+        loaded = self.loaded
+        return loaded.folder or (loaded.path.parent if loaded.path is not None else None)
 
     def _pass(self, config: QuantConfig) -> QuantizationResult:
         sel = config.selection
@@ -200,16 +233,31 @@ def build_record(run: QuantizationRun) -> dict[str, Any]:
         "embeddings": body["embeddings"],
         "shapes": result.shapes,
         "transforms": run.transforms,
+        "allocation": run.allocation,
         "skipped": body["skipped"],
         "timings": body["timings"],
     }
 
 
+def _candidate_schemes(config: QuantConfig, sites: list[Any]) -> dict[str, Any]:
+    """The allocation's candidate labels -> schemes (the run's format choice per scheme; None = float)."""
+    from .graph_passes.pipeline import choose_format
+
+    shapes = [(s.k, s.n) for s in sites]
+    out: dict[str, Any] = {}
+    for label in config.allocation.candidates:
+        out[label] = (
+            None if label == "float" else choose_format(config.with_overrides(scheme=label).scheme, shapes)
+        )
+    return out
+
+
 def _token_ids(
-    config: QuantConfig, loaded: LoadedModel, given: np.ndarray | None
+    config: QuantConfig, loaded: LoadedModel, given: np.ndarray | None, force: bool = False
 ) -> tuple[np.ndarray | None, dict[str, Any] | None]:
-    """Calibration token ids for methods that need statistics: the caller's array, or sampled from text."""
-    if not config.needs_calibration:
+    """Calibration token ids for methods that need statistics (or when ``force``d: the allocation's probes):
+    the caller's array, or sampled from text."""
+    if not (config.needs_calibration or force):
         return None, None
     cal = config.calibration
     info: dict[str, Any] = {"sink_weight": cal.sink_weight}

@@ -1,0 +1,156 @@
+"""The perplexity predictor against measured perplexity, and budgeted allocations against uniform schemes.
+
+Measured side (``--measure``): the default model's Optimum export quantized under uniform schemes (W2/W3/W4/W8
+at block 64 and 128, rtn and gptq) and under random per-unit allocations (gptq, each unit's scheme drawn
+from a candidate list, some units kept in float), each scored by perplexity over the first
+``--eval-tokens`` tokens of the embedded Wikipedia evaluation split (windows of 256); the fp32 model on the
+same tokens. Every row is cached in ``--work`` as it finishes (a run can be resumed).
+
+Predicted side (``--predict``): the predictor's sensitivities (probes through onnxruntime on calibration
+sequences) and per-site error estimates (one float calibration pass) for every scheme the measured rows
+used, each row's predicted increase of ln(perplexity) from the schemes its sites got, with the time each
+step took beside a gptq run's. Report: Spearman rank correlation and median absolute relative error of the
+predicted vs measured increase, and a scatter plot.
+
+    python benchmarks/predictor.py --measure --predict --json benchmarks/results/predictor.json \
+        --md benchmarks/results/predictor.md --plot benchmarks/results/predictor.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from deploy import size_mb  # noqa: E402
+from measure import emit, provenance  # noqa: E402
+
+UNIFORM = [f"w{b}-g{g}" for b in (2, 3, 4, 8) for g in (64, 128)]
+MIXED_CHOICES = ("w2-g64", "w3-g128", "w4-g64", "w4-g128", "w8-g128", "float")
+
+
+def default_source() -> Path:
+    from optimum.adaround.data.default_model import default_onnx_dir
+
+    return Path(default_onnx_dir())
+
+
+def unit_names(source: Path) -> list[list[str]]:
+    from optimum.adaround.graph_passes.model_io import load_model
+    from optimum.adaround.graph_passes.pipeline import prepare_sites
+    from optimum.adaround.graph_passes.predict.units import units_of
+
+    model = load_model(str(source)).model
+    return [list(u.sites) for u in units_of(prepare_sites(model, quantize_lm_head=True).sites)]
+
+
+def mixed_options(units: list[list[str]], seed: int) -> dict[str, Any]:
+    """A random per-unit allocation as the run's options: overrides by exact site names, float by exclude."""
+    rng = np.random.default_rng(seed)
+    picks = rng.choice(len(MIXED_CHOICES), size=len(units))
+    overrides, exclude = [], []
+    for unit, i in zip(units, picks, strict=True):
+        pattern = "^(?:" + "|".join(re.escape(n) for n in unit) + ")$"
+        if MIXED_CHOICES[i] == "float":
+            exclude.append(pattern)
+        else:
+            overrides.append({"pattern": pattern, "scheme": MIXED_CHOICES[i]})
+    return {"scheme": "w4-g128", "overrides": overrides, "exclude": exclude}
+
+
+def configs(units: list[list[str]], n_mixed: int) -> dict[str, dict[str, Any]]:
+    out = {f"{m} {s}": {"method": m, "scheme": s} for m in ("rtn", "gptq") for s in UNIFORM}
+    for i in range(n_mixed):
+        out[f"gptq mixed {i}"] = {"method": "gptq", **mixed_options(units, seed=100 + i)}
+    return out
+
+
+def perplexity_of(folder: Path, eval_tokens: int) -> float:
+    from optimum.adaround.data.text import evaluation_text
+    from optimum.adaround.evaluation import perplexity
+
+    return perplexity(folder, evaluation_text("wikipedia"), max_tokens=eval_tokens, progress=False).perplexity
+
+
+def measure_row(
+    source: Path, work: Path, name: str, options: dict[str, Any], eval_tokens: int
+) -> dict[str, Any]:
+    from optimum.adaround import quantize
+    from optimum.adaround.graph_passes.config import ModuleOverride
+
+    out = work / re.sub(r"[^a-z0-9]+", "-", name)
+    shutil.rmtree(out, ignore_errors=True)
+    opts = dict(options)
+    if "overrides" in opts:
+        opts["overrides"] = tuple(ModuleOverride(**o) for o in opts["overrides"])
+        opts["exclude"] = tuple(opts["exclude"])
+    t0 = time.perf_counter()
+    quantize(str(source), str(out), progress=False, **opts)
+    seconds = time.perf_counter() - t0
+    record = json.loads((out / "quantization_config.json").read_text())
+    sites = {s["name"]: s["scheme"] for s in record["sites"]}
+    weights = sum(s["k"] * s["n"] for s in record["sites"])
+    bits = 8 * sum(s["packed_bytes"] for s in record["sites"]) / max(weights, 1)
+    row = {"name": name, "options": options, "quantize_seconds": seconds, "size_mb": size_mb(out),
+           "site_schemes": sites, "bits_per_weight": bits, "ppl": perplexity_of(out, eval_tokens)}  # fmt: skip
+    shutil.rmtree(out, ignore_errors=True)
+    return row
+
+
+def run_measure(args: argparse.Namespace, source: Path) -> dict[str, Any]:
+    cache = args.work / "measured.json"
+    done = json.loads(cache.read_text()) if cache.exists() else {}
+    if "fp32" not in done:
+        done["fp32"] = {"ppl": perplexity_of(source, args.eval_tokens)}
+        cache.write_text(json.dumps(done, indent=1))
+    for name, options in configs(unit_names(source), args.mixed).items():
+        if name in done:
+            continue
+        done[name] = measure_row(source, args.work, name, options, args.eval_tokens)
+        print(
+            json.dumps({k: v for k, v in done[name].items() if k not in ("site_schemes", "options")}),
+            flush=True,
+        )
+        cache.write_text(json.dumps(done, indent=1))
+    return done
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", type=Path, default=Path.home() / ".cache/optimum-adaround/bench-predictor")
+    ap.add_argument("--eval-tokens", type=int, default=16384)
+    ap.add_argument("--mixed", type=int, default=6)
+    ap.add_argument("--measure", action="store_true")
+    ap.add_argument("--predict", action="store_true")
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--md", type=Path)
+    ap.add_argument("--plot", type=Path)
+    args = ap.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    source = default_source()
+    measured = (
+        run_measure(args, source) if args.measure else json.loads((args.work / "measured.json").read_text())
+    )
+    if args.predict:
+        from predictor_report import predict_rows, render, scatter
+
+        result = predict_rows(args, source, measured)
+        result["provenance"] = provenance()
+        emit(result, render(result), args.json, args.md)
+        if args.plot:
+            scatter(result, args.plot)
+    _ = math
+
+
+if __name__ == "__main__":
+    main()

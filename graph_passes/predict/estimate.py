@@ -1,0 +1,187 @@
+"""Per-site relative output errors of candidate schemes, estimated from the float model's statistics.
+
+One block-by-block calibration pass of the float model (nothing substituted) hands each block's ``H`` over;
+for every site and candidate scheme:
+
+- round to nearest on the whole weight gives its relative error exactly (``tr(dW H dW^T) / tr(W H W^T)``);
+- a calibrated method (gptq, adaround...) runs on ``sample_rows`` rows of the sites of ``sample_blocks``
+  evenly spaced blocks (rows are independent given ``H``), beside round to nearest on the same rows; the
+  mean log-ratio of the two errors per site kind and scheme scales every site's round-to-nearest error.
+  This keeps the estimate at a fraction of a full run's time (benchmarks/results/predictor.md).
+
+The Hessian of each block is dropped once its sites are done: memory stays that of one block's statistics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from ..calibration.engine import run_calibration
+from ..model_io import read_weight
+from ..packing.base import get_packer
+from ..records import QuantizedWeight, WeightSite
+from ..rounding.base import MethodConfig, SiteStats, build_method
+from ..rounding.rtn import RTNConfig
+from ..scheme import QuantScheme, WeightFormat
+from .units import SiteEnergy, relative_error
+
+__all__ = ["FLOAT", "SiteErrors", "estimate_errors", "packed_bytes", "site_kind"]
+
+FLOAT = "float"
+"""The candidate that keeps a site in floating point (relative error 0, its stored bytes)."""
+
+
+def site_kind(site: WeightSite) -> str:
+    """``q_proj``, ``down_proj``, ``lm_head``...: what the method's error ratio is pooled over."""
+    return "lm_head" if site.kind == "lm_head" else site.name.rsplit(".", 1)[-1]
+
+
+@dataclasses.dataclass
+class SiteErrors:
+    """Float energies and, per candidate label, each site's estimated relative output error."""
+
+    energy: dict[str, SiteEnergy]
+    errors: dict[str, dict[str, float]]
+    """``errors[label][site]``; the float candidate maps every site to 0."""
+    ratios: dict[str, dict[str, float]]
+    """``ratios[label][kind]``: the method's error over round to nearest's (geometric mean of the samples)."""
+    seconds: float = 0.0
+
+
+def packed_bytes(scheme: QuantScheme, k: int, n: int, accuracy_level: int = 4) -> int:
+    """Bytes the packer of ``scheme`` (format resolved) stores for an ``[n, k]`` weight."""
+    return _packed_bytes(scheme, k, n, accuracy_level)
+
+
+@functools.lru_cache(maxsize=4096)
+def _packed_bytes(scheme: QuantScheme, k: int, n: int, accuracy_level: int) -> int:
+    options = (
+        {"accuracy_level": accuracy_level}
+        if scheme.format in (WeightFormat.MATMULNBITS, WeightFormat.LOWBIT)
+        else {}
+    )
+    packer = get_packer(scheme.format, **options)
+    nb = scheme.n_blocks(k)
+    qw = QuantizedWeight(
+        codes=np.zeros((n, k), np.uint8),
+        scales=np.ones((n, nb), np.float32),
+        zero_points=None if scheme.symmetric else np.zeros((n, nb), np.uint8),
+        scheme=scheme,
+        codebook=None,
+    )
+    return int(packer.pack(qw).nbytes)
+
+
+def _rows(n: int, count: int, seed: int) -> np.ndarray:
+    if n <= count:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=count, replace=False))
+
+
+def _site_errors(
+    w: np.ndarray, stats: SiteStats, candidates: Mapping[str, QuantScheme], method: MethodConfig | None,
+    rows: np.ndarray | None,
+) -> tuple[SiteEnergy, dict[str, float], dict[str, float]]:  # fmt: skip
+    """Energy, round-to-nearest relative error per candidate, and (on ``rows``) the method's error ratio."""
+    h = np.asarray(stats.hessian, dtype=np.float64)
+    n_tok = max(int(stats.n_tokens), 1)
+    rtn = build_method(RTNConfig())
+    _, sig = relative_error(w, w, h)
+    errs, ratios = {}, {}
+    for label, scheme in candidates.items():
+        err, _ = relative_error(w, rtn.quantize(w, scheme).dequantize(), h)
+        errs[label] = err / sig if sig > 0 else 0.0
+        if method is not None and rows is not None:
+            sub = np.ascontiguousarray(w[rows])
+            mine, _ = relative_error(sub, build_method(method).quantize(sub, scheme, stats).dequantize(), h)
+            near, _ = relative_error(sub, rtn.quantize(sub, scheme).dequantize(), h)
+            if near > 0 and mine > 0:
+                ratios[label] = mine / near
+    energy = SiteEnergy(signal=sig / n_tok, trace_h=float(np.trace(h)) / n_tok, n=int(w.shape[0]))
+    return energy, errs, ratios
+
+
+def _sampled_layers(sites: Sequence[WeightSite], count: int) -> set[int | None]:
+    layers = sorted({s.layer for s in sites if s.layer is not None})
+    if count <= 0 or not layers:
+        return {None}
+    picks = np.unique(np.linspace(0, len(layers) - 1, num=min(count, len(layers))).round().astype(int))
+    return {layers[i] for i in picks} | {None}  # sites outside the stack (the output projection) always
+
+
+def estimate_errors(
+    model: ir.Model,
+    sites: Sequence[WeightSite],
+    candidates: Mapping[str, QuantScheme],
+    method: MethodConfig,
+    token_ids: np.ndarray,
+    *,
+    sample_rows: int = 64,
+    sample_blocks: int = 6,
+    seed: int = 0,
+    progress: bool = True,
+    providers: Sequence[str] = ("CPUExecutionProvider",),
+    model_dir: Path | None = None,
+) -> SiteErrors:
+    """Energies and relative errors of every site under every candidate (labels -> schemes, formats
+    resolved; ``FLOAT`` needs no scheme) for ``method``, from one float calibration pass."""
+    calibrated = method if method.needs else None
+    sampled = _sampled_layers(sites, sample_blocks)
+    energy: dict[str, SiteEnergy] = {}
+    rtn_errs: dict[str, dict[str, float]] = {label: {} for label in candidates}
+    samples: dict[tuple[str, str], list[float]] = {}
+    schemes = {k: v for k, v in candidates.items() if k != FLOAT}
+
+    def on_block(block: list[WeightSite], stats: dict[str, SiteStats]) -> dict[str, QuantizedWeight]:
+        for i, site in enumerate(block):
+            if site.name not in stats:
+                continue
+            rows = _rows(site.n, sample_rows, seed + i) if site.layer in sampled else None
+            w = read_weight(model, site)
+            energy[site.name], errs, ratios = _site_errors(w, stats[site.name], schemes, calibrated, rows)
+            for label, t in errs.items():
+                rtn_errs[label][site.name] = t
+            for label, r in ratios.items():
+                samples.setdefault((label, site_kind(site)), []).append(math.log(r))
+        return {}
+
+    report = run_calibration(
+        model, sites, np.asarray(token_ids, dtype=np.int64), on_block, sequential=True,
+        progress=progress, providers=tuple(providers), model_dir=model_dir,
+    )  # fmt: skip
+    ratios = _ratios(samples, schemes, sites) if calibrated is not None else {}
+    errors = {label: _scaled(rtn_errs[label], ratios.get(label, {}), sites) for label in schemes}
+    if FLOAT in candidates:
+        errors[FLOAT] = {s.name: 0.0 for s in sites}
+    return SiteErrors(energy, errors, ratios, report.seconds)
+
+
+def _ratios(
+    samples: Mapping[tuple[str, str], list[float]],
+    schemes: Mapping[str, QuantScheme],
+    sites: Sequence[WeightSite],
+) -> dict[str, dict[str, float]]:
+    """Geometric-mean ratio per (label, kind); a kind without samples takes the label's overall mean."""
+    out: dict[str, dict[str, float]] = {}
+    kinds = {site_kind(s) for s in sites}
+    for label in schemes:
+        pooled = [x for (lab, _), xs in samples.items() if lab == label for x in xs]
+        overall = math.exp(float(np.mean(pooled))) if pooled else 1.0
+        out[label] = {
+            k: math.exp(float(np.mean(samples[(label, k)]))) if (label, k) in samples else overall
+            for k in kinds
+        }
+    return out
+
+
+def _scaled(
+    rtn: Mapping[str, float], ratio: Mapping[str, float], sites: Sequence[WeightSite]
+) -> dict[str, float]:
+    return {s.name: rtn[s.name] * ratio.get(site_kind(s), 1.0) for s in sites if s.name in rtn}

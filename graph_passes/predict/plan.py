@@ -1,0 +1,215 @@
+"""From sensitivities and error estimates to a per-unit choice of scheme under a byte budget.
+
+Each unit's options are the candidate schemes (and float): bytes as the packer would store them, predicted
+cost ``alpha_u * t_u``. Minimising the linear law's sum minimises the prediction (the link is monotone), so
+``allocate`` runs on the linear costs. The choice becomes scheme overrides (exact site names) and excludes
+(units kept in float): the ordinary per-site schemes of one pipeline pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ..records import WeightSite
+from ..scheme import QuantScheme
+from .allocate import AllocationError, Choice, allocate
+from .estimate import FLOAT, SiteErrors, packed_bytes
+from .law import Prediction, predict
+from .probe import Sensitivity
+from .units import Unit, unit_error
+
+__all__ = ["Allocation", "budget_for_bits", "choose", "unit_choices", "unit_pattern"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Allocation:
+    """The chosen label per unit, what it stores and what it is predicted to cost."""
+
+    labels: dict[str, str]
+    """Unit name -> candidate label (``float`` = kept in floating point)."""
+    units: tuple[Unit, ...]
+    nbytes: int
+    budget: int
+    weights: int
+    prediction: Prediction
+    float_bytes: int = 0
+    """Of ``nbytes``, what the units kept in floating point store."""
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.nbytes / max(self.weights, 1)
+
+    def site_labels(self) -> dict[str, str]:
+        return {s: self.labels[u.name] for u in self.units for s in u.sites}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "budget_bytes": self.budget,
+            "bytes": self.nbytes,
+            "bits_per_weight": self.bits_per_weight,
+            "weights": self.weights,
+            "float_bytes": self.float_bytes,
+            "units": {u.label: self.labels[u.name] for u in self.units},
+            "predicted_delta_nll": self.prediction.delta,
+            "predicted_delta_nll_se": self.prediction.delta_se,
+        }
+
+
+def float_bytes(site: WeightSite, itemsize: int) -> int:
+    return site.k * site.n * itemsize
+
+
+def unit_choices(
+    units: Sequence[Unit],
+    sites: Mapping[str, WeightSite],
+    schemes: Mapping[str, QuantScheme | None],
+    errors: SiteErrors,
+    sens: Sensitivity,
+    itemsize: Mapping[str, int],
+    accuracy_level: int = 4,
+) -> list[list[Choice]]:
+    """Every unit's options: per candidate label its packed bytes (float: the stored bytes, ``itemsize``
+    per site) and its linear-law cost."""
+    alpha = {u.name: u.alpha for u in sens.units}
+    out = []
+    for u in units:
+        options = []
+        for label, scheme in schemes.items():
+            members = [sites[s] for s in u.sites]
+            if scheme is None:
+                nbytes = sum(float_bytes(s, itemsize[s.name]) for s in members)
+            else:
+                nbytes = sum(packed_bytes(scheme, s.k, s.n, accuracy_level) for s in members)
+            t = unit_error(errors.errors[label], errors.energy, u)
+            options.append(Choice(label, nbytes, max(alpha[u.name], 0.0) * t))
+        out.append(options)
+    return out
+
+
+def budget_for_bits(bits: float, sites: Sequence[WeightSite]) -> int:
+    """Bytes that ``bits`` per weight allow over ``sites`` (codes, scales and zero points counted)."""
+    return int(bits * sum(s.k * s.n for s in sites) // 8)
+
+
+def choose(
+    units: Sequence[Unit],
+    choices: Sequence[Sequence[Choice]],
+    budget: int,
+    errors: SiteErrors,
+    sens: Sensitivity,
+    weights: int,
+) -> Allocation:
+    """The allocation of least predicted loss within ``budget`` bytes, with its prediction."""
+    try:
+        picks = allocate(choices, budget)
+    except AllocationError as e:
+        smallest = sum(min(c.nbytes for c in opts) for opts in choices)
+        largest = sum(max(c.nbytes for c in opts) for opts in choices)
+        raise AllocationError(
+            f"{e}; the candidates store between {8 * smallest / weights:.3f} and {8 * largest / weights:.3f} "
+            "bits per weight"
+        ) from None
+    labels = {u.name: choices[i][k].label for i, (u, k) in enumerate(zip(units, picks, strict=True))}
+    nbytes = sum(choices[i][k].nbytes for i, k in enumerate(picks))
+    kept = sum(choices[i][k].nbytes for i, k in enumerate(picks) if choices[i][k].label == FLOAT)
+    t = {s: errors.errors[labels[u.name]][s] for u in units for s in u.sites}
+    return Allocation(labels, tuple(units), nbytes, budget, weights, predict(sens, t), kept)
+
+
+def unit_pattern(unit: Unit) -> str:
+    """A regex matching exactly the unit's site names."""
+    return "^(?:" + "|".join(re.escape(s) for s in unit.sites) + ")$"
+
+
+def as_selection(allocation: Allocation) -> tuple[list[tuple[str, str]], list[str]]:
+    """``(overrides as (pattern, label), exclude patterns)`` realising the allocation in one pass."""
+    overrides, exclude = [], []
+    for u in allocation.units:
+        label = allocation.labels[u.name]
+        if label == FLOAT:
+            exclude.append(unit_pattern(u))
+        else:
+            overrides.append((unit_pattern(u), label))
+    return overrides, exclude
+
+
+@dataclasses.dataclass
+class Planned:
+    """An allocation with what it was computed from, and the time each step took."""
+
+    allocation: Allocation
+    sensitivity: Sensitivity
+    errors: SiteErrors
+    seconds: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        sens = self.sensitivity
+        return {
+            **self.allocation.to_dict(),
+            "probe": {
+                "tokens": sens.n_tokens,
+                "base_nll": sens.base_nll,
+                "probe_t": sens.probe_t,
+                "link": [dataclasses.asdict(p) for p in sens.link],
+            },
+            "method_error_ratios": self.errors.ratios,
+            "seconds": self.seconds,
+        }
+
+
+def plan_allocation(
+    model: Any,
+    sites: Sequence[WeightSite],
+    schemes: Mapping[str, QuantScheme | None],
+    method: Any,
+    token_ids: Any,
+    *,
+    target_bits: float,
+    probe_samples: int,
+    accuracy_level: int = 4,
+    progress: bool = True,
+    providers: Sequence[str] = ("CPUExecutionProvider",),
+    model_dir: Any = None,
+) -> Planned:
+    """Estimate every candidate's errors (one float calibration pass), probe the sensitivities, allocate."""
+    import time
+
+    from .estimate import estimate_errors
+    from .probe import probe_sensitivity
+    from .units import units_of
+
+    t0 = time.perf_counter()
+    quantized = {k: v for k, v in schemes.items() if v is not None}
+    errors = estimate_errors(
+        model, sites, {**quantized, **({FLOAT: None} if FLOAT in schemes else {})}, method, token_ids,
+        progress=progress, providers=providers, model_dir=model_dir,
+    )  # fmt: skip
+    t1 = time.perf_counter()
+    units = units_of(sites)
+    sens = probe_sensitivity(
+        model, sites, units, errors.energy, token_ids[:probe_samples], providers=providers,
+        progress=progress, model_dir=model_dir,
+    )  # fmt: skip
+    t2 = time.perf_counter()
+    itemsize = {s.name: _itemsize(model, s) for s in sites}
+    by_name = {s.name: s for s in sites}
+    choices = unit_choices(units, by_name, schemes, errors, sens, itemsize, accuracy_level)
+    weights = sum(s.k * s.n for s in sites)
+    budget = budget_for_bits(target_bits, sites)
+    stored = sum(float_bytes(s, itemsize[s.name]) for s in sites)
+    if budget >= stored:
+        raise AllocationError(
+            f"target_bits={target_bits:g} allows {budget} bytes, at or above the {stored} bytes these "
+            f"layers take in floating point ({8 * stored / weights:g} bits per weight): nothing to quantize"
+        )
+    allocation = choose(units, choices, budget, errors, sens, weights)
+    seconds = {"estimate": t1 - t0, "probe": t2 - t1, "allocate": time.perf_counter() - t2}
+    return Planned(allocation, sens, errors, seconds)
+
+
+def _itemsize(model: Any, site: WeightSite) -> int:
+    tensor = model.graph.initializers[site.weight_name].const_value
+    return int(tensor.dtype.itemsize) if tensor is not None else 4

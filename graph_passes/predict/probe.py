@@ -1,0 +1,204 @@
+"""Sensitivity of the model's loss to each unit's output error, measured through onnxruntime.
+
+One session of the float model runs with the site weights as *overridable* initializers (also listed as
+graph inputs), so a probe feeds one unit's weights with Gaussian noise of known energy and everything else
+keeps its stored values; no session is rebuilt. For each unit the noise has relative output error ``t``
+(``E tr(dW H dW^T) = t tr(W H W^T)``, from the unit's float statistics) and is fed as ``W + dW`` and
+``W - dW``: the mean of the two losses cancels the first-order (gradient) term, which at small ``t`` would
+otherwise swamp the second-order response we want. The sensitivity is ``alpha = dNLL / t`` in nats per
+token per unit of relative error (HIGGS' linear law: the loss increase is close to ``sum alpha_u t_u``).
+
+*Link* probes put every unit at the same ``t`` at once, for a few ``t``: how far the joint loss increase
+departs from the sum of the units' (interactions, curvature at large errors). The predictor interpolates
+through them (``law.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+import torch
+from tqdm.auto import tqdm
+
+from ..calibration.blocks import extract_part
+from ..calibration.feeds import feed_specs, make_feeds, window_capacities
+from ..calibration.sessions import open_session, resolve_providers
+from ..errors import CalibrationError
+from ..records import WeightSite
+from .units import SiteEnergy, Unit
+
+__all__ = ["LINK_LEVELS", "PROBE_T", "LinkPoint", "Sensitivity", "UnitSensitivity", "probe_sensitivity"]
+
+PROBE_T = 0.02
+"""Relative output error of a unit's probe: about that of 4-bit round-to-nearest, where the response is
+still close to linear (benchmarks/results/predictor.md)."""
+LINK_LEVELS = (0.005, 0.02, 0.06, 0.15, 0.35)
+"""Relative errors of the joint probes: from 8-bit-like to past 2-bit-like errors."""
+
+
+@dataclasses.dataclass(frozen=True)
+class UnitSensitivity:
+    name: str
+    sites: tuple[str, ...]
+    alpha: float
+    """Loss increase (nats per token) per unit of relative output error."""
+    alpha_se: float
+    """Standard error of ``alpha`` over the probe sequences."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LinkPoint:
+    level: float
+    """Every unit's relative output error in this probe."""
+    linear: float
+    """``sum alpha_u * level``: the linear law's prediction."""
+    delta: float
+    """The measured loss increase (nats per token)."""
+    delta_se: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Sensitivity:
+    """Everything the predictor needs besides the per-site errors of a scheme."""
+
+    probe_t: float
+    units: tuple[UnitSensitivity, ...]
+    link: tuple[LinkPoint, ...]
+    energy: Mapping[str, SiteEnergy]
+    base_nll: float
+    n_tokens: int
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "probe_t": self.probe_t,
+            "units": [dataclasses.asdict(u) for u in self.units],
+            "link": [dataclasses.asdict(p) for p in self.link],
+            "energy": {k: dataclasses.asdict(v) for k, v in self.energy.items()},
+            "base_nll": self.base_nll,
+            "n_tokens": self.n_tokens,
+            "seconds": self.seconds,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Sensitivity:
+        units = tuple(
+            UnitSensitivity(u["name"], tuple(u["sites"]), u["alpha"], u["alpha_se"]) for u in d["units"]
+        )
+        return cls(
+            probe_t=float(d["probe_t"]),
+            units=units,
+            link=tuple(LinkPoint(**p) for p in d["link"]),
+            energy={k: SiteEnergy(**v) for k, v in d["energy"].items()},
+            base_nll=float(d["base_nll"]),
+            n_tokens=int(d["n_tokens"]),
+            seconds=float(d["seconds"]),
+        )
+
+
+class _Prober:
+    """The float model's session with overridable site weights, and per-sequence NLL of a feed."""
+
+    def __init__(self, model: ir.Model, sites: Sequence[WeightSite], ids: np.ndarray, providers: Sequence[str],
+                 model_dir: Path | None) -> None:  # fmt: skip
+        graph = model.graph
+        specs = feed_specs(graph.inputs, folder=model_dir, capacities=window_capacities(graph))
+        logits = next((v.name for v in graph.outputs if v.name == "logits"), graph.outputs[0].name)
+        part = extract_part(model, [v.name for v in graph.inputs if v.name], [logits], name="probe")
+        self.weights: dict[str, np.ndarray] = {}
+        for s in dict.fromkeys(s.weight_name for s in sites):
+            value = part.graph.initializers[s]
+            part.graph.inputs.append(value)  # overridable: fed by a probe, else its stored value
+            self.weights[s] = np.asarray(value.const_value.numpy())
+        self.session = open_session(part, resolve_providers(providers))
+        self.logits = logits
+        wanted = {i.name for i in self.session.get_inputs()}
+        self.feeds = {k: v for k, v in make_feeds(specs, ids).items() if k in wanted}
+        self.targets = torch.from_numpy(np.ascontiguousarray(ids[:, 1:], dtype=np.int64))
+
+    def nll(self, weights: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
+        """Mean next-token NLL of each quarter of each probe sequence (float64) with ``weights`` fed over the
+        stored ones."""
+        out = self.session.run([self.logits], {**self.feeds, **(weights or {})})[0]
+        logits = torch.from_numpy(np.ascontiguousarray(out[:, :-1], dtype=np.float32))
+        # float32 log-sum-exp: ~1e-6 nats per token, far below the responses measured (1e-4 and up)
+        nll = torch.logsumexp(logits, dim=-1) - logits.gather(-1, self.targets[..., None])[..., 0]
+        # per quarter sequence: enough samples for a standard error from two sequences
+        return np.concatenate(
+            [c.mean(dim=1).numpy() for c in torch.tensor_split(nll.to(torch.float64), 4, dim=1)]
+        )
+
+
+def _noise(
+    prober: _Prober, sites: Sequence[WeightSite], energy: Mapping[str, SiteEnergy], t: float,
+    rng: np.random.Generator,
+) -> dict[str, np.ndarray]:  # fmt: skip
+    """Gaussian weight noise per site with expected relative output error ``t``."""
+    out = {}
+    for s in sites:
+        e = energy[s.name]
+        sigma = math.sqrt(t * e.signal / max(e.n * e.trace_h, 1e-30))
+        w = prober.weights[s.weight_name]
+        out[s.weight_name] = (rng.standard_normal(w.shape, dtype=np.float32) * np.float32(sigma)).astype(
+            w.dtype
+        )
+    return out
+
+
+def _response(prober: _Prober, base: np.ndarray, noise: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Per-sequence loss increase, first-order term cancelled: mean of the ``W + dW`` and ``W - dW`` runs."""
+    plus = prober.nll({k: prober.weights[k] + d for k, d in noise.items()})
+    minus = prober.nll({k: prober.weights[k] - d for k, d in noise.items()})
+    return (plus + minus) / 2 - base
+
+
+def _mean_se(x: np.ndarray) -> tuple[float, float]:
+    return float(x.mean()), float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else 0.0
+
+
+def probe_sensitivity(
+    model: ir.Model,
+    sites: Sequence[WeightSite],
+    units: Sequence[Unit],
+    energy: Mapping[str, SiteEnergy],
+    token_ids: np.ndarray,
+    *,
+    probe_t: float = PROBE_T,
+    levels: Sequence[float] = LINK_LEVELS,
+    providers: Sequence[str] = ("CPUExecutionProvider",),
+    seed: int = 0,
+    progress: bool = True,
+    model_dir: Path | None = None,
+) -> Sensitivity:
+    """Each unit's sensitivity and the link probes, on ``token_ids`` ``[n, T]`` (n >= 2 for a standard
+    error); ``energy`` from the float statistics (``estimate.py``). ``model`` is not modified."""
+    ids = np.asarray(token_ids, dtype=np.int64)
+    if ids.ndim != 2 or ids.shape[0] < 1 or ids.shape[1] < 2:
+        raise CalibrationError(f"probe token ids must be [n, T] with T >= 2, got {list(ids.shape)}")
+    t0 = time.perf_counter()
+    prober = _Prober(model, sites, ids, providers, model_dir)
+    base = prober.nll()
+    by_name = {s.name: s for s in sites}
+    rng = np.random.default_rng(seed)
+    out = []
+    for u in tqdm(units, desc="sensitivity", unit="unit", disable=not progress, file=sys.stderr):
+        members = [by_name[n] for n in u.sites]
+        alpha, se = _mean_se(_response(prober, base, _noise(prober, members, energy, probe_t, rng)) / probe_t)
+        out.append(UnitSensitivity(u.name, u.sites, alpha, se))
+    total = sum(u.alpha for u in out)
+    link = []
+    for level in levels:
+        delta, se = _mean_se(_response(prober, base, _noise(prober, list(sites), energy, level, rng)))
+        link.append(LinkPoint(float(level), total * level, delta, se))
+    seconds = time.perf_counter() - t0
+    return Sensitivity(
+        probe_t, tuple(out), tuple(link), dict(energy), float(base.mean()), int(ids[:, 1:].size), seconds
+    )

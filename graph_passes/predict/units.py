@@ -1,0 +1,78 @@
+"""Allocation units and the per-site quantities the predictor reads (pure functions, no onnxruntime).
+
+A *unit* is the group of sites fed by one activation (q/k/v, gate/up; o, down and the output projection
+alone). A unit gets one format: its sites share the Hessian and are fused into one kernel when their formats
+match, and its sensitivity is probed as one. Its relative output error under a scheme is the members' output
+error energy over their output energy, ``t = sum tr(dW H dW^T) / sum tr(W H W^T)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from ..records import WeightSite
+
+__all__ = ["SiteEnergy", "Unit", "relative_error", "unit_error", "units_of"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    """Sites that read one activation, in graph order; ``name`` is the first site's module path."""
+
+    name: str
+    sites: tuple[str, ...]
+    layer: int | None
+    kinds: tuple[str, ...]
+    """The last path component of each site (``q_proj``, ``down_proj``, ``lm_head``...)."""
+
+    @property
+    def label(self) -> str:
+        """``model.layers.3.self_attn.{q,k,v}_proj``-style short label."""
+        if len(self.sites) == 1:
+            return self.name
+        head = self.name.rsplit(".", 1)[0]
+        return f"{head}.{{{','.join(self.kinds)}}}"
+
+
+def units_of(sites: Sequence[WeightSite]) -> list[Unit]:
+    """One unit per activation, in the order of the sites' first appearance."""
+    groups: dict[str, list[WeightSite]] = {}
+    for s in sites:
+        groups.setdefault(s.activation, []).append(s)
+    return [
+        Unit(g[0].name, tuple(s.name for s in g), g[0].layer, tuple(s.name.rsplit(".", 1)[-1] for s in g))
+        for g in groups.values()
+    ]
+
+
+@dataclasses.dataclass(frozen=True)
+class SiteEnergy:
+    """What the probes and the predictor need of one site: ``signal = tr(W H W^T) / n`` (mean output energy
+    per token) and ``trace_h = tr(H) / n``, both under the float model's statistics."""
+
+    signal: float
+    trace_h: float
+    n: int
+    """Output channels (rows of W)."""
+
+
+def relative_error(w: np.ndarray, wq: np.ndarray, h: np.ndarray) -> tuple[float, float]:
+    """``(tr(dW H dW^T), tr(W H W^T))`` in float64 for ``w``, ``wq`` ``[rows, K]`` and ``h`` ``[K, K]``."""
+    w64 = torch.from_numpy(np.asarray(w, dtype=np.float64))
+    d64 = torch.from_numpy(np.asarray(wq, dtype=np.float64)) - w64
+    h64 = torch.from_numpy(np.asarray(h, dtype=np.float64))
+    err = float(((d64 @ h64) * d64).sum())
+    sig = float(((w64 @ h64) * w64).sum())
+    return err, sig
+
+
+def unit_error(t_by_site: Mapping[str, float], energy: Mapping[str, SiteEnergy], unit: Unit) -> float:
+    """A unit's relative output error from its sites' relative errors, weighted by their output energy."""
+    sig = sum(energy[s].signal for s in unit.sites)
+    if sig <= 0:
+        return 0.0
+    return sum(t_by_site[s] * energy[s].signal for s in unit.sites) / sig

@@ -1,0 +1,71 @@
+"""Per-site error estimates from the float calibration pass, and packed sizes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from optimum.adaround.graph_passes.calibration.engine import run_calibration
+from optimum.adaround.graph_passes.model_io import load_model, read_weight
+from optimum.adaround.graph_passes.packing.base import get_packer
+from optimum.adaround.graph_passes.pipeline import choose_format, prepare_sites
+from optimum.adaround.graph_passes.predict.estimate import FLOAT, estimate_errors, packed_bytes, site_kind
+from optimum.adaround.graph_passes.predict.units import relative_error
+from optimum.adaround.graph_passes.rounding.base import get_method, method_config
+from optimum.adaround.graph_passes.scheme import QuantScheme, WeightFormat
+
+
+def _model(tiny_hf_onnx):
+    loaded = load_model(str(tiny_hf_onnx("llama")))
+    sites = prepare_sites(loaded.model, quantize_lm_head=True).sites
+    vocab = max(s.n for s in sites if s.kind == "lm_head")
+    return loaded.model, sites, np.random.default_rng(0).integers(0, vocab, size=(4, 16))
+
+
+def _schemes(labels, sites):
+    shapes = [(s.k, s.n) for s in sites]
+    return {lab: choose_format(QuantScheme.parse(lab, format=WeightFormat.AUTO), shapes) for lab in labels}
+
+
+def test_round_to_nearest_errors_are_exact_under_the_float_statistics(tiny_hf_onnx):
+    model, sites, ids = _model(tiny_hf_onnx)
+    schemes = _schemes(["w4-g16", "w3-g16"], sites)
+    est = estimate_errors(model, sites, {**schemes, FLOAT: None}, method_config("rtn"), ids, progress=False)
+    stats = {}
+    run_calibration(model, sites, ids, lambda b, st: stats.update(st) or {}, progress=False)
+    rtn = get_method("rtn")
+    for site in sites:
+        w = read_weight(model, site)
+        err, sig = relative_error(
+            w, rtn.quantize(w, schemes["w3-g16"]).dequantize(), stats[site.name].hessian
+        )
+        assert est.errors["w3-g16"][site.name] == pytest.approx(err / sig, rel=1e-9)
+        assert est.errors[FLOAT][site.name] == 0.0
+        assert est.energy[site.name].signal == pytest.approx(sig / stats[site.name].n_tokens, rel=1e-9)
+        assert est.errors["w3-g16"][site.name] > est.errors["w4-g16"][site.name]
+    assert est.ratios == {}  # round to nearest is its own estimate
+
+
+def test_gptq_estimate_is_below_round_to_nearest_for_every_kind(tiny_hf_onnx):
+    model, sites, ids = _model(tiny_hf_onnx)
+    schemes = _schemes(["w3-g16"], sites)
+    near = estimate_errors(model, sites, schemes, method_config("rtn"), ids, progress=False)
+    gptq = estimate_errors(model, sites, schemes, method_config("gptq"), ids, sample_rows=8, progress=False)
+    assert set(gptq.ratios["w3-g16"]) == {site_kind(s) for s in sites}
+    assert all(0 < r < 1 for r in gptq.ratios["w3-g16"].values())
+    for s in sites:
+        ratio = gptq.ratios["w3-g16"][site_kind(s)]
+        assert gptq.errors["w3-g16"][s.name] == pytest.approx(near.errors["w3-g16"][s.name] * ratio)
+
+
+@pytest.mark.parametrize(
+    "label", ["w4-g32", "w4-g64-asym", "w2-g32-asym", "w3-g32", "w8-g128", "w3-g64-asym"]
+)
+@pytest.mark.parametrize("shape", [(64, 48), (96, 200)])
+def test_packed_bytes_match_the_packers_output(label, shape):
+    k, n = shape
+    scheme = _schemes([label], [type("S", (), {"k": k, "n": n})()])[label]
+    w = np.random.default_rng(0).standard_normal((n, k)).astype(np.float32)
+    qw = get_method("rtn").quantize(w, scheme)
+    options = {"accuracy_level": 4} if scheme.format is not WeightFormat.QDQ else {}
+    assert packed_bytes(scheme, k, n) == get_packer(scheme.format, **options).pack(qw).nbytes
