@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from .graph_passes.errors import AdaroundError, UserError
 
 # Subcommand modules under optimum.adaround.commands, in help order.
-COMMANDS = ("run", "quantize", "eval", "export_onnx_quant")
+COMMANDS = ("run", "quantize", "predict", "eval", "export_onnx_quant")
 DEFAULT_COMMAND = "run"
 
 

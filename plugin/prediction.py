@@ -1,0 +1,78 @@
+"""Predict a quantization's perplexity without running it: ``predict(model, config, **options)``.
+
+The predictor (``graph_passes/predict``): each layer group's sensitivity probed through onnxruntime, each
+site's relative output error under its scheme estimated from one float calibration pass, the loss increase
+from the linear law through the measured link. Under ``target_bits`` the prediction is that of the
+allocation the run would choose.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any
+
+from .api import _candidate_schemes, _token_ids, pop_token_ids, run_config
+from .graph_passes.model_io import load_model
+from .graph_passes.pipeline import plan_schemes, prepare_sites
+from .graph_passes.predict.estimate import estimate_errors, packed_bytes
+from .graph_passes.predict.law import predict as predict_law
+from .graph_passes.predict.plan import plan_allocation
+from .graph_passes.predict.probe import probe_sensitivity
+from .graph_passes.predict.units import units_of
+from .recipes import ConfigLike
+
+__all__ = ["predict"]
+
+
+def predict(
+    model: str | os.PathLike, config: ConfigLike = None, *, progress: bool = True, **overrides: Any
+) -> dict[str, Any]:
+    """The predicted increase of ln(perplexity) (``delta_nll``, its standard error ``delta_nll_se``) of
+    quantizing ``model`` under ``config`` + ``overrides`` (the options of ``quantize``), the float and
+    predicted perplexity on the probe tokens, bits per weight, and the seconds each step took."""
+    token_ids = pop_token_ids(overrides)
+    cfg = run_config(config, **overrides)
+    loaded = load_model(model)
+    sel = cfg.selection
+    sites = prepare_sites(loaded.model, sel.include, sel.exclude, sel.quantize_lm_head).sites
+    ids, _ = _token_ids(cfg, loaded, token_ids, force=True)
+    folder = loaded.folder or (loaded.path.parent if loaded.path is not None else None)
+    t0 = time.perf_counter()
+    if cfg.allocation.target_bits is not None:
+        planned = plan_allocation(
+            loaded.model, sites, _candidate_schemes(cfg, sites), cfg.method, ids,
+            target_bits=cfg.allocation.target_bits, probe_samples=cfg.allocation.probe_samples,
+            accuracy_level=cfg.output.accuracy_level, progress=progress, model_dir=folder,
+        )  # fmt: skip
+        alloc = planned.allocation
+        result = {"allocation": alloc.to_dict(), "bits_per_weight": alloc.bits_per_weight}
+        prediction, base, seconds = alloc.prediction, planned.sensitivity.base_nll, planned.seconds
+    else:
+        _, schemes = plan_schemes(cfg, sites)
+        labels = {s.name: schemes[s.name].label for s in sites}
+        candidates = {schemes[s.name].label: schemes[s.name] for s in sites}
+        errors = estimate_errors(
+            loaded.model, sites, candidates, cfg.method, ids, progress=progress, model_dir=folder
+        )
+        t1 = time.perf_counter()
+        sens = probe_sensitivity(loaded.model, sites, units_of(sites), errors.energy,
+                                 ids[: cfg.allocation.probe_samples], progress=progress, model_dir=folder)  # fmt: skip
+        prediction = predict_law(sens, {s: errors.errors[labels[s]][s] for s in labels})
+        nbytes = sum(packed_bytes(schemes[s.name], s.k, s.n, cfg.output.accuracy_level) for s in sites)
+        result = {
+            "schemes": sorted(set(labels.values())),
+            "bits_per_weight": 8 * nbytes / sum(s.k * s.n for s in sites),
+        }
+        base, seconds = sens.base_nll, {"estimate": t1 - t0, "probe": time.perf_counter() - t1}
+    ppl = math.exp(base)
+    return {
+        **result,
+        "method": cfg.method.name,
+        "delta_nll": prediction.delta,
+        "delta_nll_se": prediction.delta_se,
+        "probe_perplexity": ppl,
+        "predicted_perplexity": ppl * math.exp(prediction.delta),
+        "seconds": {**seconds, "total": time.perf_counter() - t0},
+    }

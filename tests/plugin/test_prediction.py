@@ -1,0 +1,38 @@
+"""``optimum-adaround predict`` / ``predict()``: a prediction without a run, consistent with the run."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from optimum.adaround import quantize
+from optimum.adaround.cli import main
+
+FLAGS = ["--method", "rtn", "--bits", "4", "--group-size", "32", "--calib-samples", "4", "--seq-len", "32"]
+
+
+def test_predict_prints_the_increase_and_matches_the_runs_size(tiny_hf_onnx, tmp_path, capsys):
+    src = tiny_hf_onnx("llama")
+    out = tmp_path / "p.json"
+    assert main(["predict", str(src), *FLAGS, "--no-progress", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "predicted perplexity increase: " in text and "on the probe tokens" in text
+    pred = json.loads(out.read_text())
+    assert math.isfinite(pred["delta_nll"]) and pred["delta_nll_se"] >= 0
+    assert pred["schemes"] == ["w4-g32-sym", "w8-g32-sym"]  # the run's scheme and the 8-bit head
+    q = quantize(str(src), str(tmp_path / "q"), method="rtn", scheme="w4-g32", calib_samples=4, seq_len=32,
+                 progress=False)  # fmt: skip
+    record = json.loads((q / "quantization_config.json").read_text())
+    written = (
+        8 * sum(s["packed_bytes"] for s in record["sites"]) / sum(s["k"] * s["n"] for s in record["sites"])
+    )
+    assert pred["bits_per_weight"] == written
+
+
+def test_predict_under_target_bits_reports_the_allocation(tiny_hf_onnx, tmp_path, capsys):
+    src = tiny_hf_onnx("llama")
+    argv = ["predict", str(src), *FLAGS, "--target-bits", "5", "--candidates", "w2-g16-asym",
+            "--candidates", "w4-g32", "--candidates", "w8-g32", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "allocation at " in text and "model.layers.0.self_attn.{q_proj,k_proj,v_proj}: " in text
