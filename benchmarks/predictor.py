@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import shutil
 import sys
@@ -130,6 +129,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache/optimum-adaround/bench-predictor")
     ap.add_argument("--eval-tokens", type=int, default=16384)
     ap.add_argument("--mixed", type=int, default=6)
+    ap.add_argument("--probe-samples", type=int, default=2)
     ap.add_argument("--measure", action="store_true")
     ap.add_argument("--predict", action="store_true")
     ap.add_argument("--json", type=Path)
@@ -149,7 +149,6 @@ def main() -> None:
         emit(result, render(result), args.json, args.md)
         if args.plot:
             scatter(result, args.plot)
-    _ = math
 
 
 if __name__ == "__main__":

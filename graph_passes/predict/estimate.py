@@ -3,13 +3,16 @@
 One block-by-block calibration pass of the float model (nothing substituted) hands each block's ``H`` over;
 for every site and candidate scheme:
 
-- round to nearest on the whole weight gives its relative error exactly (``tr(dW H dW^T) / tr(W H W^T)``);
+- round to nearest gives its relative error (``tr(dW H dW^T) / tr(W H W^T)``), on up to ``RTN_ROWS`` random
+  rows of the weight (rows are independent given ``H``);
 - a calibrated method (gptq, adaround...) runs on ``sample_rows`` rows of the sites of ``sample_blocks``
   evenly spaced blocks (rows are independent given ``H``), beside round to nearest on the same rows; the
   mean log-ratio of the two errors per site kind and scheme scales every site's round-to-nearest error.
   This keeps the estimate at a fraction of a full run's time (benchmarks/results/predictor.md).
 
 The Hessian of each block is dropped once its sites are done: memory stays that of one block's statistics.
+The pass runs on at most ``ESTIMATE_SAMPLES`` calibration sequences: the errors are ratios, which settle
+with fewer tokens than the rounding itself needs.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
+import torch
 
 from ..calibration.engine import run_calibration
 from ..model_io import read_weight
@@ -30,10 +34,12 @@ from ..records import QuantizedWeight, WeightSite
 from ..rounding.base import MethodConfig, SiteStats, build_method
 from ..rounding.rtn import RTNConfig
 from ..scheme import QuantScheme, WeightFormat
-from .units import SiteEnergy, relative_error
+from .units import SiteEnergy, output_energy
 
 __all__ = ["FLOAT", "SiteErrors", "estimate_errors", "packed_bytes", "site_kind"]
 
+ESTIMATE_SAMPLES = 16
+"""Calibration sequences the estimate's float pass reads at most."""
 FLOAT = "float"
 """The candidate that keeps a site in floating point (relative error 0, its stored bytes)."""
 
@@ -85,26 +91,34 @@ def _rows(n: int, count: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, size=count, replace=False))
 
 
+RTN_ROWS = 1024
+"""Rows round to nearest is scored on per site (all when fewer): the ratio estimate over 1024 random rows
+is within a few percent of the whole weight's, at a fraction of the cost for wide output projections."""
+
+
 def _site_errors(
     w: np.ndarray, stats: SiteStats, candidates: Mapping[str, QuantScheme], method: MethodConfig | None,
-    rows: np.ndarray | None,
+    rows: np.ndarray | None, seed: int,
 ) -> tuple[SiteEnergy, dict[str, float], dict[str, float]]:  # fmt: skip
     """Energy, round-to-nearest relative error per candidate, and (on ``rows``) the method's error ratio."""
     h = np.asarray(stats.hessian, dtype=np.float64)
     n_tok = max(int(stats.n_tokens), 1)
+    h32 = torch.from_numpy(h.astype(np.float32))
     rtn = build_method(RTNConfig())
-    _, sig = relative_error(w, w, h)
+    scored = np.ascontiguousarray(w[_rows(w.shape[0], RTN_ROWS, seed)])
+    sig_scored = output_energy(scored, h32)
     errs, ratios = {}, {}
     for label, scheme in candidates.items():
-        err, _ = relative_error(w, rtn.quantize(w, scheme).dequantize(), h)
-        errs[label] = err / sig if sig > 0 else 0.0
+        err = output_energy(rtn.quantize(scored, scheme).dequantize() - scored, h32)
+        errs[label] = err / sig_scored if sig_scored > 0 else 0.0
         if method is not None and rows is not None:
             sub = np.ascontiguousarray(w[rows])
-            mine, _ = relative_error(sub, build_method(method).quantize(sub, scheme, stats).dequantize(), h)
-            near, _ = relative_error(sub, rtn.quantize(sub, scheme).dequantize(), h)
+            mine = output_energy(build_method(method).quantize(sub, scheme, stats).dequantize() - sub, h32)
+            near = output_energy(rtn.quantize(sub, scheme).dequantize() - sub, h32)
             if near > 0 and mine > 0:
                 ratios[label] = mine / near
-    energy = SiteEnergy(signal=sig / n_tok, trace_h=float(np.trace(h)) / n_tok, n=int(w.shape[0]))
+    signal = output_energy(w, h32) / n_tok
+    energy = SiteEnergy(signal=signal, trace_h=float(np.trace(h)) / n_tok, n=int(w.shape[0]))
     return energy, errs, ratios
 
 
@@ -123,8 +137,8 @@ def estimate_errors(
     method: MethodConfig,
     token_ids: np.ndarray,
     *,
-    sample_rows: int = 64,
-    sample_blocks: int = 6,
+    sample_rows: int = 32,
+    sample_blocks: int = 4,
     seed: int = 0,
     progress: bool = True,
     providers: Sequence[str] = ("CPUExecutionProvider",),
@@ -145,7 +159,9 @@ def estimate_errors(
                 continue
             rows = _rows(site.n, sample_rows, seed + i) if site.layer in sampled else None
             w = read_weight(model, site)
-            energy[site.name], errs, ratios = _site_errors(w, stats[site.name], schemes, calibrated, rows)
+            energy[site.name], errs, ratios = _site_errors(
+                w, stats[site.name], schemes, calibrated, rows, seed
+            )
             for label, t in errs.items():
                 rtn_errs[label][site.name] = t
             for label, r in ratios.items():
@@ -153,7 +169,7 @@ def estimate_errors(
         return {}
 
     report = run_calibration(
-        model, sites, np.asarray(token_ids, dtype=np.int64), on_block, sequential=True,
+        model, sites, np.asarray(token_ids, dtype=np.int64)[:ESTIMATE_SAMPLES], on_block, sequential=True,
         progress=progress, providers=tuple(providers), model_dir=model_dir,
     )  # fmt: skip
     ratios = _ratios(samples, schemes, sites) if calibrated is not None else {}

@@ -16,7 +16,7 @@ import torch
 
 from ..records import WeightSite
 
-__all__ = ["SiteEnergy", "Unit", "relative_error", "unit_error", "units_of"]
+__all__ = ["SiteEnergy", "Unit", "output_energy", "relative_error", "unit_error", "units_of"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,13 +61,16 @@ class SiteEnergy:
 
 
 def relative_error(w: np.ndarray, wq: np.ndarray, h: np.ndarray) -> tuple[float, float]:
-    """``(tr(dW H dW^T), tr(W H W^T))`` in float64 for ``w``, ``wq`` ``[rows, K]`` and ``h`` ``[K, K]``."""
-    w64 = torch.from_numpy(np.asarray(w, dtype=np.float64))
-    d64 = torch.from_numpy(np.asarray(wq, dtype=np.float64)) - w64
-    h64 = torch.from_numpy(np.asarray(h, dtype=np.float64))
-    err = float(((d64 @ h64) * d64).sum())
-    sig = float(((w64 @ h64) * w64).sum())
-    return err, sig
+    """``(tr(dW H dW^T), tr(W H W^T))`` for ``w``, ``wq`` ``[rows, K]`` and ``h`` ``[K, K]``: float32
+    products (the ratio of the two is what is used; float32 moves it by ~1e-6), float64 sums."""
+    return output_energy(np.asarray(wq, np.float32) - np.asarray(w, np.float32), h), output_energy(w, h)
+
+
+def output_energy(d: np.ndarray, h: np.ndarray | torch.Tensor) -> float:
+    """``tr(d H d^T)``: float32 product, float64 sum."""
+    d32 = torch.from_numpy(np.ascontiguousarray(d, dtype=np.float32))
+    h32 = h if isinstance(h, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(h, dtype=np.float32))
+    return float(((d32 @ h32) * d32).sum(dtype=torch.float64))
 
 
 def unit_error(t_by_site: Mapping[str, float], energy: Mapping[str, SiteEnergy], unit: Unit) -> float:

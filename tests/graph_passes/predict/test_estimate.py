@@ -39,9 +39,9 @@ def test_round_to_nearest_errors_are_exact_under_the_float_statistics(tiny_hf_on
         err, sig = relative_error(
             w, rtn.quantize(w, schemes["w3-g16"]).dequantize(), stats[site.name].hessian
         )
-        assert est.errors["w3-g16"][site.name] == pytest.approx(err / sig, rel=1e-9)
+        assert est.errors["w3-g16"][site.name] == pytest.approx(err / sig, rel=1e-5)
         assert est.errors[FLOAT][site.name] == 0.0
-        assert est.energy[site.name].signal == pytest.approx(sig / stats[site.name].n_tokens, rel=1e-9)
+        assert est.energy[site.name].signal == pytest.approx(sig / stats[site.name].n_tokens, rel=1e-5)
         assert est.errors["w3-g16"][site.name] > est.errors["w4-g16"][site.name]
     assert est.ratios == {}  # round to nearest is its own estimate
 

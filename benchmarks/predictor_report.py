@@ -1,0 +1,119 @@
+"""The predicted side of ``predictor.py``: predictions for the measured rows, statistics, table and plot."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _schemes(labels: set[str], sites: list[Any]) -> dict[str, Any]:
+    from optimum.adaround.graph_passes.pipeline import choose_format
+    from optimum.adaround.graph_passes.scheme import QuantScheme, WeightFormat
+
+    shapes = [(s.k, s.n) for s in sites]
+    return {lab: choose_format(QuantScheme.parse(lab, format=WeightFormat.AUTO), shapes) for lab in labels}
+
+
+def predict_rows(args: argparse.Namespace, source: Path, measured: dict[str, Any]) -> dict[str, Any]:
+    from optimum.adaround.data.text import calibration_token_ids
+    from optimum.adaround.graph_passes.model_io import load_model
+    from optimum.adaround.graph_passes.pipeline import prepare_sites
+    from optimum.adaround.graph_passes.predict.estimate import estimate_errors
+    from optimum.adaround.graph_passes.predict.law import predict
+    from optimum.adaround.graph_passes.predict.probe import probe_sensitivity
+    from optimum.adaround.graph_passes.predict.units import units_of
+    from optimum.adaround.graph_passes.rounding.base import method_config
+
+    model = load_model(str(source)).model
+    sites = prepare_sites(model, quantize_lm_head=True).sites
+    rows = {k: v for k, v in measured.items() if k != "fp32"}
+    ids = calibration_token_ids(source, None, 32, 256, seed=0)
+    seconds: dict[str, float] = {}
+    errors = {}
+    for method in sorted({r["options"]["method"] for r in rows.values()}):
+        labels = {lab for r in rows.values() if r["options"]["method"] == method for lab in r["site_schemes"].values()}
+        t0 = time.perf_counter()
+        errors[method] = estimate_errors(model, sites, _schemes(labels, sites), method_config(method), ids, progress=False)
+        seconds[f"estimate_{method}"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    sens = probe_sensitivity(model, sites, units_of(sites), errors["gptq"].energy, ids[: args.probe_samples],
+                             progress=True)  # fmt: skip
+    seconds["probe"] = time.perf_counter() - t0
+    fp = measured["fp32"]["ppl"]
+    out = []
+    for name, r in rows.items():
+        err = errors[r["options"]["method"]].errors
+        t = {s.name: err[r["site_schemes"][s.name]][s.name] if s.name in r["site_schemes"] else 0.0 for s in sites}
+        p = predict(sens, t)
+        out.append({"name": name, "bits_per_weight": r["bits_per_weight"], "size_mb": r["size_mb"], "ppl": r["ppl"],
+                    "measured_delta": math.log(r["ppl"] / fp), "predicted_delta": p.delta,
+                    "predicted_se": p.delta_se, "linear": p.linear, "quantize_seconds": r["quantize_seconds"]})  # fmt: skip
+    return {"fp32_ppl": fp, "eval_tokens": args.eval_tokens, "probe_samples": args.probe_samples,
+            "seconds": seconds, "rows": out, "stats": stats(out), "sensitivity": sens.to_dict()}  # fmt: skip
+
+
+def _ranks(x: list[float]) -> np.ndarray:
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x))
+    ranks[order] = np.arange(len(x))
+    return ranks
+
+
+def stats(rows: list[dict[str, Any]]) -> dict[str, float]:
+    meas = [r["measured_delta"] for r in rows]
+    pred = [r["predicted_delta"] for r in rows]
+    rm, rp = _ranks(meas), _ranks(pred)
+    spearman = float(np.corrcoef(rm, rp)[0, 1])
+    rel = [abs(p - m) / abs(m) for p, m in zip(pred, meas, strict=True) if m != 0]
+    return {"n": len(rows), "spearman": spearman, "median_abs_rel_error": float(np.median(rel))}
+
+
+def render(result: dict[str, Any]) -> str:
+    p, s, sec = result["provenance"], result["stats"], result["seconds"]
+    gptq = [r["quantize_seconds"] for r in result["rows"] if r["name"] == "gptq w4-g128"]
+    lines = [
+        f"Measured {p.get('date')} on {p.get('machine')}, commit {p.get('commit')}. SmolLM2-135M (Optimum export, "
+        f"fp32), perplexity over the first {result['eval_tokens']} tokens of the embedded Wikipedia evaluation "
+        f"split (windows of 256); fp32 {result['fp32_ppl']:.2f}. Output projection at the runs' 8 bits.",
+        "",
+        f"Spearman rank correlation of predicted vs measured increase of ln(perplexity): **{s['spearman']:.3f}**; "
+        f"median absolute relative error of the increase: **{100 * s['median_abs_rel_error']:.1f}%** over {s['n']} "
+        "configurations.",
+        "",
+        "Cost: " + ", ".join(f"{k} {v:.0f} s" for k, v in sec.items())
+        + (f"; a gptq W4 g128 run took {gptq[0]:.0f} s" if gptq else "") + ".",
+        "",
+        "| configuration | bits/weight | perplexity | measured d ln ppl | predicted | +/- |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        lines.append(f"| {r['name']} | {r['bits_per_weight']:.3f} | {r['ppl']:.2f} | {r['measured_delta']:.4f} | "
+                     f"{r['predicted_delta']:.4f} | {r['predicted_se']:.4f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def scatter(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    for r in result["rows"]:
+        ax.errorbar(r["measured_delta"], r["predicted_delta"], yerr=r["predicted_se"], fmt="o",
+                    color="tab:red" if "mixed" in r["name"] else "tab:blue" if "gptq" in r["name"] else "tab:gray")  # fmt: skip
+    lo = min(min(r["measured_delta"], r["predicted_delta"]) for r in result["rows"])
+    hi = max(max(r["measured_delta"], r["predicted_delta"]) for r in result["rows"])
+    ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("measured increase of ln(perplexity)")
+    ax.set_ylabel("predicted")
+    ax.set_title("predictor: blue gptq, gray rtn, red mixed allocations", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
