@@ -40,8 +40,10 @@ def run(args: argparse.Namespace) -> int:
           f"{result['bits_per_weight']:.3f} bits per weight")  # fmt: skip
     print(f"predicted perplexity increase: +{100 * increase:.1f}% (+/- {100 * spread:.1f}%, probe sampling)")
     print(f"on the probe tokens: {result['probe_perplexity']:.2f} -> {result['predicted_perplexity']:.2f}")
-    for unit, label in (result.get("allocation") or {}).get("units", {}).items():
-        print(f"  {unit}: {label}")
+    if result.get("allocation"):
+        from .quantize import print_allocation
+
+        print_allocation(result["allocation"])
     print(f"took {result['seconds']['total']:.0f} s")
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=1))

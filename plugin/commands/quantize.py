@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -70,6 +72,36 @@ def _print_graph(record: dict[str, Any]) -> None:
         print(f"  shape sharing not applied: {shapes.get('reason')}")
 
 
+_LAYER = re.compile(r"^(?P<head>.*?layers?\.)(?P<layer>\d+)\.(?P<kind>.+)$")
+
+
+def allocation_rows(units: dict[str, str]) -> tuple[list[str], list[tuple[str, list[str]]]]:
+    """``(columns, rows)`` of an allocation by block and layer group: one row per decoder block (a unit
+    outside the stack, such as the output projection, gets its own row), one column per group kind."""
+    by_layer: dict[str, dict[str, str]] = {}
+    for unit, label in units.items():
+        m = _LAYER.match(unit)
+        layer, kind = (m["layer"], m["kind"].replace("_proj", "")) if m else (unit, "")
+        by_layer.setdefault(layer, {})[kind] = label
+    columns = list(dict.fromkeys(k for row in by_layer.values() for k in row if k))
+    rows = [(layer, [row.get(c, row.get("", "")) for c in columns] if any(row) else [row[""]])
+            for layer, row in by_layer.items()]  # fmt: skip
+    return columns, rows
+
+
+def print_allocation(allocation: dict[str, Any]) -> None:
+    """The allocation's target, prediction and table (blocks x layer groups)."""
+    increase = math.expm1(allocation["predicted_delta_nll"])
+    print(f"  allocation: {allocation['bits_per_weight']:.3f} bits per weight (budget "
+          f"{8 * allocation['budget_bytes'] / allocation['weights']:.3f}), predicted perplexity "
+          f"+{100 * increase:.1f}%")  # fmt: skip
+    columns, rows = allocation_rows(allocation["units"])
+    width = max([len(c) for c in columns] + [len(v) for _, vs in rows for v in vs] + [4])
+    print("    " + "block".ljust(8) + "".join(c.ljust(width + 2) for c in columns))
+    for layer, values in rows:
+        print("    " + layer.ljust(8) + "".join(v.ljust(width + 2) for v in values))
+
+
 def print_summary(out: Path, record: dict[str, Any]) -> None:
     """A few lines: scheme/method, sites quantized, skipped by reason, size before/after, where."""
     label = QuantScheme.from_dict(record["scheme"]).label
@@ -77,7 +109,10 @@ def print_summary(out: Path, record: dict[str, Any]) -> None:
     chosen = f"format {record['format']}" + (" (chosen by --format auto)" if asked == "auto" else "")
     print(f"quantized {record['n_sites']} weights with {record['method']['name']} {label}, {chosen}")
     others = Counter(s["scheme"] for s in record["sites"] if s.get("scheme", label) != label)
-    for scheme, count in others.items():
+    allocation = record.get("allocation")
+    if allocation:
+        print_allocation(allocation)
+    for scheme, count in [] if allocation else others.items():
         names = [s["name"] for s in record["sites"] if s.get("scheme") == scheme]
         print(f"  {count} at {scheme}: {', '.join(names[:3])}{', ...' if count > 3 else ''}")
     level = record.get("config", {}).get("data", {}).get("output", {}).get("accuracy_level")

@@ -35,4 +35,9 @@ def test_predict_under_target_bits_reports_the_allocation(tiny_hf_onnx, tmp_path
             "--candidates", "w4-g32", "--candidates", "w8-g32", "--no-progress"]  # fmt: skip
     assert main(argv) == 0
     text = capsys.readouterr().out
-    assert "allocation at " in text and "model.layers.0.self_attn.{q_proj,k_proj,v_proj}: " in text
+    assert "allocation at " in text and "predicted perplexity" in text
+    header = next(line for line in text.splitlines() if line.strip().startswith("block"))
+    assert header.split() == ["block", "self_attn.{q,k,v}", "self_attn.o", "mlp.{gate,up}", "mlp.down"]
+    rows = [line.split() for line in text.splitlines() if line.strip()[:1].isdigit()]
+    assert [r[0] for r in rows] == ["0", "1"] and all(len(r) == 5 for r in rows)
+    assert any(line.split()[0] == "lm_head" for line in text.splitlines() if line.strip())
