@@ -223,6 +223,12 @@ class AllocationConfig(Options):
     probe_samples: int = option(
         2, "calibration sequences the sensitivity probes run on (two onnxruntime runs per layer group)"
     )
+    sensitivity: str | None = option(
+        None,
+        "reuse the sensitivities of an earlier run or prediction (its quantization_config.json or predict "
+        "--json file) instead of probing again; they must be of the same model",
+        metavar="FILE",
+    )
 
     def validate(self) -> None:
         if self.target_bits is not None and not 1.0 <= self.target_bits <= 32.0:

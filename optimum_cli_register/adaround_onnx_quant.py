@@ -353,8 +353,18 @@ QUANT_FLAGS: list = [
             "dest": "probe_samples",
             "default": "==SUPPRESS==",
             "help": "calibration sequences the sensitivity probes run on (two onnxruntime runs per layer group) "
-            "(default 4)",
+            "(default 2)",
             "type": "int",
+        },
+    ),
+    (
+        ("--sensitivity",),
+        {
+            "dest": "sensitivity",
+            "default": "==SUPPRESS==",
+            "help": "reuse the sensitivities of an earlier run or prediction (its quantization_config.json or predict "
+            "--json file) instead of probing again; they must be of the same model",
+            "type": "str",
         },
     ),
 ]

@@ -161,6 +161,7 @@ class QuantizationRun:
             self.model, report.sites, _candidate_schemes(config, report.sites), config.method, self.token_ids,
             target_bits=bits, probe_samples=config.allocation.probe_samples,
             accuracy_level=config.output.accuracy_level, progress=self.progress, model_dir=self._folder(),
+            sensitivity=_given_sensitivity(config, self.model, report.sites),
         )  # fmt: skip
         self.allocation = planned.to_dict()
         overrides, exclude = as_selection(planned.allocation)
@@ -237,6 +238,16 @@ def build_record(run: QuantizationRun) -> dict[str, Any]:
         "skipped": body["skipped"],
         "timings": body["timings"],
     }
+
+
+def _given_sensitivity(config: QuantConfig, model: Any, sites: list[Any]) -> Any:
+    """The sensitivities of ``config.allocation.sensitivity`` (None: probe)."""
+    path = config.allocation.sensitivity
+    if path is None:
+        return None
+    from .graph_passes.predict.probe import load_sensitivity
+
+    return load_sensitivity(path, model, sites)
 
 
 def _candidate_schemes(config: QuantConfig, sites: list[Any]) -> dict[str, Any]:

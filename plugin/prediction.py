@@ -13,7 +13,7 @@ import os
 import time
 from typing import Any
 
-from .api import _candidate_schemes, _token_ids, pop_token_ids, run_config
+from .api import _candidate_schemes, _given_sensitivity, _token_ids, pop_token_ids, run_config
 from .graph_passes.model_io import load_model
 from .graph_passes.pipeline import plan_schemes, prepare_sites
 from .graph_passes.predict.estimate import estimate_errors, packed_bytes
@@ -45,10 +45,11 @@ def predict(
             loaded.model, sites, _candidate_schemes(cfg, sites), cfg.method, ids,
             target_bits=cfg.allocation.target_bits, probe_samples=cfg.allocation.probe_samples,
             accuracy_level=cfg.output.accuracy_level, progress=progress, model_dir=folder,
+            sensitivity=_given_sensitivity(cfg, loaded.model, sites),
         )  # fmt: skip
         alloc = planned.allocation
         result = {"allocation": alloc.to_dict(), "bits_per_weight": alloc.bits_per_weight}
-        prediction, base, seconds = alloc.prediction, planned.sensitivity.base_nll, planned.seconds
+        sens, prediction, seconds = planned.sensitivity, alloc.prediction, planned.seconds
     else:
         _, schemes = plan_schemes(cfg, sites)
         labels = {s.name: schemes[s.name].label for s in sites}
@@ -57,16 +58,18 @@ def predict(
             loaded.model, sites, candidates, cfg.method, ids, progress=progress, model_dir=folder
         )
         t1 = time.perf_counter()
-        sens = probe_sensitivity(loaded.model, sites, units_of(sites), errors.energy,
-                                 ids[: cfg.allocation.probe_samples], progress=progress, model_dir=folder)  # fmt: skip
+        sens = _given_sensitivity(cfg, loaded.model, sites) or probe_sensitivity(
+            loaded.model, sites, units_of(sites), errors.energy, ids[: cfg.allocation.probe_samples],
+            progress=progress, model_dir=folder,
+        )  # fmt: skip
         prediction = predict_law(sens, {s: errors.errors[labels[s]][s] for s in labels})
         nbytes = sum(packed_bytes(schemes[s.name], s.k, s.n, cfg.output.accuracy_level) for s in sites)
         result = {
             "schemes": sorted(set(labels.values())),
             "bits_per_weight": 8 * nbytes / sum(s.k * s.n for s in sites),
         }
-        base, seconds = sens.base_nll, {"estimate": t1 - t0, "probe": time.perf_counter() - t1}
-    ppl = math.exp(base)
+        seconds = {"estimate": t1 - t0, "probe": time.perf_counter() - t1}
+    ppl = math.exp(sens.base_nll)
     return {
         **result,
         "method": cfg.method.name,
@@ -75,4 +78,5 @@ def predict(
         "probe_perplexity": ppl,
         "predicted_perplexity": ppl * math.exp(prediction.delta),
         "seconds": {**seconds, "total": time.perf_counter() - t0},
+        "sensitivity": sens.to_dict(),
     }

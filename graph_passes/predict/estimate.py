@@ -34,7 +34,7 @@ from ..records import QuantizedWeight, WeightSite
 from ..rounding.base import MethodConfig, SiteStats, build_method
 from ..rounding.rtn import RTNConfig
 from ..scheme import QuantScheme, WeightFormat
-from .units import SiteEnergy, output_energy
+from .units import REFERENCE, SiteEnergy, output_energy
 
 __all__ = ["FLOAT", "SiteErrors", "estimate_errors", "packed_bytes", "site_kind"]
 
@@ -118,7 +118,9 @@ def _site_errors(
             if near > 0 and mine > 0:
                 ratios[label] = mine / near
     signal = output_energy(w, h32) / n_tok
-    energy = SiteEnergy(signal=signal, trace_h=float(np.trace(h)) / n_tok, n=int(w.shape[0]))
+    ref = output_energy(rtn.quantize(scored, QuantScheme.parse(REFERENCE)).dequantize() - scored, h32)
+    energy = SiteEnergy(signal=signal, trace_h=float(np.trace(h)) / n_tok, n=int(w.shape[0]),
+                        ref_error=ref / sig_scored if sig_scored > 0 else 0.0)  # fmt: skip
     return energy, errs, ratios
 
 

@@ -157,6 +157,7 @@ class Planned:
             },
             "method_error_ratios": self.errors.ratios,
             "seconds": self.seconds,
+            "sensitivity": sens.to_dict(),
         }
 
 
@@ -173,8 +174,10 @@ def plan_allocation(
     progress: bool = True,
     providers: Sequence[str] = ("CPUExecutionProvider",),
     model_dir: Any = None,
+    sensitivity: Sensitivity | None = None,
 ) -> Planned:
-    """Estimate every candidate's errors (one float calibration pass), probe the sensitivities, allocate."""
+    """Estimate every candidate's errors (one float calibration pass), probe the sensitivities (unless
+    given), allocate."""
     import time
 
     from .estimate import estimate_errors
@@ -189,7 +192,7 @@ def plan_allocation(
     )  # fmt: skip
     t1 = time.perf_counter()
     units = units_of(sites)
-    sens = probe_sensitivity(
+    sens = sensitivity or probe_sensitivity(
         model, sites, units, errors.energy, token_ids[:probe_samples], providers=providers,
         progress=progress, model_dir=model_dir,
     )  # fmt: skip

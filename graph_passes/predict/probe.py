@@ -21,7 +21,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import onnx_ir as ir
@@ -31,11 +31,24 @@ from tqdm.auto import tqdm
 from ..calibration.blocks import extract_part
 from ..calibration.feeds import feed_specs, make_feeds, window_capacities
 from ..calibration.sessions import open_session, resolve_providers
-from ..errors import CalibrationError
+from ..errors import CalibrationError, InvalidOptionError
 from ..records import WeightSite
-from .units import SiteEnergy, Unit
+from ..rounding.base import build_method
+from ..rounding.rtn import RTNConfig
+from ..scheme import QuantScheme
+from .units import REFERENCE, SiteEnergy, Unit
 
-__all__ = ["LINK_LEVELS", "PROBE_T", "LinkPoint", "Sensitivity", "UnitSensitivity", "probe_sensitivity"]
+_RTN = build_method(RTNConfig())
+
+__all__ = [
+    "LINK_LEVELS",
+    "PROBE_T",
+    "LinkPoint",
+    "Sensitivity",
+    "UnitSensitivity",
+    "load_sensitivity",
+    "probe_sensitivity",
+]
 
 PROBE_T = 0.02
 """Relative output error of a unit's probe: about that of 4-bit round-to-nearest, where the response is
@@ -76,6 +89,8 @@ class Sensitivity:
     base_nll: float
     n_tokens: int
     seconds: float
+    fingerprint: str = ""
+    """``weights_fingerprint`` of the model probed: reuse is refused on another model."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -86,6 +101,7 @@ class Sensitivity:
             "base_nll": self.base_nll,
             "n_tokens": self.n_tokens,
             "seconds": self.seconds,
+            "fingerprint": self.fingerprint,
         }
 
     @classmethod
@@ -101,7 +117,56 @@ class Sensitivity:
             base_nll=float(d["base_nll"]),
             n_tokens=int(d["n_tokens"]),
             seconds=float(d["seconds"]),
+            fingerprint=str(d.get("fingerprint", "")),
         )
+
+
+def weights_fingerprint(model: ir.Model, sites: Sequence[WeightSite]) -> str:
+    """sha256 over each site's name, shape and first 256 stored values: tells models apart cheaply."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for s in sites:
+        value = model.graph.initializers[s.weight_name].const_value
+        h.update(f"{s.name}:{s.n}x{s.k}".encode())
+        if value is not None:
+            h.update(np.ascontiguousarray(np.asarray(value.numpy()).reshape(-1)[:256]).tobytes())
+    return h.hexdigest()
+
+
+def load_sensitivity(path: str | Path, model: ir.Model, sites: Sequence[WeightSite]) -> Sensitivity:
+    """Sensitivities saved by an earlier run (``quantization_config.json``: ``allocation.sensitivity``), a
+    prediction (``predict --json``: ``sensitivity``) or on their own; they must cover exactly ``sites``."""
+    import json
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise InvalidOptionError(f"sensitivity={str(path)!r}: cannot read it as JSON ({e})") from None
+    for key in ("allocation", "sensitivity"):  # a run's record nests them under allocation
+        if isinstance(data, dict) and isinstance(data.get(key), dict):
+            data = data[key]
+    try:
+        sens = Sensitivity.from_dict(data)
+    except (KeyError, TypeError, ValueError):
+        raise InvalidOptionError(
+            f"sensitivity={str(path)!r}: holds no sensitivities (write them with a --target-bits run or "
+            "predict --json)"
+        ) from None
+    probed = {s for u in sens.units for s in u.sites}
+    wanted = {s.name for s in sites}
+    if probed != wanted:
+        diff = sorted(probed ^ wanted)
+        raise InvalidOptionError(
+            f"sensitivity={str(path)!r}: probed other layers than this run quantizes (e.g. {diff[0]}): "
+            "probe this model, or select the same layers"
+        )
+    if sens.fingerprint != weights_fingerprint(model, sites):
+        raise InvalidOptionError(
+            f"sensitivity={str(path)!r}: probed another model (its weights differ from this one's): probe "
+            "this model"
+        )
+    return sens
 
 
 class _Prober:
@@ -137,16 +202,26 @@ class _Prober:
         )
 
 
+Noise = Literal["gaussian", "rounding"]
+
+
 def _noise(
     prober: _Prober, sites: Sequence[WeightSite], energy: Mapping[str, SiteEnergy], t: float,
-    rng: np.random.Generator,
+    rng: np.random.Generator, kind: Noise = "gaussian",
 ) -> dict[str, np.ndarray]:  # fmt: skip
-    """Gaussian weight noise per site with expected relative output error ``t``."""
+    """Weight noise per site with (expected) relative output error ``t``, in the stored layout: Gaussian
+    white noise, or round-to-nearest's error under ``REFERENCE`` rescaled."""
     out = {}
     for s in sites:
         e = energy[s.name]
-        sigma = math.sqrt(t * e.signal / max(e.n * e.trace_h, 1e-30))
         w = prober.weights[s.weight_name]
+        if kind == "rounding" and e.ref_error > 0:
+            wt = np.asarray(w, np.float32) if s.transposed else np.asarray(w, np.float32).T
+            d = _RTN.quantize(np.ascontiguousarray(wt), QuantScheme.parse(REFERENCE)).dequantize() - wt
+            d *= np.float32(math.sqrt(t / e.ref_error))
+            out[s.weight_name] = np.ascontiguousarray(d if s.transposed else d.T).astype(w.dtype)
+            continue
+        sigma = math.sqrt(t * e.signal / max(e.n * e.trace_h, 1e-30))
         out[s.weight_name] = (rng.standard_normal(w.shape, dtype=np.float32) * np.float32(sigma)).astype(
             w.dtype
         )
@@ -177,6 +252,7 @@ def probe_sensitivity(
     seed: int = 0,
     progress: bool = True,
     model_dir: Path | None = None,
+    noise: Noise = "gaussian",
 ) -> Sensitivity:
     """Each unit's sensitivity and the link probes, on ``token_ids`` ``[n, T]`` (n >= 2 for a standard
     error); ``energy`` from the float statistics (``estimate.py``). ``model`` is not modified."""
@@ -191,14 +267,17 @@ def probe_sensitivity(
     out = []
     for u in tqdm(units, desc="sensitivity", unit="unit", disable=not progress, file=sys.stderr):
         members = [by_name[n] for n in u.sites]
-        alpha, se = _mean_se(_response(prober, base, _noise(prober, members, energy, probe_t, rng)) / probe_t)
+        alpha, se = _mean_se(
+            _response(prober, base, _noise(prober, members, energy, probe_t, rng, noise)) / probe_t
+        )
         out.append(UnitSensitivity(u.name, u.sites, alpha, se))
     total = sum(u.alpha for u in out)
     link = []
     for level in levels:
-        delta, se = _mean_se(_response(prober, base, _noise(prober, list(sites), energy, level, rng)))
+        delta, se = _mean_se(_response(prober, base, _noise(prober, list(sites), energy, level, rng, noise)))
         link.append(LinkPoint(float(level), total * level, delta, se))
     seconds = time.perf_counter() - t0
     return Sensitivity(
-        probe_t, tuple(out), tuple(link), dict(energy), float(base.mean()), int(ids[:, 1:].size), seconds
-    )
+        probe_t, tuple(out), tuple(link), dict(energy), float(base.mean()), int(ids[:, 1:].size), seconds,
+        weights_fingerprint(model, sites),
+    )  # fmt: skip

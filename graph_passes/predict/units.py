@@ -16,7 +16,15 @@ import torch
 
 from ..records import WeightSite
 
-__all__ = ["SiteEnergy", "Unit", "output_energy", "relative_error", "unit_error", "units_of"]
+REFERENCE = "w4-g128"
+"""The scheme whose round-to-nearest error, rescaled, is the probes' noise (quantization-shaped: larger where
+a block's range is larger)."""
+
+__all__ = ["REFERENCE", "SiteEnergy", "Unit", "output_energy", "relative_error", "unit_error", "units_of"]
+
+REFERENCE = "w4-g128"
+"""The scheme whose round-to-nearest error, rescaled, is the probes' noise under ``noise="rounding"``:
+quantization-shaped (larger where a block's range is larger)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +66,8 @@ class SiteEnergy:
     trace_h: float
     n: int
     """Output channels (rows of W)."""
+    ref_error: float = 0.0
+    """Relative output error of round to nearest under ``REFERENCE`` (the shape of the probes' noise)."""
 
 
 def relative_error(w: np.ndarray, wq: np.ndarray, h: np.ndarray) -> tuple[float, float]:
@@ -68,7 +78,7 @@ def relative_error(w: np.ndarray, wq: np.ndarray, h: np.ndarray) -> tuple[float,
 
 def output_energy(d: np.ndarray, h: np.ndarray | torch.Tensor) -> float:
     """``tr(d H d^T)``: float32 product, float64 sum."""
-    d32 = torch.from_numpy(np.ascontiguousarray(d, dtype=np.float32))
+    d32 = torch.from_numpy(np.array(d, dtype=np.float32))  # a copy: weights may be read-only mmaps
     h32 = h if isinstance(h, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(h, dtype=np.float32))
     return float(((d32 @ h32) * d32).sum(dtype=torch.float64))
 

@@ -13,6 +13,7 @@ from optimum.adaround import quantize
 from optimum.adaround.cli import main
 from optimum.adaround.evaluation import quantized_sites
 from optimum.adaround.graph_passes.calibration.feeds import feed_specs, make_feeds, window_capacities
+from optimum.adaround.graph_passes.errors import InvalidOptionError
 from optimum.adaround.graph_passes.model_io import load_model
 from optimum.adaround.graph_passes.sites import find_weight_sites
 
@@ -90,3 +91,17 @@ def test_target_bits_and_scheme_overrides_do_not_mix(tiny_hf_onnx, tmp_path):
         quantize(str(tiny_hf_onnx("llama")), str(tmp_path / "q"), target_bits=4.0,
                  overrides=(ModuleOverride("mlp", "w8-g32"),), progress=False, **OPTIONS)  # fmt: skip
     assert not (tmp_path / "q").exists()
+
+
+def test_sensitivities_of_an_earlier_run_are_reused(mixed, tiny_hf_onnx, tmp_path):
+    src, out = mixed
+    again = quantize(str(src), str(tmp_path / "q"), target_bits=5.0, progress=False,
+                     sensitivity=str(out / "quantization_config.json"), **OPTIONS)  # fmt: skip
+    first = json.loads((out / "quantization_config.json").read_text())["allocation"]
+    second = json.loads((again / "quantization_config.json").read_text())["allocation"]
+    assert second["sensitivity"] == first["sensitivity"]
+    assert second["seconds"]["probe"] < 0.05 * first["seconds"]["probe"]  # read, not probed again
+    with pytest.raises(InvalidOptionError, match="probed another model"):
+        quantize(str(tiny_hf_onnx("qwen2")), str(tmp_path / "w"), target_bits=5.0, progress=False,
+                 sensitivity=str(out / "quantization_config.json"), **OPTIONS)  # fmt: skip
+    assert not (tmp_path / "w").exists()
