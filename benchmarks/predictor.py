@@ -98,10 +98,11 @@ def measure_row(
     seconds = time.perf_counter() - t0
     record = json.loads((out / "quantization_config.json").read_text())
     sites = {s["name"]: s["scheme"] for s in record["sites"]}
+    sqnr = {s["name"]: s["metrics"].get("output_sqnr_db") for s in record["sites"]}
     weights = sum(s["k"] * s["n"] for s in record["sites"])
     bits = 8 * sum(s["packed_bytes"] for s in record["sites"]) / max(weights, 1)
     row = {"name": name, "options": options, "quantize_seconds": seconds, "size_mb": size_mb(out),
-           "site_schemes": sites, "bits_per_weight": bits, "ppl": perplexity_of(out, eval_tokens)}  # fmt: skip
+           "site_schemes": sites, "site_output_sqnr_db": sqnr, "bits_per_weight": bits, "ppl": perplexity_of(out, eval_tokens)}  # fmt: skip
     shutil.rmtree(out, ignore_errors=True)
     return row
 
@@ -117,7 +118,13 @@ def run_measure(args: argparse.Namespace, source: Path) -> dict[str, Any]:
             continue
         done[name] = measure_row(source, args.work, name, options, args.eval_tokens)
         print(
-            json.dumps({k: v for k, v in done[name].items() if k not in ("site_schemes", "options")}),
+            json.dumps(
+                {
+                    k: v
+                    for k, v in done[name].items()
+                    if k not in ("site_schemes", "site_output_sqnr_db", "options")
+                }
+            ),
             flush=True,
         )
         cache.write_text(json.dumps(done, indent=1))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -36,25 +37,36 @@ def predict_rows(args: argparse.Namespace, source: Path, measured: dict[str, Any
     seconds: dict[str, float] = {}
     errors = {}
     for method in sorted({r["options"]["method"] for r in rows.values()}):
-        labels = {lab for r in rows.values() if r["options"]["method"] == method for lab in r["site_schemes"].values()}
+        labels = {
+            lab
+            for r in rows.values()
+            if r["options"]["method"] == method
+            for lab in r["site_schemes"].values()
+        }
         t0 = time.perf_counter()
-        errors[method] = estimate_errors(model, sites, _schemes(labels, sites), method_config(method), ids, progress=False)
+        errors[method] = estimate_errors(
+            model, sites, _schemes(labels, sites), method_config(method), ids, progress=False
+        )
         seconds[f"estimate_{method}"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     sens = probe_sensitivity(model, sites, units_of(sites), errors["gptq"].energy, ids[: args.probe_samples],
-                             progress=True)  # fmt: skip
+                             progress=True, shaped=errors["gptq"].shaped)  # fmt: skip
+    plain = dataclasses.replace(sens, method_factors={})  # rtn: the probes' own noise is its error
     seconds["probe"] = time.perf_counter() - t0
     fp = measured["fp32"]["ppl"]
     out = []
     for name, r in rows.items():
         err = errors[r["options"]["method"]].errors
-        t = {s.name: err[r["site_schemes"][s.name]][s.name] if s.name in r["site_schemes"] else 0.0 for s in sites}
-        p = predict(sens, t)
+        t = {
+            s.name: err[r["site_schemes"][s.name]][s.name] if s.name in r["site_schemes"] else 0.0
+            for s in sites
+        }
+        p = predict(sens if r["options"]["method"] != "rtn" else plain, t)
         out.append({"name": name, "bits_per_weight": r["bits_per_weight"], "size_mb": r["size_mb"], "ppl": r["ppl"],
                     "measured_delta": math.log(r["ppl"] / fp), "predicted_delta": p.delta,
                     "predicted_se": p.delta_se, "linear": p.linear, "quantize_seconds": r["quantize_seconds"]})  # fmt: skip
     return {"fp32_ppl": fp, "eval_tokens": args.eval_tokens, "probe_samples": args.probe_samples,
-            "seconds": seconds, "rows": out, "stats": stats(out), "sensitivity": sens.to_dict()}  # fmt: skip
+            "seconds": seconds, "rows": out, "stats": stats(out), "sensitivity": sens.to_dict(), "method_factors": dict(sens.method_factors)}  # fmt: skip
 
 
 def _ranks(x: list[float]) -> np.ndarray:
@@ -85,8 +97,10 @@ def render(result: dict[str, Any]) -> str:
         f"median absolute relative error of the increase: **{100 * s['median_abs_rel_error']:.1f}%** over {s['n']} "
         "configurations.",
         "",
-        "Cost: " + ", ".join(f"{k} {v:.0f} s" for k, v in sec.items())
-        + (f"; a gptq W4 g128 run took {gptq[0]:.0f} s" if gptq else "") + ".",
+        "Cost: "
+        + ", ".join(f"{k} {v:.0f} s" for k, v in sec.items())
+        + (f"; a gptq W4 g128 run took {gptq[0]:.0f} s" if gptq else "")
+        + ".",
         "",
         "| configuration | bits/weight | perplexity | measured d ln ppl | predicted | +/- |",
         "|---|---:|---:|---:|---:|---:|",

@@ -60,7 +60,7 @@ def predict(
         t1 = time.perf_counter()
         sens = _given_sensitivity(cfg, loaded.model, sites) or probe_sensitivity(
             loaded.model, sites, units_of(sites), errors.energy, ids[: cfg.allocation.probe_samples],
-            progress=progress, model_dir=folder,
+            progress=progress, model_dir=folder, shaped=errors.shaped,
         )  # fmt: skip
         prediction = predict_law(sens, {s: errors.errors[labels[s]][s] for s in labels})
         nbytes = sum(packed_bytes(schemes[s.name], s.k, s.n, cfg.output.accuracy_level) for s in sites)

@@ -1,6 +1,7 @@
 """The predictor: loss increase of a quantized model from its units' relative errors (pure functions).
 
-Linear law (HIGGS): ``S = sum_u alpha_u t_u``, the units' sensitivities times their relative output errors.
+Linear law (HIGGS): ``S = sum_u f_u alpha_u t_u``, the units' sensitivities times their relative output
+errors (``f_u``: the rounding method's factor for the unit's kind, ``Sensitivity.method_factors``).
 The link probes measured the loss increase ``D`` when every unit had the same error at once, beside the
 linear law's ``S`` for it; the prediction interpolates ``D`` as a function of ``S`` through those points in
 log-log space (linear below the first point, the last segment's slope beyond the last), so interactions
@@ -66,8 +67,9 @@ def predict(sens: Sensitivity, t_by_site: Mapping[str, float]) -> Prediction:
     s, var = 0.0, 0.0
     for u in sens.units:
         t = unit_error(t_by_site, sens.energy, Unit(u.name, u.sites, None, ()))
-        s += u.alpha * t
-        var += (u.alpha_se * t) ** 2
+        f = sens.factor(u)
+        s += f * u.alpha * t
+        var += (f * u.alpha_se * t) ** 2
     delta = link(s, sens.link)
     step = max(s * 1e-3, 1e-12)
     slope = (link(s + step, sens.link) - link(max(s - step, 0.0), sens.link)) / (2 * step)

@@ -73,7 +73,7 @@ def unit_choices(
 ) -> list[list[Choice]]:
     """Every unit's options: per candidate label its packed bytes (float: the stored bytes, ``itemsize``
     per site) and its linear-law cost."""
-    alpha = {u.name: u.alpha for u in sens.units}
+    alpha = {u.name: sens.factor(u) * u.alpha for u in sens.units}
     out = []
     for u in units:
         options = []
@@ -194,7 +194,7 @@ def plan_allocation(
     units = units_of(sites)
     sens = sensitivity or probe_sensitivity(
         model, sites, units, errors.energy, token_ids[:probe_samples], providers=providers,
-        progress=progress, model_dir=model_dir,
+        progress=progress, model_dir=model_dir, shaped=errors.shaped,
     )  # fmt: skip
     t2 = time.perf_counter()
     itemsize = {s.name: _itemsize(model, s) for s in sites}

@@ -91,6 +91,13 @@ class Sensitivity:
     seconds: float
     fingerprint: str = ""
     """``weights_fingerprint`` of the model probed: reuse is refused on another model."""
+    method_factors: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    """Site kind (``q_proj``, ``down_proj``...; ``*`` pooled) -> how much more the loss responds to the
+    rounding method's error than to the probes' at the same relative error (1 when not measured)."""
+
+    def factor(self, unit: UnitSensitivity) -> float:
+        kind = unit.sites[0].rsplit(".", 1)[-1]
+        return float(self.method_factors.get(kind, self.method_factors.get("*", 1.0)))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -102,6 +109,7 @@ class Sensitivity:
             "n_tokens": self.n_tokens,
             "seconds": self.seconds,
             "fingerprint": self.fingerprint,
+            "method_factors": dict(self.method_factors),
         }
 
     @classmethod
@@ -118,6 +126,7 @@ class Sensitivity:
             n_tokens=int(d["n_tokens"]),
             seconds=float(d["seconds"]),
             fingerprint=str(d.get("fingerprint", "")),
+            method_factors={k: float(v) for k, v in d.get("method_factors", {}).items()},
         )
 
 
@@ -239,6 +248,29 @@ def _mean_se(x: np.ndarray) -> tuple[float, float]:
     return float(x.mean()), float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else 0.0
 
 
+def _method_factors(
+    prober: _Prober, base: np.ndarray, by_name: Mapping[str, WeightSite], units: Sequence[UnitSensitivity],
+    shaped: Mapping[str, np.ndarray], t: float,
+) -> dict[str, float]:  # fmt: skip
+    """Per site kind: the loss response to the method's own error (``shaped``, sampled units) over the
+    response to the probes' noise, as a ratio of sums over the kind's sampled units (and ``*`` over all)."""
+    sums: dict[str, list[float]] = {}
+    scale = np.float32(math.sqrt(t))
+    for u in units:
+        if not u.sites or not all(s in shaped for s in u.sites):
+            continue
+        noise = {}
+        for name in u.sites:
+            site, d = by_name[name], shaped[name] * scale
+            stored = prober.weights[site.weight_name]
+            noise[site.weight_name] = np.ascontiguousarray(d if site.transposed else d.T).astype(stored.dtype)
+        own = float(_response(prober, base, noise).mean()) / t
+        for key in (u.sites[0].rsplit(".", 1)[-1], "*"):
+            acc = sums.setdefault(key, [0.0, 0.0])
+            acc[0], acc[1] = acc[0] + own, acc[1] + u.alpha
+    return {k: own / probed for k, (own, probed) in sums.items() if probed > 0 and own > 0}
+
+
 def probe_sensitivity(
     model: ir.Model,
     sites: Sequence[WeightSite],
@@ -252,10 +284,12 @@ def probe_sensitivity(
     seed: int = 0,
     progress: bool = True,
     model_dir: Path | None = None,
-    noise: Noise = "gaussian",
+    noise: Noise = "rounding",
+    shaped: Mapping[str, np.ndarray] | None = None,
 ) -> Sensitivity:
-    """Each unit's sensitivity and the link probes, on ``token_ids`` ``[n, T]`` (n >= 2 for a standard
-    error); ``energy`` from the float statistics (``estimate.py``). ``model`` is not modified."""
+    """Each unit's sensitivity and the link probes, on ``token_ids`` ``[n, T]``; ``energy`` from the float
+    statistics (``estimate.py``); ``shaped``: a rounding method's normalised errors on sampled sites, whose
+    units are probed again with them (``Sensitivity.method_factors``). ``model`` is not modified."""
     ids = np.asarray(token_ids, dtype=np.int64)
     if ids.ndim != 2 or ids.shape[0] < 1 or ids.shape[1] < 2:
         raise CalibrationError(f"probe token ids must be [n, T] with T >= 2, got {list(ids.shape)}")
@@ -276,8 +310,9 @@ def probe_sensitivity(
     for level in levels:
         delta, se = _mean_se(_response(prober, base, _noise(prober, list(sites), energy, level, rng, noise)))
         link.append(LinkPoint(float(level), total * level, delta, se))
+    factors = _method_factors(prober, base, by_name, out, shaped or {}, probe_t)
     seconds = time.perf_counter() - t0
     return Sensitivity(
         probe_t, tuple(out), tuple(link), dict(energy), float(base.mean()), int(ids[:, 1:].size), seconds,
-        weights_fingerprint(model, sites),
+        weights_fingerprint(model, sites), factors,
     )  # fmt: skip
