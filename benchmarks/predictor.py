@@ -67,10 +67,12 @@ def mixed_options(units: list[list[str]], seed: int) -> dict[str, Any]:
     return {"scheme": "w4-g128", "overrides": overrides, "exclude": exclude}
 
 
-def configs(units: list[list[str]], n_mixed: int) -> dict[str, dict[str, Any]]:
+def configs(units: list[list[str]], n_mixed: int, budgets: list[float]) -> dict[str, dict[str, Any]]:
     out = {f"{m} {s}": {"method": m, "scheme": s} for m in ("rtn", "gptq") for s in UNIFORM}
     for i in range(n_mixed):
         out[f"gptq mixed {i}"] = {"method": "gptq", **mixed_options(units, seed=100 + i)}
+    for bits in budgets:
+        out[f"gptq target {bits:g} bits"] = {"method": "gptq", "target_bits": bits}
     return out
 
 
@@ -93,16 +95,22 @@ def measure_row(
     if "overrides" in opts:
         opts["overrides"] = tuple(ModuleOverride(**o) for o in opts["overrides"])
         opts["exclude"] = tuple(opts["exclude"])
+    sens = work / "sensitivity.json"  # the first allocation's probes serve the later budgets
+    if "target_bits" in opts and sens.exists():
+        opts["sensitivity"] = str(sens)
     t0 = time.perf_counter()
     quantize(str(source), str(out), progress=False, **opts)
     seconds = time.perf_counter() - t0
     record = json.loads((out / "quantization_config.json").read_text())
+    if record.get("allocation") and not sens.exists():
+        sens.write_text(json.dumps(record["allocation"]["sensitivity"]))
     sites = {s["name"]: s["scheme"] for s in record["sites"]}
     sqnr = {s["name"]: s["metrics"].get("output_sqnr_db") for s in record["sites"]}
     weights = sum(s["k"] * s["n"] for s in record["sites"])
     bits = 8 * sum(s["packed_bytes"] for s in record["sites"]) / max(weights, 1)
     row = {"name": name, "options": options, "quantize_seconds": seconds, "size_mb": size_mb(out),
-           "site_schemes": sites, "site_output_sqnr_db": sqnr, "bits_per_weight": bits, "ppl": perplexity_of(out, eval_tokens)}  # fmt: skip
+           "site_schemes": sites, "site_output_sqnr_db": sqnr, "bits_per_weight": bits,
+           "allocation": {k: v for k, v in (record.get("allocation") or {}).items() if k != "sensitivity"}, "ppl": perplexity_of(out, eval_tokens)}  # fmt: skip
     shutil.rmtree(out, ignore_errors=True)
     return row
 
@@ -113,7 +121,7 @@ def run_measure(args: argparse.Namespace, source: Path) -> dict[str, Any]:
     if "fp32" not in done:
         done["fp32"] = {"ppl": perplexity_of(source, args.eval_tokens)}
         cache.write_text(json.dumps(done, indent=1))
-    for name, options in configs(unit_names(source), args.mixed).items():
+    for name, options in configs(unit_names(source), args.mixed, args.budgets).items():
         if name in done:
             continue
         done[name] = measure_row(source, args.work, name, options, args.eval_tokens)
@@ -137,6 +145,7 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=16384)
     ap.add_argument("--mixed", type=int, default=6)
     ap.add_argument("--probe-samples", type=int, default=2)
+    ap.add_argument("--budgets", type=float, nargs="*", default=[2.5, 3.0, 3.5, 4.25])
     ap.add_argument("--measure", action="store_true")
     ap.add_argument("--predict", action="store_true")
     ap.add_argument("--json", type=Path)

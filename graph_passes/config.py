@@ -198,7 +198,8 @@ class TransformConfig(Options):
 
 
 DEFAULT_CANDIDATES = (
-    "w2-g32-asym", "w2-g64-asym", "w3-g64", "w3-g128", "w4-g32", "w4-g64", "w4-g128", "w8-g128", "float",
+    "w2-g32-asym", "w2-g64-asym", "w2-g128-asym", "w3-g64", "w3-g128", "w4-g32", "w4-g64", "w4-g128", "w8-g128",
+    "float",
 )  # fmt: skip
 
 
