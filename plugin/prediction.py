@@ -16,11 +16,9 @@ from typing import Any
 from .api import _candidate_schemes, _given_sensitivity, _token_ids, pop_token_ids, run_config
 from .graph_passes.model_io import load_model
 from .graph_passes.pipeline import plan_schemes, prepare_sites
-from .graph_passes.predict.estimate import estimate_errors, packed_bytes
+from .graph_passes.predict.estimate import packed_bytes
 from .graph_passes.predict.law import predict as predict_law
-from .graph_passes.predict.plan import plan_allocation
-from .graph_passes.predict.probe import probe_sensitivity
-from .graph_passes.predict.units import units_of
+from .graph_passes.predict.plan import measure_profile, plan_allocation
 from .recipes import ConfigLike
 
 __all__ = ["predict"]
@@ -53,14 +51,10 @@ def predict(
     else:
         _, schemes = plan_schemes(cfg, sites)
         labels = {s.name: schemes[s.name].label for s in sites}
-        candidates = {schemes[s.name].label: schemes[s.name] for s in sites}
-        errors = estimate_errors(
-            loaded.model, sites, candidates, cfg.method, ids, progress=progress, model_dir=folder
-        )
-        t1 = time.perf_counter()
-        sens = _given_sensitivity(cfg, loaded.model, sites) or probe_sensitivity(
-            loaded.model, sites, units_of(sites), errors.energy, ids[: cfg.allocation.probe_samples],
-            progress=progress, model_dir=folder, shaped=errors.shaped,
+        sens, errors, seconds = measure_profile(
+            loaded.model, sites, {schemes[s.name].label: schemes[s.name] for s in sites}, cfg.method, ids,
+            probe_samples=cfg.allocation.probe_samples, given=_given_sensitivity(cfg, loaded.model, sites),
+            progress=progress, model_dir=folder,
         )  # fmt: skip
         prediction = predict_law(sens, {s: errors.errors[labels[s]][s] for s in labels})
         nbytes = sum(packed_bytes(schemes[s.name], s.k, s.n, cfg.output.accuracy_level) for s in sites)
@@ -68,7 +62,6 @@ def predict(
             "schemes": sorted(set(labels.values())),
             "bits_per_weight": 8 * nbytes / sum(s.k * s.n for s in sites),
         }
-        seconds = {"estimate": t1 - t0, "probe": time.perf_counter() - t1}
     ppl = math.exp(sens.base_nll)
     return {
         **result,

@@ -161,6 +161,52 @@ class Planned:
         }
 
 
+def measure_profile(
+    model: Any,
+    sites: Sequence[WeightSite],
+    schemes: Mapping[str, QuantScheme | None],
+    method: Any,
+    token_ids: Any,
+    *,
+    probe_samples: int,
+    given: Sensitivity | None = None,
+    progress: bool = True,
+    providers: Sequence[str] = ("CPUExecutionProvider",),
+    model_dir: Any = None,
+) -> tuple[Sensitivity, SiteErrors, dict[str, float]]:
+    """The sensitivities (probed, unless ``given``) and every scheme's errors for ``method`` (estimated,
+    unless ``given`` holds them for the same method), and the seconds each step took."""
+    import time
+
+    from .estimate import estimate_errors
+    from .probe import probe_sensitivity
+    from .units import units_of
+
+    if given is not None and given.method and given.method != method.name:
+        raise AllocationError(
+            f"the sensitivities given were measured for method {given.method!r}, this run uses "
+            f"{method.name!r}: probe again (drop sensitivity)"
+        )
+    t0 = time.perf_counter()
+    wanted = {k: v for k, v in schemes.items() if v is not None}
+    if given is not None and set(wanted) <= set(given.errors):
+        errors = SiteErrors(dict(given.energy), {k: dict(given.errors[k]) for k in wanted}, {}, 0.0)
+        errors.errors[FLOAT] = {s.name: 0.0 for s in sites}
+    else:
+        errors = estimate_errors(
+            model, sites, {**wanted, FLOAT: None}, method, token_ids, progress=progress, providers=providers,
+            model_dir=model_dir,
+        )  # fmt: skip
+    t1 = time.perf_counter()
+    sens = given or probe_sensitivity(
+        model, sites, units_of(sites), errors.energy, token_ids[:probe_samples], providers=providers,
+        progress=progress, model_dir=model_dir, shaped=errors.shaped,
+    )  # fmt: skip
+    known = {**sens.errors, **{k: v for k, v in errors.errors.items() if k != FLOAT}}
+    sens = dataclasses.replace(sens, method=method.name, errors=known)
+    return sens, errors, {"estimate": t1 - t0, "probe": time.perf_counter() - t1}
+
+
 def plan_allocation(
     model: Any,
     sites: Sequence[WeightSite],
@@ -176,27 +222,18 @@ def plan_allocation(
     model_dir: Any = None,
     sensitivity: Sensitivity | None = None,
 ) -> Planned:
-    """Estimate every candidate's errors (one float calibration pass), probe the sensitivities (unless
-    given), allocate."""
+    """Estimate every candidate's errors (one float calibration pass), probe the sensitivities (both
+    unless ``sensitivity`` holds them), allocate."""
     import time
 
-    from .estimate import estimate_errors
-    from .probe import probe_sensitivity
     from .units import units_of
 
-    t0 = time.perf_counter()
-    quantized = {k: v for k, v in schemes.items() if v is not None}
-    errors = estimate_errors(
-        model, sites, {**quantized, **({FLOAT: None} if FLOAT in schemes else {})}, method, token_ids,
+    sens, errors, seconds = measure_profile(
+        model, sites, schemes, method, token_ids, probe_samples=probe_samples, given=sensitivity,
         progress=progress, providers=providers, model_dir=model_dir,
     )  # fmt: skip
-    t1 = time.perf_counter()
-    units = units_of(sites)
-    sens = sensitivity or probe_sensitivity(
-        model, sites, units, errors.energy, token_ids[:probe_samples], providers=providers,
-        progress=progress, model_dir=model_dir, shaped=errors.shaped,
-    )  # fmt: skip
     t2 = time.perf_counter()
+    units = units_of(sites)
     itemsize = {s.name: _itemsize(model, s) for s in sites}
     by_name = {s.name: s for s in sites}
     choices = unit_choices(units, by_name, schemes, errors, sens, itemsize, accuracy_level)
@@ -209,8 +246,7 @@ def plan_allocation(
             f"layers take in floating point ({8 * stored / weights:g} bits per weight): nothing to quantize"
         )
     allocation = choose(units, choices, budget, errors, sens, weights)
-    seconds = {"estimate": t1 - t0, "probe": t2 - t1, "allocate": time.perf_counter() - t2}
-    return Planned(allocation, sens, errors, seconds)
+    return Planned(allocation, sens, errors, {**seconds, "allocate": time.perf_counter() - t2})
 
 
 def _itemsize(model: Any, site: WeightSite) -> int:

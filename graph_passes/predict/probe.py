@@ -95,6 +95,12 @@ class Sensitivity:
     """Site kind (``q_proj``, ``down_proj``...; ``*`` pooled) -> how much more the loss responds to the
     rounding method's error than to the probes' at the same relative error (1 when not measured)."""
 
+    method: str = ""
+    """The rounding method ``method_factors`` and ``errors`` are of ("" when neither was measured)."""
+    errors: Mapping[str, Mapping[str, float]] = dataclasses.field(default_factory=dict)
+    """Scheme label -> site -> relative output error of ``method`` (``estimate.py``), kept with the probes so
+    a later prediction or allocation over the same schemes needs no calibration pass."""
+
     def factor(self, unit: UnitSensitivity) -> float:
         kind = unit.sites[0].rsplit(".", 1)[-1]
         return float(self.method_factors.get(kind, self.method_factors.get("*", 1.0)))
@@ -110,6 +116,8 @@ class Sensitivity:
             "seconds": self.seconds,
             "fingerprint": self.fingerprint,
             "method_factors": dict(self.method_factors),
+            "method": self.method,
+            "errors": {k: dict(v) for k, v in self.errors.items()},
         }
 
     @classmethod
@@ -127,6 +135,8 @@ class Sensitivity:
             seconds=float(d["seconds"]),
             fingerprint=str(d.get("fingerprint", "")),
             method_factors={k: float(v) for k, v in d.get("method_factors", {}).items()},
+            method=str(d.get("method", "")),
+            errors={k: {s: float(t) for s, t in v.items()} for k, v in d.get("errors", {}).items()},
         )
 
 

@@ -101,6 +101,8 @@ def test_sensitivities_of_an_earlier_run_are_reused(mixed, tiny_hf_onnx, tmp_pat
     second = json.loads((again / "quantization_config.json").read_text())["allocation"]
     assert second["sensitivity"] == first["sensitivity"]
     assert second["seconds"]["probe"] < 0.05 * first["seconds"]["probe"]  # read, not probed again
+    assert second["seconds"]["estimate"] < 0.05 * first["seconds"]["estimate"]  # errors kept with them too
+    assert second["units"] == first["units"]
     with pytest.raises(InvalidOptionError, match="probed another model"):
         quantize(str(tiny_hf_onnx("qwen2")), str(tmp_path / "w"), target_bits=5.0, progress=False,
                  sensitivity=str(out / "quantization_config.json"), **OPTIONS)  # fmt: skip

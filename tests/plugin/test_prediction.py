@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+
 from optimum.adaround import quantize
 from optimum.adaround.cli import main
+from optimum.adaround.graph_passes.errors import UserError
 
 FLAGS = ["--method", "rtn", "--bits", "4", "--group-size", "32", "--calib-samples", "4", "--seq-len", "32"]
 
@@ -41,3 +44,20 @@ def test_predict_under_target_bits_reports_the_allocation(tiny_hf_onnx, tmp_path
     rows = [line.split() for line in text.splitlines() if line.strip()[:1].isdigit()]
     assert [r[0] for r in rows] == ["0", "1"] and all(len(r) == 5 for r in rows)
     assert any(line.split()[0] == "lm_head" for line in text.splitlines() if line.strip())
+
+
+def test_a_prediction_from_a_kept_profile_needs_no_calibration(tiny_hf_onnx, tmp_path):
+    from optimum.adaround.prediction import predict
+
+    src = tiny_hf_onnx("llama")
+    options = {"method": "gptq", "scheme": "w3-g32", "calib_samples": 4, "seq_len": 32, "progress": False}
+    first = predict(str(src), **options)
+    profile = tmp_path / "profile.json"
+    profile.write_text(json.dumps(first))
+    again = predict(str(src), sensitivity=str(profile), **options)
+    assert again["delta_nll"] == first["delta_nll"] and again["bits_per_weight"] == first["bits_per_weight"]
+    assert again["seconds"]["estimate"] < 0.05 * first["seconds"]["estimate"]
+    assert again["seconds"]["probe"] < 0.05 * first["seconds"]["probe"]
+    assert first["sensitivity"]["method"] == "gptq" and first["sensitivity"]["method_factors"]
+    with pytest.raises(UserError, match="measured for method 'gptq'"):
+        predict(str(src), sensitivity=str(profile), **{**options, "method": "rtn"})
