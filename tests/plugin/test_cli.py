@@ -14,7 +14,7 @@ def test_help_lists_every_subcommand(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     _, names = cli.build_parser()
-    assert names == {"run", "quantize", "eval", "export"}
+    assert names == {"run", "quantize", "predict", "eval", "export"}
     for name in names:
         assert f"    {name} " in out
 
