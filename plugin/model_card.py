@@ -8,6 +8,7 @@ scales + zero points counted on the graph by the evaluation module), and the per
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -165,9 +166,22 @@ def _group(scheme: Mapping[str, Any]) -> str | None:
     return "pc" if g == -1 else f"g{g}"
 
 
+def _predicted_row(qconfig: Mapping[str, Any], before: float | None) -> list[str]:
+    """The allocation's predicted perplexity (from the float model's measured one) beside the measurement."""
+    alloc = qconfig.get("allocation")
+    if not isinstance(alloc, Mapping) or before is None or "predicted_delta_nll" not in alloc:
+        return []
+    value = before * math.exp(alloc["predicted_delta_nll"])
+    spread = value * alloc.get("predicted_delta_nll_se", 0.0)
+    return [
+        f"| perplexity predicted before the run (`--target-bits`) | - | {fmt_num(value)} +/- {fmt_num(spread)} |"
+    ]
+
+
 def _results_table(
-    evaluation: Mapping[str, Any], after: Mapping[str, Any], original_size: int | None
-) -> list[str]:
+    evaluation: Mapping[str, Any], after: Mapping[str, Any], original_size: int | None,
+    qconfig: Mapping[str, Any] | None = None,
+) -> list[str]:  # fmt: skip
     before = evaluation.get("original") or {}
     lines = [
         "| | original | quantized |",
@@ -187,6 +201,7 @@ def _results_table(
         lines.append(
             f"| perplexity ({where}) | {fmt_num(perplexity_of(before))} | {fmt_num(perplexity_of(after))} |"
         )
+        lines += _predicted_row(qconfig or {}, perplexity_of(before))
     else:
         lines += ["", "Perplexity was not measured for this folder (export with `--eval` to measure it)."]
     return lines
@@ -221,7 +236,7 @@ def build_model_card(
         *_introduction(name, scheme, method, fmt),
         "## Measured results",
         "",
-        *_results_table(evaluation, after, original_size_bytes),
+        *_results_table(evaluation, after, original_size_bytes, qconfig),
         "",
         *_quantization_table(qconfig, scheme, method),
         *_USAGE,

@@ -86,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
             f"perplexity      {pr.perplexity:.4f}  ({pr.tokens} tokens, {pr.windows} windows of {pr.context_length}"
             f", {args.runtime})"
         )
+    _print_predicted(args.model_dir)
     print(f"model size      {report.model_bytes / 1e6:.2f} MB")
     if report.bits_per_weight is not None:
         print(
@@ -112,6 +113,18 @@ def run(args: argparse.Namespace) -> int:
         args.json.write_text(json.dumps(_jsonable(d), indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0
+
+
+def _print_predicted(folder: Path) -> None:
+    """The increase the predictor gave before a ``--target-bits`` run, beside what was just measured."""
+    record = folder / "quantization_config.json"
+    alloc = json.loads(record.read_text()).get("allocation") if record.is_file() else None
+    if isinstance(alloc, dict) and "predicted_delta_nll" in alloc:
+        increase = math.expm1(alloc["predicted_delta_nll"])
+        spread = alloc.get("predicted_delta_nll_se", 0.0) * (1 + increase)
+        print(
+            f"predicted       +{100 * increase:.1f}% (+/- {100 * spread:.1f}%) over the float model, before the run"
+        )
 
 
 def _jsonable(obj: object) -> object:

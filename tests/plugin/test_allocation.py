@@ -107,3 +107,10 @@ def test_sensitivities_of_an_earlier_run_are_reused(mixed, tiny_hf_onnx, tmp_pat
         quantize(str(tiny_hf_onnx("qwen2")), str(tmp_path / "w"), target_bits=5.0, progress=False,
                  sensitivity=str(out / "quantization_config.json"), **OPTIONS)  # fmt: skip
     assert not (tmp_path / "w").exists()
+
+
+def test_eval_prints_the_prediction_beside_the_measurement(mixed, capsys):
+    _, out = mixed
+    assert main(["eval", str(out), "--no-progress", "--max-tokens", "64", "--text", "news"]) == 0
+    text = capsys.readouterr().out
+    assert "perplexity " in text and "predicted       +" in text and "before the run" in text

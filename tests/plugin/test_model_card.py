@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import pytest
@@ -132,3 +133,22 @@ def test_infer_base_model(tmp_path):
     assert infer_base_model(local) == "org/other"
     (local / "config.json").write_text(json.dumps({"_name_or_path": "/some/path"}))
     assert infer_base_model(local) is None
+
+
+def test_card_shows_the_predicted_perplexity_beside_the_measured_one(tiny_hf_model, tmp_path):
+    text = tmp_path / "eval.txt"
+    text.write_text(
+        " ".join(f"Sentence {i} tells the quick brown fox to jump over {i % 7} dogs." for i in range(80))
+    )
+    out = export(
+        tiny_hf_model("llama"), tmp_path / "mixed", method="rtn", target_bits=5.0, calib_samples=4, seq_len=32,
+        candidates=("w2-g16-asym", "w4-g32", "w8-g32"), eval=True,
+        eval_options={"dataset": str(text), "context_length": 64, "progress": False}, progress=False,
+    )  # fmt: skip
+    card = (out / "README.md").read_text()
+    ev = json.loads((out / "eval_results.json").read_text())
+    alloc = json.loads((out / "quantization_config.json").read_text())["allocation"]
+    row = table_row(card, "perplexity predicted before the run")
+    predicted = perplexity_of(ev["original"]) * math.exp(alloc["predicted_delta_nll"])
+    assert row[2].startswith(fmt_num(predicted) + " +/- ")
+    assert table_row(card, "perplexity (")[2] == fmt_num(perplexity_of(ev["quantized"]))
