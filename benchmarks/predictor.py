@@ -150,7 +150,13 @@ def main() -> None:
     ap.add_argument("--predict", action="store_true")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--md", type=Path)
-    ap.add_argument("--plot", type=Path)
+    ap.add_argument("--plot", type=Path, help="scatter of predicted vs measured")
+    ap.add_argument(
+        "--pareto", type=Path, help="perplexity vs size: uniform, random mixed, allocations, peers"
+    )
+    ap.add_argument(
+        "--peers-json", type=Path, help="nncf_peer.py --json output of the same machine and tokens"
+    )
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     source = default_source()
@@ -158,13 +164,16 @@ def main() -> None:
         run_measure(args, source) if args.measure else json.loads((args.work / "measured.json").read_text())
     )
     if args.predict:
-        from predictor_report import predict_rows, render, scatter
+        from predictor_report import allocation_lines, pareto, predict_rows, render, scatter
 
+        peers = json.loads(args.peers_json.read_text())["rows"] if args.peers_json else []
         result = predict_rows(args, source, measured)
-        result["provenance"] = provenance()
-        emit(result, render(result), args.json, args.md)
+        result["provenance"], result["peers"] = provenance(), peers
+        emit(result, "\n".join([render(result), *allocation_lines(result, peers)]), args.json, args.md)
         if args.plot:
             scatter(result, args.plot)
+        if args.pareto:
+            pareto(result, peers, args.pareto)
 
 
 if __name__ == "__main__":

@@ -111,6 +111,55 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def allocation_lines(result: dict[str, Any], peers: list[dict[str, Any]]) -> list[str]:
+    """Each --target-bits row beside the best uniform row (ours and the peers') of equal or larger size."""
+    rows = result["rows"]
+    uniform = [r for r in rows if "mixed" not in r["name"] and "target" not in r["name"]]
+    others = uniform + [
+        {"name": f"NNCF {p['config']}", "size_mb": p["model_mb"], "ppl": p["ppl_wikipedia"]} for p in peers
+    ]
+    lines = ["", "| allocation | bits/weight | size MB | perplexity | best uniform or peer of >= size | its ppl |",
+             "|---|---:|---:|---:|---|---:|"]  # fmt: skip
+    for r in (r for r in rows if "target" in r["name"]):
+        bigger = [o for o in others if o["size_mb"] >= r["size_mb"]]
+        best = min(bigger, key=lambda o: o["ppl"]) if bigger else None
+        lines.append(f"| {r['name']} | {r['bits_per_weight']:.3f} | {r['size_mb']:.1f} | {r['ppl']:.2f} | "
+                     + (f"{best['name']} ({best['size_mb']:.1f} MB) | {best['ppl']:.2f} |" if best else "none | - |"))  # fmt: skip
+    if peers:
+        lines += ["", "| peer (NNCF 3.4.0) | size MB | perplexity Wikipedia | news |", "|---|---:|---:|---:|"]
+        lines += [
+            f"| {p['config']} | {p['model_mb']:.1f} | {p['ppl_wikipedia']:.2f} | {p['ppl_news']:.2f} |"
+            for p in peers
+        ]
+    return lines
+
+
+def pareto(result: dict[str, Any], peers: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    groups = {"rtn uniform": ("rtn ", "tab:gray", "o"), "gptq uniform": ("gptq w", "tab:blue", "o"),
+              "gptq random mixed": ("mixed", "tab:orange", "x"), "gptq --target-bits": ("target", "tab:red", "*")}  # fmt: skip
+    for label, (key, color, marker) in groups.items():
+        pts = [(r["size_mb"], r["ppl"]) for r in result["rows"] if key in r["name"]]
+        if pts:
+            ax.scatter(*zip(*pts, strict=True), color=color, marker=marker, label=label, s=40)
+    if peers:
+        ax.scatter([p["model_mb"] for p in peers], [p["ppl_wikipedia"] for p in peers], color="tab:green",
+                   marker="s", label="NNCF compress_weights", s=40)  # fmt: skip
+    ax.axhline(result["fp32_ppl"], color="k", lw=0.8, ls="--", label="fp32")
+    ax.set_yscale("log")
+    ax.set_ylim(result["fp32_ppl"] * 0.95, result["fp32_ppl"] * 12)
+    ax.set_xlabel("model size on disk (MB)")
+    ax.set_ylabel("perplexity (Wikipedia, log scale)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def scatter(result: dict[str, Any], path: Path) -> None:
     import matplotlib
 
