@@ -139,6 +139,29 @@ def run_measure(args: argparse.Namespace, source: Path) -> dict[str, Any]:
     return done
 
 
+def run_cost(source: Path, work: Path) -> dict[str, float]:
+    """Wall seconds, one after the other on a quiet machine: a gptq W4 g128 run, a prediction of it from
+    nothing (calibration pass + probes), and again from the profile the first prediction kept."""
+    from optimum.adaround import quantize
+    from optimum.adaround.prediction import predict
+
+    out = work / "cost-gptq"
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    quantize(str(source), str(out), method="gptq", scheme="w4-g128", progress=False)
+    t1 = time.perf_counter()
+    first = predict(str(source), method="gptq", scheme="w4-g128", progress=False)
+    t2 = time.perf_counter()
+    profile = work / "cost-profile.json"
+    profile.write_text(json.dumps(first))
+    again = predict(str(source), method="gptq", scheme="w4-g128", sensitivity=str(profile), progress=False)
+    t3 = time.perf_counter()
+    shutil.rmtree(out, ignore_errors=True)
+    return {"gptq_run": t1 - t0, "predict": t2 - t1, "predict_estimate": first["seconds"]["estimate"],
+            "predict_probe": first["seconds"]["probe"], "predict_from_profile": t3 - t2,
+            "same_prediction": again["delta_nll"] == first["delta_nll"]}  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache/optimum-adaround/bench-predictor")
@@ -148,6 +171,9 @@ def main() -> None:
     ap.add_argument("--budgets", type=float, nargs="*", default=[2.5, 3.0, 3.5, 4.25])
     ap.add_argument("--measure", action="store_true")
     ap.add_argument("--predict", action="store_true")
+    ap.add_argument(
+        "--cost", action="store_true", help="time a gptq run against predicting it (quiet machine)"
+    )
     ap.add_argument("--json", type=Path)
     ap.add_argument("--md", type=Path)
     ap.add_argument("--plot", type=Path, help="scatter of predicted vs measured")
@@ -169,6 +195,8 @@ def main() -> None:
         peers = json.loads(args.peers_json.read_text())["rows"] if args.peers_json else []
         result = predict_rows(args, source, measured)
         result["provenance"], result["peers"] = provenance(), peers
+        cost_file = args.work / "cost.json"
+        result["cost"] = json.loads(cost_file.read_text()) if cost_file.exists() else None
         emit(result, "\n".join([render(result), *allocation_lines(result, peers)]), args.json, args.md)
         if args.plot:
             scatter(result, args.plot)

@@ -69,6 +69,16 @@ def predict_rows(args: argparse.Namespace, source: Path, measured: dict[str, Any
             "seconds": seconds, "rows": out, "stats": stats(out), "sensitivity": sens.to_dict(), "method_factors": dict(sens.method_factors)}  # fmt: skip
 
 
+def _cost_lines(cost: dict[str, Any] | None) -> list[str]:
+    if not cost:
+        return []
+    run = cost["gptq_run"]
+    return ["", f"Cost on a quiet machine, one after the other (`--cost`): gptq W4 g128 run {run:.0f} s; predicting it "
+            f"from nothing {cost['predict']:.0f} s ({cost['predict'] / run:.2f}x: estimate {cost['predict_estimate']:.0f} s, "
+            f"probes {cost['predict_probe']:.0f} s); from the kept profile {cost['predict_from_profile']:.1f} s "
+            f"({cost['predict_from_profile'] / run:.3f}x, same prediction: {cost['same_prediction']})."]  # fmt: skip
+
+
 def _ranks(x: list[float]) -> np.ndarray:
     order = np.argsort(x, kind="stable")
     ranks = np.empty(len(x))
