@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import time
 from pathlib import Path
@@ -26,7 +27,7 @@ def predict_rows(args: argparse.Namespace, source: Path, measured: dict[str, Any
     from optimum.adaround.graph_passes.pipeline import prepare_sites
     from optimum.adaround.graph_passes.predict.estimate import estimate_errors
     from optimum.adaround.graph_passes.predict.law import predict
-    from optimum.adaround.graph_passes.predict.probe import probe_sensitivity
+    from optimum.adaround.graph_passes.predict.probe import Sensitivity, probe_sensitivity
     from optimum.adaround.graph_passes.predict.units import units_of
     from optimum.adaround.graph_passes.rounding.base import method_config
 
@@ -49,10 +50,15 @@ def predict_rows(args: argparse.Namespace, source: Path, measured: dict[str, Any
         )
         seconds[f"estimate_{method}"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    sens = probe_sensitivity(model, sites, units_of(sites), errors["gptq"].energy, ids[: args.probe_samples],
-                             progress=True, shaped=errors["gptq"].shaped)  # fmt: skip
+    kept = args.work / "sensitivity.json"  # probed by the first --target-bits row (gptq, same tokens)
+    if kept.exists():
+        sens = Sensitivity.from_dict(json.loads(kept.read_text()))
+        seconds["probe (by the first --target-bits row)"] = sens.seconds
+    else:
+        sens = probe_sensitivity(model, sites, units_of(sites), errors["gptq"].energy,
+                                 ids[: args.probe_samples], progress=True, shaped=errors["gptq"].shaped)  # fmt: skip
+        seconds["probe"] = time.perf_counter() - t0
     plain = dataclasses.replace(sens, method_factors={})  # rtn: the probes' own noise is its error
-    seconds["probe"] = time.perf_counter() - t0
     fp = measured["fp32"]["ppl"]
     out = []
     for name, r in rows.items():
