@@ -256,10 +256,12 @@ def _candidate_schemes(config: QuantConfig, sites: list[Any]) -> dict[str, Any]:
 
     shapes = [(s.k, s.n) for s in sites]
     out: dict[str, Any] = {}
-    for label in config.allocation.candidates:
-        out[label] = (
-            None if label == "float" else choose_format(config.with_overrides(scheme=label).scheme, shapes)
-        )
+    for label in config.allocation.candidates:  # keyed by the full label (w4-g128-sym), as sites record it
+        if label == "float":
+            out[label] = None
+        else:
+            scheme = choose_format(config.with_overrides(scheme=label).scheme, shapes)
+            out[scheme.label] = scheme
     return out
 
 

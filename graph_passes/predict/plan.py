@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..records import WeightSite
-from ..scheme import QuantScheme
+from ..scheme import QuantScheme, WeightFormat
 from .allocate import AllocationError, Choice, allocate
 from .estimate import FLOAT, SiteErrors, packed_bytes
 from .law import Prediction, predict
@@ -72,13 +72,18 @@ def unit_choices(
     accuracy_level: int = 4,
 ) -> list[list[Choice]]:
     """Every unit's options: per candidate label its packed bytes (float: the stored bytes, ``itemsize``
-    per site) and its linear-law cost."""
+    per site) and its linear-law cost. An output projection tied to the token embedding takes only
+    MatMulNBits schemes (or float): the lookup shares those codes, while another format would leave the
+    table to be stored a second time, bytes the budget would not see."""
     alpha = {u.name: sens.factor(u) * u.alpha for u in sens.units}
     out = []
     for u in units:
         options = []
+        members = [sites[s] for s in u.sites]
+        tied = any(s.tied for s in members)
         for label, scheme in schemes.items():
-            members = [sites[s] for s in u.sites]
+            if tied and scheme is not None and scheme.format is not WeightFormat.MATMULNBITS:
+                continue
             if scheme is None:
                 nbytes = sum(float_bytes(s, itemsize[s.name]) for s in members)
             else:

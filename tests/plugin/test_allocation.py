@@ -114,3 +114,16 @@ def test_eval_prints_the_prediction_beside_the_measurement(mixed, capsys):
     assert main(["eval", str(out), "--no-progress", "--max-tokens", "64", "--text", "news"]) == 0
     text = capsys.readouterr().out
     assert "perplexity " in text and "predicted       +" in text and "before the run" in text
+
+
+def test_a_tied_output_projection_keeps_a_format_its_lookup_shares(tiny_hf_onnx, tmp_path):
+    """3 bits run through our own op, whose codes the embedding lookup cannot read: the tied head is
+    offered MatMulNBits schemes (or float) only, so no second copy of the table appears."""
+    options = {**OPTIONS, "candidates": ("w3-g32", "w4-g32", "w8-g32", "float"), "embeddings": "8"}
+    out = quantize(
+        str(tiny_hf_onnx("llama_tied")), str(tmp_path / "q"), target_bits=4.5, progress=False, **options
+    )
+    record = json.loads((out / "quantization_config.json").read_text())
+    head = next(label for unit, label in record["allocation"]["units"].items() if "lm_head" in unit)
+    assert head in ("w4-g32-sym", "w8-g32-sym", "float")
+    assert all(t["shared_with"] for t in record["embeddings"]) or head == "float"
