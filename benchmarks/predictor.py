@@ -175,6 +175,7 @@ def main() -> None:
         "--cost", action="store_true", help="time a gptq run against predicting it (quiet machine)"
     )
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--render-only", action="store_true", help="rewrite --md from --json")
     ap.add_argument("--md", type=Path)
     ap.add_argument("--plot", type=Path, help="scatter of predicted vs measured")
     ap.add_argument(
@@ -186,6 +187,22 @@ def main() -> None:
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     source = default_source()
+    if args.render_only:  # the markdown again from a --json result (no measurement)
+        from predictor_report import allocation_lines, render
+
+        result = json.loads(args.json.read_text())
+        cost_file = args.work / "cost.json"
+        if cost_file.exists():  # a --cost run made after the --predict one
+            result["cost"] = json.loads(cost_file.read_text())
+            args.json.write_text(json.dumps(result, indent=1))
+        args.md.write_text(
+            "\n".join([render(result), *allocation_lines(result, result.get("peers", []))]) + "\n"
+        )
+        return
+    if args.cost:
+        cost = run_cost(source, args.work)
+        (args.work / "cost.json").write_text(json.dumps(cost, indent=1))
+        print(json.dumps(cost))
     measured = (
         run_measure(args, source) if args.measure else json.loads((args.work / "measured.json").read_text())
     )

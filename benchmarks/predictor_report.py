@@ -128,19 +128,30 @@ def render(result: dict[str, Any]) -> str:
 
 
 def allocation_lines(result: dict[str, Any], peers: list[dict[str, Any]]) -> list[str]:
-    """Each --target-bits row beside the best uniform row (ours and the peers') of equal or larger size."""
+    """Each --target-bits row beside the smallest uniform or peer row at least as large, and every row at
+    least as large that has the lower perplexity."""
     rows = result["rows"]
     uniform = [r for r in rows if "mixed" not in r["name"] and "target" not in r["name"]]
     others = uniform + [
         {"name": f"NNCF {p['config']}", "size_mb": p["model_mb"], "ppl": p["ppl_wikipedia"]} for p in peers
     ]
-    lines = ["", "| allocation | bits/weight | size MB | perplexity | best uniform or peer of >= size | its ppl |",
-             "|---|---:|---:|---:|---|---:|"]  # fmt: skip
+    lines = ["", "| allocation | bits/weight | size MB | perplexity | smallest uniform or peer row at least as large "
+             "| rows at least as large with a lower perplexity |", "|---|---:|---:|---:|---|---|"]  # fmt: skip
     for r in (r for r in rows if "target" in r["name"]):
-        bigger = [o for o in others if o["size_mb"] >= r["size_mb"]]
-        best = min(bigger, key=lambda o: o["ppl"]) if bigger else None
-        lines.append(f"| {r['name']} | {r['bits_per_weight']:.3f} | {r['size_mb']:.1f} | {r['ppl']:.2f} | "
-                     + (f"{best['name']} ({best['size_mb']:.1f} MB) | {best['ppl']:.2f} |" if best else "none | - |"))  # fmt: skip
+        bigger = sorted((o for o in others if o["size_mb"] >= r["size_mb"]), key=lambda o: o["size_mb"])
+        first = (
+            f"{bigger[0]['name']}: {bigger[0]['size_mb']:.1f} MB, {bigger[0]['ppl']:.2f}"
+            if bigger
+            else "none"
+        )
+        better = [o for o in bigger if o["ppl"] < r["ppl"]]
+        near = (
+            f" (smallest: {better[0]['name']}, {better[0]['size_mb']:.1f} MB, {better[0]['ppl']:.2f})"
+            if better
+            else ""
+        )
+        lines.append(f"| {r['name']} | {r['bits_per_weight']:.3f} | {r['size_mb']:.1f} | {r['ppl']:.2f} | {first} | "
+                     f"{len(better)} of {len(bigger)}{near} |")  # fmt: skip
     if peers:
         lines += ["", "| peer (NNCF 3.4.0) | size MB | perplexity Wikipedia | news |", "|---|---:|---:|---:|"]
         lines += [
