@@ -113,10 +113,11 @@ def render(result: dict[str, Any]) -> str:
         f"median absolute relative error of the increase: **{100 * s['median_abs_rel_error']:.1f}%** over {s['n']} "
         "configurations.",
         "",
-        "Cost: "
+        "Cost in this run (other jobs shared the 2 cores): "
         + ", ".join(f"{k} {v:.0f} s" for k, v in sec.items())
         + (f"; a gptq W4 g128 run took {gptq[0]:.0f} s" if gptq else "")
         + ".",
+        *_cost_lines(result.get("cost")),
         "",
         "| configuration | bits/weight | perplexity | measured d ln ppl | predicted | +/- |",
         "|---|---:|---:|---:|---:|---:|",
