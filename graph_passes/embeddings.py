@@ -24,6 +24,7 @@ __all__ = [
     "EMBEDDING_BLOCKS",
     "QuantizeEmbeddingsPass",
     "embedding_scheme",
+    "id_lookups",
     "quantize_embeddings",
     "token_embeddings",
 ]
@@ -40,8 +41,9 @@ def embedding_scheme(bits: int, run: QuantScheme) -> QuantScheme:
     return QuantScheme(bits=bits, group_size=block, symmetric=True)
 
 
-def token_embeddings(graph: ir.Graph) -> list[ir.Node]:
-    """The Gathers that look up token ids in a float table no other node reads."""
+def id_lookups(graph: ir.Graph) -> list[ir.Node]:
+    """The Gathers (axis 0) that look the graph input ``input_ids`` up in a constant 2-D table: the one
+    definition of "token embedding lookup" that quantization, the transforms and their checks share."""
     out = []
     for node in graph:
         if node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
@@ -53,9 +55,19 @@ def token_embeddings(graph: ir.Graph) -> list[ir.Node]:
         if not (ids.is_graph_input() and ids.name == "input_ids"):
             continue
         tensor = table.const_value
-        if tensor is None or tensor.dtype not in _FLOATS or tensor.shape.rank() != 2:
+        if tensor is not None and tensor.shape.rank() == 2:
+            out.append(node)
+    return out
+
+
+def token_embeddings(graph: ir.Graph) -> list[ir.Node]:
+    """The token-id lookups in a float table no other node reads."""
+    out = []
+    for node in id_lookups(graph):
+        table = node.inputs[0]
+        if table.const_value.dtype not in _FLOATS:  # type: ignore[union-attr]
             continue
-        if len(table.uses()) != 1 or table.is_graph_output() or table.is_graph_input():
+        if len(table.uses()) != 1 or table.is_graph_output() or table.is_graph_input():  # type: ignore[union-attr]
             continue
         out.append(node)
     return out

@@ -18,6 +18,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from ..calibration.feeds import feed_specs, make_feeds, window_capacities
 from ..calibration.sessions import open_session
+from ..embeddings import id_lookups
 from ..errors import InternalError
 from .online import HadamardDownProjPass
 from .rotate import RotateResidualPass
@@ -43,9 +44,7 @@ def check_ids(model: ir.Model, token_ids: np.ndarray | None) -> np.ndarray:
     sequences over the vocabulary of the graph's embedding table."""
     if token_ids is not None:
         return np.asarray(token_ids)[:2, :64]
-    vocab = [n.inputs[0].const_value.shape[0] for n in model.graph if n.op_type == "Gather"
-             and n.inputs[1] is not None and n.inputs[1].name == "input_ids"
-             and n.inputs[0] is not None and n.inputs[0].const_value is not None]  # fmt: skip
+    vocab = [n.inputs[0].const_value.shape[0] for n in id_lookups(model.graph)]  # type: ignore[union-attr]
     return np.random.default_rng(0).integers(0, min(vocab, default=2), size=(2, 32))
 
 

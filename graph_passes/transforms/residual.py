@@ -20,6 +20,8 @@ import dataclasses
 
 import onnx_ir as ir
 
+from ..embeddings import id_lookups
+
 __all__ = [
     "Bias", "Norm", "ResidualStream", "StreamPass", "find_residual_stream", "find_rms_norms", "kn_shape",
     "weight_of",
@@ -198,9 +200,7 @@ def _writer(value: ir.Value, width: int) -> tuple[ir.Node, Bias | None] | None:
 
 def _start(graph: ir.Graph) -> tuple[list[ir.Node], ir.Value] | str:
     """The embedding Gather and the stream's first value (after a scalar Mul, as in Gemma)."""
-    gathers = [n for n in graph if n.op_type == "Gather" and n.domain in _STD and n.inputs[1] is not None
-               and n.inputs[1].is_graph_input() and n.inputs[1].name == "input_ids"
-               and n.inputs[0] is not None and n.inputs[0].is_initializer()]  # fmt: skip
+    gathers = [n for n in id_lookups(graph) if n.inputs[0].is_initializer()]  # type: ignore[union-attr]
     if len(gathers) != 1:
         return f"{len(gathers)} embedding lookups of input_ids in a constant table (one is handled)"
     value = gathers[0].outputs[0]
