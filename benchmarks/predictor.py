@@ -44,33 +44,34 @@ def default_source() -> Path:
     return Path(default_onnx_dir())
 
 
-def unit_names(source: Path) -> list[list[str]]:
+def units(source: Path) -> list[Any]:
     from optimum.adaround.graph_passes.model_io import load_model
     from optimum.adaround.graph_passes.pipeline import prepare_sites
     from optimum.adaround.graph_passes.predict.units import units_of
 
     model = load_model(str(source)).model
-    return [list(u.sites) for u in units_of(prepare_sites(model, quantize_lm_head=True).sites)]
+    return units_of(prepare_sites(model, quantize_lm_head=True).sites)
 
 
-def mixed_options(units: list[list[str]], seed: int) -> dict[str, Any]:
+def mixed_options(groups: list[Any], seed: int) -> dict[str, Any]:
     """A random per-unit allocation as the run's options: overrides by exact site names, float by exclude."""
+    from optimum.adaround.graph_passes.predict.plan import unit_pattern
+
     rng = np.random.default_rng(seed)
-    picks = rng.choice(len(MIXED_CHOICES), size=len(units))
+    picks = rng.choice(len(MIXED_CHOICES), size=len(groups))
     overrides, exclude = [], []
-    for unit, i in zip(units, picks, strict=True):
-        pattern = "^(?:" + "|".join(re.escape(n) for n in unit) + ")$"
+    for unit, i in zip(groups, picks, strict=True):
         if MIXED_CHOICES[i] == "float":
-            exclude.append(pattern)
+            exclude.append(unit_pattern(unit))
         else:
-            overrides.append({"pattern": pattern, "scheme": MIXED_CHOICES[i]})
+            overrides.append({"pattern": unit_pattern(unit), "scheme": MIXED_CHOICES[i]})
     return {"scheme": "w4-g128", "overrides": overrides, "exclude": exclude}
 
 
-def configs(units: list[list[str]], n_mixed: int, budgets: list[float]) -> dict[str, dict[str, Any]]:
+def configs(groups: list[Any], n_mixed: int, budgets: list[float]) -> dict[str, dict[str, Any]]:
     out = {f"{m} {s}": {"method": m, "scheme": s} for m in ("rtn", "gptq") for s in UNIFORM}
     for i in range(n_mixed):
-        out[f"gptq mixed {i}"] = {"method": "gptq", **mixed_options(units, seed=100 + i)}
+        out[f"gptq mixed {i}"] = {"method": "gptq", **mixed_options(groups, seed=100 + i)}
     for bits in budgets:
         out[f"gptq target {bits:g} bits"] = {"method": "gptq", "target_bits": bits}
     return out
@@ -121,7 +122,7 @@ def run_measure(args: argparse.Namespace, source: Path) -> dict[str, Any]:
     if "fp32" not in done:
         done["fp32"] = {"ppl": perplexity_of(source, args.eval_tokens)}
         cache.write_text(json.dumps(done, indent=1))
-    for name, options in configs(unit_names(source), args.mixed, args.budgets).items():
+    for name, options in configs(units(source), args.mixed, args.budgets).items():
         if name in done:
             continue
         done[name] = measure_row(source, args.work, name, options, args.eval_tokens)

@@ -76,6 +76,12 @@ class LoadedModel:
     external: bool = False
     """The weights came in external data files: save the result that way too (see :func:`save_model`)."""
 
+    @property
+    def directory(self) -> Path | None:
+        """The folder given, else the ``.onnx`` file's folder (tokenizer, config, external data); None for
+        in-memory inputs."""
+        return self.folder or (self.path.parent if self.path is not None else None)
+
 
 def find_model_file(folder: Path) -> Path:
     """The decoder ``.onnx`` file of an exported folder (``model.onnx`` first, then Optimum's decoder names)."""

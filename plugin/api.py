@@ -135,7 +135,7 @@ class QuantizationRun:
 
         if self.config.needs_calibration:
             self.token_ids, self.calib_info = _token_ids(self.config, self.loaded, self.given_ids)
-        folder = self.loaded.folder or (self.loaded.path.parent if self.loaded.path is not None else None)
+        folder = self.loaded.directory
         ids = check_ids(self.model, self.token_ids)
         return apply_transforms(
             self.model, names, ids, seed=self.config.transform.rotation_seed, folder=folder
@@ -160,7 +160,7 @@ class QuantizationRun:
         planned = plan_allocation(
             self.model, report.sites, _candidate_schemes(config, report.sites), config.method, self.token_ids,
             target_bits=bits, probe_samples=config.allocation.probe_samples,
-            accuracy_level=config.output.accuracy_level, progress=self.progress, model_dir=self._folder(),
+            accuracy_level=config.output.accuracy_level, progress=self.progress, model_dir=self.loaded.directory,
             sensitivity=_given_sensitivity(config, self.model, report.sites),
         )  # fmt: skip
         self.allocation = planned.to_dict()
@@ -170,19 +170,14 @@ class QuantizationRun:
             exclude=(*sel.exclude, *exclude),
         )
 
-    def _folder(self) -> Path | None:
-        loaded = self.loaded
-        return loaded.folder or (loaded.path.parent if loaded.path is not None else None)
-
     def _pass(self, config: QuantConfig) -> QuantizationResult:
         sel = config.selection
         report = prepare_sites(self.model, sel.include, sel.exclude, sel.quantize_lm_head)
         if self.token_ids is None and config.needs_calibration:  # after the model's own checks passed
             self.token_ids, self.calib_info = _token_ids(config, self.loaded, self.given_ids)
-        loaded = self.loaded
         return quantize_model(
             self.model, config, sites=report, token_ids=self.token_ids, progress=self.progress,
-            model_dir=loaded.folder or (loaded.path.parent if loaded.path is not None else None),
+            model_dir=self.loaded.directory,
         )  # fmt: skip
 
     def record(self) -> dict[str, Any]:
@@ -282,7 +277,7 @@ def _token_ids(
             )
         info.update(source="token ids given by the caller", n_samples=ids.shape[0], seq_len=ids.shape[1])
         return _hashed(ids, info)
-    tokenizer_dir = loaded.folder or (loaded.path.parent if loaded.path is not None else None)
+    tokenizer_dir = loaded.directory
     if tokenizer_dir is None:
         raise CalibrationError(
             "an in-memory model has no tokenizer folder: pass calib_data as an int64 token-id array [n, seq_len]"

@@ -36,7 +36,7 @@ def predict(
     sel = cfg.selection
     sites = prepare_sites(loaded.model, sel.include, sel.exclude, sel.quantize_lm_head).sites
     ids, _ = _token_ids(cfg, loaded, token_ids, force=True)
-    folder = loaded.folder or (loaded.path.parent if loaded.path is not None else None)
+    folder = loaded.directory
     t0 = time.perf_counter()
     if cfg.allocation.target_bits is not None:
         planned = plan_allocation(

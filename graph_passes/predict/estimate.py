@@ -113,12 +113,14 @@ def _site_errors(
     scored = np.ascontiguousarray(w[_rows(w.shape[0], RTN_ROWS, seed)])
     sig_scored = output_energy(scored, h32)
     errs, ratios = {}, {}
+    sampled = method is not None and rows is not None
+    sub = np.ascontiguousarray(w[rows]) if sampled else None
+    rounder = build_method(method) if sampled else None
     for label, scheme in candidates.items():
         err = output_energy(rtn.quantize(scored, scheme).dequantize() - scored, h32)
         errs[label] = err / sig_scored if sig_scored > 0 else 0.0
-        if method is not None and rows is not None:
-            sub = np.ascontiguousarray(w[rows])
-            mine = output_energy(build_method(method).quantize(sub, scheme, stats).dequantize() - sub, h32)
+        if sub is not None and rounder is not None:
+            mine = output_energy(rounder.quantize(sub, scheme, stats).dequantize() - sub, h32)
             near = output_energy(rtn.quantize(sub, scheme).dequantize() - sub, h32)
             if near > 0 and mine > 0:
                 ratios[label] = mine / near

@@ -42,9 +42,6 @@ class Allocation:
     def bits_per_weight(self) -> float:
         return 8 * self.nbytes / max(self.weights, 1)
 
-    def site_labels(self) -> dict[str, str]:
-        return {s: self.labels[u.name] for u in self.units for s in u.sites}
-
     def to_dict(self) -> dict[str, Any]:
         return {
             "budget_bytes": self.budget,

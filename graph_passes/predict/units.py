@@ -20,7 +20,7 @@ REFERENCE = "w4-g128"
 """The scheme whose round-to-nearest error, rescaled, is the probes' noise (quantization-shaped: larger where
 a block's range is larger)."""
 
-__all__ = ["REFERENCE", "SiteEnergy", "Unit", "output_energy", "relative_error", "unit_error", "units_of"]
+__all__ = ["REFERENCE", "SiteEnergy", "Unit", "output_energy", "unit_error", "units_of"]
 
 REFERENCE = "w4-g128"
 """The scheme whose round-to-nearest error, rescaled, is the probes' noise under ``noise="rounding"``:
@@ -68,12 +68,6 @@ class SiteEnergy:
     """Output channels (rows of W)."""
     ref_error: float = 0.0
     """Relative output error of round to nearest under ``REFERENCE`` (the shape of the probes' noise)."""
-
-
-def relative_error(w: np.ndarray, wq: np.ndarray, h: np.ndarray) -> tuple[float, float]:
-    """``(tr(dW H dW^T), tr(W H W^T))`` for ``w``, ``wq`` ``[rows, K]`` and ``h`` ``[K, K]``: float32
-    products (the ratio of the two is what is used; float32 moves it by ~1e-6), float64 sums."""
-    return output_energy(np.asarray(wq, np.float32) - np.asarray(w, np.float32), h), output_energy(w, h)
 
 
 def output_energy(d: np.ndarray, h: np.ndarray | torch.Tensor) -> float:

@@ -10,8 +10,8 @@ from optimum.adaround.graph_passes.model_io import load_model, read_weight
 from optimum.adaround.graph_passes.packing.base import get_packer
 from optimum.adaround.graph_passes.pipeline import choose_format, prepare_sites
 from optimum.adaround.graph_passes.predict.estimate import FLOAT, estimate_errors, packed_bytes, site_kind
-from optimum.adaround.graph_passes.predict.units import relative_error
 from optimum.adaround.graph_passes.rounding.base import get_method, method_config
+from optimum.adaround.graph_passes.rounding.metrics import quadratic_form
 from optimum.adaround.graph_passes.scheme import QuantScheme, WeightFormat
 
 
@@ -36,8 +36,10 @@ def test_round_to_nearest_errors_are_exact_under_the_float_statistics(tiny_hf_on
     rtn = get_method("rtn")
     for site in sites:
         w = read_weight(model, site)
-        err, sig = relative_error(
-            w, rtn.quantize(w, schemes["w3-g16"]).dequantize(), stats[site.name].hessian
+        h = stats[site.name].hessian
+        err, sig = (
+            quadratic_form(rtn.quantize(w, schemes["w3-g16"]).dequantize() - w, h),
+            quadratic_form(w, h),
         )
         assert est.errors["w3-g16"][site.name] == pytest.approx(err / sig, rel=1e-5)
         assert est.errors[FLOAT][site.name] == 0.0
