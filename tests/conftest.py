@@ -198,3 +198,13 @@ def build_correlated_hessian(k: int, tokens: int = 1024, seed: int = 0, outliers
 def correlated_hessian():
     """Factory fixture: ``correlated_hessian(k, tokens=1024, seed=0) -> (H, tokens)``, see ``build_correlated_hessian``."""
     return build_correlated_hessian
+
+
+# ---- logging (owner: all) ----
+@pytest.fixture(autouse=True)
+def _our_logs_reach_caplog(monkeypatch):
+    """Optimum's exporter gives the ``optimum`` logger its own handler and stops propagation, which would hide
+    our ``optimum.adaround.*`` records from ``caplog`` in any test run after an export in the same process."""
+    import logging
+
+    monkeypatch.setattr(logging.getLogger("optimum"), "propagate", True)
