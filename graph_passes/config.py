@@ -70,7 +70,7 @@ class CalibrationConfig(Options):
     )
     seed: int = option(0, "seed of the calibration sampling")
     device: Literal["cpu", "cuda"] = option(
-        "cpu", "cuda: calibrate through onnxruntime's CUDA provider and refine AdaRound on the GPU"
+        "cpu", "cuda: calibrate through onnxruntime's CUDA provider and round (every calibrated method) on the GPU"
     )
 
     def validate(self) -> None:
@@ -173,12 +173,31 @@ class OutputConfig(Options):
         "processes that round a decoder block's sites side by side (same output; default: one per CPU, at "
         "most 4, for models of 16M+ weights; 1 = none)",
     )
+    max_memory: float | None = option(
+        None,
+        "GB (1e9 bytes) the rounding may hold in all: sites are rounded in row chunks and the worker count "
+        "shrinks to fit (same output bytes; default: the memory available when the run starts; "
+        "benchmarks/results/scale.md)",
+        metavar="GB",
+    )
+    executor: Literal["local", "ray"] = option(
+        "local",
+        "where the sites are rounded: local processes, or Ray workers (extra [ray]; one GPU each where "
+        "there are GPUs); same output bytes",
+    )
+    ray_address: str | None = option(
+        None, "the Ray cluster to join (ray.init's address); default: a local Ray instance", metavar="ADDR"
+    )
 
     def validate(self) -> None:
         if not 0 <= self.accuracy_level <= 4:
             self.reject("accuracy_level", "use 0..4")
         if self.workers is not None and self.workers < 1:
             self.reject("workers", "use a positive number of processes (1 = round in this process)")
+        if self.max_memory is not None and not 0.05 <= self.max_memory <= 1e5:
+            self.reject("max_memory", "use a number of GB in [0.05, 100000]")
+        if self.ray_address is not None and self.executor != "ray":
+            self.reject("ray_address", "is for executor='ray' (--executor ray)")
 
 
 @dataclasses.dataclass(frozen=True)

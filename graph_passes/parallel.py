@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import logging
 import multiprocessing
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
@@ -30,7 +32,10 @@ from .scheme import QuantScheme
 __all__ = [
     "AUTO_MIN_WEIGHTS",
     "MAX_AUTO_WORKERS",
+    "Mapped",
     "in_order",
+    "mapped",
+    "mapped_stats",
     "resolve_workers",
     "result_of",
     "round_site",
@@ -65,13 +70,61 @@ def resolve_workers(workers: int | None, sites: Sequence[WeightSite], cpu_count:
 
 
 def round_site(
-    config: MethodConfig, weight: np.ndarray, scheme: QuantScheme, stats: SiteStats | None, name: str
+    config: MethodConfig,
+    weight: np.ndarray | Mapped,
+    scheme: QuantScheme,
+    stats: SiteStats | None,
+    name: str,
+    memory: int | None = None,
 ) -> tuple[QuantizedWeight, float]:
-    """The method of ``config`` applied to one site, and its wall time (module level, so a worker process
-    can run it)."""
+    """The method of ``config`` applied to one site within ``memory`` bytes, and its wall time (module
+    level, so a worker process can run it). ``weight`` and the statistics' arrays may be ``Mapped``."""
     t0 = time.perf_counter()
-    qw = build_method(config).quantize(weight, scheme, stats, site=name)
+    bound = {} if memory is None else {"memory": memory}  # methods without a footprint take no budget
+    qw = build_method(config).quantize(_opened(weight), scheme, _opened_stats(stats), site=name, **bound)
     return qw, time.perf_counter() - t0
+
+
+SPILL_BYTES = 8 << 20
+"""Arrays from this size go to a worker as a memory-mapped file rather than a pickled copy."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Mapped:
+    """An array in a ``.npy`` file that a worker process reads through a read-only memory map: one copy
+    in the page cache, shared by every worker, instead of a private copy per worker."""
+
+    path: str
+
+    def open(self) -> np.ndarray:
+        return np.load(self.path, mmap_mode="r")
+
+
+def _opened(a: np.ndarray | Mapped) -> np.ndarray:
+    return a.open() if isinstance(a, Mapped) else a
+
+
+def _opened_stats(stats: SiteStats | None) -> SiteStats | None:
+    if stats is None or not (
+        isinstance(stats.hessian, Mapped) or any(isinstance(v, Mapped) for v in stats.extra.values())
+    ):
+        return stats
+    return SiteStats(_opened(stats.hessian), stats.n_tokens, {k: _opened(v) for k, v in stats.extra.items()})  # type: ignore[arg-type]
+
+
+def mapped(a: np.ndarray, path: Path) -> np.ndarray | Mapped:
+    """``a`` written to ``path`` as a ``Mapped`` array when it is ``SPILL_BYTES`` or larger, else ``a``."""
+    if a.nbytes < SPILL_BYTES:
+        return a
+    np.save(path, a, allow_pickle=False)
+    return Mapped(str(path))
+
+
+def mapped_stats(stats: SiteStats, stem: Path) -> SiteStats:
+    """``stats`` with its large arrays written next to ``stem`` as ``Mapped`` arrays."""
+    hessian = None if stats.hessian is None else mapped(stats.hessian, stem.with_suffix(".h.npy"))
+    extra = {k: mapped(v, stem.with_suffix(f".{i}.npy")) for i, (k, v) in enumerate(stats.extra.items())}
+    return SiteStats(hessian, stats.n_tokens, extra)  # type: ignore[arg-type]
 
 
 def _ready() -> int:

@@ -8,13 +8,15 @@ The scratch folder must outlive the save: :class:`QuantizationResult` owns it (`
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import itertools
 import re
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
@@ -34,9 +36,11 @@ from .errors import (
     UserError,
 )
 from .fuse import FuseSiblingMatMulNBitsPass
+from .memory import GB, default_budget, plan_rounding, tree_anon_bytes
 from .model_io import read_weight
 from .packing.base import PackedWeight, Packer, get_packer
-from .parallel import in_order, resolve_workers, result_of, round_site, rounding_pool
+from .parallel import in_order, mapped, mapped_stats, resolve_workers, result_of, round_site, rounding_pool
+from .ray_pool import RayTaskLost, ray_pool
 from .records import QuantizedWeight, SiteReport, SkippedSite, WeightSite
 from .rewrite import ReplaceWeightSitesPass, SiteRewrite
 from .rounding.base import SINK_SITES, MethodConfig, SiteStats, weight_first_position
@@ -221,18 +225,40 @@ class _SiteQuantizer:
         self.results: list[SiteResult] = []
 
     def quantize_all(
-        self, items: Iterable[tuple[WeightSite, SiteStats | None]], pool: Executor | None, window: int = 1
+        self,
+        items: Iterable[tuple[WeightSite, SiteStats | None]],
+        pool: Executor | None,
+        window: int = 1,
+        memory: int | None = None,
     ) -> Iterator[tuple[WeightSite, QuantizedWeight]]:
-        """Round ``items`` (in ``pool``'s worker processes when given, at most ``window`` at once) and pack
-        and record each result in the order of ``items``."""
+        """Round ``items`` (in ``pool``'s worker processes when given, at most ``window`` at once, each
+        within ``memory`` bytes) and pack and record each result in the order of ``items``."""
+        handed: dict[int, tuple[SiteStats, SiteStats]] = {}  # id -> (kept alive, its mapped copy)
+        count = itertools.count()
 
         def submit(item: tuple[WeightSite, SiteStats | None]) -> Any:
             site, stats = item
-            args = (self.method, read_weight(self.model, site), self.schemes[site.name], stats, site.name)
+            weight: Any = read_weight(self.model, site)
+            if isinstance(pool, ProcessPoolExecutor):  # local workers read large arrays through mmap
+                stem = self.folder / f"round-{next(count):05d}"
+                weight = mapped(weight, stem.with_suffix(".w.npy"))
+                if stats is not None:
+                    stats = handed.setdefault(id(stats), (stats, mapped_stats(stats, stem)))[1]
+            args = (self.method, weight, self.schemes[site.name], stats, site.name, memory)
             return (
                 pool.submit(round_site, *args) if pool is not None else functools.partial(round_site, *args)
             )
 
+        try:
+            yield from self._collect(items, submit, window)
+        finally:
+            for path in self.folder.glob("round-*.npy"):
+                path.unlink(missing_ok=True)
+
+    def _collect(
+        self, items: Iterable[tuple[WeightSite, SiteStats | None]], submit: Callable[..., Any], window: int
+    ) -> Iterator[tuple[WeightSite, QuantizedWeight]]:
+        """The results of ``submit`` on ``items``, in order, packed and recorded."""
         for (site, _), job in in_order(items, submit, window):
             try:
                 qw, seconds = result_of(job)  # type: ignore[misc]
@@ -240,6 +266,11 @@ class _SiteQuantizer:
                 raise UserError(
                     f"{site.name}: a rounding worker process ended abruptly (killed, e.g. for memory?): "
                     "rerun with fewer worker processes (workers=1 / --workers 1 rounds in this process)"
+                ) from e
+            except RayTaskLost as e:
+                raise UserError(
+                    f"{site.name}: Ray lost the task rounding it ({e}; killed, e.g. for memory?): rerun with "
+                    "fewer workers (--workers) or round locally (--executor local)"
                 ) from e
             except UserError as e:  # add the node and initializer to the method's "site <name>: ..." message
                 msg = str(e).removeprefix(f"site {site.name}: ").removeprefix("site ?: ")
@@ -532,17 +563,26 @@ def _round_all(
         disable=not progress,
     )
 
+    budget = None
+    if needs:
+        given = config.output.max_memory
+        budget = default_budget() if given is None else int(given * GB)
+
     def quantize_all(
         items: Sequence[tuple[WeightSite, SiteStats | None]], pool: Any = None
     ) -> dict[str, QuantizedWeight]:
         out = {}
-        for site, qw in quantizer.quantize_all(items, pool, n_workers + 1):
+        sites = [site for site, _ in items]
+        plan = plan_rounding(budget, tree_anon_bytes(), sites, config.method, n_workers)
+        window = n_workers + 1 if plan.concurrent >= n_workers else plan.concurrent
+        for site, qw in quantizer.quantize_all(items, pool, window, plan.memory):
             out[site.name] = qw
             bar.set_postfix_str(site.name, refresh=False)
             bar.update()
         return out
 
-    with bar, rounding_pool(n_workers) as pool:
+    with bar, _pool(config, n_workers) as pool:
+        n_workers = getattr(pool, "workers", n_workers)  # a Ray pool sizes itself to its cluster
         if not needs:
             quantize_all([(site, None) for site in report.sites])
             return None
@@ -558,6 +598,14 @@ def _round_all(
             lambda site: float(weight) if sink.search(site.name) else 1.0,
             model_dir,
         )
+
+
+def _pool(config: QuantConfig, n_workers: int) -> contextlib.AbstractContextManager[Any]:
+    """Ray tasks for ``executor="ray"`` (calibrated methods: data-free rounding stays here), else
+    ``n_workers`` local processes."""
+    if config.output.executor == "ray" and config.method.needs:
+        return ray_pool(config.output.workers, config.output.ray_address)
+    return rounding_pool(n_workers)
 
 
 def _calibrated(

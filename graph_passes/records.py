@@ -135,6 +135,26 @@ class QuantizedWeight:
             if broken:
                 raise InternalError(f"quantized weight [{n}, {k}] under {self.scheme.label}: {what}")
 
+    def rows(self, r0: int, r1: int) -> QuantizedWeight:
+        """Rows ``r0:r1`` (views of the arrays, no metrics)."""
+        zps = None if self.zero_points is None else self.zero_points[r0:r1]
+        return QuantizedWeight(self.codes[r0:r1], self.scales[r0:r1], zps, self.scheme, self.codebook)
+
+    @classmethod
+    def stack(cls, parts: list[QuantizedWeight]) -> QuantizedWeight:
+        """The row chunks ``parts`` (same scheme, in row order) as one weight."""
+        if len(parts) == 1:
+            return parts[0]
+        first = parts[0]
+        zps = None if first.zero_points is None else np.concatenate([p.zero_points for p in parts])  # type: ignore[misc]
+        return cls(
+            np.concatenate([p.codes for p in parts]),
+            np.concatenate([p.scales for p in parts]),
+            zps,
+            first.scheme,
+            first.codebook,
+        )
+
     def expand(self, per_block: np.ndarray) -> np.ndarray:
         """Repeat a ``[N, n_blocks]`` array along K to ``[N, K]``."""
         return np.repeat(per_block, self.block_size, axis=1)[:, : self.k]

@@ -328,6 +328,36 @@ QUANT_FLAGS: list = [
         },
     ),
     (
+        ("--max-memory",),
+        {
+            "dest": "max_memory",
+            "default": "==SUPPRESS==",
+            "help": "GB (1e9 bytes) the rounding may hold in all: sites are rounded in row chunks and the worker "
+            "count shrinks to fit (same output bytes; default: the memory available when the run starts; "
+            "benchmarks/results/scale.md)",
+            "type": "float",
+        },
+    ),
+    (
+        ("--executor",),
+        {
+            "dest": "executor",
+            "default": "==SUPPRESS==",
+            "help": "where the sites are rounded: local processes, or Ray workers (extra [ray]; one GPU each where "
+            "there are GPUs); same output bytes (default local)",
+            "choices": ["local", "ray"],
+        },
+    ),
+    (
+        ("--ray-address",),
+        {
+            "dest": "ray_address",
+            "default": "==SUPPRESS==",
+            "help": "the Ray cluster to join (ray.init's address); default: a local Ray instance",
+            "type": "str",
+        },
+    ),
+    (
         ("--target-bits",),
         {
             "dest": "target_bits",

@@ -32,19 +32,26 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
+import math
 from typing import ClassVar, Literal
 
 import numpy as np
 import torch
 
-from ..errors import InternalError, InvalidOptionError
+from ..errors import InternalError
 from ..options import option
 from ..records import QuantizedWeight
 from ..scheme import QuantScheme
 from . import hessian as hs
-from .base import FIRST_POSITION, FIRST_POSITION_TOKENS, MethodConfig, SiteStats, register_method
-from .calibrated import Site, open_site, site_report, torch_threads
+from .base import (
+    FIRST_POSITION,
+    FIRST_POSITION_TOKENS,
+    ROW_ALIGN,
+    MethodConfig,
+    SiteStats,
+    register_method,
+)
+from .calibrated import Site, check_device, open_site, round_in_chunks, site_report, torch_threads
 from .gptq import (
     ACT_ORDER_HELP,
     MSE_CLIP_HELP,
@@ -88,6 +95,8 @@ class AdaRoundConfig(MethodConfig):
 
     name: ClassVar[str] = "adaround"
     needs: ClassVar[frozenset[str]] = frozenset({"hessian"})
+    row_bytes: ClassVar[float] = 96.0
+    hessian_copies: ClassVar[float] = 7.0
     default_calib_samples: ClassVar[int] = 128
     """AdaRound fits H more closely than GPTQ and gains more from data (benchmarks/results/adaround_calibration.md)."""
 
@@ -142,11 +151,6 @@ class AdaRoundConfig(MethodConfig):
             ("free_cols", self.free_cols is None or self.free_cols >= 1, "use a positive integer, or null"),
             ("lr", self.lr > 0, "use a value > 0"),
             ("lam", self.lam >= 0, "use a value >= 0"),
-            (
-                "device",
-                self.device in (None, "cpu") or re.fullmatch(r"cuda(:\d+)?", self.device),
-                "use 'cpu', 'cuda' or 'cuda:N'",
-            ),
         ):
             if not ok:
                 self.reject(name, what)
@@ -156,6 +160,10 @@ class AdaRoundConfig(MethodConfig):
             if isinstance(value, bool):
                 object.__setattr__(self, name, on if value else "none")
 
+    @property
+    def row_align(self) -> int:
+        return math.lcm(ROW_ALIGN, self.tile_rows)  # a row tile never straddles two chunks
+
     def gptq(self) -> GPTQConfig:
         """The options of the GPTQ init."""
         return GPTQConfig(
@@ -164,6 +172,7 @@ class AdaRoundConfig(MethodConfig):
             mse_clip=self.mse_clip,
             refit_rounds=self.refit_rounds,
             threads=self.threads,
+            device=self.device,
         )
 
 
@@ -428,12 +437,12 @@ def first_position_guard(stats: SiteStats) -> torch.Tensor | None:
 
 
 def refit_final_scales(
-    site: Site, qw: QuantizedWeight, guard: torch.Tensor | None, info: dict[str, float]
+    site: Site, qw: QuantizedWeight, guard: torch.Tensor | None, info: dict[str, float], device: str = "cpu"
 ) -> QuantizedWeight:
     """``qw`` with its block scales refit to its codes under the site's Hessian, row by row where that
     does not raise the row's loss under ``guard`` either (the same rule as the flips)."""
     w = site.w
-    refit = refit_scales(w, qw.codes, qw.scales, qw.zero_points, qw.scheme, site.h)
+    refit = refit_scales(w, qw.codes, qw.scales, qw.zero_points, qw.scheme, site.hessian_on(device))
     take = np.any(refit != qw.scales, axis=1)
     if guard is not None and take.any():
         new = QuantizedWeight(qw.codes, refit, qw.zero_points, qw.scheme)
@@ -453,30 +462,40 @@ class AdaRound:
     config: AdaRoundConfig
 
     def __init__(self, config: AdaRoundConfig) -> None:
-        if config.device not in (None, "cpu") and not torch.cuda.is_available():
-            raise InvalidOptionError(
-                f"{config.name} option device={config.device!r}: torch {torch.__version__} sees no CUDA "
-                "device here; use 'cpu'"
-            )
+        check_device(config)
         self.config = config
 
     def quantize(
-        self, weight: np.ndarray, scheme: QuantScheme, stats: SiteStats | None = None, *, site: str = "?"
+        self,
+        weight: np.ndarray,
+        scheme: QuantScheme,
+        stats: SiteStats | None = None,
+        *,
+        site: str = "?",
+        memory: int | None = None,
     ) -> QuantizedWeight:
+        with torch_threads(self.config.threads):
+            opened = open_site(self.config.name, weight, scheme, stats, site)
+            rows = self.config.rows_within(memory, *weight.shape)
+            qw, info, refs = round_in_chunks(opened, rows, self.round_rows)
+            return site_report(opened, qw, info, rows, **refs)
+
+    def round_rows(self, site: Site) -> tuple[QuantizedWeight, dict[str, float], dict[str, QuantizedWeight]]:
+        """The init, the refinement and the final refit of the rows of ``site``; returns the rounding, its
+        bookkeeping and the init as the reference."""
         config = self.config
-        with torch_threads(config.threads):
-            opened = open_site(config.name, weight, scheme, stats, site)
-            init_qw, info = init_rounding(opened, config)
-            qw = init_qw
-            if not info.get("fallback"):
-                guard = first_position_guard(opened.stats) if config.guard_first_position == "rest" else None
-                qw, more = self.refine(opened, init_qw, guard)
-                info.update(more)
-                if config.final_refit != "none":
-                    qw = refit_final_scales(
-                        opened, qw, guard if config.final_refit == "guarded" else None, info
-                    )
-            return site_report(opened, qw, info, init=init_qw.dequantize())
+        init_qw, info = init_rounding(site, config)
+        qw = init_qw
+        if not info.get("fallback"):
+            guard = None
+            if config.guard_first_position == "rest":
+                guard = site.cached("guard", lambda: first_position_guard(site.stats))
+            qw, more = self.refine(site, init_qw, guard)
+            info.update(more)
+            if config.final_refit != "none":
+                guarded = guard if config.final_refit == "guarded" else None
+                qw = refit_final_scales(site, qw, guarded, info, config.device or "cpu")
+        return qw, info, {"init": init_qw}
 
     def refine(
         self, site: Site, init_qw: QuantizedWeight, guard: torch.Tensor | None
@@ -518,11 +537,9 @@ def refine_on(
 ) -> tuple[RoundingState, dict[str, float]]:
     """``adaround_refine`` of ``st`` under the site's mean Hessian, run on ``config.device``; the returned
     state is on the CPU."""
-    hm = hs.mean_hessian(site.h, site.n_tokens)
-    if config.device in (None, "cpu"):
+    device = config.device or "cpu"
+    hm = site.cached(f"hm:{device}", lambda: hs.mean_hessian(site.h, site.n_tokens).to(device))
+    if device == "cpu":
         return adaround_refine(st, hm, config, guard)
-    device = config.device
-    out, info = adaround_refine(
-        st.to(device), hm.to(device), config, None if guard is None else guard.to(device)
-    )
+    out, info = adaround_refine(st.to(device), hm, config, None if guard is None else guard.to(device))
     return out.to("cpu"), info

@@ -24,11 +24,13 @@ __all__ = [
     "FIRST_POSITION",
     "FIRST_POSITION_TOKENS",
     "METHODS",
+    "ROW_ALIGN",
     "SINK_SITES",
     "MethodConfig",
     "RoundingMethod",
     "SiteStats",
     "build_method",
+    "chunk_rows",
     "get_method",
     "method_class",
     "method_config",
@@ -63,6 +65,19 @@ class SiteStats:
     extra: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
+ROW_ALIGN = 64
+"""Row chunks are multiples of this many rows (AdaRound's default row tile)."""
+
+
+def chunk_rows(budget: float | None, k: int, bytes_per_weight: float, align: int = ROW_ALIGN) -> int | None:
+    """Rows per chunk so that ``bytes_per_weight`` bytes per weight of ``K = k`` rows fit ``budget`` bytes:
+    a multiple of ``align`` (at least one), or None (no bound) when ``budget`` is None."""
+    if budget is None:
+        return None
+    rows = int(max(budget, 0) // max(bytes_per_weight * k, 1.0))
+    return max(rows // align, 1) * align
+
+
 DEFAULT_CALIB_SAMPLES = 32
 """Calibration sequences (of 256 tokens) a method gets when none are asked for and it states no other need:
 GPTQ's output error changes little beyond a few thousand tokens (benchmarks/results/adaround_calibration.md)."""
@@ -78,6 +93,27 @@ class MethodConfig(Options):
     needs: ClassVar[frozenset[str]] = frozenset()
     """Statistics required, e.g. ``frozenset({"hessian"})``; empty for data-free methods."""
     default_calib_samples: ClassVar[int] = DEFAULT_CALIB_SAMPLES
+    row_bytes: ClassVar[float] = 0.0
+    """Bytes per weight a row chunk holds at the method's peak (measured: benchmarks/results/scale.md);
+    0 = rounds in bounded chunks of its own."""
+    hessian_copies: ClassVar[float] = 0.0
+    """``K x K`` float64 arrays the method holds besides the statistics it is given."""
+
+    def fixed_bytes(self, n: int, k: int) -> int:
+        """Bytes a site holds whatever the chunk size: the Hessian's working copies, the codes (returned
+        and referenced) and the float32 weight."""
+        return int(self.hessian_copies * 8 * k * k) + 6 * n * k
+
+    def rows_within(self, memory: int | None, n: int, k: int) -> int | None:
+        """Rows per chunk so that a site ``[n, k]`` fits ``memory`` bytes (None: no bound, one chunk)."""
+        if memory is None or self.row_bytes <= 0:
+            return None
+        return chunk_rows(memory - self.fixed_bytes(n, k), k, self.row_bytes, self.row_align)
+
+    @property
+    def row_align(self) -> int:
+        """Chunks are multiples of this many rows (methods that tile rows say so)."""
+        return ROW_ALIGN
 
     def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)
@@ -107,11 +143,18 @@ class RoundingMethod(Protocol):
     config: MethodConfig
 
     def quantize(
-        self, weight: np.ndarray, scheme: QuantScheme, stats: SiteStats | None = None, *, site: str = "?"
+        self,
+        weight: np.ndarray,
+        scheme: QuantScheme,
+        stats: SiteStats | None = None,
+        *,
+        site: str = "?",
+        memory: int | None = None,
     ) -> QuantizedWeight:
         """Quantize ``weight[N, K]`` (float32, not modified) and return codes/scales/zero points.
 
-        ``site`` names the weight in warnings and errors (``site <name>: ...``).
+        ``site`` names the weight in warnings and errors (``site <name>: ...``). ``memory``: bytes the
+        rounding may hold (it then works in row chunks; the result does not depend on it).
 
         ``QuantizedWeight.metrics`` should carry at least ``sqnr_db`` and, when a Hessian is given,
         ``proxy_loss`` = ``tr(dW H dW^T) / n_tokens`` for the returned rounding.

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from typing import Any, ClassVar
 
 import numpy as np
@@ -32,13 +33,22 @@ from ..records import QuantizedWeight
 from ..scheme import QuantScheme
 from . import hessian as hs
 from .base import MethodConfig, SiteStats, register_method
-from .calibrated import Site, open_site, site_report, torch_threads
+from .calibrated import Site, check_device, open_site, round_in_chunks, site_report, torch_threads
 from .grid import grid_params
 from .metrics import row_quadratic_forms
 from .rtn import CLIP_GRID, round_to_nearest
 from .scales import refit_scales
 
-__all__ = ["GPTQ", "GPTQConfig", "block_grid", "gptq_quantize", "gptq_round", "quantize_columns"]
+__all__ = [
+    "GPTQ",
+    "GPTQConfig",
+    "block_grid",
+    "gptq_factor",
+    "gptq_quantize",
+    "gptq_round",
+    "gptq_rows",
+    "quantize_columns",
+]
 
 _TINY = 1e-12
 
@@ -100,6 +110,7 @@ def _static_grid(
     """Per-block grid of every block of ``w[N, K]`` in natural order: ``([N, nb], [N, nb] | None)``."""
     k = w.shape[1]
     g = scheme.block_size(k)
+    w = w.cpu()  # the grid math is numpy's
     parts = [block_grid(w[:, b0 : b0 + g], scheme, mse_clip) for b0 in range(0, k, g)]
     scales = np.stack([p[0] for p in parts], axis=1)
     zps = None if scheme.symmetric else np.stack([p[1] for p in parts], axis=1).astype(np.uint8)
@@ -131,6 +142,7 @@ def gptq_round(
     n, k = w.shape
     g = scheme.block_size(k)
     nb = scheme.n_blocks(k)
+    dev = w.device
     static = perm is not None or scheme.per_channel or grid is not None
     w = w.clone()
     if grid is not None:
@@ -143,10 +155,10 @@ def gptq_round(
         # Groups must never straddle a lazy block: the group's columns must all be updated when it starts.
         block_size = max(block_size, g)
         block_size = -(-block_size // g) * g
-    s_cols = _expand(scales, g, k) if static else torch.zeros(n, k)
+    s_cols = _expand(scales, g, k).to(dev) if static else torch.zeros(n, k, device=dev)
     z_cols: torch.Tensor | float = float(scheme.implied_zero_point)
     if not scheme.symmetric:
-        z_cols = _expand(zps, g, k) if static and zps is not None else torch.zeros(n, k)
+        z_cols = _expand(zps, g, k).to(dev) if static and zps is not None else torch.zeros(n, k, device=dev)
     if perm is not None:
         w = w[:, perm]
         s_cols = s_cols[:, perm].contiguous()
@@ -155,8 +167,8 @@ def gptq_round(
     u32 = upper.to(torch.float32)
     # A static grid without zero scales needs no per-column masking (see ``quantize_columns``).
     fast = static and bool((s_cols.abs() > _TINY).all())
-    codes = torch.zeros(n, k)
-    wq = torch.zeros(n, k)
+    codes = torch.zeros(n, k, device=dev)
+    wq = torch.zeros(n, k, device=dev)
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
         w1 = w[:, i1:i2].clone()
@@ -165,13 +177,13 @@ def gptq_round(
         for j in range(i2 - i1):
             col = i1 + j
             if not static and col % g == 0:
-                s_b, z_b = block_grid(w1[:, j : j + g], scheme, mse_clip)
+                s_b, z_b = block_grid(w1[:, j : j + g].cpu(), scheme, mse_clip)  # numpy grid math
                 scales[:, col // g] = s_b
                 width = min(g, k - col)
-                s_cols[:, col : col + width] = torch.from_numpy(s_b)[:, None]
+                s_cols[:, col : col + width] = torch.from_numpy(s_b).to(dev)[:, None]
                 if zps is not None and z_b is not None and isinstance(z_cols, torch.Tensor):
                     zps[:, col // g] = z_b
-                    z_cols[:, col : col + width] = torch.from_numpy(z_b.astype(np.float32))[:, None]
+                    z_cols[:, col : col + width] = torch.from_numpy(z_b.astype(np.float32)).to(dev)[:, None]
             z = z_cols[:, col] if isinstance(z_cols, torch.Tensor) else z_cols
             wc = w1[:, j]
             q, deq = quantize_columns(wc, s_cols[:, col], z, scheme.qmax, all_live=fast)
@@ -185,7 +197,7 @@ def gptq_round(
     if perm is not None:
         inv = torch.argsort(perm)
         codes, wq = codes[:, inv], wq[:, inv]
-    return codes.to(torch.uint8), scales, zps, wq
+    return codes.to(torch.uint8).cpu(), scales, zps, wq.cpu()
 
 
 PERCDAMP_HELP = (
@@ -206,9 +218,20 @@ THREADS_HELP = (
 )
 
 
+DEVICE_HELP = (
+    "torch device of the rounding: cpu, cuda or cuda:N; null = the run's device (cuda where the run asks for "
+    "it and torch sees a GPU)"
+)
+
+
 def check_gptq_options(config: Any) -> None:
     """Range checks of the options that ``gptq`` and AdaRound's GPTQ init share (``config`` has them)."""
     for name, ok, what in (
+        (
+            "device",
+            config.device in (None, "cpu") or re.fullmatch(r"cuda(:\d+)?", config.device),
+            "use 'cpu', 'cuda' or 'cuda:N'",
+        ),
         ("percdamp", 0 <= config.percdamp < 10, "use a value in [0, 10)"),
         ("refit_rounds", config.refit_rounds >= 0, "use an integer >= 0"),
         ("threads", config.threads is None or config.threads >= 1, "use a positive integer, or null"),
@@ -223,6 +246,8 @@ class GPTQConfig(MethodConfig):
 
     name: ClassVar[str] = "gptq"
     needs: ClassVar[frozenset[str]] = frozenset({"hessian"})
+    row_bytes: ClassVar[float] = 64.0
+    hessian_copies: ClassVar[float] = 4.0
 
     percdamp: float = option(0.01, PERCDAMP_HELP)
     block_size: int = option(
@@ -232,6 +257,7 @@ class GPTQConfig(MethodConfig):
     mse_clip: bool = option(False, MSE_CLIP_HELP)
     refit_rounds: int = option(2, REFIT_ROUNDS_HELP)
     threads: int | None = option(1, THREADS_HELP)
+    device: str | None = option(None, DEVICE_HELP)
 
     def validate(self) -> None:
         check_gptq_options(self)
@@ -244,55 +270,104 @@ class GPTQ:
     """Method ``gptq``: round column by column, feeding each column's error back through ``H^-1``."""
 
     def __init__(self, config: GPTQConfig) -> None:
+        check_device(config)
         self.config = config
 
     def quantize(
-        self, weight: np.ndarray, scheme: QuantScheme, stats: SiteStats | None = None, *, site: str = "?"
+        self,
+        weight: np.ndarray,
+        scheme: QuantScheme,
+        stats: SiteStats | None = None,
+        *,
+        site: str = "?",
+        memory: int | None = None,
     ) -> QuantizedWeight:
         with torch_threads(self.config.threads):
             opened = open_site(self.config.name, weight, scheme, stats, site)
-            return site_report(opened, *gptq_quantize(opened, self.config))
+            rows = self.config.rows_within(memory, *weight.shape)
+            qw, info = gptq_quantize(opened, self.config, rows)
+            return site_report(opened, qw, info, rows)
 
 
-def gptq_quantize(site: Site, config: GPTQConfig) -> tuple[QuantizedWeight, dict[str, float]]:
-    """GPTQ of ``site``; falls back to round-to-nearest (``fallback = 1``) when the Hessian cannot be made
-    positive definite. ``refit_rounds`` > 0 alternates closed-form scale refits (under the undampened
-    Hessian) with GPTQ on the refit grid, ending with a refit. Returns the weight and bookkeeping metrics."""
-    w, scheme = site.w, site.scheme
-    wt = torch.from_numpy(w.copy())
-    dead = site.prep.dead
-    wt[:, dead] = 0  # dead inputs never reach the output: zero them so they do not widen the grid
-    h = site.prep.h
-    perm = None
-    if config.act_order:
-        perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
-        h = h[perm][:, perm]
-    chol = hs.inverse_cholesky(h, config.percdamp, site=site.name)
-    info: dict[str, float] = {"dead_columns": float(int(dead.sum())), "fallback": 0.0}
+def gptq_factor(
+    site: Site, config: GPTQConfig
+) -> tuple[torch.Tensor | None, tuple[torch.Tensor, float] | None]:
+    """The activation-order permutation (None without ``act_order``) and the inverse Cholesky factor of the
+    (permuted) Hessian with the dampening used, or None when it cannot be made positive definite. Computed
+    once per site: every row chunk uses them."""
+
+    device = config.device or "cpu"
+
+    def make() -> tuple[torch.Tensor | None, tuple[torch.Tensor, float] | None]:
+        h = site.prep.h.to(device)
+        perm = None
+        if config.act_order:
+            perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
+            h = h[perm]  # two steps, so that at most two K x K copies are alive
+            h = h[:, perm]
+        return perm, hs.inverse_cholesky(h, config.percdamp, site=site.name)
+
+    return site.cached(f"gptq:{config.act_order}:{config.percdamp}:{device}", make)
+
+
+def gptq_quantize(
+    site: Site, config: GPTQConfig, rows: int | None = None
+) -> tuple[QuantizedWeight, dict[str, float]]:
+    """GPTQ of ``site`` in chunks of ``rows`` rows; falls back to round-to-nearest (``fallback = 1``) when
+    the Hessian cannot be made positive definite. ``refit_rounds`` > 0 alternates closed-form scale refits
+    (under the undampened Hessian) with GPTQ on the refit grid, ending with a refit. Returns the weight and
+    bookkeeping metrics."""
+    perm, chol = gptq_factor(site, config)
+    info: dict[str, float] = {"dead_columns": float(int(site.prep.dead.sum())), "fallback": 0.0}
     if chol is None:
-        codes, scales, zps = round_to_nearest(w, scheme)
+        codes, scales, zps = round_to_nearest(site.w, site.scheme)
         info["fallback"] = 1.0
-        return QuantizedWeight(codes, scales, zps, scheme), info
+        return QuantizedWeight(codes, scales, zps, site.scheme), info
     upper, info["percdamp"] = chol
+    qw, more, _ = round_in_chunks(site, rows, lambda part: (*gptq_rows(part, config, perm, upper), {}))
+    info.update(more)
+    return qw, info
+
+
+def gptq_rows(
+    site: Site, config: GPTQConfig, perm: torch.Tensor | None, upper: torch.Tensor
+) -> tuple[QuantizedWeight, dict[str, float]]:
+    """GPTQ (and the scale refits) of the rows of ``site`` given the site's factor ``upper``."""
+    w, scheme = site.w, site.scheme
+    device = upper.device
+    wt = torch.from_numpy(w.copy()).to(device)
+    wt[:, site.prep.dead.to(device)] = (
+        0  # dead inputs never reach the output: zero them so they do not widen the grid
+    )
+    h = site.hessian_on(device)
     rounding = functools.partial(gptq_round, wt, upper, scheme, perm=perm, block_size=config.block_size)
     codes_t, scales, zps, _ = rounding(mse_clip=config.mse_clip)
     qw = QuantizedWeight(codes_t.numpy(), scales, zps, scheme)
+    info: dict[str, float] = {}
     for r in range(config.refit_rounds):
         if r:
             codes_t, scales, zps, _ = rounding(grid=(qw.scales, qw.zero_points))
-            qw = keep_lower(w, qw, QuantizedWeight(codes_t.numpy(), scales, zps, scheme), site.h)
-        refit = refit_scales(w, qw.codes, qw.scales, qw.zero_points, scheme, site.h)
+            qw = keep_lower(w, qw, QuantizedWeight(codes_t.numpy(), scales, zps, scheme), h)
+        refit = refit_scales(w, qw.codes, qw.scales, qw.zero_points, scheme, h)
         info["scales_refit_frac"] = float(np.mean(refit != qw.scales))
         qw = QuantizedWeight(qw.codes, refit, qw.zero_points, scheme)
     return qw, info
 
 
-def keep_lower(w: np.ndarray, a: QuantizedWeight, b: QuantizedWeight, h: np.ndarray) -> QuantizedWeight:
-    """Row by row, the one of two roundings of ``w`` with the lower output loss under ``h`` (ties: ``a``)."""
-    h64 = torch.from_numpy(np.asarray(h, np.float64))
+def keep_lower(
+    w: np.ndarray, a: QuantizedWeight, b: QuantizedWeight, h: np.ndarray | torch.Tensor
+) -> QuantizedWeight:
+    """Row by row, the one of two roundings of ``w`` with the lower output loss under ``h`` (ties: ``a``;
+    computed on ``h``'s device)."""
+    h64 = torch.as_tensor(h, dtype=torch.float64)
     take_b = (
-        row_quadratic_forms(b.dequantize() - w, h64) < row_quadratic_forms(a.dequantize() - w, h64)
-    ).numpy()
+        (
+            row_quadratic_forms(torch.from_numpy(b.dequantize() - w).to(h64.device), h64)
+            < row_quadratic_forms(torch.from_numpy(a.dequantize() - w).to(h64.device), h64)
+        )
+        .cpu()
+        .numpy()
+    )
     if not take_b.any():
         return a
     pick = take_b[:, None]

@@ -89,21 +89,26 @@ def dampen(h: torch.Tensor, percdamp: float) -> torch.Tensor:
 
 @dataclasses.dataclass(frozen=True)
 class PreparedHessian:
-    """A finite float64 Hessian with dead inputs patched (``H_ii = 1``) and the dead-column mask."""
+    """A checked Hessian (not copied) and its dead-input mask; ``h`` is a fresh float64 copy with dead
+    inputs patched (``H_ii = 1``), made only by the methods that factor it."""
 
-    h: torch.Tensor
+    source: np.ndarray
     dead: torch.Tensor
+
+    @property
+    def h(self) -> torch.Tensor:
+        t = torch.from_numpy(np.array(self.source, dtype=np.float64, copy=True))
+        if bool(self.dead.any()):
+            t[self.dead, :] = 0
+            t[:, self.dead] = 0
+            t[self.dead, self.dead] = 1
+        return t
 
 
 def prepare(h: np.ndarray | None, k: int, site: str) -> PreparedHessian:
-    """Validate (see module policy 1) and patch dead inputs (policy 2); returns a float64 torch copy."""
-    t = torch.from_numpy(np.array(check_hessian(h, k, site), dtype=np.float64, copy=True))
-    dead = torch.diagonal(t) == 0
-    if bool(dead.any()):
-        t[dead, :] = 0
-        t[:, dead] = 0
-        t[dead, dead] = 1
-    return PreparedHessian(t, dead)
+    """Validate (see module policy 1) and find the dead inputs (policy 2) without copying ``h``."""
+    checked = check_hessian(h, k, site)
+    return PreparedHessian(checked, torch.from_numpy(np.diagonal(checked) == 0))
 
 
 def inverse_cholesky(
@@ -116,11 +121,13 @@ def inverse_cholesky(
     """
     damp = percdamp
     for attempt in range(max_tries):
-        hd = dampen(h, damp)
-        lower, info = torch.linalg.cholesky_ex(hd)
+        # each K x K intermediate is dropped as soon as the next exists: at most three are alive with h
+        lower, info = torch.linalg.cholesky_ex(dampen(h, damp))
         if int(info) == 0:
             hinv = torch.cholesky_inverse(lower)
+            del lower
             upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            del hinv
             if int(info) == 0 and bool(torch.isfinite(upper).all()):
                 if attempt:
                     logger.info("site %s: Hessian needed percdamp=%g to be positive definite", site, damp)

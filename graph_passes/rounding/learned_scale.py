@@ -61,7 +61,8 @@ class AdaRoundLS(AdaRound):
     ) -> tuple[QuantizedWeight, dict[str, float]]:
         qw, info = super().refine(site, init_qw, guard)
         for _ in range(self.config.scale_steps):
-            scales = refit_scales(site.w, qw.codes, qw.scales, qw.zero_points, qw.scheme, site.h)
+            h = site.hessian_on(self.config.device or "cpu")
+            scales = refit_scales(site.w, qw.codes, qw.scales, qw.zero_points, qw.scheme, h)
             moved = QuantizedWeight(qw.codes, scales, qw.zero_points, qw.scheme)
             st, _ = refine_on(state_from(site.w, moved), site, self.config, guard)
             qw = QuantizedWeight(codes_of(st, qw.scheme, site.name), scales, qw.zero_points, qw.scheme)

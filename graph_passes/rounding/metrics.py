@@ -12,7 +12,15 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["output_sqnr_db", "proxy_loss", "quadratic_form", "row_quadratic_forms", "site_quality", "sqnr_db"]
+__all__ = [
+    "db",
+    "output_sqnr_db",
+    "proxy_loss",
+    "quadratic_form",
+    "row_quadratic_forms",
+    "site_quality",
+    "sqnr_db",
+]
 
 ArrayLike = np.ndarray | torch.Tensor
 
@@ -40,7 +48,7 @@ def proxy_loss(w: ArrayLike, wq: ArrayLike, h: ArrayLike, n_tokens: int) -> floa
     return quadratic_form(_t64(wq) - _t64(w), h) / max(int(n_tokens), 1)
 
 
-def _db(signal: float, noise: float) -> float:
+def db(signal: float, noise: float) -> float:
     if noise <= 0:
         return math.inf
     if signal <= 0:
@@ -51,12 +59,12 @@ def _db(signal: float, noise: float) -> float:
 def sqnr_db(w: ArrayLike, wq: ArrayLike) -> float:
     """Weight signal-to-quantization-noise ratio ``10 log10(||W||^2 / ||W - Wq||^2)`` (inf if exact)."""
     w64 = _t64(w)
-    return _db(float((w64 * w64).sum()), float(((_t64(wq) - w64) ** 2).sum()))
+    return db(float((w64 * w64).sum()), float(((_t64(wq) - w64) ** 2).sum()))
 
 
 def output_sqnr_db(w: ArrayLike, wq: ArrayLike, h: ArrayLike) -> float:
     """Output SQNR over the calibration data: ``10 log10(tr(W H W^T) / tr(dW H dW^T))``."""
-    return _db(quadratic_form(w, h), quadratic_form(_t64(wq) - _t64(w), h))
+    return db(quadratic_form(w, h), quadratic_form(_t64(wq) - _t64(w), h))
 
 
 def site_quality(w: ArrayLike, wq: ArrayLike, h: ArrayLike, n_tokens: int) -> dict[str, float]:
@@ -65,5 +73,5 @@ def site_quality(w: ArrayLike, wq: ArrayLike, h: ArrayLike, n_tokens: int) -> di
     return {
         "proxy_loss": err / max(int(n_tokens), 1),
         "sqnr_db": sqnr_db(w, wq),
-        "output_sqnr_db": _db(quadratic_form(w, h), err),
+        "output_sqnr_db": db(quadratic_form(w, h), err),
     }

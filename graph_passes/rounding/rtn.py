@@ -29,17 +29,11 @@ from .grid import (
     pad_blocks,
     quantize_blocks,
 )
-from .metrics import proxy_loss, sqnr_db
+from .metrics import db, proxy_loss, sqnr_db
 
 __all__ = ["CLIP_GRID", "RTN", "RTNConfig", "clip_ratios", "mse_clip_search", "round_to_nearest"]
 
 _TINY = np.float32(1e-12)  # scales at or below this are all-zero blocks (as in grid.py)
-
-
-def _db(signal: float, noise: float) -> float:
-    if noise <= 0.0:
-        return float("inf")
-    return float(10.0 * np.log10(signal / noise)) if signal > 0.0 else float("-inf")
 
 
 def clip_ratios(n_grid: int, min_clip: float) -> np.ndarray:
@@ -142,8 +136,15 @@ class RTN:
         self.ratios = clip_ratios(config.n_grid, config.min_clip)
 
     def quantize(
-        self, weight: np.ndarray, scheme: QuantScheme, stats: SiteStats | None = None, *, site: str = "?"
+        self,
+        weight: np.ndarray,
+        scheme: QuantScheme,
+        stats: SiteStats | None = None,
+        *,
+        site: str = "?",
+        memory: int | None = None,
     ) -> QuantizedWeight:
+        """``memory`` is not needed: the search holds ``chunk_rows`` rows at a time."""
         if scheme.data_type is not DataType.INT:
             raise UnsupportedSchemeError(
                 f"rtn quantizes to uniform integer grids; data_type={scheme.data_type.value} is not one"
@@ -188,6 +189,6 @@ class RTN:
         qw = QuantizedWeight(codes, scales, zp, scheme)
         # sqnr from the search's own error sums (float32 per block, float64 total): no dequantization
         signal = float(np.einsum("ij,ij->", w, w, dtype=np.float64))
-        qw.metrics["sqnr_db"] = _db(signal, err_sum)
+        qw.metrics["sqnr_db"] = db(signal, err_sum)
         qw.metrics["clip_mean"] = clip_sum / max(n * nb, 1)
         return qw

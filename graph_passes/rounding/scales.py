@@ -28,34 +28,36 @@ def refit_scales(
     scales: np.ndarray,
     zero_points: np.ndarray | None,
     scheme: QuantScheme,
-    h: np.ndarray,
+    h: np.ndarray | torch.Tensor,
 ) -> np.ndarray:
-    """Per-row least-squares block scales for fixed codes under ``H`` (float64); returns ``[N, nb]``.
+    """Per-row least-squares block scales for fixed codes under ``H`` (float64, on ``h``'s device); returns
+    ``[N, nb]``.
 
     Rows whose solution is not finite or flips a scale's sign, or whose loss would increase, keep ``scales``.
     """
     n, k = w.shape
     g = scheme.block_size(k)
     nb = scheme.n_blocks(k)
-    onehot = _block_onehot(k, g)  # [K, nb]
+    h64 = torch.as_tensor(h, dtype=torch.float64)
+    dev = h64.device
+    onehot = _block_onehot(k, g).to(dev)  # [K, nb]
     z = (
-        torch.full((n, k), float(scheme.implied_zero_point), dtype=torch.float64)
+        torch.full((n, k), float(scheme.implied_zero_point), dtype=torch.float64, device=dev)
         if zero_points is None
-        else torch.from_numpy(np.repeat(zero_points.astype(np.float64), g, axis=1)[:, :k])
+        else torch.from_numpy(np.repeat(zero_points.astype(np.float64), g, axis=1)[:, :k]).to(dev)
     )
-    a = torch.from_numpy(codes.astype(np.float64)) - z  # codes relative to the zero point
-    h64 = torch.from_numpy(np.asarray(h, dtype=np.float64))
-    w64 = torch.from_numpy(np.asarray(w, dtype=np.float64))
+    a = torch.from_numpy(codes.astype(np.float64)).to(dev) - z  # codes relative to the zero point
+    w64 = torch.from_numpy(np.asarray(w, dtype=np.float64)).to(dev)
     rhs = (a * (w64 @ h64)) @ onehot  # [N, nb]
-    gram = torch.empty(n, nb, nb, dtype=torch.float64)
+    gram = torch.empty(n, nb, nb, dtype=torch.float64, device=dev)
     for b in range(nb):
         cols = slice(b * g, min((b + 1) * g, k))
         gram[:, :, b] = (a * (a[:, cols] @ h64[cols, :])) @ onehot
     gram0, rhs0 = gram, rhs
-    old = torch.from_numpy(scales.astype(np.float64))
+    old = torch.from_numpy(scales.astype(np.float64)).to(dev)
     # A block whose codes all sit on the zero point has no say in the output: pin its scale.
     empty = torch.diagonal(gram, dim1=1, dim2=2) <= 0
-    eye = torch.eye(nb, dtype=torch.float64)
+    eye = torch.eye(nb, dtype=torch.float64, device=dev)
     gram = torch.where(empty[:, :, None] | empty[:, None, :], eye.expand(n, nb, nb) * empty[:, :, None], gram)
     rhs = torch.where(empty, old, rhs)
     ridge = 1e-12 * torch.diagonal(gram, dim1=1, dim2=2).mean(dim=1).clamp_min(1e-30)
@@ -63,12 +65,12 @@ def refit_scales(
     new = sol[..., 0]
     ok = (info == 0) & torch.isfinite(new).all(dim=1) & ((new * old > 0) | empty).all(dim=1)
     new = torch.where(ok[:, None], new, old)
-    new_np = round_scales(new.numpy().astype(np.float32), scheme)
+    new_np = round_scales(new.cpu().numpy().astype(np.float32), scheme)
 
     def row_loss(s: np.ndarray) -> torch.Tensor:
         # (a s - w) H (a s - w)^T = s G s - 2 s b + w H w^T; the last term is the same for both sides.
-        st = torch.from_numpy(s.astype(np.float64))
+        st = torch.from_numpy(s.astype(np.float64)).to(dev)
         return torch.einsum("ni,nij,nj->n", st, gram0, st) - 2 * (st * rhs0).sum(dim=1)
 
-    better = (row_loss(new_np) <= row_loss(scales)).numpy()
+    better = (row_loss(new_np) <= row_loss(scales)).cpu().numpy()
     return np.where(better[:, None], new_np, scales).astype(np.float32)

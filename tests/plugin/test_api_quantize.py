@@ -202,7 +202,7 @@ def _adaround_sites(llama):
     return prepare_sites(load_model(llama).model, (), (), False).sites
 
 
-def test_a_cuda_run_refines_on_the_gpu_only_where_torch_sees_one(llama, monkeypatch):
+def test_a_cuda_run_rounds_on_the_gpu_only_where_torch_sees_one(llama, monkeypatch):
     import torch
 
     from optimum.adaround.graph_passes.pipeline import resolve_config
@@ -212,10 +212,12 @@ def test_a_cuda_run_refines_on_the_gpu_only_where_torch_sees_one(llama, monkeypa
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_config(cuda, sites).method.device == "cuda"
     assert resolve_config(cuda.with_overrides(device="cpu"), sites).method.device == "cpu"
-    gptq = resolve_config(cuda.with_overrides(method="gptq"), sites).method
-    assert not hasattr(gptq, "device")  # GPTQ rounds on the CPU
+    for method in ("gptq", "adaround_ls"):  # every calibrated method rounds on the run's device
+        assert resolve_config(cuda.with_overrides(method=method), sites).method.device == "cuda"
+    assert not hasattr(resolve_config(cuda.with_overrides(method="rtn"), sites).method, "device")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_config(cuda, sites).method.device == "cpu"
+    assert resolve_config(cuda.with_overrides(method="gptq"), sites).method.device == "cpu"
 
 
 def test_a_method_device_given_by_the_user_is_kept(llama, monkeypatch):

@@ -56,6 +56,7 @@ def test_prepare_patches_dead_inputs_without_touching_the_input():
     prep = hs.prepare(h, 3, "s")
     assert prep.dead.tolist() == [False, True, False]
     assert prep.h[1, 1] == 1 and h[1, 1] == 0
+    assert prep.source is h  # checked, not copied: the copy is made by the methods that factor H
 
 
 def test_dampen_adds_a_fraction_of_the_mean_diagonal():

@@ -1,0 +1,160 @@
+"""Working memory of each calibrated rounding method per site: the figures behind ``row_bytes`` and
+``hessian_copies`` (``graph_passes/rounding/base.py``), and a check that a memory budget holds.
+
+Each measurement runs in a fresh process that builds a random weight ``[N, K]`` and a correlated Hessian,
+then samples its anonymous memory (``RssAnon``) every 2 ms while one method rounds the site. The peak over
+the baseline, at three shapes, is fitted as ``a N K + b K^2``: ``a`` bytes per weight of a row chunk,
+``b / 8`` float64 ``K x K`` copies. Then each method rounds a larger site under a budget (``memory=``) and
+the peak is compared with it.
+
+    python benchmarks/rounding_memory.py            # writes benchmarks/results/rounding_memory.{json,md}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure import PeakRss, commit, machine, rss_anon_kb
+
+RESULTS = Path(__file__).resolve().parent / "results"
+METHODS = ("gptq", "adaround", "adaround_ls")
+SHAPES = ((2048, 1024), (4096, 1024), (2048, 2048))
+CHECK = (8192, 2048)
+MB = 1 << 20
+
+CHILD = """
+import json, os, sys, time
+import numpy as np
+sys.path.insert(0, {bench!r})
+from measure import PeakRss, rss_anon_kb
+from optimum.adaround.graph_passes.rounding.base import SiteStats, build_method, method_config
+from optimum.adaround.graph_passes.scheme import QuantScheme
+n, k, method, memory = {n}, {k}, {method!r}, {memory}
+g = np.random.default_rng(0)
+x = g.standard_normal((4 * k, k)) @ (np.eye(k) + g.standard_normal((k, k)) / (4 * np.sqrt(k)))
+stats = SiteStats(hessian=x.T @ x, n_tokens=4 * k)
+del x
+w = (g.standard_normal((n, k)) * 0.05).astype(np.float32)
+impl = build_method(method_config(method))
+impl.quantize(w[:64].copy(), QuantScheme.parse("w4-g128"), stats, site="warm-up")
+base = rss_anon_kb(os.getpid())
+t0 = time.perf_counter()
+with PeakRss(os.getpid(), 0.002) as peak:
+    impl.quantize(w, QuantScheme.parse("w4-g128"), stats, site="s", memory=memory)
+print(json.dumps({{"base_kb": base, "peak_kb": peak.kb, "seconds": time.perf_counter() - t0}}))
+"""
+
+
+def run_child(method: str, n: int, k: int, memory: int | None) -> dict:
+    code = CHILD.format(bench=str(Path(__file__).resolve().parent), n=n, k=k, method=method, memory=memory)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def fit(points: list[tuple[int, int, float]]) -> tuple[float, float]:
+    """Least-squares ``over = a N K + b K^2`` through ``(n, k, over_bytes)``."""
+    a = np.array([[n * k, k * k] for n, k, _ in points], dtype=np.float64)
+    y = np.array([over for _, _, over in points])
+    (per_weight, per_k2), *_ = np.linalg.lstsq(a, y, rcond=None)
+    return float(per_weight), float(per_k2)
+
+
+def measure(method: str) -> dict:
+    from optimum.adaround.graph_passes.rounding.base import method_config
+
+    points, rows = [], []
+    for n, k in SHAPES:
+        r = run_child(method, n, k, None)
+        over = (r["peak_kb"] - r["base_kb"]) * 1024.0
+        points.append((n, k, over))
+        rows.append({"n": n, "k": k, "over_mb": over / MB, "seconds": r["seconds"]})
+    per_weight, per_k2 = fit(points)
+    config = method_config(method)
+    n, k = CHECK
+    checks = []
+    for budget_mb in (256, 512):
+        r = run_child(method, n, k, budget_mb * MB)
+        over = (r["peak_kb"] - r["base_kb"]) / 1024.0
+        checks.append(
+            {
+                "budget_mb": budget_mb,
+                "over_mb": over,
+                "seconds": r["seconds"],
+                "rows": config.rows_within(budget_mb * MB, n, k),
+            }
+        )
+    return {
+        "method": method,
+        "shapes": rows,
+        "fit_bytes_per_weight": per_weight,
+        "fit_hessian_copies": per_k2 / 8.0,
+        "row_bytes": config.row_bytes,
+        "hessian_copies": config.hessian_copies,
+        "budget_checks": checks,
+        "check_shape": list(CHECK),
+    }
+
+
+def render(results: list[dict], info: dict) -> str:
+    lines = [
+        "# Working memory of the calibrated rounding methods",
+        "",
+        f"{info['machine']}, commit {info['commit']}, {info['date']}. Reproduce: `python benchmarks/rounding_memory.py`.",
+        "",
+        "Peak anonymous memory (RssAnon, sampled every 2 ms) of one process rounding one random site (W4 g128,",
+        "correlated Hessian) over its baseline, fitted as `a N K + b K^2` over three shapes; the declared figures",
+        "(`row_bytes`, `hessian_copies` in the method's config) size the row chunks under `--max-memory`.",
+        "",
+        "| method | over baseline (MB) at "
+        + ", ".join(f"{n}x{k}" for n, k in SHAPES)
+        + " | fit: bytes per weight | fit: K x K float64 copies | declared row_bytes | declared copies |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        overs = ", ".join(f"{s['over_mb']:.0f}" for s in r["shapes"])
+        lines.append(
+            f"| {r['method']} | {overs} | {r['fit_bytes_per_weight']:.1f} | {r['fit_hessian_copies']:.2f} "
+            f"| {r['row_bytes']:.0f} | {r['hessian_copies']:.0f} |"
+        )
+    n, k = CHECK
+    lines += [
+        "",
+        f"Under a budget (`memory=`), site {n}x{k}: peak over baseline vs the budget.",
+        "",
+        "| method | budget (MB) | rows per chunk | peak over baseline (MB) | seconds |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        for c in r["budget_checks"]:
+            lines.append(
+                f"| {r['method']} | {c['budget_mb']} | {c['rows']} | {c['over_mb']:.0f} | {c['seconds']:.1f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--methods", nargs="+", default=list(METHODS))
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+    results = [measure(m) for m in args.methods]
+    info = {"machine": machine(), "commit": commit(), "date": time.strftime("%Y-%m-%d")}
+    text = render(results, info)
+    print(text)
+    if not args.no_write:
+        (RESULTS / "rounding_memory.json").write_text(
+            json.dumps({**info, "results": results}, indent=1) + "\n"
+        )
+        (RESULTS / "rounding_memory.md").write_text(text)
+
+
+if __name__ == "__main__":
+    main()
