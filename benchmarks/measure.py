@@ -2,7 +2,9 @@
 
 Peak memory is the summed ``RssAnon`` (``/proc/PID/status``) of a process and its descendants (the rounding
 workers), sampled by a thread: anonymous memory is what the job really allocates; max RSS would also count
-memory-mapped weight pages, which the kernel can drop at will. Linux only.
+memory-mapped weight pages, which the kernel can drop at will. The summed PSS (``smaps_rollup``: what
+``psutil.Process.memory_full_info().pss`` reads) can be sampled beside it for reference: it counts the mapped
+pages that are resident, each shared page split among the processes mapping it. Linux only.
 
 The benchmarks are scripts, not a package: they import this module as ``measure`` with ``benchmarks/``
 first on ``sys.path``.
@@ -10,11 +12,13 @@ first on ``sys.path``.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import multiprocessing as mp
 import os
 import platform
+import signal
 import subprocess
 import threading
 import time
@@ -26,49 +30,110 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 
 
-def rss_anon_kb(pid: int) -> int | None:
-    """RssAnon of ``pid`` and all its descendants, in kB; None when ``pid`` is gone."""
-    total, found, todo = 0, False, [pid]
+def tree_pids(pid: int) -> list[int]:
+    """``pid`` and all its descendants that are alive (``pid`` first; empty when it is gone)."""
+    pids, todo = [], [pid]
     while todo:
         p = todo.pop()
         try:
-            with open(f"/proc/{p}/status") as fh:
-                total += next((int(line.split()[1]) for line in fh if line.startswith("RssAnon:")), 0)
-            found = True
+            children = []
             for task in os.listdir(f"/proc/{p}/task"):
                 with open(f"/proc/{p}/task/{task}/children") as fh:
-                    todo += [int(c) for c in fh.read().split()]
+                    children += [int(c) for c in fh.read().split()]
         except (OSError, ValueError):
             continue  # gone between listing and reading
-    return total if found else None
+        pids.append(p)
+        todo += children
+    return pids
+
+
+def _field_kb(path: str, key: str) -> int | None:
+    """The kB figure of the line starting with ``key`` in a /proc file (0 if absent), None when unreadable."""
+    try:
+        with open(path) as fh:
+            return next((int(line.split()[1]) for line in fh if line.startswith(key)), 0)
+    except (OSError, ValueError):
+        return None
+
+
+def _sum_kb(pids: list[int], file: str, key: str) -> int | None:
+    values = [v for p in pids if (v := _field_kb(f"/proc/{p}/{file}", key)) is not None]
+    return sum(values) if values else None
+
+
+def rss_anon_kb(pid: int) -> int | None:
+    """RssAnon of ``pid`` and all its descendants, in kB; None when ``pid`` is gone."""
+    return _sum_kb(tree_pids(pid), "status", "RssAnon:")
+
+
+def pss_kb(pid: int) -> int | None:
+    """PSS of ``pid`` and all its descendants, in kB (mapped file pages included); None when it is gone."""
+    return _sum_kb(tree_pids(pid), "smaps_rollup", "Pss:")
 
 
 class PeakRss:
-    """Peak summed RssAnon of a process tree, sampled every ``interval`` seconds while the ``with`` lasts."""
+    """Peak summed RssAnon of a process tree, sampled every ``interval`` seconds while the ``with`` lasts.
 
-    def __init__(self, pid: int, interval: float = 0.05) -> None:
-        self.pid, self.interval, self.kb = pid, interval, 0
+    With ``pss``, also the peak summed PSS (read by a second thread: a large tree's ``smaps_rollup`` takes
+    a good part of a second to read) and the most processes the tree held at once. ``peak_time`` is the
+    ``time.monotonic()`` of the RssAnon peak (comparable across processes). With ``limit_kb``, a tree whose
+    RssAnon passes it is killed (``exceeded`` is set): a guard for machines shared with others."""
+
+    def __init__(
+        self, pid: int, interval: float = 0.05, pss: bool = False, limit_kb: int | None = None
+    ) -> None:
+        self.pid, self.interval, self.pss, self.limit_kb = pid, interval, pss, limit_kb
+        self.kb = self.pss_kb = self.processes = self.samples = 0
+        self.seconds = self.peak_time = 0.0
+        self.exceeded = False
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._threads = [threading.Thread(target=self._sample, daemon=True)]
+        if pss:
+            self._threads.append(threading.Thread(target=self._sample_pss, daemon=True))
+
+    def _tick(self) -> None:
+        pids = tree_pids(self.pid)
+        kb = _sum_kb(pids, "status", "RssAnon:")
+        if kb is not None and kb > self.kb:
+            self.kb, self.peak_time = kb, time.monotonic()
+        self.processes = max(self.processes, len(pids))
+        if self.limit_kb is not None and kb is not None and kb > self.limit_kb:
+            self.exceeded = True
+            for p in reversed(pids):  # the children first, so none is left orphaned
+                with contextlib.suppress(OSError):
+                    os.kill(p, signal.SIGKILL)
 
     def _sample(self) -> None:
+        t0 = time.perf_counter()
         while not self._stop.is_set():
-            kb = rss_anon_kb(self.pid)
-            if kb is not None:
-                self.kb = max(self.kb, kb)
+            self._tick()
+            self.samples += 1
+            self._stop.wait(self.interval)
+        self.seconds = time.perf_counter() - t0
+
+    def _sample_pss(self) -> None:
+        while not self._stop.is_set():
+            self.pss_kb = max(self.pss_kb, pss_kb(self.pid) or 0)
             self._stop.wait(self.interval)
 
     @property
     def mb(self) -> float:
         return self.kb / 1024.0
 
+    @property
+    def mean_interval(self) -> float:
+        """The sampling period achieved (reading a large tree's PSS takes time of its own)."""
+        return self.seconds / max(self.samples, 1)
+
     def start(self) -> PeakRss:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
         return self
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join()
+        for thread in self._threads:
+            thread.join()
 
     def __enter__(self) -> PeakRss:
         return self.start()
@@ -143,9 +208,17 @@ def _child(fn: Callable[..., dict[str, Any]], kwargs: dict[str, Any], conn: Any)
         conn.close()
 
 
-def run_function(fn: Callable[..., dict[str, Any]], timeout_s: float = 1800, **kwargs: Any) -> dict[str, Any]:
+def run_function(
+    fn: Callable[..., dict[str, Any]],
+    timeout_s: float = 1800,
+    pss: bool = False,
+    limit_mb: float | None = None,
+    **kwargs: Any,
+) -> dict[str, Any]:
     """Run ``fn(**kwargs)`` (a module-level function) in a spawned process: ``ok``, ``info`` (its result) or
-    ``error``, ``wall_seconds`` (interpreter start-up included) and ``peak_rss_anon_mb`` of its tree."""
+    ``error``, ``wall_seconds`` (interpreter start-up included) and ``peak_rss_anon_mb`` of its tree; with
+    ``pss`` also ``peak_pss_mb``, ``max_processes``, ``sample_interval_s`` and ``peak_time`` (see
+    ``PeakRss``). A tree whose RssAnon passes ``limit_mb`` is killed and the row says so."""
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
     # not daemonic: the quantizer starts its own rounding workers, as it does for a user
@@ -154,7 +227,8 @@ def run_function(fn: Callable[..., dict[str, Any]], timeout_s: float = 1800, **k
     proc.start()
     child.close()
     result: dict[str, Any] | None = None
-    with PeakRss(proc.pid) as peak:
+    limit_kb = None if limit_mb is None else int(limit_mb * 1024)
+    with PeakRss(proc.pid, pss=pss, limit_kb=limit_kb) as peak:
         if parent.poll(timeout_s):
             try:
                 result = parent.recv()
@@ -165,12 +239,22 @@ def run_function(fn: Callable[..., dict[str, Any]], timeout_s: float = 1800, **k
     if proc.is_alive():
         proc.kill()
         proc.join()
-    if result is None:
+    if peak.exceeded:
+        result = {"ok": False, "error": f"stopped: the tree's RssAnon passed the limit of {limit_mb:.0f} MB"}
+    elif result is None:
         result = {
             "ok": False,
             "error": f"process ended without a result (exit code {proc.exitcode}, timeout {timeout_s}s)",
         }
-    return {**result, "wall_seconds": wall, "peak_rss_anon_mb": peak.mb}
+    out = {**result, "wall_seconds": wall, "peak_rss_anon_mb": peak.mb}
+    if pss:
+        out.update(
+            peak_pss_mb=peak.pss_kb / 1024.0,
+            max_processes=peak.processes,
+            sample_interval_s=peak.mean_interval,
+            peak_time=peak.peak_time,
+        )
+    return out
 
 
 def run_command(argv: list[str], timeout_s: float) -> dict[str, Any]:

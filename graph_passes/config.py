@@ -70,7 +70,8 @@ class CalibrationConfig(Options):
     )
     seed: int = option(0, "seed of the calibration sampling")
     device: Literal["cpu", "cuda"] = option(
-        "cpu", "cuda: calibrate through onnxruntime's CUDA provider and round (every calibrated method) on the GPU"
+        "cpu",
+        "cuda: calibrate through onnxruntime's CUDA provider and round (every calibrated method) on the GPU",
     )
 
     def validate(self) -> None:
@@ -170,14 +171,14 @@ class OutputConfig(Options):
     )
     workers: int | None = option(
         None,
-        "processes that round a decoder block's sites side by side (same output; default: one per CPU, at "
-        "most 4, for models of 16M+ weights; 1 = none)",
+        "processes (or Ray tasks) that round a decoder block's sites side by side (same output; default: one per "
+        "CPU, at most 4, for models of 16M+ weights; with Ray one per GPU, else per CPU, of the cluster; 1 = none)",
     )
     max_memory: float | None = option(
         None,
-        "GB (1e9 bytes) the rounding may hold in all: sites are rounded in row chunks and the worker count "
-        "shrinks to fit (same output bytes; default: the memory available when the run starts; "
-        "benchmarks/results/scale.md)",
+        "GB (1e9 bytes) the whole process tree may hold: sites are rounded in row chunks and fewer at once to "
+        "fit (same output bytes; default: what the run holds at its start plus 9/10 of the available memory; "
+        "with Ray, per task; benchmarks/results/rounding_memory.md)",
         metavar="GB",
     )
     executor: Literal["local", "ray"] = option(

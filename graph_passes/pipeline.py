@@ -36,7 +36,7 @@ from .errors import (
     UserError,
 )
 from .fuse import FuseSiblingMatMulNBitsPass
-from .memory import GB, default_budget, plan_rounding, tree_anon_bytes
+from .memory import GB, RoundingPlan, default_budget, plan_rounding, tree_anon_bytes
 from .model_io import read_weight
 from .packing.base import PackedWeight, Packer, get_packer
 from .parallel import in_order, mapped, mapped_stats, resolve_workers, result_of, round_site, rounding_pool
@@ -556,6 +556,7 @@ def _round_all(
     engine's report."""
     needs = config.method.needs
     n_workers = n_workers if needs else 1  # data-free rounding is quick: not worth starting processes
+    ray = config.output.executor == "ray" and bool(needs)
     bar = tqdm(
         total=len(report.sites),
         desc=f"{config.method.name} {config.scheme.label}",
@@ -563,10 +564,8 @@ def _round_all(
         disable=not progress,
     )
 
-    budget = None
-    if needs:
-        given = config.output.max_memory
-        budget = default_budget() if given is None else int(given * GB)
+    given = config.output.max_memory
+    budget = None if not needs or ray else default_budget() if given is None else int(given * GB)
 
     def quantize_all(
         items: Sequence[tuple[WeightSite, SiteStats | None]], pool: Any = None
@@ -574,6 +573,8 @@ def _round_all(
         out = {}
         sites = [site for site, _ in items]
         plan = plan_rounding(budget, tree_anon_bytes(), sites, config.method, n_workers)
+        if ray and given is not None:  # Ray workers live outside this process tree: the budget is per task
+            plan = RoundingPlan(n_workers, int(given * GB))
         window = n_workers + 1 if plan.concurrent >= n_workers else plan.concurrent
         for site, qw in quantizer.quantize_all(items, pool, window, plan.memory):
             out[site.name] = qw

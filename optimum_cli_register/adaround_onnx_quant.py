@@ -322,8 +322,9 @@ QUANT_FLAGS: list = [
         {
             "dest": "workers",
             "default": "==SUPPRESS==",
-            "help": "processes that round a decoder block's sites side by side (same output; default: one per CPU, at "
-            "most 4, for models of 16M+ weights; 1 = none)",
+            "help": "processes (or Ray tasks) that round a decoder block's sites side by side (same output; default: "
+            "one per CPU, at most 4, for models of 16M+ weights; with Ray one per GPU, else per CPU, of the "
+            "cluster; 1 = none)",
             "type": "int",
         },
     ),
@@ -332,9 +333,9 @@ QUANT_FLAGS: list = [
         {
             "dest": "max_memory",
             "default": "==SUPPRESS==",
-            "help": "GB (1e9 bytes) the rounding may hold in all: sites are rounded in row chunks and the worker "
-            "count shrinks to fit (same output bytes; default: the memory available when the run starts; "
-            "benchmarks/results/scale.md)",
+            "help": "GB (1e9 bytes) the whole process tree may hold: sites are rounded in row chunks and fewer at "
+            "once to fit (same output bytes; default: what the run holds at its start plus 9/10 of the "
+            "available memory; with Ray, per task; benchmarks/results/rounding_memory.md)",
             "type": "float",
         },
     ),

@@ -81,12 +81,12 @@ class HessianAccumulator:
         h += xw.T @ xw
         st = self.stats[activation]
         st.n_tokens += x2.shape[0]
-        if np.ndim(x) == 3:  # [batch, seq, K]: the first positions' share, for methods that guard the rest
-            first = xw.reshape(x.shape)[:, 0, :]
+        if np.ndim(x) == 3:  # [batch, seq, K]: the first positions' rows, for methods that guard the rest
+            first = x2.reshape(x.shape)[:, 0, :].astype(np.float64)
             if FIRST_POSITION not in st.extra:
-                st.extra[FIRST_POSITION] = np.zeros_like(h)
+                st.extra[FIRST_POSITION] = np.zeros((0, h.shape[0]), np.float64)
                 st.extra[FIRST_POSITION_TOKENS] = np.zeros((), np.int64)
-            st.extra[FIRST_POSITION] += first.T @ first
+            st.extra[FIRST_POSITION] = np.concatenate([st.extra[FIRST_POSITION], first])
             st.extra[FIRST_POSITION_TOKENS] += first.shape[0]
 
     def by_site(self, sites: Iterable[WeightSite]) -> dict[str, SiteStats]:

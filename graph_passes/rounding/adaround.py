@@ -44,11 +44,11 @@ from ..records import QuantizedWeight
 from ..scheme import QuantScheme
 from . import hessian as hs
 from .base import (
-    FIRST_POSITION,
     FIRST_POSITION_TOKENS,
     ROW_ALIGN,
     MethodConfig,
     SiteStats,
+    first_position_hessian,
     register_method,
 )
 from .calibrated import Site, check_device, open_site, round_in_chunks, site_report, torch_threads
@@ -428,7 +428,7 @@ def first_position_guard(stats: SiteStats) -> torch.Tensor | None:
 
     Why: the first position's massive activations can own nearly all of H; a change that lowers
     ``tr(dW H dW^T)`` may then serve that one token and cost all the others."""
-    first = stats.extra.get(FIRST_POSITION)
+    first = first_position_hessian(stats)
     if first is None or stats.hessian is None:
         return None
     n_first = int(stats.extra[FIRST_POSITION_TOKENS])

@@ -73,7 +73,8 @@ def test_a_small_budget_rounds_in_chunks_with_the_same_bytes(tiny_hf_onnx, monke
         if budget is not None:
             widest = max(report.sites, key=lambda s: site_need(base.method, s, workers > 1))
             free = site_need(base.method, widest, workers > 1) + 1000
-            monkeypatch.setattr(pipeline, "tree_anon_bytes", lambda: int(budget * GB) - free)
+            held = int(budget * GB) - free
+            monkeypatch.setattr(pipeline, "tree_anon_bytes", lambda held=held: held)
             monkeypatch.setattr(parallel, "SPILL_BYTES", 0)
             monkeypatch.setattr(calibrated, "row_slices", spy)
         config = base.with_overrides(max_memory=budget)

@@ -186,7 +186,7 @@ def test_calibrated_pipeline_on_tiny_llama(tiny_hf_onnx, monkeypatch):
 def test_sink_weight_reaches_only_the_qkv_projections(tiny_hf_onnx, monkeypatch):
     """sink_weight: q/k/v get the weighted statistics (one record shared by the three), the other
     sites the engine's own; weight 1 hands every site the engine's record."""
-    from optimum.adaround.graph_passes.rounding.base import FIRST_POSITION
+    from optimum.adaround.graph_passes.rounding.base import first_position_hessian
 
     config = _recorder(monkeypatch, "needy_sink", frozenset({"hessian"})).with_overrides(scheme="w4-g32")
     ids = RNG.integers(0, 300, (4, 16))
@@ -204,7 +204,7 @@ def test_sink_weight_reaches_only_the_qkv_projections(tiny_hf_onnx, monkeypatch)
     for name, st in weighted.items():
         base = plain[name]
         if name in qkv:
-            first = base.extra[FIRST_POSITION]
+            first = first_position_hessian(base)
             np.testing.assert_allclose(st.hessian, base.hessian + 7.0 * first, rtol=1e-10)
             assert st.n_tokens == base.n_tokens + 7 * 4
         else:

@@ -375,7 +375,11 @@ def test_smollm2_sequential_smoke():
 def test_first_position_statistics():
     """[batch, seq, K] activations also give sum x_0^T x_0 over each sequence's first position."""
     from optimum.adaround.graph_passes.calibration.stats import HessianAccumulator
-    from optimum.adaround.graph_passes.rounding.base import FIRST_POSITION, FIRST_POSITION_TOKENS
+    from optimum.adaround.graph_passes.rounding.base import (
+        FIRST_POSITION,
+        FIRST_POSITION_TOKENS,
+        first_position_hessian,
+    )
 
     site = WeightSite("l0.up", "n", "MatMul", "w", k=6, n=4, transposed=False, activation="a", layer=0)
     acc = HessianAccumulator([site])
@@ -385,7 +389,8 @@ def test_first_position_statistics():
         acc.add("a", x)
     st = acc.by_site([site])["l0.up"]
     first = np.concatenate([x[:, 0] for x in xs]).astype(np.float64)
-    np.testing.assert_allclose(st.extra[FIRST_POSITION], first.T @ first, rtol=1e-12)
+    np.testing.assert_array_equal(st.extra[FIRST_POSITION], first)  # the rows, in order
+    np.testing.assert_allclose(first_position_hessian(st), first.T @ first, rtol=1e-12)
     assert int(st.extra[FIRST_POSITION_TOKENS]) == 5 and st.n_tokens == 25
     flat = HessianAccumulator([site])
     flat.add("a", xs[0].reshape(-1, 6))  # no sequence axis: nothing to split

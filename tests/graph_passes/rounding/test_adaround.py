@@ -193,7 +193,7 @@ def test_first_position_guard(site):
     )
     first = sink.T @ sink
     h = stats.hessian + first
-    extra = {FIRST_POSITION: first, FIRST_POSITION_TOKENS: np.array(n_seq)}
+    extra = {FIRST_POSITION: sink, FIRST_POSITION_TOKENS: np.array(n_seq)}
     both = SiteStats(h, stats.n_tokens + n_seq, extra=extra)
     scheme = QuantScheme.parse("w4-g64-sym")
     guarded = build_method(FAST).quantize(w, scheme, both)

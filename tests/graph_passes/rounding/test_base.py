@@ -20,6 +20,7 @@ from optimum.adaround.graph_passes.rounding.base import (
     MethodConfig,
     SiteStats,
     build_method,
+    first_position_hessian,
     method_config,
     weight_first_position,
 )
@@ -36,7 +37,7 @@ def _stats(n_seq: int = 4, seq: int = 8, k: int = 6) -> tuple[SiteStats, np.ndar
     x[:, 0] *= 30.0  # a sink-like first position
     first, rest = x[:, 0], x[:, 1:].reshape(-1, k)
     h = first.T @ first + rest.T @ rest
-    extra = {FIRST_POSITION: first.T @ first, FIRST_POSITION_TOKENS: np.asarray(n_seq)}
+    extra = {FIRST_POSITION: first, FIRST_POSITION_TOKENS: np.asarray(n_seq)}
     return SiteStats(hessian=h, n_tokens=n_seq * seq, extra=extra), first, rest
 
 
@@ -49,7 +50,7 @@ def test_weighting_counts_the_first_position_that_many_times():
     stacked = np.concatenate([np.repeat(first, 16, axis=0), rest])
     np.testing.assert_allclose(out.hessian, stacked.T @ stacked, rtol=1e-12)
     assert out.n_tokens == stacked.shape[0] == 16 * 4 + 4 * 7
-    np.testing.assert_allclose(out.extra[FIRST_POSITION], 16 * (first.T @ first), rtol=1e-12)
+    np.testing.assert_allclose(first_position_hessian(out), 16 * (first.T @ first), rtol=1e-12)
     assert int(out.extra[FIRST_POSITION_TOKENS]) == 64
     # The shared input record is untouched (q/k/v and other users keep reading it).
     np.testing.assert_array_equal(stats.hessian, h_before)

@@ -10,9 +10,9 @@ from optimum.adaround.graph_passes.rounding.base import (
     FIRST_POSITION_TOKENS,
     ROW_ALIGN,
     SiteStats,
+    build_method,
     chunk_rows,
     method_config,
-    build_method,
 )
 from optimum.adaround.graph_passes.rounding.calibrated import merge_info, row_slices
 from optimum.adaround.graph_passes.scheme import QuantScheme
@@ -28,11 +28,11 @@ def _site(correlated_hessian, n=300, k=128, seed=0):
     h, tokens = correlated_hessian(k, tokens=512, seed=seed)
     g = np.random.default_rng(seed)
     w = (g.standard_normal((n, k)) * 0.05).astype(np.float32)
-    first = np.outer(h[0], h[0]) / max(h[0, 0], 1.0)  # a rank-one "first position" part of H
+    rows = g.standard_normal((2, k)) * 3.0  # two "first position" rows, part of H
     stats = SiteStats(
-        hessian=h + first,
+        hessian=h + rows.T @ rows,
         n_tokens=tokens + 2,
-        extra={FIRST_POSITION: first, FIRST_POSITION_TOKENS: np.asarray(2)},
+        extra={FIRST_POSITION: rows, FIRST_POSITION_TOKENS: np.asarray(2)},
     )
     return w, stats
 
