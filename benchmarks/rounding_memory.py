@@ -3,8 +3,8 @@
 
 Each measurement runs in a fresh process that builds a random weight ``[N, K]`` and a correlated Hessian,
 then samples its anonymous memory (``RssAnon``) every 2 ms while one method rounds the site. The peak over
-the baseline, at three shapes, is fitted as ``a N K + b K^2``: ``a`` bytes per weight of a row chunk,
-``b / 8`` float64 ``K x K`` copies. Then each method rounds a larger site under a budget (``memory=``) and
+the baseline, at three shapes, gives ``a N K + b K^2``: ``a`` bytes per weight of a row chunk (two sites of
+the same K), ``b / 8`` float64 ``K x K`` copies (a wider one). Then each method rounds a larger site under a budget (``memory=``) and
 the peak is compared with it.
 
     python benchmarks/rounding_memory.py            # writes benchmarks/results/rounding_memory.{json,md}
@@ -19,10 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import PeakRss, commit, machine, rss_anon_kb
+from measure import commit, machine
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("gptq", "adaround", "adaround_ls")
@@ -60,10 +58,11 @@ def run_child(method: str, n: int, k: int, memory: int | None) -> dict:
 
 
 def fit(points: list[tuple[int, int, float]]) -> tuple[float, float]:
-    """Least-squares ``over = a N K + b K^2`` through ``(n, k, over_bytes)``."""
-    a = np.array([[n * k, k * k] for n, k, _ in points], dtype=np.float64)
-    y = np.array([over for _, _, over in points])
-    (per_weight, per_k2), *_ = np.linalg.lstsq(a, y, rcond=None)
+    """``over = a N K + b K^2 + c`` through ``(n, k, over_bytes)`` at SHAPES: ``a`` from the two sites of
+    the same K (the row term), ``b`` from the wider one once the row term is taken off."""
+    (n1, k1, o1), (n2, _, o2), (n3, k3, o3) = points
+    per_weight = (o2 - o1) / ((n2 - n1) * k1)
+    per_k2 = (o3 - o1 - per_weight * (n3 * k3 - n1 * k1)) / (k3 * k3 - k1 * k1)
     return float(per_weight), float(per_k2)
 
 
@@ -110,7 +109,8 @@ def render(results: list[dict], info: dict) -> str:
         f"{info['machine']}, commit {info['commit']}, {info['date']}. Reproduce: `python benchmarks/rounding_memory.py`.",
         "",
         "Peak anonymous memory (RssAnon, sampled every 2 ms) of one process rounding one random site (W4 g128,",
-        "correlated Hessian) over its baseline, fitted as `a N K + b K^2` over three shapes; the declared figures",
+        "correlated Hessian) over its baseline: `a` bytes per weight from the two sites of equal K, `b / 8` K x K",
+        "float64 copies from the wider one. The declared figures",
         "(`row_bytes`, `hessian_copies` in the method's config) size the row chunks under `--max-memory`.",
         "",
         "| method | over baseline (MB) at "

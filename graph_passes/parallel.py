@@ -97,7 +97,7 @@ class Mapped:
     path: str
 
     def open(self) -> np.ndarray:
-        return np.load(self.path, mmap_mode="r")
+        return np.load(self.path, mmap_mode="c")  # copy-on-write: writable views, no copy until written
 
 
 def _opened(a: np.ndarray | Mapped) -> np.ndarray:
@@ -112,8 +112,20 @@ def _opened_stats(stats: SiteStats | None) -> SiteStats | None:
     return SiteStats(_opened(stats.hessian), stats.n_tokens, {k: _opened(v) for k, v in stats.extra.items()})  # type: ignore[arg-type]
 
 
+def _whole_npy(a: np.ndarray) -> bool:
+    """Whether ``a`` is a memory map of a whole ``.npy`` file (header, then exactly these C-order data)."""
+    name = getattr(a, "filename", None)
+    if not isinstance(a, np.memmap) or name is None or not str(name).endswith(".npy"):
+        return False
+    return a.flags.c_contiguous and a.offset > 0 and a.offset + a.nbytes == os.path.getsize(name)
+
+
 def mapped(a: np.ndarray, path: Path) -> np.ndarray | Mapped:
-    """``a`` written to ``path`` as a ``Mapped`` array when it is ``SPILL_BYTES`` or larger, else ``a``."""
+    """``a`` written to ``path`` as a ``Mapped`` array when it is ``SPILL_BYTES`` or larger, else ``a``
+    (an array that is a whole ``.npy`` file already, such as a wide Hessian sum, is referred to as is)."""
+    if _whole_npy(a):
+        a.flush()  # type: ignore[union-attr]
+        return Mapped(str(a.filename))  # type: ignore[union-attr]
     if a.nbytes < SPILL_BYTES:
         return a
     np.save(path, a, allow_pickle=False)

@@ -598,6 +598,7 @@ def _round_all(
             progress,
             lambda site: float(weight) if sink.search(site.name) else 1.0,
             model_dir,
+            quantizer.folder,
         )
 
 
@@ -618,9 +619,11 @@ def _calibrated(
     progress: bool,
     first_weight: Callable[[WeightSite], float],
     model_dir: Path | None,
+    stats_dir: Path | None = None,
 ) -> dict[str, Any] | None:
     """Run the calibration engine, quantizing each block's sites with the statistics it hands over
-    (first positions weighted by ``first_weight(site)``, once per shared statistics record)."""
+    (first positions weighted by ``first_weight(site)``, once per shared statistics record); the sums of
+    wide activations live in memory-mapped files in ``stats_dir``."""
     from .calibration.engine import run_calibration
 
     ids = np.asarray(token_ids)
@@ -641,6 +644,9 @@ def _calibrated(
                 items.append((site, st))
         out = quantize_all(items)
         done.update(out)
+        if stats_dir is not None:  # the block's wide sums are spent (unlinking keeps open maps valid)
+            for path in stats_dir.glob("hessian-*.npy"):
+                path.unlink(missing_ok=True)
         return out
 
     calib_report = run_calibration(
@@ -652,6 +658,7 @@ def _calibrated(
         progress=progress,
         providers=_PROVIDERS[config.calibration.device],
         model_dir=model_dir,
+        stats_dir=stats_dir,
     )
     missing = [s.name for s in report.sites if s.name not in done]
     if missing:

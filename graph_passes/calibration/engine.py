@@ -69,6 +69,9 @@ class CalibrationOptions:
     model_dir: Path | None = None
     """The model's folder: its ``genai_config.json`` / ``config.json`` give cache dims the graph leaves
     symbolic (onnxruntime-genai builder models)."""
+    stats_dir: Path | None = None
+    """A folder for the sums of wide activations (``stats.MAPPED_BYTES`` and up), kept there as
+    memory-mapped files instead of in this process's memory; None keeps every sum in memory."""
 
     def __post_init__(self) -> None:
         size = self.batch_size
@@ -170,7 +173,7 @@ class _Run:
         return make_feeds(self.specs, self.ids[batch])
 
     def accumulator(self, sites: Sequence[WeightSite]) -> HessianAccumulator:
-        return HessianAccumulator(sites, self.options.hessian_precision)
+        return HessianAccumulator(sites, self.options.hessian_precision, self.options.stats_dir)
 
     def quantize(
         self, sites: Sequence[WeightSite], acc: HessianAccumulator, rep: PartReport

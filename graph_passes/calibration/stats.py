@@ -12,7 +12,10 @@ Two precisions for the per-batch product (the running sum is float64 either way)
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Literal, get_args
 
 import numpy as np
@@ -21,7 +24,7 @@ from ..errors import CalibrationError, InvalidOptionError
 from ..records import WeightSite
 from ..rounding.base import FIRST_POSITION, FIRST_POSITION_TOKENS, SiteStats
 
-__all__ = ["PRECISIONS", "HessianAccumulator", "Precision", "check_precision"]
+__all__ = ["MAPPED_BYTES", "PRECISIONS", "HessianAccumulator", "Precision", "check_precision"]
 
 
 Precision = Literal["float64", "float32"]
@@ -35,10 +38,26 @@ def check_precision(precision: str) -> Precision:
     return precision  # type: ignore[return-value]
 
 
-class HessianAccumulator:
-    """One float64 ``[K, K]`` sum per activation; batches are added and dropped as they arrive."""
+MAPPED_BYTES = 64 << 20
+"""Sums of this size and up (K >= 2897) live in memory-mapped ``.npy`` files when a folder is given: pages
+the kernel may write out and drop, and that worker processes map instead of receiving a copy."""
 
-    def __init__(self, sites: Iterable[WeightSite], precision: Precision = "float64") -> None:
+
+def _zeros(k: int, folder: Path | None) -> np.ndarray:
+    if folder is None or 8 * k * k < MAPPED_BYTES:
+        return np.zeros((k, k), np.float64)
+    fd, name = tempfile.mkstemp(suffix=".npy", prefix="hessian-", dir=folder)
+    os.close(fd)
+    return np.lib.format.open_memmap(name, mode="w+", dtype=np.float64, shape=(k, k))  # zero-filled
+
+
+class HessianAccumulator:
+    """One float64 ``[K, K]`` sum per activation; batches are added and dropped as they arrive. With
+    ``folder``, wide sums are memory-mapped files there (deleted with the folder)."""
+
+    def __init__(
+        self, sites: Iterable[WeightSite], precision: Precision = "float64", folder: Path | None = None
+    ) -> None:
         self.dtype = np.dtype(check_precision(precision))
         self.stats: dict[str, SiteStats] = {}
         # the same arrays as ``stats[a].hessian``, typed as present
@@ -52,7 +71,7 @@ class HessianAccumulator:
                         f"vs {s.k} for {s.name!r})"
                     )
                 continue
-            self.hessians[s.activation] = np.zeros((s.k, s.k), np.float64)
+            self.hessians[s.activation] = _zeros(s.k, folder)
             self.stats[s.activation] = SiteStats(hessian=self.hessians[s.activation])
 
     @property

@@ -44,11 +44,11 @@ from ..records import QuantizedWeight
 from ..scheme import QuantScheme
 from . import hessian as hs
 from .base import (
+    FIRST_POSITION,
     FIRST_POSITION_TOKENS,
     ROW_ALIGN,
     MethodConfig,
     SiteStats,
-    first_position_hessian,
     register_method,
 )
 from .calibrated import Site, check_device, open_site, round_in_chunks, site_report, torch_threads
@@ -95,7 +95,7 @@ class AdaRoundConfig(MethodConfig):
 
     name: ClassVar[str] = "adaround"
     needs: ClassVar[frozenset[str]] = frozenset({"hessian"})
-    row_bytes: ClassVar[float] = 96.0
+    row_bytes: ClassVar[float] = 160.0
     hessian_copies: ClassVar[float] = 7.0
     default_calib_samples: ClassVar[int] = 128
     """AdaRound fits H more closely than GPTQ and gains more from data (benchmarks/results/adaround_calibration.md)."""
@@ -343,14 +343,14 @@ def adaround_refine(
     ``nonbinary_frac`` (relaxed values not exactly 0/1 before hardening), ``flipped_frac`` (codes changed
     vs the start), ``rows_improved_frac``."""
     n, k = st.w.shape
-    hm64 = hm.to(torch.float64)
+    hm64 = hm if hm.dtype == torch.float32 else hm.to(torch.float64)  # a wide layer's stays float32
     hm32 = hm64.to(torch.float32)
     hdiag = torch.diagonal(hm32)
     cost = (st.s * st.s * hdiag[None, :] * st.live).sum(dim=1) / max(k, 1)
     inv_c = torch.where(cost > 0, 1 / cost, torch.zeros_like(cost))[:, None]
     h_start = st.h.clone()
     loss = row_quadratic_forms(st.dequantize() - st.w, hm64)
-    guard64 = None if guard is None else guard.to(torch.float64)
+    guard64 = None if guard is None else guard if guard.dtype == torch.float32 else guard.to(torch.float64)
     loss_guard = None if guard64 is None else row_quadratic_forms(st.dequantize() - st.w, guard64)
     nonbinary = total_free = 0
     improved = torch.zeros(n, dtype=torch.bool, device=st.w.device)
@@ -422,18 +422,25 @@ def state_from(w: np.ndarray, qw: QuantizedWeight) -> RoundingState:
     return RoundingState.from_codes(torch.from_numpy(w), s, z, codes, qw.scheme.qmax)
 
 
-def first_position_guard(stats: SiteStats) -> torch.Tensor | None:
-    """Mean ``X^T X`` over every position but each sequence's first (float64 ``[K, K]``), or None without
-    the ``FIRST_POSITION`` statistics.
+def first_position_guard(stats: SiteStats, columns: int = 1024) -> torch.Tensor | None:
+    """Mean ``X^T X`` over every position but each sequence's first (``[K, K]`` of ``hs.work_dtype``), or
+    None without the ``FIRST_POSITION`` rows. Formed ``columns`` columns at a time in float64, so no
+    full-size float64 temporary exists.
 
     Why: the first position's massive activations can own nearly all of H; a change that lowers
     ``tr(dW H dW^T)`` may then serve that one token and cost all the others."""
-    first = first_position_hessian(stats)
-    if first is None or stats.hessian is None:
+    rows = stats.extra.get(FIRST_POSITION)
+    n_rest = stats.n_tokens - int(stats.extra.get(FIRST_POSITION_TOKENS, 0))
+    if rows is None or stats.hessian is None or n_rest <= 0:
         return None
-    n_first = int(stats.extra[FIRST_POSITION_TOKENS])
-    n_rest = stats.n_tokens - n_first
-    return hs.mean_hessian(stats.hessian - first, n_rest) if n_rest > 0 else None
+    h = np.asarray(stats.hessian, dtype=np.float64)
+    f = np.asarray(rows, dtype=np.float64)
+    k = h.shape[0]
+    out = torch.empty(k, k, dtype=hs.work_dtype(k))
+    for j0 in range(0, k, columns):
+        j1 = min(j0 + columns, k)
+        out[:, j0:j1] = torch.from_numpy((h[:, j0:j1] - f.T @ f[:, j0:j1]) / n_rest)
+    return out
 
 
 def refit_final_scales(

@@ -18,6 +18,7 @@ from ..errors import InvalidOptionError
 from ..options import Options, check_keys
 from ..records import QuantizedWeight
 from ..scheme import QuantScheme
+from . import hessian as hs
 
 __all__ = [
     "DEFAULT_CALIB_SAMPLES",
@@ -104,9 +105,9 @@ class MethodConfig(Options):
     """``K x K`` float64 arrays the method holds besides the statistics it is given."""
 
     def fixed_bytes(self, n: int, k: int) -> int:
-        """Bytes a site holds whatever the chunk size: the Hessian's working copies, the codes (returned
-        and referenced) and the float32 weight."""
-        return int(self.hessian_copies * 8 * k * k) + 6 * n * k
+        """Bytes a site holds whatever the chunk size: the Hessian's working copies (float32 from
+        ``hessian.WIDE_K`` inputs), the codes (returned and referenced) and the float32 weight."""
+        return int(self.hessian_copies * (4 if k >= hs.WIDE_K else 8) * k * k) + 6 * n * k
 
     def rows_within(self, memory: int | None, n: int, k: int) -> int | None:
         """Rows per chunk so that a site ``[n, k]`` fits ``memory`` bytes (None: no bound, one chunk)."""

@@ -25,6 +25,7 @@ import torch
 from ..errors import CalibrationError
 
 __all__ = [
+    "WIDE_K",
     "PreparedHessian",
     "accumulate",
     "check_hessian",
@@ -33,6 +34,7 @@ __all__ = [
     "inverse_cholesky",
     "mean_hessian",
     "prepare",
+    "work_dtype",
 ]
 
 logger = logging.getLogger(__name__)
@@ -57,9 +59,21 @@ def accumulate(h: np.ndarray, x: np.ndarray) -> np.ndarray:
     return h
 
 
+WIDE_K = 8192
+"""From this many inputs the methods factor and hold ``K x K`` arrays in float32, half the memory (a K = 14336
+Hessian is 1.6 GB in float64); the sums stay float64. GPTQ's reference implementation works in float32
+throughout; below this width nothing changes."""
+
+
+def work_dtype(k: int) -> torch.dtype:
+    """The dtype of the ``K x K`` arrays a method derives from a Hessian of width ``k``."""
+    return torch.float32 if k >= WIDE_K else torch.float64
+
+
 def mean_hessian(h: np.ndarray, n_tokens: int) -> torch.Tensor:
-    """The mean ``H / n`` of a summed Hessian as a float64 torch tensor (``n`` floored at 1)."""
-    return torch.from_numpy(np.asarray(h, dtype=np.float64)) / max(int(n_tokens), 1)
+    """The mean ``H / n`` of a summed Hessian as a torch tensor of ``work_dtype`` (``n`` floored at 1)."""
+    src = torch.from_numpy(np.asarray(h, dtype=np.float64))
+    return src.to(work_dtype(src.shape[0]), copy=True).div_(max(int(n_tokens), 1))  # never the sum itself
 
 
 def check_hessian(h: np.ndarray | None, k: int, site: str) -> np.ndarray:
@@ -97,7 +111,9 @@ class PreparedHessian:
 
     @property
     def h(self) -> torch.Tensor:
-        t = torch.from_numpy(np.array(self.source, dtype=np.float64, copy=True))
+        t = torch.from_numpy(np.asarray(self.source, dtype=np.float64)).to(
+            work_dtype(len(self.source)), copy=True
+        )
         if bool(self.dead.any()):
             t[self.dead, :] = 0
             t[:, self.dead] = 0

@@ -38,7 +38,11 @@ def quadratic_form(d: ArrayLike, h: ArrayLike) -> float:
 
 
 def row_quadratic_forms(d: ArrayLike, h: ArrayLike) -> torch.Tensor:
-    """Per-row ``d_r H d_r^T`` in float64 (``[N]``): the output error of each row of ``d``."""
+    """Per-row ``d_r H d_r^T`` (``[N]``): the output error of each row of ``d``. In float64, or in float32
+    with float64 sums when ``h`` is a float32 tensor (a wide layer's, not copied to float64)."""
+    if isinstance(h, torch.Tensor) and h.dtype == torch.float32:
+        d32 = torch.as_tensor(d).to(device=h.device, dtype=torch.float32)
+        return ((d32 @ h) * d32).sum(dim=1, dtype=torch.float64)
     d64 = _t64(d)
     return ((d64 @ _t64(h)) * d64).sum(dim=1)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from optimum.adaround.graph_passes.rounding.base import (
     FIRST_POSITION,
@@ -94,3 +95,22 @@ def test_merge_info_weights_fractions_by_rows():
         ]
     )
     assert merged == {"flipped_frac": pytest.approx(0.5), "fallback": 1.0, "proxy_loss_before_polish": 3.0}
+
+
+@pytest.mark.parametrize("method", sorted(FAST))
+def test_wide_layers_work_in_float32_close_to_float64(correlated_hessian, monkeypatch, method):
+    """From ``WIDE_K`` inputs the K x K arrays are float32: half the memory, nearly the same rounding."""
+    from optimum.adaround.graph_passes.rounding import hessian as hs
+
+    w, stats = _site(correlated_hessian)
+    h0 = stats.hessian.copy()
+    scheme = QuantScheme.parse("w4-g32")
+    config = method_config(method, FAST[method])
+    narrow = build_method(config).quantize(w, scheme, stats, site="s")
+    monkeypatch.setattr(hs, "WIDE_K", 128)  # this K = 128 site counts as wide
+    assert hs.work_dtype(128) == torch.float32 and hs.mean_hessian(h0, 10).dtype == torch.float32
+    assert config.fixed_bytes(300, 128) == int(config.hessian_copies * 4 * 128 * 128) + 6 * 300 * 128
+    wide = build_method(config).quantize(w, scheme, stats, site="s")
+    np.testing.assert_array_equal(stats.hessian, h0)  # the sum is never modified
+    assert wide.metrics["proxy_loss"] == pytest.approx(narrow.metrics["proxy_loss"], rel=0.02)
+    assert np.mean(wide.codes == narrow.codes) > 0.95
