@@ -73,11 +73,9 @@ class RoundingPlan:
     memory: int | None
 
 
-def site_need(method: MethodConfig, site: WeightSite, in_worker: bool) -> int:
-    """The least a site needs to round: its fixed bytes and one smallest row chunk (and, in a worker,
-    the copy of its weight this process makes while handing it over)."""
-    chunk = int(method.row_bytes * site.k * method.row_align)
-    return method.fixed_bytes(site.n, site.k) + chunk + (4 * site.n * site.k if in_worker else 0)
+def site_need(method: MethodConfig, site: WeightSite) -> int:
+    """The least a site needs to round: its fixed bytes and one smallest row chunk."""
+    return method.fixed_bytes(site.n, site.k) + int(method.row_bytes * site.k * method.row_align)
 
 
 def plan_rounding(
@@ -88,9 +86,8 @@ def plan_rounding(
     is a one-line error naming it."""
     if budget is None or not sites or method.row_bytes <= 0:
         return RoundingPlan(max(min(workers, len(sites)), 1), None)
-    in_worker = workers > 1
-    largest = max(sites, key=lambda s: site_need(method, s, in_worker))
-    need = site_need(method, largest, in_worker)
+    largest = max(sites, key=lambda s: site_need(method, s))
+    need = site_need(method, largest)
     free = budget - held
     if free < need:
         raise UserError(
@@ -99,5 +96,4 @@ def plan_rounding(
             "more to round; raise --max-memory"
         )
     concurrent = int(max(1, min(workers, len(sites), free // need)))
-    share = free // concurrent
-    return RoundingPlan(concurrent, share - (4 * largest.n * largest.k if in_worker else 0))
+    return RoundingPlan(concurrent, free // concurrent)

@@ -584,8 +584,10 @@ def save_model(model: ir.Model, path: str | os.PathLike, *, external_data: bool 
     return [path, path.parent / data_name]
 
 
-def read_weight(model: ir.Model, site: WeightSite) -> np.ndarray:
-    """The site's weight as a contiguous float32 ``[N, K]`` array (one weight read through the mmap)."""
+def read_weight(model: ir.Model, site: WeightSite, copy: bool = True) -> np.ndarray:
+    """The site's weight as a contiguous float32 ``[N, K]`` array (one weight read through the mmap); with
+    ``copy=False`` an ``[N, K]`` view of the stored tensor in its own dtype and layout instead (no copy:
+    a weight in external data stays file-backed, to be read a row chunk at a time)."""
     value = _initializer(model, site.weight_name)
     tensor = value.const_value
     if tensor is None:
@@ -597,7 +599,7 @@ def read_weight(model: ir.Model, site: WeightSite) -> np.ndarray:
             f"{(site.n, site.k) if site.transposed else (site.k, site.n)}"
         )
     w = array if site.transposed else array.T
-    return np.ascontiguousarray(w, dtype=np.float32)
+    return np.ascontiguousarray(w, dtype=np.float32) if copy else w
 
 
 def _initializer(model: ir.Model, name: str) -> ir.Value:

@@ -106,8 +106,9 @@ class MethodConfig(Options):
 
     def fixed_bytes(self, n: int, k: int) -> int:
         """Bytes a site holds whatever the chunk size: the Hessian's working copies (float32 from
-        ``hessian.WIDE_K`` inputs), the codes (returned and referenced) and the float32 weight."""
-        return int(self.hessian_copies * (4 if k >= hs.WIDE_K else 8) * k * k) + 6 * n * k
+        ``hessian.WIDE_K`` inputs) and the codes (returned and referenced). The weight is read a chunk at a
+        time from wherever it is (a memory-mapped file, or the caller's array)."""
+        return int(self.hessian_copies * (4 if k >= hs.WIDE_K else 8) * k * k) + 2 * n * k
 
     def rows_within(self, memory: int | None, n: int, k: int) -> int | None:
         """Rows per chunk so that a site ``[n, k]`` fits ``memory`` bytes (None: no bound, one chunk)."""

@@ -44,8 +44,10 @@ RowsFn = Callable[["Site"], tuple[QuantizedWeight, dict[str, float], dict[str, Q
 
 @dataclasses.dataclass(frozen=True)
 class Site:
-    """One weight being rounded: float32 ``w[N, K]``, its statistics (summed Hessian, checked), the
-    Hessian prepared for inversion, and when the method started on it."""
+    """One weight being rounded: ``w[N, K]``, its statistics (summed Hessian, checked), the Hessian
+    prepared for inversion, and when the method started on it. ``w`` is any float array, possibly a
+    strided view of a memory-mapped file: the methods read it a row chunk at a time (``rows``), where it
+    becomes contiguous float32."""
 
     name: str
     w: np.ndarray
@@ -57,8 +59,15 @@ class Site:
     """What the method derived from ``H`` alone, shared by the site's row chunks."""
 
     def rows(self, r0: int, r1: int) -> Site:
-        """The site restricted to rows ``r0:r1`` of its weight (same statistics, same cache)."""
-        return dataclasses.replace(self, w=self.w[r0:r1])
+        """The site restricted to rows ``r0:r1`` of its weight, read as a contiguous float32 copy and checked
+        (same statistics, same cache)."""
+        w = np.ascontiguousarray(self.w[r0:r1], dtype=np.float32)
+        check_finite(w, f"site {self.name}: weight")
+        return dataclasses.replace(self, w=w)
+
+    @property
+    def n(self) -> int:
+        return int(self.w.shape[0])
 
     def cached(self, key: str, make: Callable[[], Any]) -> Any:
         """``make()`` once per site (the row chunks share the result)."""
@@ -90,10 +99,8 @@ def open_site(
             "is not supported (use data_type=int)"
         )
     t0 = time.perf_counter()
-    w = np.ascontiguousarray(weight, dtype=np.float32)
-    check_finite(w, f"site {name}: weight")
-    prep = hs.prepare(None if stats is None else stats.hessian, w.shape[1], name)  # raises without stats
-    return Site(name, w, scheme, stats, prep, t0)  # type: ignore[arg-type]
+    prep = hs.prepare(None if stats is None else stats.hessian, weight.shape[1], name)  # raises without stats
+    return Site(name, weight, scheme, stats, prep, t0)  # type: ignore[arg-type]
 
 
 def row_slices(n: int, rows: int | None) -> list[tuple[int, int]]:
@@ -128,7 +135,7 @@ def round_in_chunks(
     site: Site, rows: int | None, fn: RowsFn
 ) -> tuple[QuantizedWeight, dict[str, float], dict[str, QuantizedWeight]]:
     """``fn`` on each row chunk of ``site``; the chunks' weights (and references) stacked in row order."""
-    results = [fn(site.rows(r0, r1)) for r0, r1 in row_slices(site.w.shape[0], rows)]
+    results = [fn(site.rows(r0, r1)) for r0, r1 in row_slices(site.n, rows)]
     qw = QuantizedWeight.stack([r[0] for r in results])
     info = merge_info([(r[0].n, r[1]) for r in results])
     refs = {name: QuantizedWeight.stack([r[2][name] for r in results]) for name in results[0][2]}
@@ -147,14 +154,15 @@ def site_report(
     over row chunks of ``rows`` rows (float64), so the report holds no full-size float copy."""
     h = torch.from_numpy(np.asarray(site.h, dtype=np.float64))
     sums = dict.fromkeys(("err", "signal", "w2", "d2", *refs, "rtn"), 0.0)
-    for r0, r1 in row_slices(site.w.shape[0], rows):
-        w = torch.from_numpy(site.w[r0:r1]).to(torch.float64)
+    for r0, r1 in row_slices(site.n, rows):
+        part = site.rows(r0, r1).w
+        w = torch.from_numpy(part).to(torch.float64)
         d = torch.from_numpy(qw.rows(r0, r1).dequantize()).to(torch.float64) - w
         sums["err"] += quadratic_form(d, h)
         sums["signal"] += quadratic_form(w, h)
         sums["w2"] += float((w * w).sum())
         sums["d2"] += float((d * d).sum())
-        rtn = QuantizedWeight(*round_to_nearest(site.w[r0:r1], site.scheme), site.scheme)
+        rtn = QuantizedWeight(*round_to_nearest(part, site.scheme), site.scheme)
         for name, ref in (*refs.items(), ("rtn", rtn)):
             ref_rows = ref if name == "rtn" else ref.rows(r0, r1)
             sums[name] += quadratic_form(torch.from_numpy(ref_rows.dequantize()).to(torch.float64) - w, h)

@@ -246,7 +246,7 @@ class GPTQConfig(MethodConfig):
 
     name: ClassVar[str] = "gptq"
     needs: ClassVar[frozenset[str]] = frozenset({"hessian"})
-    row_bytes: ClassVar[float] = 64.0
+    row_bytes: ClassVar[float] = 80.0
     hessian_copies: ClassVar[float] = 4.0
 
     percdamp: float = option(0.01, PERCDAMP_HELP)

@@ -23,15 +23,15 @@ def _site(name: str, n: int, k: int) -> WeightSite:
 def test_the_plan_shares_what_is_left_among_the_sites_rounded_at_once():
     gptq = method_config("gptq")
     sites = [_site("a", 4096, 1024), _site("b", 1024, 1024)]
-    need = site_need(gptq, sites[0], in_worker=True)
+    need = site_need(gptq, sites[0])
     assert plan_rounding(None, 0, sites, gptq, 4).concurrent == 2  # no budget: every site at once
     assert plan_rounding(None, 0, sites, gptq, 4).memory is None
     roomy = plan_rounding(10 * GB, GB, sites, gptq, 2)
-    assert roomy.concurrent == 2 and roomy.memory == (9 * GB) // 2 - 4 * 4096 * 1024
+    assert roomy.concurrent == 2 and roomy.memory == (9 * GB) // 2
     tight = plan_rounding(GB + need + need // 2, GB, sites, gptq, 2)  # room for one site only
     assert tight.concurrent == 1
-    alone = plan_rounding(GB + need, GB, sites, gptq, 1)  # in this process: no hand-over copy
-    assert alone.memory == need
+    alone = plan_rounding(GB + need, GB, sites, gptq, 1)
+    assert alone.concurrent == 1 and alone.memory == need
     with pytest.raises(UserError, match=r"max_memory=1\.00 GB is too small: the run holds 0\.99 GB and a "):
         plan_rounding(GB, int(0.99 * GB), sites, gptq, 2)
 
@@ -71,8 +71,8 @@ def test_a_small_budget_rounds_in_chunks_with_the_same_bytes(tiny_hf_onnx, monke
         model = load_model(tiny_hf_onnx("llama")).model
         report = prepare_sites(model)
         if budget is not None:
-            widest = max(report.sites, key=lambda s: site_need(base.method, s, workers > 1))
-            free = site_need(base.method, widest, workers > 1) + 1000
+            widest = max(report.sites, key=lambda s: site_need(base.method, s))
+            free = site_need(base.method, widest) + 1000
             held = int(budget * GB) - free
             monkeypatch.setattr(pipeline, "tree_anon_bytes", lambda held=held: held)
             monkeypatch.setattr(parallel, "SPILL_BYTES", 0)

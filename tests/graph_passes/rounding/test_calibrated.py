@@ -109,8 +109,43 @@ def test_wide_layers_work_in_float32_close_to_float64(correlated_hessian, monkey
     narrow = build_method(config).quantize(w, scheme, stats, site="s")
     monkeypatch.setattr(hs, "WIDE_K", 128)  # this K = 128 site counts as wide
     assert hs.work_dtype(128) == torch.float32 and hs.mean_hessian(h0, 10).dtype == torch.float32
-    assert config.fixed_bytes(300, 128) == int(config.hessian_copies * 4 * 128 * 128) + 6 * 300 * 128
+    assert config.fixed_bytes(300, 128) == int(config.hessian_copies * 4 * 128 * 128) + 2 * 300 * 128
     wide = build_method(config).quantize(w, scheme, stats, site="s")
     np.testing.assert_array_equal(stats.hessian, h0)  # the sum is never modified
     assert wide.metrics["proxy_loss"] == pytest.approx(narrow.metrics["proxy_loss"], rel=0.02)
     assert np.mean(wide.codes == narrow.codes) > 0.95
+
+
+@pytest.mark.parametrize("method", sorted(FAST))
+def test_a_strided_half_precision_view_rounds_like_its_float32_copy(correlated_hessian, method):
+    """The pipeline hands over ``[K, N]``-stored weights as transposed views (of a memory map), in their own
+    dtype: read a chunk at a time, they give the bytes of a contiguous float32 copy."""
+    w, stats = _site(correlated_hessian)
+    stored = np.ascontiguousarray(w.T.astype(np.float16))  # [K, N] as in an exported MatMul
+    view = stored.T
+    assert not view.flags.c_contiguous and view.dtype == np.float16
+    config = method_config(method, FAST[method])
+    copy = build_method(config).quantize(
+        view.astype(np.float32), QuantScheme.parse("w4-g32"), stats, site="s"
+    )
+    memory = config.fixed_bytes(300, 128) + int(config.row_bytes * 128 * 64)
+    read = build_method(config).quantize(view, QuantScheme.parse("w4-g32"), stats, site="s", memory=memory)
+    np.testing.assert_array_equal(read.codes, copy.codes)
+    np.testing.assert_array_equal(read.scales, copy.scales)
+
+
+def test_a_non_finite_weight_is_a_one_line_error_naming_the_site(correlated_hessian):
+    from optimum.adaround.graph_passes.errors import UserError
+
+    w, stats = _site(correlated_hessian)
+    w[200, 3] = np.nan  # in the last of the 64-row chunks
+    config = method_config("gptq")
+    with pytest.raises(UserError, match=r"^site model\.layers\.0\.mlp\.up_proj: weight") as e:
+        build_method(config).quantize(
+            w,
+            QuantScheme.parse("w4-g32"),
+            stats,
+            site="model.layers.0.mlp.up_proj",
+            memory=config.fixed_bytes(300, 128) + 1,
+        )
+    assert "\n" not in str(e.value)
