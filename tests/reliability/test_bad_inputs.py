@@ -9,6 +9,7 @@ temporary sibling is left. docs/ERRORS.md lists the same cases.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
 import subprocess
@@ -200,6 +201,14 @@ def _calib(
     return build
 
 
+def _max_memory_too_small(tmp: Path, llama: Path) -> Case:
+    """A budget below what the run already holds: refused before any site is rounded, nothing written."""
+    case = _calib("a b c " * 50, "max_memory=0.05 GB is too small: the run holds", UserError)(tmp, llama)
+    return dataclasses.replace(
+        case, cli=[*(case.cli or []), "--max-memory", "0.05"], api={**(case.api or {}), "max_memory": 0.05}
+    )
+
+
 def _no_tokenizer(tmp: Path, llama: Path) -> Case:
     (tmp / "text.txt").write_text("some words " * 100)
     cli = ["--method", "gptq", "--calib-data", str(tmp / "text.txt"), "--seq-len", "16", "--group-size", "32"]
@@ -275,6 +284,11 @@ CASES: dict[str, Callable[[Path, Path], Case]] = {
     ),
     "malformed_method_option": _option_case(["--method-option", "oops"], None, "KEY=VALUE"),  # CLI only
     "bad_device": _option_case(None, {"device": "tpu"}, "device='tpu'"),  # CLI: argparse choices
+    "max_memory_zero": _option_case(["--max-memory", "0"], {"max_memory": 0}, "max_memory=0"),
+    "ray_address_local": _option_case(
+        ["--ray-address", "10.0.0.1:6379"], {"ray_address": "10.0.0.1:6379"}, "is for executor='ray'"
+    ),
+    "max_memory_too_small": _max_memory_too_small,
     "qdq_opset17": _qdq_old_opset,
     "bad_regex": _bad_regex,
     "calib_empty": _calib("", "is empty", CalibrationError),
