@@ -89,12 +89,12 @@ def open_session(
         inits[name].const_value = ir.tensor(arr, name=name)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    folder = _external_data_folder(model)
-    if folder is not None:  # weights left in the input's data file: onnxruntime reads them from there
-        opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
     if weight_bytes(model) < _INLINE_LIMIT:
+        folder = _external_data_folder(model)
+        if folder is not None:  # weights left in the input's data file: onnxruntime reads them from there
+            opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
         return ort.InferenceSession(ir.to_proto(model).SerializeToString(), opts, providers=list(providers))
-    # protobuf's 2 GiB limit: go through a file with external data
+    # protobuf's 2 GiB limit: through a file whose own data file holds every weight (so no folder is set)
     with tempfile.TemporaryDirectory(prefix="adaround-calib-") as tmp:
         path = Path(tmp) / "part.onnx"
         ir.save(model, path, external_data="part.onnx.data")

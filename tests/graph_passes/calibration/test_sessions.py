@@ -34,3 +34,21 @@ def test_calibration_reads_external_data_from_any_working_directory(tiny_hf_onnx
         outputs[name] = {p.name: p.read_bytes() for p in out.glob("model.onnx*")}
     assert set(outputs["inside"]) == {"model.onnx", "model.onnx_data"}
     assert outputs["inside"] == outputs["elsewhere"]
+
+
+def test_parts_over_the_inline_limit_with_external_data_calibrate_the_same(
+    tiny_hf_onnx, tmp_path, monkeypatch
+):
+    """A part too large for one protobuf goes to onnxruntime through a file with its own data file; its
+    weights must not be looked up in the input's folder (an 8B model's embedding part did, and failed)."""
+    from optimum.adaround.graph_passes.calibration import sessions
+
+    src = _with_external_data(tiny_hf_onnx("llama"), tmp_path / "model")
+    ids = np.random.default_rng(0).integers(0, 100, size=(2, 16))
+    inline = quantize(src, tmp_path / "inline", method="gptq", calib_data=ids, progress=False, workers=1)
+    monkeypatch.setattr(sessions, "_INLINE_LIMIT", 0)  # every part through a file
+    through_files = quantize(
+        src, tmp_path / "files", method="gptq", calib_data=ids, progress=False, workers=1
+    )
+    for name in ("model.onnx", "model.onnx_data"):
+        assert (inline / name).read_bytes() == (through_files / name).read_bytes(), name
