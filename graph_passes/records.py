@@ -141,19 +141,25 @@ class QuantizedWeight:
         return QuantizedWeight(self.codes[r0:r1], self.scales[r0:r1], zps, self.scheme, self.codebook)
 
     @classmethod
-    def stack(cls, parts: list[QuantizedWeight]) -> QuantizedWeight:
-        """The row chunks ``parts`` (same scheme, in row order) as one weight."""
-        if len(parts) == 1:
-            return parts[0]
-        first = parts[0]
-        zps = None if first.zero_points is None else np.concatenate([p.zero_points for p in parts])  # type: ignore[misc]
-        return cls(
-            np.concatenate([p.codes for p in parts]),
-            np.concatenate([p.scales for p in parts]),
-            zps,
-            first.scheme,
-            first.codebook,
+    def empty_like(cls, part: QuantizedWeight, n: int) -> QuantizedWeight:
+        """An ``n``-row weight of ``part``'s scheme and dtypes with unset arrays, to fill chunk by chunk
+        (``put``): the chunks are copied in as they come, never all held beside the whole."""
+        zps = (
+            None
+            if part.zero_points is None
+            else np.empty((n, *part.zero_points.shape[1:]), part.zero_points.dtype)
         )
+        codes = np.empty((n, *part.codes.shape[1:]), part.codes.dtype)
+        return cls(
+            codes, np.empty((n, *part.scales.shape[1:]), part.scales.dtype), zps, part.scheme, part.codebook
+        )
+
+    def put(self, r0: int, part: QuantizedWeight) -> None:
+        """Write ``part``'s rows at row ``r0``."""
+        r1 = r0 + part.n
+        self.codes[r0:r1], self.scales[r0:r1] = part.codes, part.scales
+        if self.zero_points is not None and part.zero_points is not None:
+            self.zero_points[r0:r1] = part.zero_points
 
     def expand(self, per_block: np.ndarray) -> np.ndarray:
         """Repeat a ``[N, n_blocks]`` array along K to ``[N, K]``."""

@@ -134,12 +134,22 @@ def merge_info(parts: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
 def round_in_chunks(
     site: Site, rows: int | None, fn: RowsFn
 ) -> tuple[QuantizedWeight, dict[str, float], dict[str, QuantizedWeight]]:
-    """``fn`` on each row chunk of ``site``; the chunks' weights (and references) stacked in row order."""
-    results = [fn(site.rows(r0, r1)) for r0, r1 in row_slices(site.n, rows)]
-    qw = QuantizedWeight.stack([r[0] for r in results])
-    info = merge_info([(r[0].n, r[1]) for r in results])
-    refs = {name: QuantizedWeight.stack([r[2][name] for r in results]) for name in results[0][2]}
-    return qw, info, refs
+    """``fn`` on each row chunk of ``site``; the chunks' weights (and references) written in row order into
+    whole-site arrays as they come."""
+    slices = row_slices(site.n, rows)
+    if len(slices) == 1:
+        return fn(site.rows(*slices[0]))
+    out: dict[str, QuantizedWeight] = {}  # "" = the rounding, else the references; shaped by the first chunk
+    infos = []
+    for r0, r1 in slices:
+        part, info, refs = fn(site.rows(r0, r1))
+        for name, chunk in (("", part), *refs.items()):
+            if name not in out:
+                out[name] = QuantizedWeight.empty_like(chunk, site.n)
+            out[name].put(r0, chunk)
+        infos.append((part.n, info))
+    whole = out.pop("")
+    return whole, merge_info(infos), out
 
 
 def site_report(
