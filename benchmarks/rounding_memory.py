@@ -29,7 +29,7 @@ CHECK = (8192, 2048)
 MB = 1 << 20
 
 CHILD = """
-import json, os, sys, time
+import hashlib, json, os, sys, time
 import numpy as np
 sys.path.insert(0, {bench!r})
 from measure import PeakRss, rss_anon_kb
@@ -46,9 +46,12 @@ impl.quantize(w[:64].copy(), QuantScheme.parse("w4-g128"), stats, site="warm-up"
 base = rss_anon_kb(os.getpid())
 t0 = time.perf_counter()
 with PeakRss(os.getpid(), 0.002) as peak:
-    impl.quantize(w, QuantScheme.parse("w4-g128"), stats, site="s", memory=memory)
-print(json.dumps({{"base_kb": base, "peak_kb": peak.kb, "seconds": time.perf_counter() - t0}}))
+    qw = impl.quantize(w, QuantScheme.parse("w4-g128"), stats, site="s", memory=memory)
+digest = hashlib.sha256(qw.codes.tobytes() + qw.scales.tobytes()).hexdigest()[:16]
+print(json.dumps({{"base_kb": base, "peak_kb": peak.kb, "seconds": time.perf_counter() - t0, "sha": digest}}))
 """
+HEAD = (262144, 640)
+"""A 270M-class output projection (Gemma-3's vocabulary x hidden): rounded at two budgets, same bytes?"""
 
 
 def run_child(method: str, n: int, k: int, memory: int | None) -> dict:
@@ -112,7 +115,32 @@ baseline stays below it, and the time changes little with the chunk size (times 
 shared with other work: compare them with care)."""
 
 
-def render(results: list[dict], info: dict) -> str:
+def head_check(method: str, budgets_mb: tuple[int, ...] = (1000, 4000)) -> dict:
+    """``method`` on the ``HEAD`` site at each budget: peak over baseline, seconds, digest of the codes."""
+    n, k = HEAD
+    runs = []
+    for budget_mb in budgets_mb:
+        r = run_child(method, n, k, budget_mb * MB)
+        over = (r["peak_kb"] - r["base_kb"]) / 1024.0
+        runs.append({"budget_mb": budget_mb, "over_mb": over, "seconds": r["seconds"], "sha": r["sha"]})
+    return {"method": method, "shape": list(HEAD), "runs": runs}
+
+
+def render_head(head: dict) -> list[str]:
+    n, k = head["shape"]
+    lines = [
+        "",
+        f"Output projection {n}x{k} ({head['method']}, W4 g128) at two budgets: the same codes and scales?",
+        "",
+        "| budget (MB) | peak over baseline (MB) | seconds | sha256 of codes + scales |",
+        "|---:|---:|---:|---|",
+    ]
+    for r in head["runs"]:
+        lines.append(f"| {r['budget_mb']} | {r['over_mb']:.0f} | {r['seconds']:.1f} | `{r['sha']}` |")
+    return lines
+
+
+def render(results: list[dict], info: dict, head: dict | None = None) -> str:
     lines = [
         "# Working memory of the calibrated rounding methods",
         "",
@@ -147,6 +175,8 @@ def render(results: list[dict], info: dict) -> str:
             lines.append(
                 f"| {r['method']} | {c['budget_mb']} | {c['rows']} | {c['over_mb']:.0f} | {c['seconds']:.1f} |"
             )
+    if head:
+        lines += render_head(head)
     lines += ["", READING]
     return "\n".join(lines) + "\n"
 
@@ -155,14 +185,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", nargs="+", default=list(METHODS))
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--head-only", action="store_true", help="only the output projection check")
     args = ap.parse_args()
-    results = [measure(m) for m in args.methods]
+    if args.head_only:  # keep the per-method rows of the last full run
+        results = json.loads((RESULTS / "rounding_memory.json").read_text())["results"]
+    else:
+        results = [measure(m) for m in args.methods]
+    head = head_check("adaround")
     info = {"machine": machine(), "commit": commit(), "date": time.strftime("%Y-%m-%d")}
-    text = render(results, info)
+    text = render(results, info, head)
     print(text)
     if not args.no_write:
         (RESULTS / "rounding_memory.json").write_text(
-            json.dumps({**info, "results": results}, indent=1) + "\n"
+            json.dumps({**info, "results": results, "head": head}, indent=1) + "\n"
         )
         (RESULTS / "rounding_memory.md").write_text(text)
 
