@@ -71,11 +71,16 @@ def pss_kb(pid: int) -> int | None:
     return _sum_kb(tree_pids(pid), "smaps_rollup", "Pss:")
 
 
+PSS_INTERVAL = 1.0
+"""Seconds between PSS readings at least (RssAnon is read every ``interval``)."""
+
+
 class PeakRss:
     """Peak summed RssAnon of a process tree, sampled every ``interval`` seconds while the ``with`` lasts.
 
-    With ``pss``, also the peak summed PSS (read by a second thread: a large tree's ``smaps_rollup`` takes
-    a good part of a second to read) and the most processes the tree held at once. ``peak_time`` is the
+    With ``pss``, also the peak summed PSS (read by a second thread every ``PSS_INTERVAL`` seconds or
+    more: a large tree's ``smaps_rollup`` takes a good part of a second of kernel time to read) and the
+    most processes the tree held at once. ``peak_time`` is the
     ``time.monotonic()`` of the RssAnon peak (comparable across processes). With ``limit_kb``, a tree whose
     RssAnon passes it is killed (``exceeded`` is set): a guard for machines shared with others."""
 
@@ -113,8 +118,10 @@ class PeakRss:
 
     def _sample_pss(self) -> None:
         while not self._stop.is_set():
+            t0 = time.perf_counter()
             self.pss_kb = max(self.pss_kb, pss_kb(self.pid) or 0)
-            self._stop.wait(self.interval)
+            # the kernel walks every mapped page to answer: keep that under a tenth of a core
+            self._stop.wait(max(PSS_INTERVAL, 10 * (time.perf_counter() - t0)))
 
     @property
     def mb(self) -> float:
@@ -217,8 +224,8 @@ def run_function(
 ) -> dict[str, Any]:
     """Run ``fn(**kwargs)`` (a module-level function) in a spawned process: ``ok``, ``info`` (its result) or
     ``error``, ``wall_seconds`` (interpreter start-up included) and ``peak_rss_anon_mb`` of its tree; with
-    ``pss`` also ``peak_pss_mb``, ``max_processes``, ``sample_interval_s`` and ``peak_time`` (see
-    ``PeakRss``). A tree whose RssAnon passes ``limit_mb`` is killed and the row says so."""
+    ``pss`` also ``peak_pss_mb``, ``max_processes``, ``sample_interval_s``, ``sampler_cpu_s`` (the CPU
+    time the sampling took) and ``peak_time`` (see ``PeakRss``). A tree whose RssAnon passes ``limit_mb`` is killed and the row says so."""
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
     # not daemonic: the quantizer starts its own rounding workers, as it does for a user
@@ -228,6 +235,7 @@ def run_function(
     child.close()
     result: dict[str, Any] | None = None
     limit_kb = None if limit_mb is None else int(limit_mb * 1024)
+    cpu0 = time.process_time()  # this process only waits: its CPU time is the sampling's
     with PeakRss(proc.pid, pss=pss, limit_kb=limit_kb) as peak:
         if parent.poll(timeout_s):
             try:
@@ -252,6 +260,7 @@ def run_function(
             peak_pss_mb=peak.pss_kb / 1024.0,
             max_processes=peak.processes,
             sample_interval_s=peak.mean_interval,
+            sampler_cpu_s=time.process_time() - cpu0,
             peak_time=peak.peak_time,
         )
     return out

@@ -41,10 +41,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import re
+import shlex
 import shutil
 import sys
 import tempfile
@@ -435,6 +437,20 @@ def export_row(name: str, dtype: str, folder: Path, args: argparse.Namespace) ->
     return row
 
 
+def output_digest(folder: Path) -> str:
+    """sha256 over the output's model files (graph and external data; not the records, which hold times),
+    by name in sorted order: equal digests mean byte-equal models."""
+    h = hashlib.sha256()
+    for f in sorted(
+        p for p in folder.rglob("*") if p.is_file() and p.suffix not in {".json", ".yaml", ".md"}
+    ):
+        h.update(f.relative_to(folder).as_posix().encode() + b"\0")
+        with f.open("rb") as fh:
+            while block := fh.read(1 << 24):
+                h.update(block)
+    return h.hexdigest()
+
+
 def measure_run(src: Path, run: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """One configuration in a fresh process; the output folder is removed afterwards."""
     spec = MODELS[run["model"]]
@@ -445,6 +461,8 @@ def measure_run(src: Path, run: dict[str, Any], args: argparse.Namespace) -> dic
             quantize_job, args.timeout, pss=True, limit_mb=args.ceiling * 1e3 / 1.048576,
             src=str(src), out=str(out), vocab=vocab, run=run,
         )  # fmt: skip
+        if r["ok"]:
+            r["output_sha256"] = output_digest(out)
     finally:
         shutil.rmtree(out, ignore_errors=True)
     row = {**run, "date": now(), "commit": commit(), "load_average": list(os.getloadavg()), **r}
@@ -511,7 +529,8 @@ def _progress_line(row: dict[str, Any]) -> str:
     return (
         f"{head}: {row['wall_seconds']:.0f} s (calibration {p['calibration_s']:.0f}, rounding "
         f"{p['rounding_s']:.0f}, packing {p['packing_s']:.1f}, save {p['save_s']:.1f}); peak RssAnon "
-        f"{_gb(row['peak_rss_anon_mb'])} GB, PSS {_gb(row['peak_pss_mb'])} GB"
+        f"{_gb(row['peak_rss_anon_mb'])} GB, PSS {_gb(row['peak_pss_mb'])} GB; sampling took "
+        f"{row['sampler_cpu_s']:.0f} CPU-s"
     )
 
 
@@ -536,7 +555,24 @@ def merge(old: list[dict[str, Any]], new: list[dict[str, Any]], key: Any) -> lis
     return kept + list(fresh.values())
 
 
+def command_line(argv: list[str]) -> str:
+    """The command that measured a row, for the results (``--workdir`` left out: it is where, not what)."""
+    kept: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip or arg.startswith("--workdir="):
+            skip = False
+            continue
+        skip = arg == "--workdir"
+        if not skip:
+            kept.append(shlex.quote(arg))
+    return " ".join(["python benchmarks/scale.py", *kept])
+
+
 def write_results(exports: list[dict], rows: list[dict], command: str) -> dict[str, Any]:
+    """Merge the new rows into ``scale.json`` and write ``scale.md`` (its ``## Reading`` section kept)."""
+    for row in [*exports, *rows]:
+        row["command"] = command
     json_path = RESULTS / "scale.json"
     old = json.loads(json_path.read_text()) if json_path.is_file() else {"exports": [], "runs": []}
     data = {
@@ -545,7 +581,6 @@ def write_results(exports: list[dict], rows: list[dict], command: str) -> dict[s
             "hardware": hardware(),
             "memory": "peak summed RssAnon of the quantizing process and its workers (sampled every 50 ms); "
             "PSS beside it; GB = 1e9 bytes",
-            "last_command": command,
         },
         "exports": merge(old["exports"], exports, lambda r: (r["model"], r["dtype"], r["blocks"])),
         "runs": merge(old["runs"], rows, run_key),
@@ -595,20 +630,21 @@ def _export_table(exports: list[dict[str, Any]]) -> list[str]:
 def _run_table(rows: list[dict[str, Any]]) -> list[str]:
     lines = [
         "| model | dtype | method | max_memory | wall | calibration | weight read | rounding | packing | rewrite | save | "
-        "peak RssAnon (GB) | peak PSS (GB) | processes | peak during | result |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+        "peak RssAnon (GB) | peak PSS (GB) | processes | peak during | load | output sha256 | result |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|---|",
     ]
     for r in rows:
         if not r["ok"]:
             why = r.get("skipped") or r.get("error")
             peak = _gb(r.get("peak_rss_anon_mb"))
-            lines.append(f"{_label(r)} {r.get('wall_seconds', 0):.0f} ||||||| {peak} |||| {why} |")
+            lines.append(f"{_label(r)} {r.get('wall_seconds', 0):.0f} ||||||| {peak} |||||| {why} |")
             continue
         ph = r["phases"]
         lines.append(
             f"{_label(r)} {r['wall_seconds']:.0f} | {ph['calibration_s']:.1f} | {ph['read_s']:.1f} | {ph['rounding_s']:.1f} | "
             f"{ph['packing_s']:.1f} | {ph['rewrite_s']:.1f} | {ph['save_s']:.1f} | {_gb(r['peak_rss_anon_mb'])} | "
-            f"{_gb(r['peak_pss_mb'])} | {r['max_processes']} | {r['peak_phase']} | ok |"
+            f"{_gb(r['peak_pss_mb'])} | {r['max_processes']} | {r['peak_phase']} | {r['load_average'][0]:.1f} | "
+            f"{r['output_sha256'][:16] if r.get('output_sha256') else ''} | ok |"
         )
     return lines
 
@@ -644,31 +680,51 @@ def _depth_table(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def markdown(data: dict[str, Any]) -> str:
-    """The results page: what was measured on which machine and commit, and the tables."""
+def _intro(data: dict[str, Any]) -> list[str]:
+    """What was measured, on which machine and commits, and the commands that measured it."""
     hw, rows = data["meta"]["hardware"], data["runs"]
     dates = sorted({r["date"] for r in rows if "date" in r})
-    commits = sorted({r["commit"] for r in rows if "commit" in r})
-    calib = sorted({f"{r['calib_samples']} x {r['seq_len']}" for r in rows})
-    gpu = f"; GPU {hw['gpu']} (unused)" if hw["gpu"] else ""
-    lines = [
+    when = dates[0] if len(dates) < 2 else f"{dates[0]} to {dates[-1]}"
+    commits = ", ".join(sorted({r["commit"] for r in rows if "commit" in r}))
+    calib = ", ".join(sorted({f"{r['calib_samples']} x {r['seq_len']}" for r in rows}))
+    gpu = f"; GPU {hw['gpu']} (unused)" if hw["gpu"] else "; no GPU"
+    commands = sorted({r["command"] for r in [*data["exports"], *rows] if r.get("command")})
+    return [
         "# Scale: `quantize` at billion-parameter widths, a few decoder blocks deep",
         "",
-        f"Measured {dates[0] if len(dates) < 2 else f'{dates[0]} to {dates[-1]}'} on {hw['cpu']}, {hw['cores']} cores, "
-        f"{hw['ram_gb']:.0f} GB RAM{gpu}; commit {', '.join(commits)}. Random weights at real dimensions "
-        "(Llama-3-8B; Llama-2-70B; Gemma-3-270M, tied 262144 x 640 output projection), exported by Optimum "
-        f'(text-generation-with-past); W4 g128, output projection at the run\'s scheme (`lm_head="scheme"`); '
-        f"calibration on random token ids, {', '.join(calib)} (sequences x tokens): deliberately small, so the "
-        "figures are the pipeline's costs at these widths, not quality. Memory: the peak summed RssAnon "
-        "of the quantizing process and its rounding workers, sampled every 50 ms (memory-mapped weights "
-        "are file-backed and not counted), PSS beside it; GB = 1e9 bytes. Wall times include the process "
-        "start-up. Each configuration ran in a fresh process.",
+        f"Measured {when} on {hw['cpu']}, {hw['cores']} cores, {hw['ram_gb']:.0f} GB RAM{gpu}; commits "
+        f"{commits} (rows name theirs). Random weights (seeded normal, std 0.02) at real dimensions, a few "
+        "decoder blocks deep: Llama-3-8B (output projection 128256 x 4096), Llama-2-70B (sites up to "
+        "28672 x 8192), Gemma-3-270M (`gemma3_text`, tied 262144 x 640 output projection), exported by "
+        "Optimum (text-generation-with-past). W4 g128, output projection at the run's scheme "
+        f'(`lm_head="scheme"`), embedding at 8 bits (the default). Calibration on random token ids, {calib} '
+        "(sequences x tokens): deliberately small, so these are the pipeline's costs at these widths, not "
+        "quality figures. Each configuration ran in a fresh process; wall times include its start-up; other "
+        "processes shared the 2 cores at times (`load` is the 1-minute load average when the row ended).",
         "",
-        "Reproduce: `python benchmarks/scale.py --models llama3-8b gemma3-270m llama2-70b --dtype fp32 fp16 "
-        "--methods rtn gptq` and `python benchmarks/scale.py --models llama3-8b --methods adaround --budgets 4 8` "
-        "(see `--help`; `--quick` checks the script on tiny dims).",
+        "Memory: the peak of the summed RssAnon of the quantizing process and its rounding workers, sampled "
+        "every 50 ms (weights read through memory-mapped files are file-backed pages and not counted), "
+        "with the summed PSS (which counts the resident mapped pages) beside it; GB = 1e9 bytes. "
+        "`processes`: the most processes the tree held at once. `weight read`: the float32 copy of a weight "
+        "the run's process makes (data-free methods; calibrated methods are handed a view and read it by "
+        "row chunks inside the rounding). Packing is pack + spill of each site, in the run's process.",
         "",
+        "Reproduce (`--quick` checks the script on tiny dims in a minute):",
+        "",
+        *[f"    {c}" for c in commands],
+        "",
+    ]
+
+
+def markdown(data: dict[str, Any]) -> str:
+    """The results page: what was measured on which machine and commit, and the tables."""
+    rows = data["runs"]
+    lines = [
+        *_intro(data),
         "## Exports",
+        "",
+        "The parameters are drawn into memory-mapped files, so an export's RssAnon is what Optimum's exporter "
+        "allocates; its external data is gathered into one file by onnx-ir's streamed save (`gather`).",
         "",
         *_export_table(data["exports"]),
         "",
@@ -681,6 +737,10 @@ def markdown(data: dict[str, Any]) -> str:
         *_block_table(rows),
         "",
         "## At full depth (extrapolated from the measured blocks)",
+        "",
+        "The measured run plus (full depth - measured blocks) x the mean block (block 0 excluded: it also "
+        "waits for the workers to start), saving scaled by the bytes written. The peak memory column is the "
+        "measured one: sites are rounded block by block, so it is not expected to grow with depth.",
         "",
         *_depth_table(rows),
         "",
@@ -722,7 +782,7 @@ def main() -> None:
     if args.quick or args.no_write:
         print(markdown({"meta": {"hardware": hardware()}, "exports": exports, "runs": rows}))
         return
-    write_results(exports, rows, "python benchmarks/scale.py " + " ".join(sys.argv[1:]))
+    write_results(exports, rows, command_line(sys.argv[1:]))
 
 
 if __name__ == "__main__":

@@ -96,7 +96,7 @@ class AdaRoundConfig(MethodConfig):
     name: ClassVar[str] = "adaround"
     needs: ClassVar[frozenset[str]] = frozenset({"hessian"})
     row_bytes: ClassVar[float] = 160.0
-    hessian_copies: ClassVar[float] = 7.0
+    hessian_copies: ClassVar[float] = 3.0
     default_calib_samples: ClassVar[int] = 128
     """AdaRound fits H more closely than GPTQ and gains more from data (benchmarks/results/adaround_calibration.md)."""
 
@@ -207,6 +207,10 @@ class RoundingState:
     def codes(self) -> torch.Tensor:
         return self.base + self.h
 
+    def row_slice(self, r0: int, r1: int) -> RoundingState:
+        """Rows ``r0:r1`` as views (writing ``h`` in place writes this state's)."""
+        return RoundingState(*(t[r0:r1] for t in (self.w, self.s, self.z, self.base, self.h, self.live)))
+
     def to(self, device: str | torch.device) -> RoundingState:
         return RoundingState(*(t.to(device) for t in (self.w, self.s, self.z, self.base, self.h, self.live)))
 
@@ -292,6 +296,11 @@ def _optimise(
     return rectified_sigmoid(v)
 
 
+FLIP_TILE_BYTES = 1 << 20
+"""Float32 bytes of one ``[rows, K]`` array of the flip descent: rows go through it this many bytes at a time
+so that every array of the step loop stays in cache (rows are independent; 256 rows at K = 1024)."""
+
+
 def greedy_flips(
     st: RoundingState, hm: torch.Tensor, max_steps: int, guard: torch.Tensor | None = None
 ) -> int:
@@ -301,26 +310,35 @@ def greedy_flips(
     (exact change ``2 s dh g + s^2 H_jj``), then updates the row's gradient ``g = dW H`` by one row of H.
     Stops at a local minimum of single flips. Returns the number of flips made. With ``guard`` (another
     mean Hessian ``[K, K]``), only flips that do not raise the row's loss under it either are taken.
+    Rows are independent: they are descended a tile of ``FLIP_TILE_BYTES`` at a time.
     """
+    n, k = st.w.shape
     hm32 = hm.to(torch.float32)
-    hdiag = torch.diagonal(hm32)
-    g = (st.dequantize() - st.w) @ hm32
-    cost = st.s * st.s * hdiag[None, :]
-    gm32 = None if guard is None else guard[None].to(torch.float32)  # [1, K, K]
+    gm32 = None if guard is None else guard.to(torch.float32)
+    rows = max(1, FLIP_TILE_BYTES // (4 * max(k, 1)))
+    return sum(_descend(st.row_slice(r0, r0 + rows), hm32, max_steps, gm32) for r0 in range(0, n, rows))
+
+
+def _descend(st: RoundingState, hm32: torch.Tensor, max_steps: int, gm32: torch.Tensor | None) -> int:
+    """``greedy_flips`` of the rows of ``st`` (views: ``st.h`` is written in place)."""
+    d = st.dequantize() - st.w
+    g = d @ hm32
+    cost = st.s * st.s * torch.diagonal(hm32)[None, :]
     if gm32 is not None:
-        g_guard = (st.dequantize() - st.w)[None] @ gm32  # [1, N, K]
-        cost_guard = st.s[None] * st.s[None] * torch.diagonal(gm32, dim1=1, dim2=2)[:, None, :]
+        g_guard = d @ gm32
+        cost_guard = st.s * st.s * torch.diagonal(gm32)[None, :]
+    del d
     rows = torch.arange(st.w.shape[0], device=st.w.device)
     tol = 1e-6 * cost.mean(dim=1)
     flips = 0
     for _ in range(max_steps):
         dh = 1 - 2 * st.h[rows]
-        delta = 2 * st.s[rows] * dh * g[rows] + cost[rows]
+        s = st.s[rows]
+        delta = 2 * s * dh * g[rows] + cost[rows]
         ok = st.live[rows]
         if gm32 is not None:
-            ok = ok & (2 * st.s[rows] * dh * g_guard[:, rows] + cost_guard[:, rows] <= 0).all(dim=0)
-        delta = torch.where(ok, delta, torch.full_like(delta, float("inf")))
-        best, j = delta.min(dim=1)
+            ok = ok & (2 * s * dh * g_guard[rows] + cost_guard[rows] <= 0)
+        best, j = delta.masked_fill_(~ok, float("inf")).min(dim=1)
         act = best < -tol[rows]
         if not bool(act.any()):
             break
@@ -329,7 +347,7 @@ def greedy_flips(
         st.h[rows, j] += step
         g[rows] += (st.s[rows, j] * step)[:, None] * hm32[j]
         if gm32 is not None:
-            g_guard[:, rows] += (st.s[rows, j] * step)[None, :, None] * gm32[:, j]
+            g_guard[rows] += (st.s[rows, j] * step)[:, None] * gm32[j]
         flips += int(rows.numel())
     return flips
 
@@ -403,12 +421,19 @@ def adaround_refine(
     return st, info
 
 
-def init_rounding(site: Site, config: AdaRoundConfig) -> tuple[QuantizedWeight, dict[str, float]]:
-    """The starting rounding: GPTQ's (with its fallback policy and scale refits) or round-to-nearest."""
+def init_rounding(
+    site: Site, config: AdaRoundConfig, rows: int | None = None
+) -> tuple[QuantizedWeight, dict[str, float]]:
+    """The starting rounding of the whole site (GPTQ's in chunks of ``rows``, with its fallback policy and
+    scale refits; or round-to-nearest)."""
     if config.init == "gptq":
-        return gptq_quantize(site, config.gptq())
-    codes, scales, zps = round_to_nearest(site.w, site.scheme)
-    return QuantizedWeight(codes, scales, zps, site.scheme), {"fallback": 0.0}
+        return gptq_quantize(site, config.gptq(), rows)
+
+    def nearest(part: Site) -> tuple[QuantizedWeight, dict[str, float], dict[str, QuantizedWeight]]:
+        return QuantizedWeight(*round_to_nearest(part.w, part.scheme), part.scheme), {"fallback": 0.0}, {}
+
+    qw, info, _ = round_in_chunks(site, rows, nearest)
+    return qw, info
 
 
 def state_from(w: np.ndarray, qw: QuantizedWeight) -> RoundingState:
@@ -484,25 +509,30 @@ class AdaRound:
         with torch_threads(self.config.threads):
             opened = open_site(self.config.name, weight, scheme, stats, site)
             rows = self.config.rows_within(memory, *weight.shape)
-            qw, info, refs = round_in_chunks(opened, rows, self.round_rows)
-            return site_report(opened, qw, info, rows, **refs)
+            init_qw, init_info = init_rounding(opened, self.config, rows)
+            opened.cache.clear()  # GPTQ's factor: gone before the refinement's K x K arrays are made
+            if init_info.get("fallback"):
+                return site_report(opened, init_qw, init_info, rows, init=init_qw)
+            qw, info, _ = round_in_chunks(opened, rows, lambda part: self.round_rows(part, init_qw))
+            return site_report(opened, qw, {**init_info, **info}, rows, init=init_qw)
 
-    def round_rows(self, site: Site) -> tuple[QuantizedWeight, dict[str, float], dict[str, QuantizedWeight]]:
-        """The init, the refinement and the final refit of the rows of ``site``; returns the rounding, its
-        bookkeeping and the init as the reference."""
+    def round_rows(
+        self, site: Site, init: QuantizedWeight
+    ) -> tuple[QuantizedWeight, dict[str, float], dict[str, QuantizedWeight]]:
+        """The refinement and the final refit of the rows of ``site``, from their rows of the whole site's
+        ``init``; returns the rounding and its bookkeeping."""
         config = self.config
-        init_qw, info = init_rounding(site, config)
-        qw = init_qw
-        if not info.get("fallback"):
-            guard = None
-            if config.guard_first_position == "rest":
-                guard = site.cached("guard", lambda: first_position_guard(site.stats))
-            qw, more = self.refine(site, init_qw, guard)
-            info.update(more)
-            if config.final_refit != "none":
-                guarded = guard if config.final_refit == "guarded" else None
-                qw = refit_final_scales(site, qw, guarded, info, config.device or "cpu")
-        return qw, info, {"init": init_qw}
+        init_qw = init.rows(site.row0, site.row0 + site.n)
+        info: dict[str, float] = {}
+        guard = None
+        if config.guard_first_position == "rest":
+            guard = site.cached("guard", lambda: first_position_guard(site.stats))
+        qw, more = self.refine(site, init_qw, guard)
+        info.update(more)
+        if config.final_refit != "none":
+            guarded = guard if config.final_refit == "guarded" else None
+            qw = refit_final_scales(site, qw, guarded, info, config.device or "cpu")
+        return qw, info, {}
 
     def refine(
         self, site: Site, init_qw: QuantizedWeight, guard: torch.Tensor | None

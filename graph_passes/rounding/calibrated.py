@@ -57,13 +57,15 @@ class Site:
     t0: float
     cache: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
     """What the method derived from ``H`` alone, shared by the site's row chunks."""
+    row0: int = 0
+    """The first row of ``w`` in the whole site's weight (a row chunk's offset)."""
 
     def rows(self, r0: int, r1: int) -> Site:
         """The site restricted to rows ``r0:r1`` of its weight, read as a contiguous float32 copy and checked
         (same statistics, same cache)."""
         w = np.ascontiguousarray(self.w[r0:r1], dtype=np.float32)
         check_finite(w, f"site {self.name}: weight")
-        return dataclasses.replace(self, w=w)
+        return dataclasses.replace(self, w=w, row0=self.row0 + r0)
 
     @property
     def n(self) -> int:

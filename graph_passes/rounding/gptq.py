@@ -247,7 +247,7 @@ class GPTQConfig(MethodConfig):
     name: ClassVar[str] = "gptq"
     needs: ClassVar[frozenset[str]] = frozenset({"hessian"})
     row_bytes: ClassVar[float] = 80.0
-    hessian_copies: ClassVar[float] = 4.0
+    hessian_copies: ClassVar[float] = 2.5
 
     percdamp: float = option(0.01, PERCDAMP_HELP)
     block_size: int = option(
@@ -299,13 +299,15 @@ def gptq_factor(
     device = config.device or "cpu"
 
     def make() -> tuple[torch.Tensor | None, tuple[torch.Tensor, float] | None]:
-        h = site.prep.h.to(device)
-        perm = None
-        if config.act_order:
-            perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
-            h = h[perm]  # two steps, so that at most two K x K copies are alive
-            h = h[:, perm]
-        return perm, hs.inverse_cholesky(h, config.percdamp, site=site.name)
+        prep = site.prep
+        perm = torch.argsort(prep.diagonal(), descending=True, stable=True) if config.act_order else None
+        if device != "cpu":
+            h = prep.h if perm is None else prep.permuted(perm)
+            factor = hs.inverse_cholesky(h.to(device), config.percdamp, site=site.name)
+            return None if perm is None else perm.to(device), factor
+        # on the CPU each try builds the (permuted) Hessian afresh and factors it in place
+        build = (lambda: prep.h) if perm is None else (lambda: prep.permuted(perm))
+        return perm, hs.inverse_cholesky(build, config.percdamp, site=site.name)
 
     return site.cached(f"gptq:{config.act_order}:{config.percdamp}:{device}", make)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -120,6 +121,28 @@ class PreparedHessian:
             t[self.dead, self.dead] = 1
         return t
 
+    def diagonal(self) -> torch.Tensor:
+        """The diagonal of ``h`` (``work_dtype``), without forming ``h``."""
+        d = torch.from_numpy(np.diagonal(self.source).astype(np.float64))
+        return d.masked_fill_(self.dead, 1.0).to(work_dtype(len(self.source)))
+
+    def permuted(self, perm: torch.Tensor, columns: int = 1024) -> torch.Tensor:
+        """``h[perm][:, perm]`` as one new ``work_dtype`` array, gathered ``columns`` columns at a time
+        from the float64 source (no second ``K x K`` array)."""
+        k = len(self.source)
+        src = np.asarray(self.source)
+        p = perm.numpy()
+        out = torch.empty(k, k, dtype=work_dtype(k))
+        for j0 in range(0, k, columns):
+            block = src[np.ix_(p, p[j0 : j0 + columns])].astype(np.float64, copy=False)
+            out[:, j0 : j0 + columns] = torch.from_numpy(block)
+        dead = self.dead[perm]
+        if bool(dead.any()):
+            out[dead, :] = 0
+            out[:, dead] = 0
+            out[dead, dead] = 1
+        return out
+
 
 def prepare(h: np.ndarray | None, k: int, site: str) -> PreparedHessian:
     """Validate (see module policy 1) and find the dead inputs (policy 2) without copying ``h``."""
@@ -128,26 +151,22 @@ def prepare(h: np.ndarray | None, k: int, site: str) -> PreparedHessian:
 
 
 def inverse_cholesky(
-    h: torch.Tensor, percdamp: float = 0.01, max_tries: int = 3, site: str = "?"
+    h: torch.Tensor | Callable[[], torch.Tensor], percdamp: float = 0.01, max_tries: int = 3, site: str = "?"
 ) -> tuple[torch.Tensor, float] | None:
-    """Upper Cholesky factor ``U`` of ``(H + damp I)^-1`` (``U^T U = H^-1``), in float64.
+    """Upper Cholesky factor ``U`` of ``(H + damp I)^-1`` (``U^T U = H^-1``), in ``h``'s dtype.
 
     Tries ``percdamp, 10 percdamp, ...`` (``max_tries`` values); returns ``(U, percdamp_used)``, or None
-    when every try fails (the caller then falls back to round-to-nearest, policy 4).
+    when every try fails (the caller then falls back to round-to-nearest, policy 4). ``h`` is left as it
+    is; given as a function that makes a fresh ``H`` (on the CPU), each try factors that array in place,
+    so a wide layer's factorisation holds one ``K x K`` array besides a transient one.
     """
     damp = percdamp
     for attempt in range(max_tries):
-        # each K x K intermediate is dropped as soon as the next exists: at most three are alive with h
-        lower, info = torch.linalg.cholesky_ex(dampen(h, damp))
-        if int(info) == 0:
-            hinv = torch.cholesky_inverse(lower)
-            del lower
-            upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
-            del hinv
-            if int(info) == 0 and bool(torch.isfinite(upper).all()):
-                if attempt:
-                    logger.info("site %s: Hessian needed percdamp=%g to be positive definite", site, damp)
-                return upper, damp
+        upper = _factor(h() if callable(h) else h.clone(), damp)
+        if upper is not None:
+            if attempt:
+                logger.info("site %s: Hessian needed percdamp=%g to be positive definite", site, damp)
+            return upper, damp
         damp *= 10.0
     logger.warning(
         "site %s: Hessian is not positive definite even with percdamp=%g; falling back to round-to-nearest",
@@ -155,3 +174,20 @@ def inverse_cholesky(
         damp / 10.0,
     )
     return None
+
+
+def _factor(h: torch.Tensor, percdamp: float) -> torch.Tensor | None:
+    """``U`` with ``U^T U = (h + damp I)^-1``, computed in ``h``'s memory (overwritten); None when not
+    positive definite. The same operations as ``dampen`` and a Cholesky out of place, bit for bit."""
+    diag = torch.diagonal(h)
+    mean = float(diag.mean()) if diag.numel() else 0.0
+    diag.add_(percdamp * (mean if mean > 0 else 1.0))
+    info = torch.empty((), dtype=torch.int32, device=h.device)
+    torch.linalg.cholesky_ex(h, out=(h, info))
+    if int(info) != 0:
+        return None
+    torch.cholesky_inverse(h, out=h)
+    torch.linalg.cholesky_ex(h, upper=True, out=(h, info))
+    if int(info) != 0 or not bool(torch.isfinite(h).all()):
+        return None
+    return h

@@ -17,9 +17,42 @@ from .grid import round_scales
 __all__ = ["refit_scales"]
 
 
-def _block_onehot(k: int, g: int) -> torch.Tensor:
+REFIT_CHUNK_BYTES = 1 << 23
+"""Float64 bytes of one ``[rows, K]`` temporary of the Gram computation: rows are taken this many bytes at a
+time so the temporaries stay in cache (8 MB: 256 rows at K = 4096)."""
+
+
+def _block_sums(x: torch.Tensor, g: int, nb: int) -> torch.Tensor:
+    """``[R, K] -> [R, nb]``: the sums of ``x`` over each block of ``g`` columns (the last may be short)."""
+    r, k = x.shape
+    if nb * g != k:
+        x = torch.nn.functional.pad(x, (0, nb * g - k))
+    return x.view(r, nb, g).sum(dim=2)
+
+
+def block_gram(
+    a: torch.Tensor, w: torch.Tensor, h: torch.Tensor, g: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row ``r``, the normal equations of its block scales: ``G_r = A_r H A_r^T`` ``[N, nb, nb]`` and
+    ``b_r = A_r H w_r`` ``[N, nb]``, where ``A_r`` holds ``a[r]`` on each block's columns (float64).
+
+    Computed block row by block row on and right of the diagonal (``a[:, cols] @ H[cols, j0:]``: about
+    ``N K^2 / 2`` multiply-adds in all; ``G_r`` is symmetric) over row chunks of ``REFIT_CHUNK_BYTES``."""
+    n, k = a.shape
     nb = -(-k // g)
-    return torch.nn.functional.one_hot(torch.arange(k) // g, nb).to(torch.float64)
+    gram = torch.empty(n, nb, nb, dtype=torch.float64, device=h.device)
+    rhs = torch.empty(n, nb, dtype=torch.float64, device=h.device)
+    step = max(1, REFIT_CHUNK_BYTES // (8 * k))
+    for r0 in range(0, n, step):
+        ar, r1 = a[r0 : r0 + step], min(r0 + step, n)
+        rhs[r0:r1] = _block_sums(ar * (w[r0:r1] @ h), g, nb)
+        for b in range(nb):
+            j0 = b * g
+            cols = slice(j0, min(j0 + g, k))
+            upper = _block_sums(ar[:, j0:] * (ar[:, cols] @ h[cols, j0:]), g, nb - b)
+            gram[r0:r1, b, b:] = upper
+            gram[r0:r1, b + 1 :, b] = upper[:, 1:]
+    return gram, rhs
 
 
 def refit_scales(
@@ -40,19 +73,16 @@ def refit_scales(
     nb = scheme.n_blocks(k)
     h64 = torch.as_tensor(h, dtype=torch.float64)
     dev = h64.device
-    onehot = _block_onehot(k, g).to(dev)  # [K, nb]
     z = (
         torch.full((n, k), float(scheme.implied_zero_point), dtype=torch.float64, device=dev)
         if zero_points is None
         else torch.from_numpy(np.repeat(zero_points.astype(np.float64), g, axis=1)[:, :k]).to(dev)
     )
     a = torch.from_numpy(codes.astype(np.float64)).to(dev) - z  # codes relative to the zero point
+    del z
     w64 = torch.from_numpy(np.asarray(w, dtype=np.float64)).to(dev)
-    rhs = (a * (w64 @ h64)) @ onehot  # [N, nb]
-    gram = torch.empty(n, nb, nb, dtype=torch.float64, device=dev)
-    for b in range(nb):
-        cols = slice(b * g, min((b + 1) * g, k))
-        gram[:, :, b] = (a * (a[:, cols] @ h64[cols, :])) @ onehot
+    gram, rhs = block_gram(a, w64, h64, g)
+    del a, w64
     gram0, rhs0 = gram, rhs
     old = torch.from_numpy(scales.astype(np.float64)).to(dev)
     # A block whose codes all sit on the zero point has no say in the output: pin its scale.
