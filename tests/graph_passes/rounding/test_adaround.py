@@ -264,3 +264,23 @@ def test_final_refit_modes_never_raise_the_loss(site, mode):
         np.testing.assert_array_equal(qw.scales, none.scales)
     else:
         assert qw.metrics["final_refit_rows"] > 0
+
+
+@pytest.mark.parametrize("guarded", [False, True])
+def test_greedy_flips_by_row_tiles_make_the_same_flips_as_all_rows_at_once(guarded, monkeypatch):
+    rng = np.random.default_rng(6)
+    n, k = 37, 16
+    x = rng.standard_normal((80, k)) @ rng.standard_normal((k, k))
+    hm = torch.from_numpy(x.T @ x / 80)
+    guard = torch.from_numpy(x[8:].T @ x[8:] / 72) if guarded else None
+    w = torch.from_numpy(rng.standard_normal((n, k)).astype(np.float32))
+    s = torch.from_numpy(rng.uniform(0.2, 0.5, (n, k)).astype(np.float32))
+    z = torch.full((n, k), 4.0)
+    codes = (torch.round(w / s) + z).clamp(0, 7)
+    results = []
+    for tile_bytes in (4 * k * 5, 1 << 20):  # 5 rows per tile (the last one short), and one tile
+        monkeypatch.setattr(ar, "FLIP_TILE_BYTES", tile_bytes)
+        st = ar.RoundingState.from_codes(w, s, z, codes, 7)
+        results.append((ar.greedy_flips(st, hm, 50, guard), st.h))
+    (flips_a, h_a), (flips_b, h_b) = results
+    assert flips_a == flips_b > 0 and torch.equal(h_a, h_b)

@@ -91,3 +91,43 @@ def test_indefinite_hessian_retries_then_returns_none(caplog):
     h2 = torch.diag(torch.tensor([1.0, 1.0, 1.0, -0.05], dtype=torch.float64))
     out = hs.inverse_cholesky(h2, 0.01)
     assert out is not None and out[1] == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("k", [40, hs.WIDE_K // 64])
+def test_permuted_equals_indexing_the_prepared_hessian_twice(k):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((3 * k, k))
+    x[:, [1, k - 2]] = 0  # two dead inputs
+    prep = hs.prepare(x.T @ x, k, "s")
+    perm = torch.from_numpy(rng.permutation(k))
+    got = prep.permuted(perm, columns=7)  # blocks that do not divide K
+    assert got.dtype == hs.work_dtype(k)
+    assert torch.equal(got, prep.h[perm][:, perm])
+    assert torch.equal(prep.diagonal(), torch.diagonal(prep.h))
+
+
+def test_a_wide_hessian_is_prepared_in_float32():
+    k = hs.WIDE_K
+    prep = hs.prepare(np.eye(k), k, "s")
+    assert prep.permuted(torch.arange(k), columns=4096).dtype == torch.float32
+
+
+def test_factoring_fresh_arrays_in_place_gives_the_same_bits_and_leaves_a_given_h_alone():
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((5, 9))  # rank 5: positive definite only once dampened
+    h = torch.from_numpy(x.T @ x)
+    kept = h.clone()
+    upper, damp = hs.inverse_cholesky(h, 0.01)
+    assert damp == 0.01 and torch.equal(h, kept)  # the caller's array is not the one factored
+    lower = torch.linalg.cholesky(hs.dampen(h, 0.01))  # the out-of-place steps, for the bits
+    assert torch.equal(upper, torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True))
+    built = []
+
+    def fresh() -> torch.Tensor:
+        built.append(1)
+        return h.clone()
+
+    assert torch.equal(hs.inverse_cholesky(fresh, 0.01)[0], upper) and len(built) == 1
+    indefinite = torch.diag(torch.tensor([1.0, 1.0, -0.05], dtype=torch.float64))
+    out = hs.inverse_cholesky(lambda: built.append(1) or indefinite.clone(), 0.01)
+    assert out is not None and out[1] == pytest.approx(0.1) and len(built) == 3  # one fresh array per try

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from optimum.adaround.graph_passes.errors import InvalidOptionError
 from optimum.adaround.graph_passes.records import QuantizedWeight
@@ -77,3 +78,25 @@ def test_zero_scale_steps_is_adaround_without_its_final_refit(minilm_weight, cor
     np.testing.assert_array_equal(ls.scales, ada.scales)
     with pytest.raises(InvalidOptionError, match=r"^adaround_ls option scale_steps=-1: use an integer >= 0"):
         AdaRoundLSConfig(scale_steps=-1)
+
+
+def test_block_gram_matches_the_normal_equations_in_any_row_chunks(monkeypatch):
+    from optimum.adaround.graph_passes.rounding import scales as sc
+
+    rng = np.random.default_rng(5)
+    n, k, g = 7, 90, 32  # a short last block
+    a = torch.from_numpy(rng.integers(-8, 8, (n, k)).astype(np.float64))
+    w = torch.from_numpy(rng.standard_normal((n, k)))
+    x = rng.standard_normal((200, k))
+    h = torch.from_numpy(x.T @ x)
+    nb = -(-k // g)
+    blocks = torch.zeros(n, nb, k, dtype=torch.float64)  # A_r: a[r] on each block's columns
+    for b in range(nb):
+        blocks[:, b, b * g : (b + 1) * g] = a[:, b * g : (b + 1) * g]
+    want_gram = blocks @ h @ blocks.transpose(1, 2)
+    want_rhs = (blocks @ h @ w[:, :, None])[..., 0]
+    for chunk_bytes in (8 * k * 3, 1 << 23):  # three rows at a time, and every row at once
+        monkeypatch.setattr(sc, "REFIT_CHUNK_BYTES", chunk_bytes)
+        gram, rhs = sc.block_gram(a, w, h, g)
+        torch.testing.assert_close(gram, want_gram, rtol=1e-12, atol=1e-9)
+        torch.testing.assert_close(rhs, want_rhs, rtol=1e-12, atol=1e-9)
