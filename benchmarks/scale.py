@@ -54,6 +54,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from measure import commit, cpu_model, now, run_function  # a sibling module (benchmarks/ is no package)
 
@@ -384,6 +386,70 @@ def extrapolate(row: dict[str, Any], depth: int) -> dict[str, Any]:
     }
 
 
+def site_shapes(spec: ModelSpec, lm_head: bool) -> list[tuple[int, int]]:
+    """``(N, K)`` of one decoder block's linear sites (q, k, v, o, gate, up, down), then the output projection."""
+    d = spec.dims
+    h, f, v = d["hidden_size"], d["intermediate_size"], d["vocab_size"]
+    head_dim = d.get("head_dim", h // d["num_attention_heads"])
+    q, kv = d["num_attention_heads"] * head_dim, d.get("num_key_value_heads", 1) * head_dim
+    block = [(q, h), (kv, h), (kv, h), (h, q), (f, h), (f, h), (h, f)]
+    return block + ([(v, h)] if lm_head else [])
+
+
+def _features(n: float, k: float) -> list[float]:
+    return [n * k * k, k**3, n * k]
+
+
+def site_time_fit(sites: list[dict[str, Any]]) -> list[float] | None:
+    """Non-negative ``(a, b, c)`` of ``seconds = a N K^2 + b K^3 + c N K`` over a run's sites (the
+    per-row work under H, the factorisation, the per-weight work), by least squares with the features
+    that come out negative dropped; None with fewer sites than features."""
+    pts = [(s["n"], s["k"], s["seconds"] - (s.get("pack_s") or 0.0)) for s in sites if s.get("seconds")]
+    if len(pts) < 3:
+        return None
+    x = np.array([_features(n, k) for n, k, _ in pts], dtype=np.float64)
+    y = np.array([t for *_, t in pts], dtype=np.float64)
+    keep = [0, 1, 2]
+    while keep:
+        coef = np.linalg.lstsq(x[:, keep], y, rcond=None)[0]
+        if (coef >= 0).all():
+            out = [0.0, 0.0, 0.0]
+            for i, c in zip(keep, coef, strict=True):
+                out[i] = float(c)
+            return out
+        keep.pop(int(np.argmin(coef)))
+    return None
+
+
+def shape_estimate(row: dict[str, Any], spec: ModelSpec) -> dict[str, Any] | None:
+    """Rounding time of ``spec`` at full depth from ``row``'s per-site fit: one-core seconds, and wall with
+    the blocks' sites at the run's measured parallelism (their summed seconds / the blocks' rounding wall),
+    the output projection alone, and calibration per block scaled by the weights per block."""
+    fit = site_time_fit(row["info"]["sites"])
+    if fit is None:
+        return None
+    lm_head = row["lm_head"] != "none"
+    shapes = site_shapes(spec, lm_head)
+    per_block = [shapes[:7], shapes[7:]]
+    core_block = sum(float(np.dot(fit, _features(n, k))) for n, k in per_block[0])
+    core_head = sum(float(np.dot(fit, _features(n, k))) for n, k in per_block[1])
+    busy = sum(
+        s["seconds"] for s in row["info"]["sites"] if s.get("seconds") and block_of(s["name"]) is not None
+    )
+    parallel = max(busy / max(sum(b["rounding_s"] for b in row["per_block"]), 1e-9), 1.0)
+    measured = MODELS[row["model"]]
+    w_block = sum(n * k for n, k in per_block[0])
+    w_measured = sum(n * k for n, k in site_shapes(measured, False)[:7])
+    calib_block = row["phases"]["calibration_s"] / max(row["blocks"], 1) * w_block / w_measured
+    core = spec.full_blocks * core_block + core_head
+    return {
+        "fit": fit,
+        "core_h": core / 3600,
+        "wall_h": (spec.full_blocks * (core_block / parallel + calib_block) + core_head) / 3600,
+        "parallel": parallel,
+    }
+
+
 def peak_phase(row: dict[str, Any]) -> str:
     """Where the RssAnon peak fell: the decoder block or output projection being calibrated or rounded
     (the first site packed after it), else start-up or rewrite/save."""
@@ -680,6 +746,29 @@ def _depth_table(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _estimate_table(rows: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "| model | dtype | method | max_memory | estimated for | fit a (ns per N K^2) | b (ns per K^3) | "
+        "c (ns per N K) | rounding, one core | est. wall (blocks at the run's parallelism) |",
+        "|---|---|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        if not r["ok"] or r["method"] == "rtn":
+            continue
+        for name, spec in MODELS.items():
+            if name == "gemma3-270m":
+                continue
+            e = shape_estimate(r, spec)
+            if e is None:
+                continue
+            a, b, c = (1e9 * v for v in e["fit"])
+            lines.append(
+                f"{_label(r)} {name}, {spec.full_blocks} blocks | {a:.3g} | {b:.3g} | {c:.3g} | "
+                f"{e['core_h']:.1f} h | {e['wall_h']:.1f} h ({e['parallel']:.1f} block sites at once) |"
+            )
+    return lines
+
+
 def _intro(data: dict[str, Any]) -> list[str]:
     """What was measured, on which machine and commits, and the commands that measured it."""
     hw, rows = data["meta"]["hardware"], data["runs"]
@@ -743,6 +832,15 @@ def markdown(data: dict[str, Any]) -> str:
         "measured one: sites are rounded block by block, so it is not expected to grow with depth.",
         "",
         *_depth_table(rows),
+        "",
+        "## Other widths (estimated from the measured sites)",
+        "",
+        "Each calibrated run's site times fitted as `a N K^2 + b K^3 + c N K` seconds (the per-row work under "
+        "H, the factorisation, the per-weight work; non-negative least squares over its sites), then summed "
+        "over the sites of Llama-3-8B and Llama-2-70B at full depth with their output projection. An "
+        "estimate: the 70B sites are wider than any measured (K up to 28672 against 14336).",
+        "",
+        *_estimate_table(rows),
         "",
     ]
     return "\n".join(lines)

@@ -10,7 +10,6 @@ atomic output writer (``output.write_output``) with the exported folder's side f
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import time
 from collections.abc import Callable
@@ -20,11 +19,12 @@ from typing import Any
 import numpy as np
 
 from .graph_passes.config import ModuleOverride, QuantConfig
-from .graph_passes.errors import CalibrationError, InternalError, InvalidOptionError
+from .graph_passes.errors import InternalError, InvalidOptionError
 from .graph_passes.model_io import LoadedModel, initializer_bytes, load_model, save_model, to_source_kind
 from .graph_passes.pipeline import QuantizationResult, prepare_sites, quantize_model
 from .output import check_output_path, write_output
 from .recipes import ConfigLike, resolve_config
+from .run_inputs import calibration_ids, candidate_schemes, given_sensitivity, pop_token_ids
 
 __all__ = ["QuantizationRun", "quantize", "run_config"]
 
@@ -33,11 +33,6 @@ def run_config(config: ConfigLike = None, **overrides: Any) -> QuantConfig:
     """The config of a run: ``config`` (a QuantConfig, preset name, recipe file or mapping; None = the
     defaults) with the keyword ``overrides`` applied (flat option names; see ``QuantConfig.with_overrides``)."""
     return resolve_config(config).with_overrides(**overrides)
-
-
-def pop_token_ids(overrides: dict[str, Any]) -> np.ndarray | None:
-    """``calib_data`` given as a token-id array: taken out of ``overrides`` (it is data, not an option)."""
-    return overrides.pop("calib_data") if isinstance(overrides.get("calib_data"), np.ndarray) else None
 
 
 def quantize(
@@ -134,7 +129,7 @@ class QuantizationRun:
         from .graph_passes.transforms import apply_transforms, check_ids
 
         if self.config.needs_calibration:
-            self.token_ids, self.calib_info = _token_ids(self.config, self.loaded, self.given_ids)
+            self.token_ids, self.calib_info = calibration_ids(self.config, self.loaded, self.given_ids)
         folder = self.loaded.directory
         ids = check_ids(self.model, self.token_ids)
         return apply_transforms(
@@ -156,12 +151,12 @@ class QuantizationRun:
         sel = config.selection
         report = prepare_sites(self.model, sel.include, sel.exclude, sel.quantize_lm_head)
         if self.token_ids is None:
-            self.token_ids, self.calib_info = _token_ids(config, self.loaded, self.given_ids, force=True)
+            self.token_ids, self.calib_info = calibration_ids(config, self.loaded, self.given_ids, force=True)
         planned = plan_allocation(
-            self.model, report.sites, _candidate_schemes(config, report.sites), config.method, self.token_ids,
+            self.model, report.sites, candidate_schemes(config, report.sites), config.method, self.token_ids,
             target_bits=bits, probe_samples=config.allocation.probe_samples,
             accuracy_level=config.output.accuracy_level, progress=self.progress, model_dir=self.loaded.directory,
-            sensitivity=_given_sensitivity(config, self.model, report.sites),
+            sensitivity=given_sensitivity(config, self.model, report.sites),
         )  # fmt: skip
         self.allocation = planned.to_dict()
         overrides, exclude = as_selection(planned.allocation)
@@ -174,7 +169,7 @@ class QuantizationRun:
         sel = config.selection
         report = prepare_sites(self.model, sel.include, sel.exclude, sel.quantize_lm_head)
         if self.token_ids is None and config.needs_calibration:  # after the model's own checks passed
-            self.token_ids, self.calib_info = _token_ids(config, self.loaded, self.given_ids)
+            self.token_ids, self.calib_info = calibration_ids(config, self.loaded, self.given_ids)
         return quantize_model(
             self.model, config, sites=report, token_ids=self.token_ids, progress=self.progress,
             model_dir=self.loaded.directory,
@@ -233,68 +228,6 @@ def build_record(run: QuantizationRun) -> dict[str, Any]:
         "skipped": body["skipped"],
         "timings": body["timings"],
     }
-
-
-def _given_sensitivity(config: QuantConfig, model: Any, sites: list[Any]) -> Any:
-    """The sensitivities of ``config.allocation.sensitivity`` (None: probe)."""
-    path = config.allocation.sensitivity
-    if path is None:
-        return None
-    from .graph_passes.predict.probe import load_sensitivity
-
-    return load_sensitivity(path, model, sites)
-
-
-def _candidate_schemes(config: QuantConfig, sites: list[Any]) -> dict[str, Any]:
-    """The allocation's candidate labels -> schemes (the run's format choice per scheme; None = float)."""
-    from .graph_passes.pipeline import choose_format
-
-    shapes = [(s.k, s.n) for s in sites]
-    out: dict[str, Any] = {}
-    for label in config.allocation.candidates:  # keyed by the full label (w4-g128-sym), as sites record it
-        if label == "float":
-            out[label] = None
-        else:
-            scheme = choose_format(config.with_overrides(scheme=label).scheme, shapes)
-            out[scheme.label] = scheme
-    return out
-
-
-def _token_ids(
-    config: QuantConfig, loaded: LoadedModel, given: np.ndarray | None, force: bool = False
-) -> tuple[np.ndarray | None, dict[str, Any] | None]:
-    """Calibration token ids for methods that need statistics (or when ``force``d: the allocation's probes):
-    the caller's array, or sampled from text."""
-    if not (config.needs_calibration or force):
-        return None, None
-    cal = config.calibration
-    info: dict[str, Any] = {"sink_weight": cal.sink_weight}
-    if given is not None:
-        ids = np.asarray(given)
-        if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer) or ids.size == 0:
-            raise CalibrationError(
-                f"calib_data array must be integer token ids [n, seq_len], got {ids.dtype}{list(ids.shape)}"
-            )
-        info.update(source="token ids given by the caller", n_samples=ids.shape[0], seq_len=ids.shape[1])
-        return _hashed(ids, info)
-    tokenizer_dir = loaded.directory
-    if tokenizer_dir is None:
-        raise CalibrationError(
-            "an in-memory model has no tokenizer folder: pass calib_data as an int64 token-id array [n, seq_len]"
-        )
-    from .data.text import calibration_token_ids  # lazy: pulls in transformers' tokenizers
-
-    n = config.calib_samples
-    ids = calibration_token_ids(tokenizer_dir, cal.calib_data, n, cal.seq_len, seed=cal.seed)
-    info.update(source=cal.calib_data or "default", n_samples=n, seq_len=cal.seq_len, seed=cal.seed)
-    return _hashed(ids, info)
-
-
-def _hashed(ids: np.ndarray, info: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
-    """int64 token ids, with their sha256 recorded (the same calibration tokens can be checked later)."""
-    ids = np.ascontiguousarray(ids, dtype=np.int64)
-    info["tokens_sha256"] = hashlib.sha256(ids.tobytes()).hexdigest()
-    return ids, info
 
 
 def quantize_into(

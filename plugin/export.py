@@ -202,7 +202,8 @@ def export(
     perplexity before and after and puts it in the model card; ``push_to_hub="user/name"`` uploads the
     finished folder.
     """
-    from .api import pop_token_ids, quantize_into, run_config
+    from .api import quantize_into, run_config
+    from .run_inputs import pop_token_ids
 
     if config is not None and recipe is not None:
         raise InvalidOptionError("give config or recipe, not both (they are the same thing)")

@@ -13,13 +13,14 @@ import os
 import time
 from typing import Any
 
-from .api import _candidate_schemes, _given_sensitivity, _token_ids, pop_token_ids, run_config
+from .api import run_config
 from .graph_passes.model_io import load_model
 from .graph_passes.pipeline import plan_schemes, prepare_sites
 from .graph_passes.predict.estimate import packed_bytes
 from .graph_passes.predict.law import predict as predict_law
 from .graph_passes.predict.plan import measure_profile, plan_allocation
 from .recipes import ConfigLike
+from .run_inputs import calibration_ids, candidate_schemes, given_sensitivity, pop_token_ids
 
 __all__ = ["predict"]
 
@@ -35,15 +36,15 @@ def predict(
     loaded = load_model(model)
     sel = cfg.selection
     sites = prepare_sites(loaded.model, sel.include, sel.exclude, sel.quantize_lm_head).sites
-    ids, _ = _token_ids(cfg, loaded, token_ids, force=True)
+    ids, _ = calibration_ids(cfg, loaded, token_ids, force=True)
     folder = loaded.directory
     t0 = time.perf_counter()
     if cfg.allocation.target_bits is not None:
         planned = plan_allocation(
-            loaded.model, sites, _candidate_schemes(cfg, sites), cfg.method, ids,
+            loaded.model, sites, candidate_schemes(cfg, sites), cfg.method, ids,
             target_bits=cfg.allocation.target_bits, probe_samples=cfg.allocation.probe_samples,
             accuracy_level=cfg.output.accuracy_level, progress=progress, model_dir=folder,
-            sensitivity=_given_sensitivity(cfg, loaded.model, sites),
+            sensitivity=given_sensitivity(cfg, loaded.model, sites),
         )  # fmt: skip
         alloc = planned.allocation
         result = {"allocation": alloc.to_dict(), "bits_per_weight": alloc.bits_per_weight}
@@ -53,7 +54,7 @@ def predict(
         labels = {s.name: schemes[s.name].label for s in sites}
         sens, errors, seconds = measure_profile(
             loaded.model, sites, {schemes[s.name].label: schemes[s.name] for s in sites}, cfg.method, ids,
-            probe_samples=cfg.allocation.probe_samples, given=_given_sensitivity(cfg, loaded.model, sites),
+            probe_samples=cfg.allocation.probe_samples, given=given_sensitivity(cfg, loaded.model, sites),
             progress=progress, model_dir=folder,
         )  # fmt: skip
         prediction = predict_law(sens, {s: errors.errors[labels[s]][s] for s in labels})

@@ -114,7 +114,7 @@ def test_failure_at_any_stage_leaves_no_output(
     if stage == "calibration" and failure != "ctrl_c":
         pytest.skip("one calibrated case is enough (slow); ctrl_c covers it")
     if stage == "calibration":
-        monkeypatch.setattr(api, "_token_ids", _fixed_tokens)
+        monkeypatch.setattr(api, "calibration_ids", _fixed_tokens)
     before = tree_hash(llama)
     calls = _inject(monkeypatch, stage, FAILURES[failure])
     out = tmp_path / "out"
