@@ -247,7 +247,7 @@ class GPTQConfig(MethodConfig):
     name: ClassVar[str] = "gptq"
     needs: ClassVar[frozenset[str]] = frozenset({"hessian"})
     row_bytes: ClassVar[float] = 80.0
-    hessian_copies: ClassVar[float] = 2.5
+    hessian_copies: ClassVar[float] = 3.0
 
     percdamp: float = option(0.01, PERCDAMP_HELP)
     block_size: int = option(
