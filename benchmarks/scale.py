@@ -758,6 +758,9 @@ def _estimate_table(rows: list[dict[str, Any]]) -> list[str]:
         for name, spec in MODELS.items():
             if name == "gemma3-270m":
                 continue
+            widest = max(k for _, k in site_shapes(spec, False))
+            if 2 * max(st["k"] for st in r["info"]["sites"]) < widest:
+                continue  # a fit over sites under half as wide says little about these
             e = shape_estimate(r, spec)
             if e is None:
                 continue
@@ -837,8 +840,9 @@ def markdown(data: dict[str, Any]) -> str:
         "",
         "Each calibrated run's site times fitted as `a N K^2 + b K^3 + c N K` seconds (the per-row work under "
         "H, the factorisation, the per-weight work; non-negative least squares over its sites), then summed "
-        "over the sites of Llama-3-8B and Llama-2-70B at full depth with their output projection. An "
-        "estimate: the 70B sites are wider than any measured (K up to 28672 against 14336).",
+        "over the sites of Llama-3-8B and Llama-2-70B at full depth with their output projection, from runs whose "
+        "sites reach at least half the target's widest K. An estimate: the 70B sites are wider than any "
+        "measured (K up to 28672 against 14336).",
         "",
         *_estimate_table(rows),
         "",
@@ -868,7 +872,11 @@ def main() -> None:
     p.add_argument("--workdir", type=Path, default=WORKDIR, help="where the exports go (deleted after use)")
     p.add_argument("--quick", action="store_true", help="tiny dims: checks the script (nothing written)")
     p.add_argument("--no-write", action="store_true", help="print only, do not write benchmarks/results")
+    p.add_argument("--render", action="store_true", help="only rewrite scale.md from scale.json (no runs)")
     args = p.parse_args()
+    if args.render:
+        write_results([], [], "")
+        return
     args.budgets = [None if b == "none" else float(b) for b in args.budgets]
     args.workdir.mkdir(parents=True, exist_ok=True)
     exports, rows = [], []
