@@ -96,10 +96,14 @@ def check_hessian(h: np.ndarray | None, k: int, site: str) -> np.ndarray:
 
 def dampen(h: torch.Tensor, percdamp: float) -> torch.Tensor:
     """``H + percdamp * mean(diag H) * I`` (a new tensor); an all-zero diagonal gets ``percdamp * I``."""
+    return h + _damping(h, percdamp) * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+
+
+def _damping(h: torch.Tensor, percdamp: float) -> float:
+    """``percdamp`` x the mean of ``h``'s diagonal (x 1 when that mean is not positive)."""
     diag = torch.diagonal(h)
     mean = float(diag.mean()) if diag.numel() else 0.0
-    damp = percdamp * (mean if mean > 0 else 1.0)
-    return h + damp * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    return percdamp * (mean if mean > 0 else 1.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,11 +119,7 @@ class PreparedHessian:
         t = torch.from_numpy(np.asarray(self.source, dtype=np.float64)).to(
             work_dtype(len(self.source)), copy=True
         )
-        if bool(self.dead.any()):
-            t[self.dead, :] = 0
-            t[:, self.dead] = 0
-            t[self.dead, self.dead] = 1
-        return t
+        return _patch_dead(t, self.dead)
 
     def diagonal(self) -> torch.Tensor:
         """The diagonal of ``h`` (``work_dtype``), without forming ``h``."""
@@ -136,12 +136,16 @@ class PreparedHessian:
         for j0 in range(0, k, columns):
             block = src[np.ix_(p, p[j0 : j0 + columns])].astype(np.float64, copy=False)
             out[:, j0 : j0 + columns] = torch.from_numpy(block)
-        dead = self.dead[perm]
-        if bool(dead.any()):
-            out[dead, :] = 0
-            out[:, dead] = 0
-            out[dead, dead] = 1
-        return out
+        return _patch_dead(out, self.dead[perm])
+
+
+def _patch_dead(t: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+    """``t`` with the dead inputs' rows and columns zeroed and their diagonal set to 1 (policy 2), in place."""
+    if bool(dead.any()):
+        t[dead, :] = 0
+        t[:, dead] = 0
+        t[dead, dead] = 1
+    return t
 
 
 def prepare(h: np.ndarray | None, k: int, site: str) -> PreparedHessian:
@@ -179,9 +183,7 @@ def inverse_cholesky(
 def _factor(h: torch.Tensor, percdamp: float) -> torch.Tensor | None:
     """``U`` with ``U^T U = (h + damp I)^-1``, computed in ``h``'s memory (overwritten); None when not
     positive definite. The same operations as ``dampen`` and a Cholesky out of place, bit for bit."""
-    diag = torch.diagonal(h)
-    mean = float(diag.mean()) if diag.numel() else 0.0
-    diag.add_(percdamp * (mean if mean > 0 else 1.0))
+    torch.diagonal(h).add_(_damping(h, percdamp))
     info = torch.empty((), dtype=torch.int32, device=h.device)
     torch.linalg.cholesky_ex(h, out=(h, info))
     if int(info) != 0:
