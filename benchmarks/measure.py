@@ -90,6 +90,8 @@ class PeakRss:
         self.pid, self.interval, self.pss, self.limit_kb = pid, interval, pss, limit_kb
         self.kb = self.pss_kb = self.processes = self.samples = 0
         self.seconds = self.peak_time = 0.0
+        self.peak_split_kb: list[int] = []
+        """At the peak, each process's RssAnon (the tree's root first, then its descendants)."""
         self.exceeded = False
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._sample, daemon=True)]
@@ -98,9 +100,10 @@ class PeakRss:
 
     def _tick(self) -> None:
         pids = tree_pids(self.pid)
-        kb = _sum_kb(pids, "status", "RssAnon:")
+        each = [v for p in pids if (v := _field_kb(f"/proc/{p}/status", "RssAnon:")) is not None]
+        kb = sum(each) if each else None
         if kb is not None and kb > self.kb:
-            self.kb, self.peak_time = kb, time.monotonic()
+            self.kb, self.peak_time, self.peak_split_kb = kb, time.monotonic(), each
         self.processes = max(self.processes, len(pids))
         if self.limit_kb is not None and kb is not None and kb > self.limit_kb:
             self.exceeded = True
@@ -262,6 +265,7 @@ def run_function(
             sample_interval_s=peak.mean_interval,
             sampler_cpu_s=time.process_time() - cpu0,
             peak_time=peak.peak_time,
+            peak_rss_anon_by_process_mb=[kb / 1024.0 for kb in peak.peak_split_kb],
         )
     return out
 

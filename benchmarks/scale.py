@@ -522,6 +522,7 @@ def measure_run(src: Path, run: dict[str, Any], args: argparse.Namespace) -> dic
     spec = MODELS[run["model"]]
     vocab = (spec.quick if args.quick else spec.dims)["vocab_size"]
     out = src.parent / f"{src.name}-q"
+    stamp = {"date": now(), "commit": commit()}  # the code measured: later commits must not relabel it
     try:
         r = run_function(
             quantize_job, args.timeout, pss=True, limit_mb=args.ceiling * 1e3 / 1.048576,
@@ -531,7 +532,7 @@ def measure_run(src: Path, run: dict[str, Any], args: argparse.Namespace) -> dic
             r["output_sha256"] = output_digest(out)
     finally:
         shutil.rmtree(out, ignore_errors=True)
-    row = {**run, "date": now(), "commit": commit(), "load_average": list(os.getloadavg()), **r}
+    row = {**run, **stamp, "load_average": list(os.getloadavg()), **r}
     if row["ok"]:
         row["phases"], row["per_block"] = phases(row["info"]), per_block(row["info"])
         row["head"], row["peak_phase"] = head_figures(row["info"]), peak_phase(row)
@@ -595,7 +596,7 @@ def _progress_line(row: dict[str, Any]) -> str:
     return (
         f"{head}: {row['wall_seconds']:.0f} s (calibration {p['calibration_s']:.0f}, rounding "
         f"{p['rounding_s']:.0f}, packing {p['packing_s']:.1f}, save {p['save_s']:.1f}); peak RssAnon "
-        f"{_gb(row['peak_rss_anon_mb'])} GB, PSS {_gb(row['peak_pss_mb'])} GB; sampling took "
+        f"{_gb(row['peak_rss_anon_mb'])} GB ({_split(row) or '?'}), PSS {_gb(row['peak_pss_mb'])} GB; sampling took "
         f"{row['sampler_cpu_s']:.0f} CPU-s"
     )
 
@@ -669,6 +670,11 @@ def _budget(row: dict[str, Any]) -> str:
     return "none" if row["max_memory"] is None else f"{row['max_memory']:g} GB"
 
 
+def _split(row: dict[str, Any]) -> str:
+    """The peak's RssAnon by process, main process first (not recorded by older rows)."""
+    return " + ".join(_gb(mb) for mb in row.get("peak_rss_anon_by_process_mb") or [])
+
+
 def _label(row: dict[str, Any]) -> str:
     opts = row.get("method_options")
     extra = "" if not opts else " (" + ", ".join(f"{k}={v}" for k, v in opts.items()) + ")"
@@ -696,20 +702,21 @@ def _export_table(exports: list[dict[str, Any]]) -> list[str]:
 def _run_table(rows: list[dict[str, Any]]) -> list[str]:
     lines = [
         "| model | dtype | method | max_memory | wall | calibration | weight read | rounding | packing | rewrite | save | "
-        "peak RssAnon (GB) | peak PSS (GB) | processes | peak during | load | output sha256 | result |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|---|",
+        "peak RssAnon (GB) | at the peak, by process | peak PSS (GB) | processes | peak during | load | output sha256 | "
+        "result |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|---:|---|---|",
     ]
     for r in rows:
         if not r["ok"]:
             why = r.get("skipped") or r.get("error")
             peak = _gb(r.get("peak_rss_anon_mb"))
-            lines.append(f"{_label(r)} {r.get('wall_seconds', 0):.0f} ||||||| {peak} |||||| {why} |")
+            lines.append(f"{_label(r)} {r.get('wall_seconds', 0):.0f} ||||||| {peak} ||||||| {why} |")
             continue
         ph = r["phases"]
         lines.append(
             f"{_label(r)} {r['wall_seconds']:.0f} | {ph['calibration_s']:.1f} | {ph['read_s']:.1f} | {ph['rounding_s']:.1f} | "
             f"{ph['packing_s']:.1f} | {ph['rewrite_s']:.1f} | {ph['save_s']:.1f} | {_gb(r['peak_rss_anon_mb'])} | "
-            f"{_gb(r['peak_pss_mb'])} | {r['max_processes']} | {r['peak_phase']} | {r['load_average'][0]:.1f} | "
+            f"{_split(r)} | {_gb(r['peak_pss_mb'])} | {r['max_processes']} | {r['peak_phase']} | {r['load_average'][0]:.1f} | "
             f"{r['output_sha256'][:16] if r.get('output_sha256') else ''} | ok |"
         )
     return lines

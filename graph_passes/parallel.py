@@ -25,6 +25,7 @@ from typing import TypeVar
 import numpy as np
 
 from .errors import InvalidOptionError
+from .memory import release_memory
 from .records import QuantizedWeight, WeightSite
 from .rounding.base import MethodConfig, SiteStats, build_method
 from .scheme import QuantScheme
@@ -82,6 +83,7 @@ def round_site(
     t0 = time.perf_counter()
     bound = {} if memory is None else {"memory": memory}  # methods without a footprint take no budget
     qw = build_method(config).quantize(_opened(weight), scheme, _opened_stats(stats), site=name, **bound)
+    release_memory()  # a worker idles while the next block calibrates: not on the site's freed arrays
     return qw, time.perf_counter() - t0
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -28,11 +29,12 @@ import onnxruntime as ort
 from tqdm.auto import tqdm
 
 from ..errors import CalibrationError, InternalError, InvalidOptionError
+from ..memory import release_memory
 from ..records import QuantizedWeight, WeightSite
 from ..rounding.base import SiteStats
 from .blocks import Part, PartPlan, extract_part, plan_parts
 from .feeds import FeedSpec, check_token_ids, feed_specs, make_feeds, window_capacities
-from .sessions import open_session, release_memory, resolve_providers, weight_bytes
+from .sessions import open_session, resolve_providers, weight_bytes
 from .stats import HessianAccumulator, Precision, check_precision
 
 __all__ = [
@@ -278,13 +280,18 @@ def _check_returned(sites: dict[str, WeightSite], qws: dict[str, QuantizedWeight
             )
 
 
+DEQUANT_CHUNK_BYTES = 64 << 20
+"""Float32 bytes of the rows dequantized at a time when the quantized weights are written for pass 2."""
+
+
 def _graph_weights(
-    part_model: ir.Model, sites: dict[str, WeightSite], qws: dict[str, QuantizedWeight]
+    part_model: ir.Model, sites: dict[str, WeightSite], qws: dict[str, QuantizedWeight], folder: Path
 ) -> dict[str, np.ndarray]:
-    """The dequantized codes of the returned sites, in each initializer's layout and dtype, by name."""
+    """The dequantized codes of the returned sites, in each initializer's layout and dtype, by name: arrays
+    mapped from files in ``folder``, written a row chunk at a time (file-backed, not held in memory)."""
     inits = part_model.graph.initializers
     out = {}
-    for name, qw in qws.items():
+    for i, (name, qw) in enumerate(qws.items()):
         site = sites[name]
         value = inits.get(site.weight_name)
         if value is None or value.const_value is None:
@@ -292,10 +299,18 @@ def _graph_weights(
                 f"weight {site.weight_name!r} of site {name!r} is not an initializer of its block"
             )
         old = value.const_value
-        w = qw.dequantize()
-        arr = np.ascontiguousarray(w if site.transposed else w.T, dtype=old.dtype.numpy())
-        if tuple(old.shape) != arr.shape:
-            raise InternalError(f"site {name!r}: graph weight has shape {tuple(old.shape)}, got {arr.shape}")
+        shape = (site.n, site.k) if site.transposed else (site.k, site.n)
+        if tuple(old.shape) != shape:
+            raise InternalError(f"site {name!r}: graph weight has shape {tuple(old.shape)}, got {shape}")
+        arr = np.lib.format.open_memmap(folder / f"{i:05d}.npy", "w+", old.dtype.numpy(), shape)
+        step = max(1, DEQUANT_CHUNK_BYTES // (4 * site.k))
+        for r0 in range(0, site.n, step):
+            w = qw.rows(r0, min(r0 + step, site.n)).dequantize()
+            if site.transposed:
+                arr[r0 : r0 + w.shape[0]] = w
+            else:
+                arr[:, r0 : r0 + w.shape[0]] = w.T
+        arr.flush()
         out[site.weight_name] = arr
     return out
 
@@ -421,7 +436,12 @@ def _requantized(
     """Pass 2: the part's boundary outputs with its sites' weights replaced by the dequantized codes, so
     the next part sees what the quantized block computes."""
     t0 = time.perf_counter()
-    sess = open_session(sub, run.providers, _graph_weights(sub, {s.name: s for s in sites}, qws))
+    with tempfile.TemporaryDirectory(
+        prefix="adaround-requant-", dir=run.options.stats_dir, ignore_cleanup_errors=True
+    ) as tmp:
+        weights = _graph_weights(sub, {s.name: s for s in sites}, qws, Path(tmp))
+        sess = open_session(sub, run.providers, weights)
+        del weights  # the session maps its own file; the part keeps the arrays (file-backed) until it goes
     boundary = _forward(run, sess, part, cache, outputs, [], None, rep)
     del sess
     release_memory()

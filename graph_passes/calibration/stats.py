@@ -43,6 +43,11 @@ MAPPED_BYTES = 64 << 20
 the kernel may write out and drop, and that worker processes map instead of receiving a copy."""
 
 
+PRODUCT_BYTES = 64 << 20
+"""Largest temporary of a batch's ``X^T X``: it is added into the sum a block of rows at a time (a whole
+K x K product for K = 14336 is 1.6 GB in float64)."""
+
+
 def _zeros(k: int, folder: Path | None) -> np.ndarray:
     if folder is None or 8 * k * k < MAPPED_BYTES:
         return np.zeros((k, k), np.float64)
@@ -97,7 +102,9 @@ class HessianAccumulator:
         x2 = self._rows(activation, x)
         xw = x2.astype(self.dtype, copy=False)
         h = self.hessians[activation]
-        h += xw.T @ xw
+        step = max(1, PRODUCT_BYTES // (xw.itemsize * h.shape[0]))
+        for i in range(0, h.shape[0], step):  # by row blocks: no K x K temporary beside the sum
+            h[i : i + step] += xw[:, i : i + step].T @ xw
         st = self.stats[activation]
         st.n_tokens += x2.shape[0]
         if np.ndim(x) == 3:  # [batch, seq, K]: the first positions' rows, for methods that guard the rest

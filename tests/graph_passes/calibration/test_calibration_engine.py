@@ -13,6 +13,7 @@ import onnxruntime as ort
 import pytest
 from conftest import weight_sites
 
+from optimum.adaround.graph_passes.calibration import engine
 from optimum.adaround.graph_passes.calibration.engine import (
     CalibrationOptions,
     resolve_providers,
@@ -125,7 +126,10 @@ def test_sequential_without_substitution_equals_one_pass(tiny_llama, ids):
     assert report.peak_cache_bytes > 0
 
 
-def test_sequential_sees_quantized_earlier_blocks(tiny_llama, ids):
+@pytest.mark.parametrize("chunk_bytes", [None, 1], ids=["whole", "row-by-row"])
+def test_sequential_sees_quantized_earlier_blocks(tiny_llama, ids, chunk_bytes, monkeypatch):
+    if chunk_bytes is not None:  # the dequantized weights are written to their file a row at a time
+        monkeypatch.setattr(engine, "DEQUANT_CHUNK_BYTES", chunk_bytes)
     sites = weight_sites(tiny_llama)
     before = {s.weight_name: weight_nk(tiny_llama, s) for s in sites}
     fp, q = Recorder(), Recorder(lambda s: rtn(weight_nk(tiny_llama, s)))
@@ -171,8 +175,11 @@ def test_handmade_graph_with_lm_head_in_epilogue(handmade):
     assert report.parts[-1].label == "epilogue" and report.parts[-1].requant_s == 0.0
 
 
-def test_transposed_site_substitution(handmade):
+@pytest.mark.parametrize("chunk_bytes", [None, 1], ids=["whole", "row-by-row"])
+def test_transposed_site_substitution(handmade, chunk_bytes, monkeypatch):
     """A site stored [N, K] (transposed=True) gets its dequantized weight back without transposing."""
+    if chunk_bytes is not None:
+        monkeypatch.setattr(engine, "DEQUANT_CHUNK_BYTES", chunk_bytes)
     proto = ir.to_proto(handmade)
     # store block 0's up weight as [N, K] behind a Transpose, as Gemm(transB) and tied heads do
     w_kn = onnx.numpy_helper.to_array(next(i for i in proto.graph.initializer if i.name == "w_up0"))

@@ -52,3 +52,31 @@ def test_parts_over_the_inline_limit_with_external_data_calibrate_the_same(
     )
     for name in ("model.onnx", "model.onnx_data"):
         assert (inline / name).read_bytes() == (through_files / name).read_bytes(), name
+
+
+def test_a_session_maps_its_weights_instead_of_copying_them(tmp_path):
+    """Calibration sessions leave weights in the data file onnxruntime maps (no packed copies): opening a
+    part with a 128 MB weight adds far less than 128 MB of anonymous memory, and it computes the same."""
+    import onnx_ir as ir
+
+    from optimum.adaround.graph_passes.calibration.sessions import open_session
+    from optimum.adaround.graph_passes.memory import tree_anon_bytes
+
+    k, n = 4096, 8192
+    w = np.random.default_rng(0).standard_normal((k, n)).astype(np.float32)
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, k])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, n])
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "w"], ["y"])], "g", [x], [y],
+        [onnx.numpy_helper.from_array(w, "w")],
+    )  # fmt: skip
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 21)], ir_version=10)
+    onnx.save_model(model, tmp_path / "m.onnx", save_as_external_data=True, location="m.data")
+    del model, graph
+    part = ir.load(tmp_path / "m.onnx")
+    before = tree_anon_bytes()
+    sess = open_session(part, ["CPUExecutionProvider"])
+    added = tree_anon_bytes() - before
+    assert added < w.nbytes // 4, f"opening the session added {added / 2**20:.0f} MB"
+    xs = np.random.default_rng(1).standard_normal((2, k)).astype(np.float32)
+    np.testing.assert_allclose(sess.run(["y"], {"x": xs})[0], xs @ w, rtol=1e-4, atol=1e-3)

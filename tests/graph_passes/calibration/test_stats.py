@@ -39,3 +39,15 @@ def test_narrow_sums_and_runs_without_a_folder_stay_in_memory(tmp_path):
     assert not isinstance(acc.hessians["x"], np.memmap) and not list(tmp_path.iterdir())
     small = np.ones((4, 4))
     assert mapped(small, tmp_path / "s.npy") is small
+
+
+def test_sums_added_by_row_blocks_equal_the_whole_product(monkeypatch):
+    """A batch's X^T X goes into the sum a few rows at a time (no K x K temporary); same sums."""
+    monkeypatch.setattr(stats_mod, "PRODUCT_BYTES", 8 * 48 * 5)  # 5 rows of a K = 48 float64 sum
+    xs = [np.random.default_rng(i).standard_normal((2, 5, 48)).astype(np.float32) for i in range(3)]
+    acc = HessianAccumulator(_sites(48))
+    for x in xs:
+        acc.add("x", x)
+    flat = np.concatenate([x.reshape(-1, 48) for x in xs]).astype(np.float64)
+    np.testing.assert_allclose(acc.hessians["x"], flat.T @ flat, rtol=1e-12, atol=1e-12)
+    assert acc.stats["x"].n_tokens == 30
