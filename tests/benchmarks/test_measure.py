@@ -33,6 +33,9 @@ def test_peak_memory_counts_the_worker_processes(measure):
         with measure.PeakRss(parent.pid, interval=0.01) as peak:
             pass
         assert peak.mb > 190
+        # at the peak, by process: the parent first, then the child holding its 200 MB
+        assert len(peak.peak_split_kb) == 2 and sum(peak.peak_split_kb) == peak.kb
+        assert peak.peak_split_kb[1] >= 190 << 10 > peak.peak_split_kb[0]
     finally:
         os.killpg(parent.pid, signal.SIGKILL)  # the child too
         parent.wait()
