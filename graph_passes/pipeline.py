@@ -238,9 +238,7 @@ class _SiteQuantizer:
 
         def submit(item: tuple[WeightSite, SiteStats | None]) -> Any:
             site, stats = item
-            weight: Any = read_weight(
-                self.model, site, copy=not self.method.row_bytes
-            )  # a view: read by chunks
+            weight: Any = read_weight(self.model, site, copy=False)  # a view: each method reads row chunks
             if isinstance(pool, ProcessPoolExecutor):  # local workers read large arrays through mmap
                 stem = self.folder / f"round-{next(count):05d}"
                 weight = mapped(weight, stem.with_suffix(".w.npy"))

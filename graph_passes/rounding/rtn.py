@@ -149,12 +149,17 @@ class RTN:
             raise UnsupportedSchemeError(
                 f"rtn quantizes to uniform integer grids; data_type={scheme.data_type.value} is not one"
             )
-        w = np.asarray(weight, dtype=np.float32)
+        w = np.asarray(weight)  # may be a view of the stored tensor (fp16, transposed): read by chunks
         if w.ndim != 2:
             raise UnsupportedSchemeError(f"rtn expects a 2-D weight [N, K], got shape {list(w.shape)}")
-        check_finite(w)
-        qw = self._ort(w, scheme) if self.config.grid == "ort" else self._searched(w, scheme)
+        if self.config.grid == "ort":
+            w = np.asarray(w, dtype=np.float32)
+            check_finite(w)
+            qw = self._ort(w, scheme)
+        else:
+            qw = self._searched(w, scheme)
         if stats is not None and stats.hessian is not None:
+            w = np.asarray(w, dtype=np.float32)
             qw.metrics["proxy_loss"] = proxy_loss(w, qw.dequantize(), stats.hessian, stats.n_tokens)
         return qw
 
@@ -168,7 +173,8 @@ class RTN:
         return qw
 
     def _searched(self, w: np.ndarray, scheme: QuantScheme) -> QuantizedWeight:
-        """Min-max or MSE-searched rounding, ``chunk_rows`` rows at a time."""
+        """Min-max or MSE-searched rounding, ``chunk_rows`` rows at a time, each read into float32 from
+        ``w`` in whatever dtype and layout it has (no whole-weight float32 copy)."""
         config = self.config
         n, k = w.shape
         ratios = self.ratios if config.search == "mse" else np.ones(1, np.float32)
@@ -178,9 +184,14 @@ class RTN:
         codes = np.empty((n, k), np.uint8)
         clip_sum = err_sum = 0.0
         starts = range(0, n, config.chunk_rows)
+        signal = 0.0
         for r0 in tqdm(starts, desc="rtn", disable=not config.progress, leave=False):
             r1 = min(r0 + config.chunk_rows, n)
-            s, z, q, c, e = mse_clip_search(w[r0:r1], scheme, ratios)
+            part = np.ascontiguousarray(w[r0:r1], dtype=np.float32)
+            if not np.isfinite(part).all():
+                check_finite(np.asarray(w, dtype=np.float32))  # the error, naming the first bad entry
+            signal += float(np.einsum("ij,ij->", part, part, dtype=np.float64))
+            s, z, q, c, e = mse_clip_search(part, scheme, ratios)
             scales[r0:r1], codes[r0:r1] = s, q
             if zp is not None and z is not None:
                 zp[r0:r1] = z
@@ -188,7 +199,6 @@ class RTN:
             err_sum += e
         qw = QuantizedWeight(codes, scales, zp, scheme)
         # sqnr from the search's own error sums (float32 per block, float64 total): no dequantization
-        signal = float(np.einsum("ij,ij->", w, w, dtype=np.float64))
         qw.metrics["sqnr_db"] = db(signal, err_sum)
         qw.metrics["clip_mean"] = clip_sum / max(n * nb, 1)
         return qw

@@ -182,3 +182,32 @@ def test_progress_shows_a_bar_over_the_row_chunks(capsys):
     assert "rtn:" in err and "/5 [" in err  # 40 rows in chunks of 8
     build_method(RTNConfig(chunk_rows=8)).quantize(w, QuantScheme(bits=4, group_size=64))
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("chunk_rows", [3, 4096])
+def test_non_finite_weights_are_named_from_any_chunk(chunk_rows):
+    w = np.ones((9, 32), np.float32)
+    w[7, 5] = np.nan
+    with pytest.raises(UserError, match=r"\[9, 32\] has 1 NaN/Inf.*\[7, 5\]"):
+        build_method(RTNConfig(chunk_rows=chunk_rows)).quantize(w, QuantScheme(bits=4, group_size=16))
+
+
+def test_a_stored_view_is_read_a_chunk_at_a_time(tmp_path):
+    """The pipeline hands rtn the stored tensor as is (here float16, [K, N] on disk, a transposed view):
+    the same codes as from a float32 copy, without making one (traced peak under the copy's size)."""
+    import tracemalloc
+
+    rng = np.random.default_rng(10)
+    stored = np.lib.format.open_memmap(tmp_path / "w.npy", "w+", np.float16, (512, 8192))
+    stored[:] = (0.02 * rng.standard_normal((512, 8192))).astype(np.float16)
+    view = stored.T  # [N, K] = [8192, 512], float16, not contiguous
+    scheme = QuantScheme(bits=4, group_size=128)
+    method = build_method(RTNConfig(chunk_rows=256))
+    want = method.quantize(np.ascontiguousarray(view, dtype=np.float32), scheme)
+    tracemalloc.start()
+    got = method.quantize(view, scheme)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert got.codes.tobytes() == want.codes.tobytes() and got.scales.tobytes() == want.scales.tobytes()
+    assert got.metrics["sqnr_db"] == pytest.approx(want.metrics["sqnr_db"], rel=1e-9)
+    assert peak < 0.6 * 4 * view.size, f"traced peak {peak / 2**20:.1f} MB"
