@@ -97,7 +97,7 @@ class QuantizeEmbeddingsPass(ir.passes.InPlacePass):
 
     def _replace(self, graph: ir.Graph, gather: ir.Node, table: np.ndarray, dtype: ir.DataType) -> None:
         table_name = str(gather.inputs[0].name)  # type: ignore[union-attr]
-        qw = RTN(RTNConfig()).quantize(np.asarray(table, dtype=np.float32), self.scheme, site=table_name)
+        qw = RTN(RTNConfig()).quantize(table, self.scheme, site=table_name)  # reads it by row chunks
         packed = self.packer.pack(qw)
         name = gather.name or f"{table_name}.lookup"
         repl = self.packer.build(gather.inputs[1], packed, name, dtype)  # type: ignore[arg-type]
