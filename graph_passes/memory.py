@@ -6,6 +6,9 @@ and the rounding workers. Before each decoder block is rounded, the tree's anony
 what is left is shared among the sites rounded at once, and each method sizes its row chunks to its share
 (``MethodConfig.rows_within``). Anonymous memory (``RssAnon``) is what the processes allocate; the weights
 and statistics the workers read through memory-mapped files are file-backed pages the kernel may drop.
+Calibration, which runs between the blocks' rounding, is kept small rather than planned: its onnxruntime
+sessions map the part's weights, and it holds one batch's activations and a bounded ``X^T X`` block
+(``calibration/``); idle workers give their freed heap back (``release_memory``).
 """
 
 from __future__ import annotations
