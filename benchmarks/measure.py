@@ -56,8 +56,13 @@ def _field_kb(path: str, key: str) -> int | None:
         return None
 
 
+def _each_kb(pids: list[int], file: str, key: str) -> list[int]:
+    """The figure of each process still readable, in the order of ``pids``."""
+    return [v for p in pids if (v := _field_kb(f"/proc/{p}/{file}", key)) is not None]
+
+
 def _sum_kb(pids: list[int], file: str, key: str) -> int | None:
-    values = [v for p in pids if (v := _field_kb(f"/proc/{p}/{file}", key)) is not None]
+    values = _each_kb(pids, file, key)
     return sum(values) if values else None
 
 
@@ -100,7 +105,7 @@ class PeakRss:
 
     def _tick(self) -> None:
         pids = tree_pids(self.pid)
-        each = [v for p in pids if (v := _field_kb(f"/proc/{p}/status", "RssAnon:")) is not None]
+        each = _each_kb(pids, "status", "RssAnon:")
         kb = sum(each) if each else None
         if kb is not None and kb > self.kb:
             self.kb, self.peak_time, self.peak_split_kb = kb, time.monotonic(), each

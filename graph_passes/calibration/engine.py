@@ -32,6 +32,7 @@ from ..errors import CalibrationError, InternalError, InvalidOptionError
 from ..memory import release_memory
 from ..records import QuantizedWeight, WeightSite
 from ..rounding.base import SiteStats
+from ..rounding.calibrated import row_slices
 from .blocks import Part, PartPlan, extract_part, plan_parts
 from .feeds import FeedSpec, check_token_ids, feed_specs, make_feeds, window_capacities
 from .sessions import open_session, resolve_providers, weight_bytes
@@ -303,13 +304,12 @@ def _graph_weights(
         if tuple(old.shape) != shape:
             raise InternalError(f"site {name!r}: graph weight has shape {tuple(old.shape)}, got {shape}")
         arr = np.lib.format.open_memmap(folder / f"{i:05d}.npy", "w+", old.dtype.numpy(), shape)
-        step = max(1, DEQUANT_CHUNK_BYTES // (4 * site.k))
-        for r0 in range(0, site.n, step):
-            w = qw.rows(r0, min(r0 + step, site.n)).dequantize()
+        for r0, r1 in row_slices(site.n, DEQUANT_CHUNK_BYTES // (4 * site.k)):
+            w = qw.rows(r0, r1).dequantize()
             if site.transposed:
-                arr[r0 : r0 + w.shape[0]] = w
+                arr[r0:r1] = w
             else:
-                arr[:, r0 : r0 + w.shape[0]] = w.T
+                arr[:, r0:r1] = w.T
         arr.flush()
         out[site.weight_name] = arr
     return out
