@@ -25,10 +25,10 @@ def predict_rows(args: argparse.Namespace, source: Path, measured: dict[str, Any
     from optimum.adaround.data.text import calibration_token_ids
     from optimum.adaround.graph_passes.model_io import load_model
     from optimum.adaround.graph_passes.pipeline import prepare_sites
-    from optimum.adaround.graph_passes.predict.estimate import estimate_errors
+    from optimum.adaround.graph_passes.predict.estimate import FLOAT, estimate_errors
     from optimum.adaround.graph_passes.predict.law import predict
     from optimum.adaround.graph_passes.predict.probe import Sensitivity, probe_sensitivity
-    from optimum.adaround.graph_passes.predict.units import units_of
+    from optimum.adaround.graph_passes.predict.units import lookup_site, site_errors, units_of
     from optimum.adaround.graph_passes.rounding.base import method_config
 
     model = load_model(str(source)).model
@@ -46,7 +46,7 @@ def predict_rows(args: argparse.Namespace, source: Path, measured: dict[str, Any
         }
         t0 = time.perf_counter()
         errors[method] = estimate_errors(
-            model, sites, _schemes(labels, sites), method_config(method), ids, progress=False
+            model, sites, {**_schemes(labels, sites), FLOAT: None}, method_config(method), ids, progress=False
         )
         seconds[f"estimate_{method}"] = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -62,11 +62,8 @@ def predict_rows(args: argparse.Namespace, source: Path, measured: dict[str, Any
     fp = measured["fp32"]["ppl"]
     out = []
     for name, r in rows.items():
-        err = errors[r["options"]["method"]].errors
-        t = {
-            s.name: err[r["site_schemes"][s.name]][s.name] if s.name in r["site_schemes"] else 0.0
-            for s in sites
-        }
+        labels = {s.name: r["site_schemes"].get(s.name, FLOAT) for s in sites}
+        t = site_errors(labels, errors[r["options"]["method"]].errors, lookup_site(sites))
         p = predict(sens if r["options"]["method"] != "rtn" else plain, t)
         out.append({"name": name, "bits_per_weight": r["bits_per_weight"], "size_mb": r["size_mb"], "ppl": r["ppl"],
                     "measured_delta": math.log(r["ppl"] / fp), "predicted_delta": p.delta,

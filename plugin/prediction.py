@@ -19,6 +19,7 @@ from .graph_passes.pipeline import plan_schemes, prepare_sites
 from .graph_passes.predict.estimate import packed_bytes
 from .graph_passes.predict.law import predict as predict_law
 from .graph_passes.predict.plan import measure_profile, plan_allocation
+from .graph_passes.predict.units import lookup_site, site_errors
 from .recipes import ConfigLike
 from .run_inputs import calibration_ids, candidate_schemes, given_sensitivity, pop_token_ids
 
@@ -57,7 +58,7 @@ def predict(
             probe_samples=cfg.allocation.probe_samples, given=given_sensitivity(cfg, loaded.model, sites),
             progress=progress, model_dir=folder,
         )  # fmt: skip
-        prediction = predict_law(sens, {s: errors.errors[labels[s]][s] for s in labels})
+        prediction = predict_law(sens, site_errors(labels, errors.errors, lookup_site(sites)))
         nbytes = sum(packed_bytes(schemes[s.name], s.k, s.n, cfg.output.accuracy_level) for s in sites)
         result = {
             "schemes": sorted(set(labels.values())),

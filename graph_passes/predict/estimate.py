@@ -38,7 +38,7 @@ from ..records import QuantizedWeight, WeightSite
 from ..rounding.base import MethodConfig, SiteStats, build_method
 from ..rounding.rtn import RTNConfig
 from ..scheme import QuantScheme, WeightFormat
-from .units import REFERENCE, SiteEnergy, output_energy
+from .units import LOOKUP, REFERENCE, SiteEnergy, lookup_error, lookup_site, output_energy
 
 __all__ = ["FLOAT", "SiteErrors", "estimate_errors", "packed_bytes", "site_kind"]
 
@@ -139,6 +139,29 @@ def _shaped_error(w: np.ndarray, stats: SiteStats, method: MethodConfig) -> np.n
     return (d * np.float32(math.sqrt(sig / err))).astype(np.float32) if err > 0 else np.zeros_like(d)
 
 
+def _lookup_errors(
+    w: np.ndarray, stats: SiteStats, schemes: Mapping[str, QuantScheme], method: MethodConfig | None,
+    rows: np.ndarray | None, token_ids: np.ndarray,
+) -> dict[str, float]:  # fmt: skip
+    """Per candidate, the relative error of a tied table's codes over the rows ``token_ids`` look up
+    (``lookup_error``): round to nearest's on those rows, times the method's over round to nearest's error
+    of the rows themselves on the sampled ``rows``."""
+    unique, counts = np.unique(np.asarray(token_ids), return_counts=True)
+    looked = np.ascontiguousarray(w[unique], dtype=np.float32)
+    rtn = build_method(RTNConfig())
+    rounder = build_method(method) if method is not None and rows is not None else None
+    sub = np.ascontiguousarray(w[rows], dtype=np.float32) if rounder is not None else None
+    out = {}
+    for label, scheme in schemes.items():
+        out[label] = lookup_error(looked, rtn.quantize(looked, scheme).dequantize(), counts)
+        if rounder is not None and sub is not None:
+            ones = np.ones(len(sub))
+            mine = lookup_error(sub, rounder.quantize(sub, scheme, stats).dequantize(), ones)
+            near = lookup_error(sub, rtn.quantize(sub, scheme).dequantize(), ones)
+            out[label] *= mine / near if near > 0 else 1.0
+    return out
+
+
 def _sampled_layers(sites: Sequence[WeightSite], count: int) -> set[int | None]:
     layers = sorted({s.layer for s in sites if s.layer is not None})
     if count <= 0 or not layers:
@@ -170,6 +193,7 @@ def estimate_errors(
     samples: dict[tuple[str, str], list[float]] = {}
     shaped: dict[str, np.ndarray] = {}
     schemes = {k: v for k, v in candidates.items() if k != FLOAT}
+    tied, lookup = lookup_site(sites), {}
 
     def on_block(block: list[WeightSite], stats: dict[str, SiteStats]) -> dict[str, QuantizedWeight]:
         for i, site in enumerate(block):
@@ -186,6 +210,8 @@ def estimate_errors(
                 samples.setdefault((label, site_kind(site)), []).append(math.log(r))
             if calibrated is not None and rows is not None and site.layer is not None:
                 shaped[site.name] = _shaped_error(w, stats[site.name], calibrated)
+            if site.name == tied:
+                lookup.update(_lookup_errors(w, stats[site.name], schemes, calibrated, rows, token_ids))
         return {}
 
     report = run_calibration(
@@ -194,8 +220,10 @@ def estimate_errors(
     )  # fmt: skip
     ratios = _ratios(samples, schemes, sites) if calibrated is not None else {}
     errors = {label: _scaled(rtn_errs[label], ratios.get(label, {}), sites) for label in schemes}
+    for label, t in lookup.items():
+        errors[label][LOOKUP] = t
     if FLOAT in candidates:
-        errors[FLOAT] = {s.name: 0.0 for s in sites}
+        errors[FLOAT] = {s.name: 0.0 for s in sites} | ({LOOKUP: 0.0} if lookup else {})
     return SiteErrors(energy, errors, ratios, report.seconds, shaped)
 
 

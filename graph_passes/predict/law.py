@@ -19,7 +19,7 @@ import math
 from collections.abc import Mapping, Sequence
 
 from .probe import LinkPoint, Sensitivity
-from .units import Unit, unit_error
+from .units import LOOKUP, Unit, unit_error
 
 __all__ = ["Prediction", "link", "predict"]
 
@@ -63,10 +63,14 @@ def _loglog(s: float, x0: float, y0: float, x1: float, y1: float) -> float:
 
 
 def predict(sens: Sensitivity, t_by_site: Mapping[str, float]) -> Prediction:
-    """The prediction for relative errors ``t_by_site`` (every probed site; 0 = kept in float)."""
+    """The prediction for relative errors ``t_by_site`` (every probed site, and ``LOOKUP`` when the probes
+    measured a tied table; 0 = kept in float): ``units.site_errors`` builds it from labels."""
     s, var = 0.0, 0.0
     for u in sens.units:
-        t = unit_error(t_by_site, sens.energy, Unit(u.name, u.sites, None, ()))
+        if u.sites == (LOOKUP,):  # absent when its output projection stays in float
+            t = t_by_site.get(LOOKUP, 0.0)
+        else:
+            t = unit_error(t_by_site, sens.energy, Unit(u.name, u.sites, None, ()))
         f = sens.factor(u)
         s += f * u.alpha * t
         var += (f * u.alpha_se * t) ** 2

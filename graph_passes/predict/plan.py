@@ -19,7 +19,7 @@ from .allocate import AllocationError, Choice, allocate
 from .estimate import FLOAT, SiteErrors, packed_bytes
 from .law import Prediction, predict
 from .probe import Sensitivity
-from .units import Unit, unit_error
+from .units import LOOKUP, Unit, lookup_site, site_errors, unit_error
 
 __all__ = ["Allocation", "budget_for_bits", "choose", "unit_choices", "unit_pattern"]
 
@@ -73,6 +73,7 @@ def unit_choices(
     MatMulNBits schemes (or float): the lookup shares those codes, while another format would leave the
     table to be stored a second time, bytes the budget would not see."""
     alpha = {u.name: sens.factor(u) * u.alpha for u in sens.units}
+    shared = lookup_site(list(sites.values()))
     out = []
     for u in units:
         options = []
@@ -86,7 +87,10 @@ def unit_choices(
             else:
                 nbytes = sum(packed_bytes(scheme, s.k, s.n, accuracy_level) for s in members)
             t = unit_error(errors.errors[label], errors.energy, u)
-            options.append(Choice(label, nbytes, max(alpha[u.name], 0.0) * t))
+            cost = max(alpha[u.name], 0.0) * t
+            if shared in u.sites:  # the tied table's lookup shares these codes
+                cost += max(alpha.get(LOOKUP, 0.0), 0.0) * errors.errors[label].get(LOOKUP, 0.0)
+            options.append(Choice(label, nbytes, cost))
         out.append(options)
     return out
 
@@ -103,8 +107,10 @@ def choose(
     errors: SiteErrors,
     sens: Sensitivity,
     weights: int,
+    tied: str | None = None,
 ) -> Allocation:
-    """The allocation of least predicted loss within ``budget`` bytes, with its prediction."""
+    """The allocation of least predicted loss within ``budget`` bytes, with its prediction (``tied``: the
+    output projection whose codes a token lookup shares, ``units.lookup_site``)."""
     try:
         picks = allocate(choices, budget)
     except AllocationError as e:
@@ -117,7 +123,8 @@ def choose(
     labels = {u.name: choices[i][k].label for i, (u, k) in enumerate(zip(units, picks, strict=True))}
     nbytes = sum(choices[i][k].nbytes for i, k in enumerate(picks))
     kept = sum(choices[i][k].nbytes for i, k in enumerate(picks) if choices[i][k].label == FLOAT)
-    t = {s: errors.errors[labels[u.name]][s] for u in units for s in u.sites}
+    by_site = {s: labels[u.name] for u in units for s in u.sites}
+    t = site_errors(by_site, errors.errors, tied)
     return Allocation(labels, tuple(units), nbytes, budget, weights, predict(sens, t), kept)
 
 
@@ -247,7 +254,7 @@ def plan_allocation(
             f"target_bits={target_bits:g} allows {budget} bytes, at or above the {stored} bytes these "
             f"layers take in floating point ({8 * stored / weights:g} bits per weight): nothing to quantize"
         )
-    allocation = choose(units, choices, budget, errors, sens, weights)
+    allocation = choose(units, choices, budget, errors, sens, weights, lookup_site(sites))
     return Planned(allocation, sens, errors, {**seconds, "allocate": time.perf_counter() - t2})
 
 

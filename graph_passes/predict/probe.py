@@ -31,12 +31,13 @@ from tqdm.auto import tqdm
 from ..calibration.blocks import extract_part
 from ..calibration.feeds import feed_specs, make_feeds, window_capacities
 from ..calibration.sessions import open_session, resolve_providers
+from ..embeddings import id_lookups
 from ..errors import CalibrationError, InvalidOptionError
 from ..records import WeightSite
 from ..rounding.base import build_method
 from ..rounding.rtn import RTNConfig
 from ..scheme import QuantScheme
-from .units import REFERENCE, SiteEnergy, Unit
+from .units import LOOKUP, REFERENCE, SiteEnergy, Unit, lookup_error, lookup_site
 
 _RTN = build_method(RTNConfig())
 
@@ -102,6 +103,8 @@ class Sensitivity:
     a later prediction or allocation over the same schemes needs no calibration pass."""
 
     def factor(self, unit: UnitSensitivity) -> float:
+        if unit.sites == (LOOKUP,):  # its error is computed for the method's own codes
+            return 1.0
         kind = unit.sites[0].rsplit(".", 1)[-1]
         return float(self.method_factors.get(kind, self.method_factors.get("*", 1.0)))
 
@@ -172,7 +175,7 @@ def load_sensitivity(path: str | Path, model: ir.Model, sites: Sequence[WeightSi
             f"sensitivity={str(path)!r}: holds no sensitivities (write them with a --target-bits run or "
             "predict --json)"
         ) from None
-    probed = {s for u in sens.units for s in u.sites}
+    probed = {s for u in sens.units for s in u.sites} - {LOOKUP}
     wanted = {s.name for s in sites}
     if probed != wanted:
         diff = sorted(probed ^ wanted)
@@ -189,14 +192,25 @@ def load_sensitivity(path: str | Path, model: ir.Model, sites: Sequence[WeightSi
 
 
 class _Prober:
-    """The float model's session with overridable site weights, and per-sequence NLL of a feed."""
+    """The float model's session with overridable site weights, and per-sequence NLL of a feed.
+
+    When an output projection's table is also the token lookup's (tied), the part starts after the lookup
+    and the looked-up rows are fed: the lookup and the projection are then probed apart, though they
+    share one tensor in the model.
+    """
 
     def __init__(self, model: ir.Model, sites: Sequence[WeightSite], ids: np.ndarray, providers: Sequence[str],
                  model_dir: Path | None) -> None:  # fmt: skip
         graph = model.graph
         specs = feed_specs(graph.inputs, folder=model_dir, capacities=window_capacities(graph))
         logits = next((v.name for v in graph.outputs if v.name == "logits"), graph.outputs[0].name)
-        part = extract_part(model, [v.name for v in graph.inputs if v.name], [logits], name="probe")
+        self.lookup = _Lookup.of(model, sites, ids)
+        starts = [v.name for v in graph.inputs if v.name]
+        examples = {}
+        if self.lookup is not None:
+            starts.append(self.lookup.value)
+            examples[self.lookup.value] = self.lookup.looked_up
+        part = extract_part(model, starts, [logits], examples, name="probe")
         self.weights: dict[str, np.ndarray] = {}
         for s in dict.fromkeys(s.weight_name for s in sites):
             value = part.graph.initializers[s]
@@ -206,12 +220,17 @@ class _Prober:
         self.logits = logits
         wanted = {i.name for i in self.session.get_inputs()}
         self.feeds = {k: v for k, v in make_feeds(specs, ids).items() if k in wanted}
+        if self.lookup is not None:
+            self.feeds[self.lookup.value] = self.lookup.looked_up
         self.targets = torch.from_numpy(np.ascontiguousarray(ids[:, 1:], dtype=np.int64))
 
     def nll(self, weights: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
         """Mean next-token NLL of each quarter of each probe sequence (float64) with ``weights`` fed over the
-        stored ones."""
-        out = self.session.run([self.logits], {**self.feeds, **(weights or {})})[0]
+        stored ones (``LOOKUP``: a change of the looked-up rows, ``[n, T, hidden]``)."""
+        feeds = {**self.feeds, **{k: v for k, v in (weights or {}).items() if k != LOOKUP}}
+        if weights is not None and LOOKUP in weights and self.lookup is not None:
+            feeds[self.lookup.value] = self.lookup.looked_up + weights[LOOKUP]
+        out = self.session.run([self.logits], feeds)[0]
         logits = torch.from_numpy(np.ascontiguousarray(out[:, :-1], dtype=np.float32))
         # float32 log-sum-exp: ~1e-6 nats per token, far below the responses measured (1e-4 and up)
         nll = torch.logsumexp(logits, dim=-1) - logits.gather(-1, self.targets[..., None])[..., 0]
@@ -219,6 +238,45 @@ class _Prober:
         return np.concatenate(
             [c.mean(dim=1).numpy() for c in torch.tensor_split(nll.to(torch.float64), 4, dim=1)]
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Lookup:
+    """The token lookup of a table tied to an output projection, as the probes see it."""
+
+    value: str
+    """The lookup's output: where the probe part starts."""
+    looked_up: np.ndarray
+    """``table[ids]``, ``[n, T, hidden]``."""
+    rows: np.ndarray
+    """The distinct table rows the probe text reads, ``[r, hidden]`` float32, and how often (``counts``)."""
+    counts: np.ndarray
+    inverse: np.ndarray
+    """``ids`` as indices into ``rows``."""
+
+    @classmethod
+    def of(cls, model: ir.Model, sites: Sequence[WeightSite], ids: np.ndarray) -> _Lookup | None:
+        tied = next((s for s in sites if s.name == lookup_site(sites)), None)
+        if tied is None:
+            return None
+        gather = next((n for n in id_lookups(model.graph) if n.inputs[0].name == tied.weight_name), None)
+        if gather is None:
+            return None
+        table = np.asarray(gather.inputs[0].const_value.numpy())
+        unique, inverse, counts = np.unique(ids, return_inverse=True, return_counts=True)
+        return cls(gather.outputs[0].name, np.ascontiguousarray(table[ids]),
+                   np.asarray(table[unique], np.float32), counts, inverse.reshape(ids.shape))  # fmt: skip
+
+    def noise(self, t: float, kind: Noise, rng: np.random.Generator) -> np.ndarray:
+        """A change of the looked-up rows with relative error ``t`` over the probe text (``lookup_error``):
+        round to nearest's error under ``REFERENCE`` rescaled, or Gaussian white noise."""
+        if kind == "rounding":
+            d = _RTN.quantize(self.rows, QuantScheme.parse(REFERENCE)).dequantize() - self.rows
+        else:
+            d = rng.standard_normal(self.rows.shape, dtype=np.float32)
+        e = lookup_error(self.rows, self.rows + d, self.counts)
+        d *= np.float32(math.sqrt(t / e)) if e > 0 else np.float32(0)
+        return d[self.inverse].astype(self.looked_up.dtype)
 
 
 Noise = Literal["gaussian", "rounding"]
@@ -248,10 +306,13 @@ def _noise(
 
 
 def _response(prober: _Prober, base: np.ndarray, noise: Mapping[str, np.ndarray]) -> np.ndarray:
-    """Per-sequence loss increase, first-order term cancelled: mean of the ``W + dW`` and ``W - dW`` runs."""
-    plus = prober.nll({k: prober.weights[k] + d for k, d in noise.items()})
-    minus = prober.nll({k: prober.weights[k] - d for k, d in noise.items()})
-    return (plus + minus) / 2 - base
+    """Per-sequence loss increase, first-order term cancelled: mean of the ``W + dW`` and ``W - dW`` runs
+    (``LOOKUP``: a change of the looked-up rows, fed as such)."""
+
+    def fed(sign: int) -> dict[str, np.ndarray]:
+        return {k: sign * d if k == LOOKUP else prober.weights[k] + sign * d for k, d in noise.items()}
+
+    return (prober.nll(fed(1)) + prober.nll(fed(-1))) / 2 - base
 
 
 def _mean_se(x: np.ndarray) -> tuple[float, float]:
@@ -315,10 +376,19 @@ def probe_sensitivity(
             _response(prober, base, _noise(prober, members, energy, probe_t, rng, noise)) / probe_t
         )
         out.append(UnitSensitivity(u.name, u.sites, alpha, se))
+    if prober.lookup is not None:
+        alpha, se = _mean_se(
+            _response(prober, base, {LOOKUP: prober.lookup.noise(probe_t, noise, rng)}) / probe_t
+        )
+        out.append(UnitSensitivity(LOOKUP, (LOOKUP,), alpha, se))
+        energy = {**energy, LOOKUP: SiteEnergy(1.0, 1.0, len(prober.lookup.rows))}
     total = sum(u.alpha for u in out)
     link = []
     for level in levels:
-        delta, se = _mean_se(_response(prober, base, _noise(prober, list(sites), energy, level, rng, noise)))
+        change = _noise(prober, list(sites), energy, level, rng, noise)
+        if prober.lookup is not None:
+            change[LOOKUP] = prober.lookup.noise(level, noise, rng)
+        delta, se = _mean_se(_response(prober, base, change))
         link.append(LinkPoint(float(level), total * level, delta, se))
     factors = _method_factors(prober, base, by_name, out, shaped or {}, probe_t)
     seconds = time.perf_counter() - t0

@@ -10,6 +10,7 @@ from optimum.adaround.graph_passes.model_io import load_model, read_weight
 from optimum.adaround.graph_passes.packing.base import get_packer
 from optimum.adaround.graph_passes.pipeline import choose_format, prepare_sites
 from optimum.adaround.graph_passes.predict.estimate import FLOAT, estimate_errors, packed_bytes, site_kind
+from optimum.adaround.graph_passes.predict.units import LOOKUP, lookup_error, lookup_site
 from optimum.adaround.graph_passes.rounding.base import get_method, method_config
 from optimum.adaround.graph_passes.rounding.metrics import quadratic_form
 from optimum.adaround.graph_passes.scheme import QuantScheme, WeightFormat
@@ -71,3 +72,26 @@ def test_packed_bytes_match_the_packers_output(label, shape):
     qw = get_method("rtn").quantize(w, scheme)
     options = {"accuracy_level": 4} if scheme.format is not WeightFormat.QDQ else {}
     assert packed_bytes(scheme, k, n) == get_packer(scheme.format, **options).pack(qw).nbytes
+
+
+def test_a_tied_tables_lookup_error_is_that_of_its_codes_over_the_rows_read(tiny_hf_onnx):
+    """Round to nearest: exactly ``lookup_error`` of the table's rows the calibration text reads, weighted
+    by their counts; gptq: the same, times its own error ratio on the table's sampled rows."""
+    loaded = load_model(str(tiny_hf_onnx("llama_tied")))
+    model, sites = loaded.model, prepare_sites(loaded.model, quantize_lm_head=True).sites
+    head = next(s for s in sites if s.kind == "lm_head")
+    ids = np.random.default_rng(0).integers(0, head.n // 4, size=(4, 16))  # rows read unevenly
+    schemes = _schemes(["w4-g16", "w2-g16"], sites)
+    near = estimate_errors(model, sites, {**schemes, FLOAT: None}, method_config("rtn"), ids, progress=False)
+    table = read_weight(model, head)
+    unique, counts = np.unique(ids, return_counts=True)
+    for label, scheme in schemes.items():
+        rows = table[unique]
+        want = lookup_error(rows, get_method("rtn").quantize(rows, scheme).dequantize(), counts)
+        assert near.errors[label][LOOKUP] == pytest.approx(want, rel=1e-6)
+    assert near.errors[FLOAT][LOOKUP] == 0.0
+    assert near.errors["w2-g16"][LOOKUP] > near.errors["w4-g16"][LOOKUP] > 0
+    gptq = estimate_errors(model, sites, schemes, method_config("gptq"), ids, progress=False)
+    assert all(gptq.errors[label][LOOKUP] > 0 for label in schemes)
+    untied = prepare_sites(load_model(str(tiny_hf_onnx("llama"))).model, quantize_lm_head=True).sites
+    assert lookup_site(untied) is None

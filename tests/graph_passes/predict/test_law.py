@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from optimum.adaround.graph_passes.predict.law import link, predict
 from optimum.adaround.graph_passes.predict.probe import LinkPoint, Sensitivity, UnitSensitivity
-from optimum.adaround.graph_passes.predict.units import SiteEnergy
+from optimum.adaround.graph_passes.predict.units import LOOKUP, SiteEnergy
 
 POINTS = (
     LinkPoint(0.01, 0.02, 0.018, 0.001),
@@ -67,3 +67,16 @@ def test_sensitivity_round_trips_through_its_record():
     sens = _sens([1.0, 3.0])
     sens = Sensitivity(sens.probe_t, sens.units, POINTS, sens.energy, 3.1, 512, 2.5)
     assert Sensitivity.from_dict(sens.to_dict()) == sens
+
+
+def test_a_tied_lookup_is_its_own_term_at_its_own_error():
+    """The lookup's term is ``alpha * t[LOOKUP]`` whatever the method's factor (its error is the method's
+    own codes'), and nothing when the key is absent (its output projection kept in float)."""
+    base = _sens([2.0])
+    units = (*base.units, UnitSensitivity(LOOKUP, (LOOKUP,), 3.0, 0.3))
+    energy = {**base.energy, LOOKUP: SiteEnergy(1.0, 1.0, 8)}
+    sens = Sensitivity(0.02, units, (), energy, 3.0, 100, 1.0, method_factors={"*": 2.0})
+    t = {"s0a": 0.1, "s0b": 0.1}
+    without = predict(sens, t).delta
+    assert without == pytest.approx(2.0 * 2.0 * 0.1)
+    assert predict(sens, {**t, LOOKUP: 0.05}).delta == pytest.approx(without + 3.0 * 0.05)

@@ -9,7 +9,7 @@ from optimum.adaround.graph_passes.model_io import load_model
 from optimum.adaround.graph_passes.pipeline import prepare_sites
 from optimum.adaround.graph_passes.predict import probe
 from optimum.adaround.graph_passes.predict.estimate import estimate_errors
-from optimum.adaround.graph_passes.predict.units import units_of
+from optimum.adaround.graph_passes.predict.units import LOOKUP, lookup_error, units_of
 from optimum.adaround.graph_passes.rounding.base import method_config
 
 
@@ -30,7 +30,8 @@ def test_every_unit_is_probed_and_the_model_is_left_as_it_was(arch, tiny_hf_onnx
     sens = probe.probe_sensitivity(
         loaded.model, sites, units, energy, ids, levels=(0.05, 0.5), progress=False
     )
-    assert [u.sites for u in sens.units] == [u.sites for u in units]
+    lookup = [(LOOKUP,)] if arch == "llama_tied" else []  # the tied table's lookup is probed apart
+    assert [u.sites for u in sens.units] == [u.sites for u in units] + lookup
     assert all(np.isfinite(u.alpha) and np.isfinite(u.alpha_se) for u in sens.units)
     assert [p.level for p in sens.link] == [0.05, 0.5]
     assert abs(sens.link[1].delta) > abs(sens.link[0].delta)  # a random model need not sit at a minimum
@@ -84,3 +85,33 @@ def test_the_two_sided_response_is_second_order(tiny_hf_onnx):
         per_t.append(probe._response(prober, base, scaled).mean() / t)
     assert per_t[0] > 0 and per_t[1] > 0
     assert 0.7 < per_t[1] / per_t[0] < 1.4
+
+
+def test_a_tied_table_is_probed_as_lookup_and_projection_apart(tiny_hf_onnx, monkeypatch):
+    """The probe part starts after the lookup and is fed its rows: with no change it computes the model's
+    loss, and a change of the table given to both halves (the projection's weight, the looked-up rows)
+    is exactly the change of the one stored table."""
+    loaded, sites, ids, _ = _setup(tiny_hf_onnx("llama_tied"))
+    cut = probe._Prober(loaded.model, sites, ids, ["CPUExecutionProvider"], None)
+    monkeypatch.setattr(probe._Lookup, "of", classmethod(lambda cls, *a: None))
+    whole = probe._Prober(loaded.model, sites, ids, ["CPUExecutionProvider"], None)
+    assert cut.lookup is not None and whole.lookup is None
+    base = whole.nll()
+    np.testing.assert_allclose(cut.nll(), base, rtol=1e-6)
+    head = next(s for s in sites if s.kind == "lm_head")
+    table = whole.weights[head.weight_name]
+    d = (np.random.default_rng(0).standard_normal(table.shape) * 0.05 * table.std()).astype(table.dtype)
+    both = probe._response(cut, base, {head.weight_name: d, LOOKUP: d[ids]})
+    np.testing.assert_allclose(both, probe._response(whole, base, {head.weight_name: d}), atol=1e-5)
+    alone = probe._response(cut, base, {head.weight_name: d})
+    assert np.abs(alone - both).max() > 1e-4  # the projection alone leaves the lookup as it was
+
+
+@pytest.mark.parametrize("kind", ["rounding", "gaussian"])
+def test_lookup_noise_has_the_asked_relative_error_over_the_probe_text(kind, tiny_hf_onnx):
+    loaded, sites, ids, _ = _setup(tiny_hf_onnx("llama_tied"))
+    lookup = probe._Prober(loaded.model, sites, ids, ["CPUExecutionProvider"], None).lookup
+    d = lookup.noise(0.03, kind, np.random.default_rng(0))
+    assert d.shape == lookup.looked_up.shape
+    flat, rows = lookup.looked_up.reshape(-1, d.shape[-1]), d.reshape(-1, d.shape[-1])
+    assert lookup_error(flat, flat + rows, np.ones(len(flat))) == pytest.approx(0.03, rel=1e-4)
