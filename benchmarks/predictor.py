@@ -188,6 +188,7 @@ def main() -> None:
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     source = default_source()
+    stamp = provenance()  # the code measured: commits made while it runs do not relabel it
     if args.render_only:  # the markdown again from a --json result (no measurement)
         from predictor_report import allocation_lines, render
 
@@ -212,7 +213,7 @@ def main() -> None:
 
         peers = json.loads(args.peers_json.read_text())["rows"] if args.peers_json else []
         result = predict_rows(args, source, measured)
-        result["provenance"], result["peers"] = provenance(), peers
+        result["provenance"], result["peers"] = {**provenance(), "commit": stamp["commit"]}, peers
         cost_file = args.work / "cost.json"
         result["cost"] = json.loads(cost_file.read_text()) if cost_file.exists() else None
         emit(result, "\n".join([render(result), *allocation_lines(result, peers)]), args.json, args.md)
