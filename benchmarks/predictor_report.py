@@ -26,8 +26,9 @@ def predict_rows(args: argparse.Namespace, source: Path, measured: dict[str, Any
     from optimum.adaround.graph_passes.model_io import load_model
     from optimum.adaround.graph_passes.pipeline import prepare_sites
     from optimum.adaround.graph_passes.predict.estimate import FLOAT, estimate_errors
+    from optimum.adaround.graph_passes.predict.int8_inputs import input_blocks
     from optimum.adaround.graph_passes.predict.law import predict
-    from optimum.adaround.graph_passes.predict.probe import Sensitivity, probe_sensitivity
+    from optimum.adaround.graph_passes.predict.probe import Sensitivity, probe_int8_inputs, probe_sensitivity
     from optimum.adaround.graph_passes.predict.units import lookup_site, site_errors, units_of
     from optimum.adaround.graph_passes.rounding.base import method_config
 
@@ -58,13 +59,22 @@ def predict_rows(args: argparse.Namespace, source: Path, measured: dict[str, Any
         sens = probe_sensitivity(model, sites, units_of(sites), errors["gptq"].energy,
                                  ids[: args.probe_samples], progress=True, shaped=errors["gptq"].shaped)  # fmt: skip
         seconds["probe"] = time.perf_counter() - t0
+    labels_of = {
+        name: {s.name: r["site_schemes"].get(s.name, FLOAT) for s in sites} for name, r in rows.items()
+    }
+    blocks_of = {name: input_blocks(labels, sites, rows[name]["options"].get("accuracy_level", 4))
+                 for name, labels in labels_of.items()}  # fmt: skip
+    if missing := sorted({b for bl in blocks_of.values() for b in bl.values()} - set(sens.int8_inputs)):
+        t0 = time.perf_counter()
+        found = probe_int8_inputs(model, sites, ids[: args.probe_samples], missing)
+        sens = dataclasses.replace(sens, int8_inputs={**sens.int8_inputs, **found})
+        seconds["int8 input probes"] = time.perf_counter() - t0
     plain = dataclasses.replace(sens, method_factors={})  # rtn: the probes' own noise is its error
     fp = measured["fp32"]["ppl"]
     out = []
     for name, r in rows.items():
-        labels = {s.name: r["site_schemes"].get(s.name, FLOAT) for s in sites}
-        t = site_errors(labels, errors[r["options"]["method"]].errors, lookup_site(sites))
-        p = predict(sens if r["options"]["method"] != "rtn" else plain, t)
+        t = site_errors(labels_of[name], errors[r["options"]["method"]].errors, lookup_site(sites))
+        p = predict(sens if r["options"]["method"] != "rtn" else plain, t, blocks_of[name])
         out.append({"name": name, "bits_per_weight": r["bits_per_weight"], "size_mb": r["size_mb"], "ppl": r["ppl"],
                     "measured_delta": math.log(r["ppl"] / fp), "predicted_delta": p.delta,
                     "predicted_se": p.delta_se, "linear": p.linear, "quantize_seconds": r["quantize_seconds"]})  # fmt: skip

@@ -17,6 +17,7 @@ from .api import run_config
 from .graph_passes.model_io import load_model
 from .graph_passes.pipeline import plan_schemes, prepare_sites
 from .graph_passes.predict.estimate import packed_bytes
+from .graph_passes.predict.int8_inputs import input_blocks
 from .graph_passes.predict.law import predict as predict_law
 from .graph_passes.predict.plan import measure_profile, plan_allocation
 from .graph_passes.predict.units import lookup_site, site_errors
@@ -56,9 +57,10 @@ def predict(
         sens, errors, seconds = measure_profile(
             loaded.model, sites, {schemes[s.name].label: schemes[s.name] for s in sites}, cfg.method, ids,
             probe_samples=cfg.allocation.probe_samples, given=given_sensitivity(cfg, loaded.model, sites),
-            progress=progress, model_dir=folder,
+            progress=progress, model_dir=folder, accuracy_level=cfg.output.accuracy_level,
         )  # fmt: skip
-        prediction = predict_law(sens, site_errors(labels, errors.errors, lookup_site(sites)))
+        t = site_errors(labels, errors.errors, lookup_site(sites))
+        prediction = predict_law(sens, t, input_blocks(labels, sites, cfg.output.accuracy_level))
         nbytes = sum(packed_bytes(schemes[s.name], s.k, s.n, cfg.output.accuracy_level) for s in sites)
         result = {
             "schemes": sorted(set(labels.values())),

@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from .probe import LinkPoint, Sensitivity
 from .units import LOOKUP, Unit, unit_error
 
-__all__ = ["Prediction", "link", "predict"]
+__all__ = ["Prediction", "int8_floor", "link", "predict"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,9 +62,12 @@ def _loglog(s: float, x0: float, y0: float, x1: float, y1: float) -> float:
     return y0 * math.exp(slope * math.log(s / x0))
 
 
-def predict(sens: Sensitivity, t_by_site: Mapping[str, float]) -> Prediction:
+def predict(
+    sens: Sensitivity, t_by_site: Mapping[str, float], blocks: Mapping[str, int] | None = None
+) -> Prediction:
     """The prediction for relative errors ``t_by_site`` (every probed site, and ``LOOKUP`` when the probes
-    measured a tied table; 0 = kept in float): ``units.site_errors`` builds it from labels."""
+    measured a tied table; 0 = kept in float): ``units.site_errors`` builds it from labels. ``blocks``: the
+    block size at which each site's input is rounded to int8 (``int8_inputs.input_blocks``)."""
     s, var = 0.0, 0.0
     for u in sens.units:
         if u.sites == (LOOKUP,):  # absent when its output projection stays in float
@@ -78,7 +81,25 @@ def predict(sens: Sensitivity, t_by_site: Mapping[str, float]) -> Prediction:
     step = max(s * 1e-3, 1e-12)
     slope = (link(s + step, sens.link) - link(max(s - step, 0.0), sens.link)) / (2 * step)
     link_se = _link_se(s, sens.link, delta)
-    return Prediction(delta, math.sqrt((slope**2) * var + link_se**2), s)
+    floor, floor_se = int8_floor(sens, blocks or {})
+    return Prediction(delta + floor, math.sqrt((slope**2) * var + link_se**2 + floor_se**2), s)
+
+
+def int8_floor(sens: Sensitivity, blocks: Mapping[str, int]) -> tuple[float, float]:
+    """The loss of rounding inputs to int8 (and its standard error): per block size, the measured increase
+    with every input rounded, times the share of the units' sensitivity whose input is rounded at it."""
+    shares: dict[int, float] = {}
+    total = sum(max(u.alpha, 0.0) for u in sens.units if u.sites != (LOOKUP,))
+    for u in sens.units:
+        b = blocks.get(u.sites[0])
+        if b is not None and total > 0:
+            shares[b] = shares.get(b, 0.0) + max(u.alpha, 0.0) / total
+    missing = sorted(b for b in shares if b not in sens.int8_inputs)
+    if missing:
+        raise ValueError(f"no int8 input probe at block {missing[0]}: probe with int8_blocks including it")
+    value = sum(w * sens.int8_inputs[b][0] for b, w in shares.items())
+    se = math.sqrt(sum((w * sens.int8_inputs[b][1]) ** 2 for b, w in shares.items()))
+    return value, se
 
 
 def _link_se(s: float, points: Sequence[LinkPoint], delta: float) -> float:

@@ -17,7 +17,8 @@ from ..records import WeightSite
 from ..scheme import QuantScheme, WeightFormat
 from .allocate import AllocationError, Choice, allocate
 from .estimate import FLOAT, SiteErrors, packed_bytes
-from .law import Prediction, predict
+from .int8_inputs import input_blocks
+from .law import Prediction, int8_floor, predict
 from .probe import Sensitivity
 from .units import LOOKUP, Unit, lookup_site, site_errors, unit_error
 
@@ -90,6 +91,8 @@ def unit_choices(
             cost = max(alpha[u.name], 0.0) * t
             if shared in u.sites:  # the tied table's lookup shares these codes
                 cost += max(alpha.get(LOOKUP, 0.0), 0.0) * errors.errors[label].get(LOOKUP, 0.0)
+            # its share of the loss of int8 inputs (none in float)
+            cost += int8_floor(sens, input_blocks(dict.fromkeys(u.sites, label), members, accuracy_level))[0]
             options.append(Choice(label, nbytes, cost))
         out.append(options)
     return out
@@ -107,10 +110,11 @@ def choose(
     errors: SiteErrors,
     sens: Sensitivity,
     weights: int,
-    tied: str | None = None,
+    sites: Sequence[WeightSite] = (),
+    accuracy_level: int = 4,
 ) -> Allocation:
-    """The allocation of least predicted loss within ``budget`` bytes, with its prediction (``tied``: the
-    output projection whose codes a token lookup shares, ``units.lookup_site``)."""
+    """The allocation of least predicted loss within ``budget`` bytes, with its prediction (``sites``: for
+    the tied lookup's and the int8 inputs' terms)."""
     try:
         picks = allocate(choices, budget)
     except AllocationError as e:
@@ -124,8 +128,9 @@ def choose(
     nbytes = sum(choices[i][k].nbytes for i, k in enumerate(picks))
     kept = sum(choices[i][k].nbytes for i, k in enumerate(picks) if choices[i][k].label == FLOAT)
     by_site = {s: labels[u.name] for u in units for s in u.sites}
-    t = site_errors(by_site, errors.errors, tied)
-    return Allocation(labels, tuple(units), nbytes, budget, weights, predict(sens, t), kept)
+    t = site_errors(by_site, errors.errors, lookup_site(sites))
+    prediction = predict(sens, t, input_blocks(by_site, sites, accuracy_level))
+    return Allocation(labels, tuple(units), nbytes, budget, weights, prediction, kept)
 
 
 def unit_pattern(unit: Unit) -> str:
@@ -182,13 +187,15 @@ def measure_profile(
     progress: bool = True,
     providers: Sequence[str] = ("CPUExecutionProvider",),
     model_dir: Any = None,
+    accuracy_level: int = 4,
 ) -> tuple[Sensitivity, SiteErrors, dict[str, float]]:
     """The sensitivities (probed, unless ``given``) and every scheme's errors for ``method`` (estimated,
-    unless ``given`` holds them for the same method), and the seconds each step took."""
+    unless ``given`` holds them for the same method), and the seconds each step took. At ``accuracy_level``
+    4 the int8 inputs are probed at every candidate's block size the sensitivities lack."""
     import time
 
     from .estimate import estimate_errors
-    from .probe import probe_sensitivity
+    from .probe import probe_int8_inputs, probe_sensitivity
     from .units import units_of
 
     if given is not None and given.method and given.method != method.name:
@@ -207,10 +214,18 @@ def measure_profile(
             model_dir=model_dir,
         )  # fmt: skip
     t1 = time.perf_counter()
+    names = [s.name for s in sites]
+    blocks = sorted(
+        {b for lab in wanted for b in input_blocks(dict.fromkeys(names, lab), sites, accuracy_level).values()}
+    )
     sens = given or probe_sensitivity(
         model, sites, units_of(sites), errors.energy, token_ids[:probe_samples], providers=providers,
-        progress=progress, model_dir=model_dir, shaped=errors.shaped,
+        progress=progress, model_dir=model_dir, shaped=errors.shaped, int8_blocks=blocks,
     )  # fmt: skip
+    if missing := [b for b in blocks if b not in sens.int8_inputs]:  # a record probed without them
+        found = probe_int8_inputs(model, sites, token_ids[:probe_samples], missing, providers=providers,
+                                  model_dir=model_dir)  # fmt: skip
+        sens = dataclasses.replace(sens, int8_inputs={**sens.int8_inputs, **found})
     known = {**sens.errors, **{k: v for k, v in errors.errors.items() if k != FLOAT}}
     sens = dataclasses.replace(sens, method=method.name, errors=known)
     return sens, errors, {"estimate": t1 - t0, "probe": time.perf_counter() - t1}
@@ -239,7 +254,7 @@ def plan_allocation(
 
     sens, errors, seconds = measure_profile(
         model, sites, schemes, method, token_ids, probe_samples=probe_samples, given=sensitivity,
-        progress=progress, providers=providers, model_dir=model_dir,
+        progress=progress, providers=providers, model_dir=model_dir, accuracy_level=accuracy_level,
     )  # fmt: skip
     t2 = time.perf_counter()
     units = units_of(sites)
@@ -254,7 +269,7 @@ def plan_allocation(
             f"target_bits={target_bits:g} allows {budget} bytes, at or above the {stored} bytes these "
             f"layers take in floating point ({8 * stored / weights:g} bits per weight): nothing to quantize"
         )
-    allocation = choose(units, choices, budget, errors, sens, weights, lookup_site(sites))
+    allocation = choose(units, choices, budget, errors, sens, weights, sites, accuracy_level)
     return Planned(allocation, sens, errors, {**seconds, "allocate": time.perf_counter() - t2})
 
 

@@ -37,6 +37,7 @@ from ..records import WeightSite
 from ..rounding.base import build_method
 from ..rounding.rtn import RTNConfig
 from ..scheme import QuantScheme
+from .int8_inputs import round_site_inputs
 from .units import LOOKUP, REFERENCE, SiteEnergy, Unit, lookup_error, lookup_site
 
 _RTN = build_method(RTNConfig())
@@ -48,6 +49,7 @@ __all__ = [
     "Sensitivity",
     "UnitSensitivity",
     "load_sensitivity",
+    "probe_int8_inputs",
     "probe_sensitivity",
 ]
 
@@ -101,6 +103,9 @@ class Sensitivity:
     errors: Mapping[str, Mapping[str, float]] = dataclasses.field(default_factory=dict)
     """Scheme label -> site -> relative output error of ``method`` (``estimate.py``), kept with the probes so
     a later prediction or allocation over the same schemes needs no calibration pass."""
+    int8_inputs: Mapping[int, tuple[float, float]] = dataclasses.field(default_factory=dict)
+    """Block size -> loss increase (and its standard error) of the float model with every site's input
+    rounded to int8 per block of that size, as ``accuracy_level`` 4 computes (``int8_inputs.py``)."""
 
     def factor(self, unit: UnitSensitivity) -> float:
         if unit.sites == (LOOKUP,):  # its error is computed for the method's own codes
@@ -121,6 +126,7 @@ class Sensitivity:
             "method_factors": dict(self.method_factors),
             "method": self.method,
             "errors": {k: dict(v) for k, v in self.errors.items()},
+            "int8_inputs": {str(b): list(v) for b, v in self.int8_inputs.items()},
         }
 
     @classmethod
@@ -140,6 +146,7 @@ class Sensitivity:
             method_factors={k: float(v) for k, v in d.get("method_factors", {}).items()},
             method=str(d.get("method", "")),
             errors={k: {s: float(t) for s, t in v.items()} for k, v in d.get("errors", {}).items()},
+            int8_inputs={int(b): (float(v[0]), float(v[1])) for b, v in d.get("int8_inputs", {}).items()},
         )
 
 
@@ -200,7 +207,7 @@ class _Prober:
     """
 
     def __init__(self, model: ir.Model, sites: Sequence[WeightSite], ids: np.ndarray, providers: Sequence[str],
-                 model_dir: Path | None) -> None:  # fmt: skip
+                 model_dir: Path | None, int8_block: int | None = None) -> None:  # fmt: skip
         graph = model.graph
         specs = feed_specs(graph.inputs, folder=model_dir, capacities=window_capacities(graph))
         logits = next((v.name for v in graph.outputs if v.name == "logits"), graph.outputs[0].name)
@@ -211,6 +218,8 @@ class _Prober:
             starts.append(self.lookup.value)
             examples[self.lookup.value] = self.lookup.looked_up
         part = extract_part(model, starts, [logits], examples, name="probe")
+        if int8_block is not None:
+            round_site_inputs(part.graph, sites, int8_block)
         self.weights: dict[str, np.ndarray] = {}
         for s in dict.fromkeys(s.weight_name for s in sites):
             value = part.graph.initializers[s]
@@ -342,6 +351,22 @@ def _method_factors(
     return {k: own / probed for k, (own, probed) in sums.items() if probed > 0 and own > 0}
 
 
+def probe_int8_inputs(
+    model: ir.Model, sites: Sequence[WeightSite], token_ids: np.ndarray, blocks: Sequence[int], *,
+    providers: Sequence[str] = ("CPUExecutionProvider",), model_dir: Path | None = None,
+    base: np.ndarray | None = None,
+) -> dict[int, tuple[float, float]]:  # fmt: skip
+    """Per block size, the loss increase (and its standard error) when every site's input is rounded to
+    int8 per block of that size (``Sensitivity.int8_inputs``); ``base``: the float model's per-sequence NLL
+    on ``token_ids`` when already known."""
+    ids = np.asarray(token_ids, dtype=np.int64)
+    if base is None and blocks:
+        base = _Prober(model, sites, ids, providers, model_dir).nll()
+    return {
+        int(b): _mean_se(_Prober(model, sites, ids, providers, model_dir, b).nll() - base) for b in blocks
+    }
+
+
 def probe_sensitivity(
     model: ir.Model,
     sites: Sequence[WeightSite],
@@ -357,10 +382,13 @@ def probe_sensitivity(
     model_dir: Path | None = None,
     noise: Noise = "rounding",
     shaped: Mapping[str, np.ndarray] | None = None,
+    int8_blocks: Sequence[int] = (),
 ) -> Sensitivity:
     """Each unit's sensitivity and the link probes, on ``token_ids`` ``[n, T]``; ``energy`` from the float
     statistics (``estimate.py``); ``shaped``: a rounding method's normalised errors on sampled sites, whose
-    units are probed again with them (``Sensitivity.method_factors``). ``model`` is not modified."""
+    units are probed again with them (``Sensitivity.method_factors``); ``int8_blocks``: block sizes at which
+    the model's inputs are rounded to int8 once each (``Sensitivity.int8_inputs``). ``model`` is not
+    modified."""
     ids = np.asarray(token_ids, dtype=np.int64)
     if ids.ndim != 2 or ids.shape[0] < 1 or ids.shape[1] < 2:
         raise CalibrationError(f"probe token ids must be [n, T] with T >= 2, got {list(ids.shape)}")
@@ -391,8 +419,12 @@ def probe_sensitivity(
         delta, se = _mean_se(_response(prober, base, change))
         link.append(LinkPoint(float(level), total * level, delta, se))
     factors = _method_factors(prober, base, by_name, out, shaped or {}, probe_t)
+    del prober  # its session, before the next ones open
+    int8 = {
+        b: _mean_se(_Prober(model, sites, ids, providers, model_dir, b).nll() - base) for b in int8_blocks
+    }
     seconds = time.perf_counter() - t0
     return Sensitivity(
         probe_t, tuple(out), tuple(link), dict(energy), float(base.mean()), int(ids[:, 1:].size), seconds,
-        weights_fingerprint(model, sites), factors,
+        weights_fingerprint(model, sites), factors, int8_inputs=int8,
     )  # fmt: skip
