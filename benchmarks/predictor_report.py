@@ -26,7 +26,7 @@ def predict_rows(args: argparse.Namespace, source: Path, measured: dict[str, Any
     from optimum.adaround.graph_passes.model_io import load_model
     from optimum.adaround.graph_passes.pipeline import prepare_sites
     from optimum.adaround.graph_passes.predict.estimate import FLOAT, estimate_errors
-    from optimum.adaround.graph_passes.predict.int8_inputs import input_blocks
+    from optimum.adaround.graph_passes.predict.int8_inputs import INT8_SEQUENCES, input_blocks
     from optimum.adaround.graph_passes.predict.law import predict
     from optimum.adaround.graph_passes.predict.probe import Sensitivity, probe_int8_inputs, probe_sensitivity
     from optimum.adaround.graph_passes.predict.units import lookup_site, site_errors, units_of
@@ -66,7 +66,7 @@ def predict_rows(args: argparse.Namespace, source: Path, measured: dict[str, Any
                  for name, labels in labels_of.items()}  # fmt: skip
     if missing := sorted({b for bl in blocks_of.values() for b in bl.values()} - set(sens.int8_inputs)):
         t0 = time.perf_counter()
-        found = probe_int8_inputs(model, sites, ids[: args.probe_samples], missing)
+        found = probe_int8_inputs(model, sites, ids[:INT8_SEQUENCES], missing)
         sens = dataclasses.replace(sens, int8_inputs={**sens.int8_inputs, **found})
         seconds["int8 input probes"] = time.perf_counter() - t0
     plain = dataclasses.replace(sens, method_factors={})  # rtn: the probes' own noise is its error

@@ -17,7 +17,7 @@ from ..records import WeightSite
 from ..scheme import QuantScheme, WeightFormat
 from .allocate import AllocationError, Choice, allocate
 from .estimate import FLOAT, SiteErrors, packed_bytes
-from .int8_inputs import input_blocks
+from .int8_inputs import INT8_SEQUENCES, input_blocks
 from .law import Prediction, int8_floor, predict
 from .probe import Sensitivity
 from .units import LOOKUP, Unit, lookup_site, site_errors, unit_error
@@ -220,10 +220,10 @@ def measure_profile(
     )
     sens = given or probe_sensitivity(
         model, sites, units_of(sites), errors.energy, token_ids[:probe_samples], providers=providers,
-        progress=progress, model_dir=model_dir, shaped=errors.shaped, int8_blocks=blocks,
+        progress=progress, model_dir=model_dir, shaped=errors.shaped,
     )  # fmt: skip
-    if missing := [b for b in blocks if b not in sens.int8_inputs]:  # a record probed without them
-        found = probe_int8_inputs(model, sites, token_ids[:probe_samples], missing, providers=providers,
+    if missing := [b for b in blocks if b not in sens.int8_inputs]:  # not probed yet (or an older record)
+        found = probe_int8_inputs(model, sites, token_ids[:INT8_SEQUENCES], missing, providers=providers,
                                   model_dir=model_dir)  # fmt: skip
         sens = dataclasses.replace(sens, int8_inputs={**sens.int8_inputs, **found})
     known = {**sens.errors, **{k: v for k, v in errors.errors.items() if k != FLOAT}}

@@ -354,14 +354,14 @@ def _method_factors(
 def probe_int8_inputs(
     model: ir.Model, sites: Sequence[WeightSite], token_ids: np.ndarray, blocks: Sequence[int], *,
     providers: Sequence[str] = ("CPUExecutionProvider",), model_dir: Path | None = None,
-    base: np.ndarray | None = None,
 ) -> dict[int, tuple[float, float]]:  # fmt: skip
     """Per block size, the loss increase (and its standard error) when every site's input is rounded to
-    int8 per block of that size (``Sensitivity.int8_inputs``); ``base``: the float model's per-sequence NLL
-    on ``token_ids`` when already known."""
+    int8 per block of that size (``Sensitivity.int8_inputs``), on ``token_ids`` (``INT8_SEQUENCES`` of
+    them: rounding has a first-order term that no two-sided probe cancels, so it needs more text)."""
     ids = np.asarray(token_ids, dtype=np.int64)
-    if base is None and blocks:
-        base = _Prober(model, sites, ids, providers, model_dir).nll()
+    if not blocks:
+        return {}
+    base = _Prober(model, sites, ids, providers, model_dir).nll()
     return {
         int(b): _mean_se(_Prober(model, sites, ids, providers, model_dir, b).nll() - base) for b in blocks
     }
@@ -382,13 +382,11 @@ def probe_sensitivity(
     model_dir: Path | None = None,
     noise: Noise = "rounding",
     shaped: Mapping[str, np.ndarray] | None = None,
-    int8_blocks: Sequence[int] = (),
 ) -> Sensitivity:
     """Each unit's sensitivity and the link probes, on ``token_ids`` ``[n, T]``; ``energy`` from the float
     statistics (``estimate.py``); ``shaped``: a rounding method's normalised errors on sampled sites, whose
-    units are probed again with them (``Sensitivity.method_factors``); ``int8_blocks``: block sizes at which
-    the model's inputs are rounded to int8 once each (``Sensitivity.int8_inputs``). ``model`` is not
-    modified."""
+    units are probed again with them (``Sensitivity.method_factors``). ``model`` is not modified; the int8
+    inputs are probed apart (``probe_int8_inputs``)."""
     ids = np.asarray(token_ids, dtype=np.int64)
     if ids.ndim != 2 or ids.shape[0] < 1 or ids.shape[1] < 2:
         raise CalibrationError(f"probe token ids must be [n, T] with T >= 2, got {list(ids.shape)}")
@@ -419,12 +417,8 @@ def probe_sensitivity(
         delta, se = _mean_se(_response(prober, base, change))
         link.append(LinkPoint(float(level), total * level, delta, se))
     factors = _method_factors(prober, base, by_name, out, shaped or {}, probe_t)
-    del prober  # its session, before the next ones open
-    int8 = {
-        b: _mean_se(_Prober(model, sites, ids, providers, model_dir, b).nll() - base) for b in int8_blocks
-    }
     seconds = time.perf_counter() - t0
     return Sensitivity(
         probe_t, tuple(out), tuple(link), dict(energy), float(base.mean()), int(ids[:, 1:].size), seconds,
-        weights_fingerprint(model, sites), factors, int8_inputs=int8,
+        weights_fingerprint(model, sites), factors,
     )  # fmt: skip

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
 
 import pytest
@@ -65,8 +66,9 @@ def test_prediction_is_the_energy_weighted_sum_without_link_points():
 
 def test_sensitivity_round_trips_through_its_record():
     sens = _sens([1.0, 3.0])
-    sens = Sensitivity(sens.probe_t, sens.units, POINTS, sens.energy, 3.1, 512, 2.5)
-    assert Sensitivity.from_dict(sens.to_dict()) == sens
+    sens = Sensitivity(sens.probe_t, sens.units, POINTS, sens.energy, 3.1, 512, 2.5,
+                       int8_inputs={64: (0.01, 0.002), 128: (0.02, 0.003)})  # fmt: skip
+    assert Sensitivity.from_dict(json.loads(json.dumps(sens.to_dict()))) == sens
 
 
 def test_a_tied_lookup_is_its_own_term_at_its_own_error():

@@ -115,3 +115,12 @@ def test_lookup_noise_has_the_asked_relative_error_over_the_probe_text(kind, tin
     assert d.shape == lookup.looked_up.shape
     flat, rows = lookup.looked_up.reshape(-1, d.shape[-1]), d.reshape(-1, d.shape[-1])
     assert lookup_error(flat, flat + rows, np.ones(len(flat))) == pytest.approx(0.03, rel=1e-4)
+
+
+def test_int8_input_probes_measure_each_block_size(tiny_hf_onnx):
+    loaded, sites, ids, _ = _setup(tiny_hf_onnx("llama_tied"))
+    found = probe.probe_int8_inputs(loaded.model, sites, ids, [8, 32])
+    assert sorted(found) == [8, 32]
+    assert all(np.isfinite(v) and np.isfinite(se) and se >= 0 for v, se in found.values())
+    assert found[8] != found[32]  # the rounding differs with the block, so does the loss
+    assert probe.probe_int8_inputs(loaded.model, sites, ids, []) == {}
