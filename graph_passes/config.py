@@ -236,9 +236,15 @@ class AllocationConfig(Options):
         "gets the candidate scheme of least predicted loss within it (benchmarks/results/predictor.md)",
         metavar="BITS",
     )
+    max_size: float | None = option(
+        None,
+        "the written model's size in MB (10^6 bytes; its .onnx and external data): the quantized layers get "
+        "what the rest of the model leaves, allocated as under --target-bits (benchmarks/results/predictor.md)",
+        metavar="MB",
+    )
     candidates: tuple[str, ...] = option(
         DEFAULT_CANDIDATES,
-        "schemes a layer group may get under --target-bits ('float' keeps it unquantized)",
+        "schemes a layer group may get under --target-bits or --max-size ('float' keeps it unquantized)",
         metavar="LABEL",
     )
     probe_samples: int = option(
@@ -251,9 +257,22 @@ class AllocationConfig(Options):
         metavar="FILE",
     )
 
+    @property
+    def allocates(self) -> bool:
+        """Each layer group's scheme is chosen for a size (``target_bits`` or ``max_size``)."""
+        return self.target_bits is not None or self.max_size is not None
+
+    @property
+    def asked_name(self) -> str:
+        return "max_size" if self.max_size is not None else "target_bits"
+
     def validate(self) -> None:
         if self.target_bits is not None and not 1.0 <= self.target_bits <= 32.0:
             self.reject("target_bits", "use a number of bits per weight in [1, 32]")
+        if self.max_size is not None and not self.max_size > 0:
+            self.reject("max_size", "use a size in MB above 0")
+        if self.target_bits is not None and self.max_size is not None:
+            self.reject("max_size", "give target_bits or max_size, not both")
         if not self.candidates:
             self.reject("candidates", "give at least one candidate scheme")
         for label in self.candidates:

@@ -24,7 +24,13 @@ from .graph_passes.model_io import LoadedModel, initializer_bytes, load_model, s
 from .graph_passes.pipeline import QuantizationResult, prepare_sites, quantize_model
 from .output import check_output_path, write_output
 from .recipes import ConfigLike, resolve_config
-from .run_inputs import calibration_ids, candidate_schemes, given_sensitivity, pop_token_ids
+from .run_inputs import (
+    allocation_budget,
+    calibration_ids,
+    candidate_schemes,
+    given_sensitivity,
+    pop_token_ids,
+)
 
 __all__ = ["QuantizationRun", "quantize", "run_config"]
 
@@ -137,24 +143,26 @@ class QuantizationRun:
         )
 
     def _allocate(self, config: QuantConfig) -> QuantConfig:
-        """Under ``target_bits``: the config with each layer group's chosen scheme as an override (float
-        groups excluded), from the predictor's sensitivities and error estimates (``predict/``)."""
-        bits = config.allocation.target_bits
-        if bits is None:
+        """Under ``target_bits`` or ``max_size``: the config with each layer group's chosen scheme as an
+        override (float groups excluded), from the predictor's sensitivities and error estimates
+        (``predict/``)."""
+        if not config.allocation.allocates:
             return config
         if config.selection.overrides:
             raise InvalidOptionError(
-                "target_bits chooses every layer's scheme: drop the scheme overrides, or drop target_bits"
+                f"{config.allocation.asked_name} chooses every layer's scheme: drop the scheme overrides, or "
+                f"drop {config.allocation.asked_name}"
             )
         from .graph_passes.predict.plan import as_selection, plan_allocation
 
         sel = config.selection
         report = prepare_sites(self.model, sel.include, sel.exclude, sel.quantize_lm_head)
+        budget, asked = allocation_budget(config, self.model, self.loaded.path, report.sites)  # type: ignore[misc]
         if self.token_ids is None:
             self.token_ids, self.calib_info = calibration_ids(config, self.loaded, self.given_ids, force=True)
         planned = plan_allocation(
             self.model, report.sites, candidate_schemes(config, report.sites), config.method, self.token_ids,
-            target_bits=bits, probe_samples=config.allocation.probe_samples,
+            budget=budget, asked=asked, probe_samples=config.allocation.probe_samples,
             accuracy_level=config.output.accuracy_level, progress=self.progress, model_dir=self.loaded.directory,
             sensitivity=given_sensitivity(config, self.model, report.sites),
         )  # fmt: skip
@@ -194,12 +202,26 @@ class QuantizationRun:
             )  # fmt: skip
         record["files"] = {f.name: f.stat().st_size for f in files}
         record["quantized_bytes"] = sum(record["files"].values())
+        _check_size(record["quantized_bytes"], self.config.allocation.max_size)
         record["timings"]["total_with_save"] = time.perf_counter() - self.t0
         if self.loaded.folder is not None:
             from .output import copy_side_files
 
             record["copied_files"] = copy_side_files(self.loaded.folder, folder, self.model, name)
         return record
+
+
+def _check_size(written: int, max_size: float | None) -> None:
+    """The model files must fit ``max_size`` MB; raising here leaves no output (the write is atomic)."""
+    from .graph_passes.predict.allocate import AllocationError
+    from .graph_passes.predict.size import MB
+
+    if max_size is not None and written > max_size * MB:
+        over = written - int(max_size * MB)
+        raise AllocationError(
+            f"max_size={max_size:g} MB: the written model takes {written} bytes, {over} over (its graph took "
+            f"more than estimated); ask for {over} bytes less"
+        )
 
 
 def build_record(run: QuantizationRun) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 The predictor (``graph_passes/predict``): each layer group's sensitivity probed through onnxruntime, each
 site's relative output error under its scheme estimated from one float calibration pass, the loss increase
-from the linear law through the measured link. Under ``target_bits`` the prediction is that of the
+from the linear law through the measured link. Under ``target_bits`` or ``max_size`` the prediction is that of the
 allocation the run would choose.
 """
 
@@ -22,7 +22,13 @@ from .graph_passes.predict.law import predict as predict_law
 from .graph_passes.predict.plan import measure_profile, plan_allocation
 from .graph_passes.predict.units import lookup_site, site_errors
 from .recipes import ConfigLike
-from .run_inputs import calibration_ids, candidate_schemes, given_sensitivity, pop_token_ids
+from .run_inputs import (
+    allocation_budget,
+    calibration_ids,
+    candidate_schemes,
+    given_sensitivity,
+    pop_token_ids,
+)
 
 __all__ = ["predict"]
 
@@ -41,10 +47,11 @@ def predict(
     ids, _ = calibration_ids(cfg, loaded, token_ids, force=True)
     folder = loaded.directory
     t0 = time.perf_counter()
-    if cfg.allocation.target_bits is not None:
+    if cfg.allocation.allocates:
+        budget, asked = allocation_budget(cfg, loaded.model, loaded.path, sites)  # type: ignore[misc]
         planned = plan_allocation(
             loaded.model, sites, candidate_schemes(cfg, sites), cfg.method, ids,
-            target_bits=cfg.allocation.target_bits, probe_samples=cfg.allocation.probe_samples,
+            budget=budget, asked=asked, probe_samples=cfg.allocation.probe_samples,
             accuracy_level=cfg.output.accuracy_level, progress=progress, model_dir=folder,
             sensitivity=given_sensitivity(cfg, loaded.model, sites),
         )  # fmt: skip

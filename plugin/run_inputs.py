@@ -5,6 +5,7 @@ hash), and the inputs of a budgeted allocation (candidate schemes, a kept sensit
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,28 @@ def given_sensitivity(config: QuantConfig, model: Any, sites: list[Any]) -> Any:
     from .graph_passes.predict.probe import load_sensitivity
 
     return load_sensitivity(path, model, sites)
+
+
+def allocation_budget(
+    config: QuantConfig, model: Any, source: Path | None, sites: list[Any]
+) -> tuple[int, str] | None:
+    """The bytes an allocation may give ``sites`` of ``model`` (read from the ``.onnx`` file ``source``) and
+    how the user asked for them (``target_bits`` or ``max_size``), or None when the run has one scheme."""
+    from .graph_passes.predict.plan import AllocationError, budget_for_bits
+    from .graph_passes.predict.size import MB, rest_bytes
+
+    alloc = config.allocation
+    if alloc.target_bits is not None:
+        return budget_for_bits(alloc.target_bits, sites), f"target_bits={alloc.target_bits:g}"
+    if alloc.max_size is None:
+        return None
+    bits = config.selection.embeddings
+    rest = rest_bytes(model, sites, source, None if bits == "none" else int(bits), config.scheme)
+    asked = f"max_size={alloc.max_size:g} MB ({rest / MB:.2f} MB of it outside the layers quantized)"
+    budget = int(alloc.max_size * MB) - rest
+    if budget <= 0:
+        raise AllocationError(f"{asked}: nothing is left for the quantized layers; raise max_size")
+    return budget, asked
 
 
 def candidate_schemes(config: QuantConfig, sites: list[Any]) -> dict[str, Any]:

@@ -238,7 +238,8 @@ def plan_allocation(
     method: Any,
     token_ids: Any,
     *,
-    target_bits: float,
+    budget: int,
+    asked: str,
     probe_samples: int,
     accuracy_level: int = 4,
     progress: bool = True,
@@ -247,7 +248,8 @@ def plan_allocation(
     sensitivity: Sensitivity | None = None,
 ) -> Planned:
     """Estimate every candidate's errors (one float calibration pass), probe the sensitivities (both
-    unless ``sensitivity`` holds them), allocate."""
+    unless ``sensitivity`` holds them), allocate ``budget`` bytes (``asked``: how the user asked for them,
+    for messages: ``target_bits=3``...)."""
     import time
 
     from .units import units_of
@@ -262,14 +264,16 @@ def plan_allocation(
     by_name = {s.name: s for s in sites}
     choices = unit_choices(units, by_name, schemes, errors, sens, itemsize, accuracy_level)
     weights = sum(s.k * s.n for s in sites)
-    budget = budget_for_bits(target_bits, sites)
     stored = sum(float_bytes(s, itemsize[s.name]) for s in sites)
     if budget >= stored:
         raise AllocationError(
-            f"target_bits={target_bits:g} allows {budget} bytes, at or above the {stored} bytes these "
-            f"layers take in floating point ({8 * stored / weights:g} bits per weight): nothing to quantize"
+            f"{asked} allows {budget} bytes, at or above the {stored} bytes these layers take in floating "
+            f"point ({8 * stored / weights:g} bits per weight): nothing to quantize"
         )
-    allocation = choose(units, choices, budget, errors, sens, weights, sites, accuracy_level)
+    try:
+        allocation = choose(units, choices, budget, errors, sens, weights, sites, accuracy_level)
+    except AllocationError as e:
+        raise AllocationError(f"{asked}: {e}") from None
     return Planned(allocation, sens, errors, {**seconds, "allocate": time.perf_counter() - t2})
 
 

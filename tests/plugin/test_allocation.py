@@ -71,11 +71,15 @@ def _logits(model, graph_model, folder, ids):
     return sess.run(["logits"], make_feeds(specs, ids))[0]
 
 
-@pytest.mark.parametrize(("bits", "message"), [("1.2", "below the smallest allocation"),
-                                               ("32", "at or above the")])  # fmt: skip
-def test_a_budget_out_of_reach_is_a_one_line_error(bits, message, tiny_hf_onnx, tmp_path, capsys):
+@pytest.mark.parametrize(("flag", "value", "message"), [
+    ("--target-bits", "1.2", "below the smallest allocation"), ("--target-bits", "32", "at or above the"),
+    ("--max-size", "0.05", "nothing is left for the quantized layers"),
+    ("--max-size", "0.13", "below the smallest allocation"), ("--max-size", "0.6", "at or above the"),
+])  # fmt: skip
+def test_a_budget_out_of_reach_is_a_one_line_error(flag, value, message, tiny_hf_onnx, tmp_path, capsys):
+    """The tiny model: 0.117 MB outside its layers, 0.38 MB of layers in float."""
     out = tmp_path / "q"
-    argv = ["quantize", str(tiny_hf_onnx("llama")), str(out), "--target-bits", bits, "--method", "rtn",
+    argv = ["quantize", str(tiny_hf_onnx("llama")), str(out), flag, value, "--method", "rtn",
             "--calib-samples", "4", "--seq-len", "32", "--no-progress"]  # fmt: skip
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
@@ -90,6 +94,38 @@ def test_target_bits_and_scheme_overrides_do_not_mix(tiny_hf_onnx, tmp_path):
     with pytest.raises(InvalidOptionError, match="target_bits chooses every layer"):
         quantize(str(tiny_hf_onnx("llama")), str(tmp_path / "q"), target_bits=4.0,
                  overrides=(ModuleOverride("mlp", "w8-g32"),), progress=False, **OPTIONS)  # fmt: skip
+    assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize("mb", [0.25, 0.35])
+def test_max_size_bounds_the_written_model(mb, tiny_hf_onnx, tmp_path):
+    """The model files come in at or under ``max_size``; the layers got what the rest of the model left."""
+    out = tmp_path / "q"
+    quantize(str(tiny_hf_onnx("llama")), str(out), max_size=mb, progress=False, **OPTIONS)
+    record = json.loads((out / "quantization_config.json").read_text())
+    written = sum(p.stat().st_size for p in out.iterdir() if p.name.startswith("model.onnx"))
+    assert written == record["quantized_bytes"] <= mb * 1e6
+    alloc = record["allocation"]
+    assert alloc["bytes"] <= alloc["budget_bytes"] < mb * 1e6
+    assert written > 0.6 * mb * 1e6  # the budget is spent, not left unused
+
+
+def test_a_written_model_over_max_size_is_refused():
+    from optimum.adaround.api import _check_size
+    from optimum.adaround.graph_passes.predict.allocate import AllocationError
+
+    _check_size(1_000_000, 1.0)
+    _check_size(5, None)
+    with pytest.raises(AllocationError, match="takes 1000001 bytes, 1 over"):
+        _check_size(1_000_001, 1.0)
+
+
+def test_max_size_and_target_bits_do_not_mix(tiny_hf_onnx, tmp_path):
+    from optimum.adaround.graph_passes.errors import InvalidOptionError
+
+    with pytest.raises(InvalidOptionError, match="not both"):
+        quantize(str(tiny_hf_onnx("llama")), str(tmp_path / "q"), target_bits=4.0, max_size=0.3,
+                 progress=False, **OPTIONS)  # fmt: skip
     assert not (tmp_path / "q").exists()
 
 
