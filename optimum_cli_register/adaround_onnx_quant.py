@@ -369,13 +369,24 @@ QUANT_FLAGS: list = [
         },
     ),
     (
+        ("--max-size",),
+        {
+            "dest": "max_size",
+            "default": "==SUPPRESS==",
+            "help": "the written model's size in MB (10^6 bytes; its .onnx and external data): the quantized layers "
+            "get what the rest of the model leaves, allocated as under --target-bits "
+            "(benchmarks/results/predictor.md)",
+            "type": "float",
+        },
+    ),
+    (
         ("--candidates",),
         {
             "dest": "candidates",
             "default": "==SUPPRESS==",
             "action": "append",
             "metavar": "LABEL",
-            "help": "schemes a layer group may get under --target-bits ('float' keeps it unquantized)",
+            "help": "schemes a layer group may get under --target-bits or --max-size ('float' keeps it unquantized)",
         },
     ),
     (
