@@ -32,7 +32,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from deploy import size_mb  # noqa: E402
-from measure import emit, provenance  # noqa: E402
+from measure import commit, emit, provenance  # noqa: E402
 
 UNIFORM = [f"w{b}-g{g}" for b in (2, 3, 4, 8) for g in (64, 128)]
 MIXED_CHOICES = ("w2-g64", "w3-g128", "w4-g64", "w4-g128", "w8-g128", "float")
@@ -96,6 +96,7 @@ def measure_row(
     if "overrides" in opts:
         opts["overrides"] = tuple(ModuleOverride(**o) for o in opts["overrides"])
         opts["exclude"] = tuple(opts["exclude"])
+    stamp = commit()  # the code that quantizes this row (rows are cached across runs)
     sens = work / "sensitivity.json"  # the first allocation's probes serve the later budgets
     if "target_bits" in opts and sens.exists():
         opts["sensitivity"] = str(sens)
@@ -109,7 +110,7 @@ def measure_row(
     sqnr = {s["name"]: s["metrics"].get("output_sqnr_db") for s in record["sites"]}
     weights = sum(s["k"] * s["n"] for s in record["sites"])
     bits = 8 * sum(s["packed_bytes"] for s in record["sites"]) / max(weights, 1)
-    row = {"name": name, "options": options, "quantize_seconds": seconds, "size_mb": size_mb(out),
+    row = {"name": name, "commit": stamp, "options": options, "quantize_seconds": seconds, "size_mb": size_mb(out),
            "site_schemes": sites, "site_output_sqnr_db": sqnr, "bits_per_weight": bits,
            "allocation": {k: v for k, v in (record.get("allocation") or {}).items() if k != "sensitivity"}, "ppl": perplexity_of(out, eval_tokens)}  # fmt: skip
     shutil.rmtree(out, ignore_errors=True)

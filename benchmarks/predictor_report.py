@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +77,7 @@ def predict_rows(args: argparse.Namespace, source: Path, measured: dict[str, Any
         t = site_errors(labels_of[name], errors[r["options"]["method"]].errors, lookup_site(sites))
         p = predict(sens if r["options"]["method"] != "rtn" else plain, t, blocks_of[name])
         out.append({"name": name, "bits_per_weight": r["bits_per_weight"], "size_mb": r["size_mb"], "ppl": r["ppl"],
-                    "measured_delta": math.log(r["ppl"] / fp), "predicted_delta": p.delta,
+                    "measured_delta": math.log(r["ppl"] / fp), "predicted_delta": p.delta, "measured_at": r.get("commit"),
                     "predicted_se": p.delta_se, "linear": p.linear, "quantize_seconds": r["quantize_seconds"]})  # fmt: skip
     return {"fp32_ppl": fp, "eval_tokens": args.eval_tokens, "probe_samples": args.probe_samples,
             "seconds": seconds, "rows": out, "stats": stats(out), "sensitivity": sens.to_dict(), "method_factors": dict(sens.method_factors)}  # fmt: skip
@@ -108,13 +109,19 @@ def stats(rows: list[dict[str, Any]]) -> dict[str, float]:
     return {"n": len(rows), "spearman": spearman, "median_abs_rel_error": float(np.median(rel))}
 
 
+def _measured_at(rows: list[dict[str, Any]]) -> str:
+    counts = Counter(str(r.get("measured_at") or "an unrecorded commit") for r in rows)
+    return ", ".join(f"{c} ({n} rows)" for c, n in counts.items())
+
+
 def render(result: dict[str, Any]) -> str:
     p, s, sec = result["provenance"], result["stats"], result["seconds"]
     gptq = [r["quantize_seconds"] for r in result["rows"] if r["name"] == "gptq w4-g128"]
     lines = [
-        f"Measured {p.get('date')} on {p.get('machine')}, commit {p.get('commit')}. SmolLM2-135M (Optimum export, "
-        f"fp32), perplexity over the first {result['eval_tokens']} tokens of the embedded Wikipedia evaluation "
-        f"split (windows of 256); fp32 {result['fp32_ppl']:.2f}. Output projection at the runs' 8 bits.",
+        f"Predicted {p.get('date')} on {p.get('machine')}, commit {p.get('commit')}; the quantized models were "
+        f"measured (and cached) at {_measured_at(result['rows'])}. SmolLM2-135M (Optimum export, fp32), perplexity "
+        f"over the first {result['eval_tokens']} tokens of the embedded Wikipedia evaluation split (windows of "
+        f"256); fp32 {result['fp32_ppl']:.2f}. Output projection at the runs' 8 bits.",
         "",
         f"Spearman rank correlation of predicted vs measured increase of ln(perplexity): **{s['spearman']:.3f}**; "
         f"median absolute relative error of the increase: **{100 * s['median_abs_rel_error']:.1f}%** over {s['n']} "
