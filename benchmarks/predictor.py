@@ -164,6 +164,30 @@ def run_cost(source: Path, work: Path) -> dict[str, float]:
             "same_prediction": again["delta_nll"] == first["delta_nll"]}  # fmt: skip
 
 
+def run_max_size(source: Path, work: Path, sizes: list[float], eval_tokens: int) -> list[dict[str, Any]]:
+    """gptq under each ``--max-size``, reusing the allocations' kept sensitivities: written size, perplexity
+    on the same tokens, and the prediction."""
+    from optimum.adaround import quantize
+
+    fp = perplexity_of(source, eval_tokens)
+    rows = []
+    for mb in sizes:
+        out = work / f"max-size-{mb:g}"
+        shutil.rmtree(out, ignore_errors=True)
+        stamp, t0 = commit(), time.perf_counter()
+        quantize(str(source), str(out), method="gptq", max_size=mb, sensitivity=str(work / "sensitivity.json"),
+                 progress=False)  # fmt: skip
+        seconds = time.perf_counter() - t0
+        alloc = json.loads((out / "quantization_config.json").read_text())["allocation"]
+        ppl = perplexity_of(out, eval_tokens)
+        rows.append({"max_size_mb": mb, "written_mb": size_mb(out), "ppl": ppl, "delta": float(np.log(ppl / fp)),
+                     "predicted_delta": alloc["predicted_delta_nll"], "bits_per_weight": alloc["bits_per_weight"],
+                     "seconds": seconds, "commit": stamp})  # fmt: skip
+        print(json.dumps(rows[-1]), flush=True)
+        shutil.rmtree(out, ignore_errors=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache/optimum-adaround/bench-predictor")
@@ -176,6 +200,8 @@ def main() -> None:
     ap.add_argument(
         "--cost", action="store_true", help="time a gptq run against predicting it (quiet machine)"
     )
+    ap.add_argument("--max-sizes", type=float, nargs="*", default=[],
+                    help="also quantize under these --max-size MB (needs the kept sensitivities of a --measure run)")  # fmt: skip
     ap.add_argument("--json", type=Path)
     ap.add_argument("--render-only", action="store_true", help="rewrite --md from --json")
     ap.add_argument("--md", type=Path)
@@ -191,17 +217,23 @@ def main() -> None:
     source = default_source()
     stamp = provenance()  # the code measured: commits made while it runs do not relabel it
     if args.render_only:  # the markdown again from a --json result (no measurement)
-        from predictor_report import allocation_lines, render
+        from predictor_report import allocation_lines, max_size_lines, render
 
         result = json.loads(args.json.read_text())
-        cost_file = args.work / "cost.json"
-        if cost_file.exists():  # a --cost run made after the --predict one
-            result["cost"] = json.loads(cost_file.read_text())
-            args.json.write_text(json.dumps(result, indent=1))
-        args.md.write_text(
-            "\n".join([render(result), *allocation_lines(result, result.get("peers", []))]) + "\n"
-        )
+        for key in ("cost", "max_size"):  # --cost and max_size runs made after the --predict one
+            if (args.work / f"{key}.json").exists():
+                result[key] = json.loads((args.work / f"{key}.json").read_text())
+        args.json.write_text(json.dumps(result, indent=1))
+        lines = [
+            render(result),
+            *allocation_lines(result, result.get("peers", [])),
+            *max_size_lines(result.get("max_size")),
+        ]
+        args.md.write_text("\n".join(lines) + "\n")
         return
+    if args.max_sizes:
+        rows = run_max_size(source, args.work, args.max_sizes, args.eval_tokens)
+        (args.work / "max_size.json").write_text(json.dumps(rows, indent=1))
     if args.cost:
         cost = run_cost(source, args.work)
         (args.work / "cost.json").write_text(json.dumps(cost, indent=1))

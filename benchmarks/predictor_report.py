@@ -109,6 +109,19 @@ def stats(rows: list[dict[str, Any]]) -> dict[str, float]:
     return {"n": len(rows), "spearman": spearman, "median_abs_rel_error": float(np.median(rel))}
 
 
+def max_size_lines(rows: list[dict[str, Any]] | None) -> list[str]:
+    """``--max-size`` runs (``maxsize`` rows: asked, written, perplexity on the same tokens, prediction)."""
+    if not rows:
+        return []
+    out = ["", "`--max-size` (gptq, the sensitivities of the allocations above reused):", "",
+           "| max_size MB | written MB | bits/weight | perplexity | measured d ln ppl | predicted | commit |",
+           "|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
+    for r in rows:
+        out.append(f"| {r['max_size_mb']:g} | {r['written_mb']:.3f} | {r['bits_per_weight']:.3f} | {r['ppl']:.2f} | "
+                   f"{r['delta']:.4f} | {r['predicted_delta']:.4f} | {r['commit']} |")  # fmt: skip
+    return out
+
+
 def _measured_at(rows: list[dict[str, Any]]) -> str:
     counts = Counter(str(r.get("measured_at") or "an unrecorded commit") for r in rows)
     return ", ".join(f"{c} ({n} rows)" for c, n in counts.items())
