@@ -74,10 +74,10 @@ def _logits(model, graph_model, folder, ids):
 @pytest.mark.parametrize(("flag", "value", "message"), [
     ("--target-bits", "1.2", "below the smallest allocation"), ("--target-bits", "32", "at or above the"),
     ("--max-size", "0.05", "nothing is left for the quantized layers"),
-    ("--max-size", "0.13", "below the smallest allocation"), ("--max-size", "0.6", "at or above the"),
+    ("--max-size", "0.15", "below the smallest allocation"), ("--max-size", "0.6", "at or above the"),
 ])  # fmt: skip
 def test_a_budget_out_of_reach_is_a_one_line_error(flag, value, message, tiny_hf_onnx, tmp_path, capsys):
-    """The tiny model: 0.117 MB outside its layers, 0.38 MB of layers in float."""
+    """The tiny model: 0.13 MB counted outside its layers, 0.38 MB of layers in float."""
     out = tmp_path / "q"
     argv = ["quantize", str(tiny_hf_onnx("llama")), str(out), flag, value, "--method", "rtn",
             "--calib-samples", "4", "--seq-len", "32", "--no-progress"]  # fmt: skip
