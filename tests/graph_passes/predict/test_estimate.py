@@ -56,9 +56,17 @@ def test_gptq_estimate_is_below_round_to_nearest_for_every_kind(tiny_hf_onnx):
     gptq = estimate_errors(model, sites, schemes, method_config("gptq"), ids, sample_rows=8, progress=False)
     assert set(gptq.ratios["w3-g16"]) == {site_kind(s) for s in sites}
     assert all(0 < r < 1 for r in gptq.ratios["w3-g16"].values())
-    for s in sites:
-        ratio = gptq.ratios["w3-g16"][site_kind(s)]
-        assert gptq.errors["w3-g16"][s.name] == pytest.approx(near.errors["w3-g16"][s.name] * ratio)
+    own = {s.name: gptq.errors["w3-g16"][s.name] / near.errors["w3-g16"][s.name] for s in sites}
+    assert all(0 < r < 1 for r in own.values())  # every site's own ratio (its rows sampled)
+    pooled = [gptq.ratios["w3-g16"][site_kind(s)] for s in sites]
+    assert any(abs(r - p) > 1e-3 * p for r, p in zip(own.values(), pooled, strict=True))
+    first = estimate_errors(model, sites, schemes, method_config("gptq"), ids, sample_rows=8, sample_blocks=1,
+                            progress=False)  # fmt: skip
+    unsampled = [s for s in sites if s.layer not in (None, 0)]  # one block: the first (and the head)
+    assert unsampled
+    for s in unsampled:  # their kind's ratio, pooled over the sampled block
+        ratio = first.ratios["w3-g16"][site_kind(s)]
+        assert first.errors["w3-g16"][s.name] == pytest.approx(near.errors["w3-g16"][s.name] * ratio)
 
 
 @pytest.mark.parametrize(
