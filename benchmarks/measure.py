@@ -174,7 +174,8 @@ def machine() -> str:
 
 
 def commit() -> str:
-    """The repository's commit (``+dirty`` when tracked files differ from it), or ``unknown``."""
+    """The repository's commit (``+dirty`` when tracked files outside ``benchmarks/results`` differ from it),
+    or ``unknown``."""
     try:
         head = subprocess.run(
             ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
@@ -182,7 +183,9 @@ def commit() -> str:
             text=True,
             check=True,
         ).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO), "diff", "--quiet", "HEAD"], check=False).returncode
+        # results written by an earlier step of the same run do not make the code measured dirty
+        dirty = subprocess.run(["git", "-C", str(REPO), "diff", "--quiet", "HEAD", "--", ".", ":!benchmarks/results"],
+                               check=False).returncode  # fmt: skip
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head + ("+dirty" if dirty else "")

@@ -7,9 +7,10 @@ for every site and candidate scheme:
   rows of the weight (rows are independent given ``H``);
 - a calibrated method (gptq, adaround...) runs on ``sample_rows`` rows of every site (rows are independent
   given ``H``), beside round to nearest on the same rows; the ratio of the two errors scales that site's
-  round-to-nearest error. A ratio pooled per site kind (from 4 blocks, as before) flattered the sites an
-  allocation chose for few bits: their measured errors were 1.2-1.7x the pooled estimate, and the five
-  allocations were predicted 26-36% low; per site, 0-24% (benchmarks/results/predictor.md).
+  round-to-nearest error. A ratio pooled per site kind (from 4 blocks, before) flattered the sites an
+  allocation chose for few bits: their measured errors were 1.2-1.7x the pooled estimate, and five
+  allocations were predicted 26-36% low; the five chosen with ratios per site, 5-20% either way. It costs
+  the estimate 2.5x its time (SmolLM2-135M; benchmarks/results/predictor.md).
 
 The Hessian of each block is dropped once its sites are done: memory stays that of one block's statistics.
 It reads the run's calibration sequences: with fewer, a calibrated method fits ``H`` more closely than the
