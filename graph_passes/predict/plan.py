@@ -1,7 +1,8 @@
 """From sensitivities and error estimates to a per-unit choice of scheme under a byte budget.
 
 Each unit's options are the candidate schemes (and float): bytes as the packer would store them, predicted
-cost ``alpha_u * t_u``. Minimising the linear law's sum minimises the prediction (the link is monotone), so
+cost ``alpha_u * t_u`` (plus, for an output projection a token lookup shares, the lookup's ``alpha * t``,
+and for a quantized option the unit's share of the int8 inputs' loss, ``law.int8_floor``). Minimising the linear law's sum minimises the prediction (the link is monotone), so
 ``allocate`` runs on the linear costs. The choice becomes scheme overrides (exact site names) and excludes
 (units kept in float): the ordinary per-site schemes of one pipeline pass.
 """
