@@ -59,7 +59,7 @@ def run_guarded(prog: str, call: Callable[[], int | None], *, debug: bool = Fals
     except UserError as e:
         if debug:
             raise
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {one_line(str(e))}", file=sys.stderr)
         return e.exit_code
     except Exception as e:  # a bug (not raised on purpose): still one line and exit 1 unless --debug
         if debug:
@@ -69,8 +69,16 @@ def run_guarded(prog: str, call: Callable[[], int | None], *, debug: bool = Fals
             if isinstance(e, AdaroundError)
             else f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
         )
-        print(f"{prog}: internal error: {text} (rerun with --debug for a traceback)", file=sys.stderr)
+        print(
+            f"{prog}: internal error: {one_line(text)} (rerun with --debug for a traceback)", file=sys.stderr
+        )
         return 1
+
+
+def one_line(text: str) -> str:
+    """``text`` on one line: a name read from a file may hold line breaks or other control characters (a
+    damaged model's data file name), written escaped."""
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
 
 
 if __name__ == "__main__":

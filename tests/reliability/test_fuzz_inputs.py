@@ -184,6 +184,7 @@ ESCAPED: set[str] = set()  # exception types the API let out on fuzzed input
 )
 @given(mutations=st.lists(MUTATION, min_size=1, max_size=3))
 @example(mutations=[("value_type", 1, 0)])  # a graph output of type 0: onnxruntime refuses the model
+@example(mutations=[("flip_model", 251, 96)])  # a data file name with a line break in it
 def test_mutated_models_exit_0_or_2_and_read_only_their_folder(mutations):
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
