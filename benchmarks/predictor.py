@@ -188,6 +188,41 @@ def run_max_size(source: Path, work: Path, sizes: list[float], eval_tokens: int)
     return rows
 
 
+def run_accuracy_levels(source: Path, work: Path, eval_tokens: int) -> list[dict[str, Any]]:
+    """W8 g128 (rtn, gptq) at ``accuracy_level`` 0 and 4: the loss of int8 inputs alone, beside the
+    predictor's int8 probe for block 128 (on ``INT8_SEQUENCES`` calibration sequences)."""
+    from optimum.adaround import quantize
+    from optimum.adaround.data.text import calibration_token_ids
+    from optimum.adaround.graph_passes.model_io import load_model
+    from optimum.adaround.graph_passes.pipeline import prepare_sites
+    from optimum.adaround.graph_passes.predict.int8_inputs import INT8_SEQUENCES
+    from optimum.adaround.graph_passes.predict.probe import probe_int8_inputs
+
+    fp = perplexity_of(source, eval_tokens)
+    rows = []
+    for method in ("rtn", "gptq"):
+        for level in (0, 4):
+            out = work / f"level-{method}-{level}"
+            shutil.rmtree(out, ignore_errors=True)
+            stamp = commit()
+            quantize(
+                str(source), str(out), method=method, scheme="w8-g128", accuracy_level=level, progress=False
+            )
+            ppl = perplexity_of(out, eval_tokens)
+            rows.append({"method": method, "accuracy_level": level, "ppl": ppl, "delta": float(np.log(ppl / fp)),
+                         "commit": stamp})  # fmt: skip
+            print(json.dumps(rows[-1]), flush=True)
+            shutil.rmtree(out, ignore_errors=True)
+    model = load_model(str(source)).model
+    sites = prepare_sites(model, quantize_lm_head=True).sites
+    ids = calibration_token_ids(source, None, 32, 256, seed=0)
+    for n in (2, INT8_SEQUENCES, 32):
+        value, se = probe_int8_inputs(model, sites, ids[:n], [128])[128]
+        rows.append({"probe_sequences": n, "delta": value, "se": se, "commit": commit()})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache/optimum-adaround/bench-predictor")
@@ -202,6 +237,8 @@ def main() -> None:
     )
     ap.add_argument("--max-sizes", type=float, nargs="*", default=[],
                     help="also quantize under these --max-size MB (needs the kept sensitivities of a --measure run)")  # fmt: skip
+    ap.add_argument("--accuracy-levels", action="store_true",
+                    help="W8 g128 at accuracy_level 0 and 4, beside the int8 input probe on 2, 8 and 32 sequences")  # fmt: skip
     ap.add_argument("--json", type=Path)
     ap.add_argument("--render-only", action="store_true", help="rewrite --md from --json")
     ap.add_argument("--md", type=Path)
@@ -217,10 +254,10 @@ def main() -> None:
     source = default_source()
     stamp = provenance()  # the code measured: commits made while it runs do not relabel it
     if args.render_only:  # the markdown again from a --json result (no measurement)
-        from predictor_report import allocation_lines, max_size_lines, render
+        from predictor_report import accuracy_level_lines, allocation_lines, max_size_lines, render
 
         result = json.loads(args.json.read_text())
-        for key in ("cost", "max_size"):  # --cost and max_size runs made after the --predict one
+        for key in ("cost", "max_size", "accuracy_levels"):  # runs made after the --predict one
             if (args.work / f"{key}.json").exists():
                 result[key] = json.loads((args.work / f"{key}.json").read_text())
         args.json.write_text(json.dumps(result, indent=1))
@@ -228,9 +265,13 @@ def main() -> None:
             render(result),
             *allocation_lines(result, result.get("peers", [])),
             *max_size_lines(result.get("max_size")),
+            *accuracy_level_lines(result.get("accuracy_levels")),
         ]
         args.md.write_text("\n".join(lines) + "\n")
         return
+    if args.accuracy_levels:
+        rows = run_accuracy_levels(source, args.work, args.eval_tokens)
+        (args.work / "accuracy_levels.json").write_text(json.dumps(rows, indent=1))
     if args.max_sizes:
         rows = run_max_size(source, args.work, args.max_sizes, args.eval_tokens)
         (args.work / "max_size.json").write_text(json.dumps(rows, indent=1))

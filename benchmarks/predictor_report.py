@@ -122,6 +122,25 @@ def max_size_lines(rows: list[dict[str, Any]] | None) -> list[str]:
     return out
 
 
+def accuracy_level_lines(rows: list[dict[str, Any]] | None) -> list[str]:
+    """``--accuracy-levels``: the int8 inputs' loss measured (W8 g128 at levels 0 and 4) and probed."""
+    if not rows:
+        return []
+    out = ["", "int8 inputs (`--accuracy-levels`): W8 g128 at `accuracy_level` 0 and 4, and the predictor's probe "
+           "(every site's input rounded at block 128) on calibration sequences:", "",
+           "| row | d ln ppl | +/- | commit |", "|---|---:|---:|---|"]  # fmt: skip
+    for r in rows:
+        if "method" in r:
+            out.append(
+                f"| {r['method']} W8 g128, accuracy_level {r['accuracy_level']} | {r['delta']:.4f} | | {r['commit']} |"
+            )
+        else:
+            out.append(
+                f"| probe, {r['probe_sequences']} sequences | {r['delta']:.4f} | {r['se']:.4f} | {r['commit']} |"
+            )
+    return out
+
+
 def _measured_at(rows: list[dict[str, Any]]) -> str:
     counts = Counter(str(r.get("measured_at") or "an unrecorded commit") for r in rows)
     return ", ".join(f"{c} ({n} rows)" for c, n in counts.items())
