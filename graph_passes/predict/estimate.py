@@ -9,8 +9,9 @@ for every site and candidate scheme:
   given ``H``), beside round to nearest on the same rows; the ratio of the two errors scales that site's
   round-to-nearest error. A ratio pooled per site kind (from 4 blocks, before) flattered the sites an
   allocation chose for few bits: their measured errors were 1.2-1.7x the pooled estimate, and five
-  allocations were predicted 26-36% low; the five chosen with ratios per site, 5-20% either way. It costs
-  the estimate 2.5x its time (SmolLM2-135M; benchmarks/results/predictor.md).
+  allocations were predicted 26-36% low (errors from the per-site output SQNR the runs record); the five
+  chosen with ratios per site, 5-20% either way. The estimate takes longer: one scheme 50 -> 82 s, the 12
+  candidates of an allocation 93 -> 297 s (SmolLM2-135M; benchmarks/results/predictor.md).
 
 The Hessian of each block is dropped once its sites are done: memory stays that of one block's statistics.
 It reads the run's calibration sequences: with fewer, a calibrated method fits ``H`` more closely than the
