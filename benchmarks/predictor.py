@@ -223,6 +223,13 @@ def run_accuracy_levels(source: Path, work: Path, eval_tokens: int) -> list[dict
     return rows
 
 
+def attach_kept(result: dict[str, Any], work: Path) -> None:
+    """The --cost, --max-sizes and --accuracy-levels results kept in ``work`` (runs of their own)."""
+    for key in ("cost", "max_size", "accuracy_levels"):
+        if (work / f"{key}.json").exists():
+            result[key] = json.loads((work / f"{key}.json").read_text())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache/optimum-adaround/bench-predictor")
@@ -254,20 +261,12 @@ def main() -> None:
     source = default_source()
     stamp = provenance()  # the code measured: commits made while it runs do not relabel it
     if args.render_only:  # the markdown again from a --json result (no measurement)
-        from predictor_report import accuracy_level_lines, allocation_lines, max_size_lines, render
+        from predictor_report import report
 
         result = json.loads(args.json.read_text())
-        for key in ("cost", "max_size", "accuracy_levels"):  # runs made after the --predict one
-            if (args.work / f"{key}.json").exists():
-                result[key] = json.loads((args.work / f"{key}.json").read_text())
+        attach_kept(result, args.work)
         args.json.write_text(json.dumps(result, indent=1))
-        lines = [
-            render(result),
-            *allocation_lines(result, result.get("peers", [])),
-            *max_size_lines(result.get("max_size")),
-            *accuracy_level_lines(result.get("accuracy_levels")),
-        ]
-        args.md.write_text("\n".join(lines) + "\n")
+        args.md.write_text(report(result) + "\n")
         return
     if args.accuracy_levels:
         rows = run_accuracy_levels(source, args.work, args.eval_tokens)
@@ -283,14 +282,13 @@ def main() -> None:
         run_measure(args, source) if args.measure else json.loads((args.work / "measured.json").read_text())
     )
     if args.predict:
-        from predictor_report import allocation_lines, pareto, predict_rows, render, scatter
+        from predictor_report import pareto, predict_rows, report, scatter
 
         peers = json.loads(args.peers_json.read_text())["rows"] if args.peers_json else []
         result = predict_rows(args, source, measured)
         result["provenance"], result["peers"] = {**provenance(), "commit": stamp["commit"]}, peers
-        cost_file = args.work / "cost.json"
-        result["cost"] = json.loads(cost_file.read_text()) if cost_file.exists() else None
-        emit(result, "\n".join([render(result), *allocation_lines(result, peers)]), args.json, args.md)
+        attach_kept(result, args.work)
+        emit(result, report(result), args.json, args.md)
         if args.plot:
             scatter(result, args.plot)
         if args.pareto:

@@ -141,6 +141,17 @@ def accuracy_level_lines(rows: list[dict[str, Any]] | None) -> list[str]:
     return out
 
 
+def report(result: dict[str, Any]) -> str:
+    """The whole markdown: predictions, allocations against uniform and peer rows, and the later runs kept."""
+    lines = [
+        render(result),
+        *allocation_lines(result, result.get("peers", [])),
+        *max_size_lines(result.get("max_size")),
+        *accuracy_level_lines(result.get("accuracy_levels")),
+    ]
+    return "\n".join(lines)
+
+
 def _measured_at(rows: list[dict[str, Any]]) -> str:
     counts = Counter(str(r.get("measured_at") or "an unrecorded commit") for r in rows)
     return ", ".join(f"{c} ({n} rows)" for c, n in counts.items())

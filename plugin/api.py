@@ -157,7 +157,7 @@ class QuantizationRun:
 
         sel = config.selection
         report = prepare_sites(self.model, sel.include, sel.exclude, sel.quantize_lm_head)
-        budget, asked = allocation_budget(config, self.model, self.loaded.path, report.sites)  # type: ignore[misc]
+        budget, asked = allocation_budget(config, self.model, self.loaded.path, report.sites)
         if self.token_ids is None:
             self.token_ids, self.calib_info = calibration_ids(config, self.loaded, self.given_ids, force=True)
         planned = plan_allocation(

@@ -48,7 +48,7 @@ def predict(
     folder = loaded.directory
     t0 = time.perf_counter()
     if cfg.allocation.allocates:
-        budget, asked = allocation_budget(cfg, loaded.model, loaded.path, sites)  # type: ignore[misc]
+        budget, asked = allocation_budget(cfg, loaded.model, loaded.path, sites)
         planned = plan_allocation(
             loaded.model, sites, candidate_schemes(cfg, sites), cfg.method, ids,
             budget=budget, asked=asked, probe_samples=cfg.allocation.probe_samples,

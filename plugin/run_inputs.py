@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from .graph_passes.config import QuantConfig
-from .graph_passes.errors import CalibrationError
+from .graph_passes.errors import CalibrationError, InternalError
 from .graph_passes.model_io import LoadedModel
 
 __all__ = ["calibration_ids", "candidate_schemes", "given_sensitivity", "hashed_ids", "pop_token_ids"]
@@ -34,9 +34,9 @@ def given_sensitivity(config: QuantConfig, model: Any, sites: list[Any]) -> Any:
 
 def allocation_budget(
     config: QuantConfig, model: Any, source: Path | None, sites: list[Any]
-) -> tuple[int, str] | None:
+) -> tuple[int, str]:
     """The bytes an allocation may give ``sites`` of ``model`` (read from the ``.onnx`` file ``source``) and
-    how the user asked for them (``target_bits`` or ``max_size``), or None when the run has one scheme."""
+    how the user asked for them: ``target_bits``, else ``max_size`` (``config.allocation.allocates``)."""
     from .graph_passes.predict.plan import AllocationError, budget_for_bits
     from .graph_passes.predict.size import MB, rest_bytes
 
@@ -44,7 +44,7 @@ def allocation_budget(
     if alloc.target_bits is not None:
         return budget_for_bits(alloc.target_bits, sites), f"target_bits={alloc.target_bits:g}"
     if alloc.max_size is None:
-        return None
+        raise InternalError("allocation_budget called for a run with one scheme")
     bits = config.selection.embeddings
     rest = rest_bytes(model, sites, source, None if bits == "none" else int(bits), config.scheme)
     asked = f"max_size={alloc.max_size:g} MB ({rest / MB:.2f} MB of it outside the layers quantized)"

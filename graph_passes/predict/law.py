@@ -70,7 +70,7 @@ def predict(
     block size at which each site's input is rounded to int8 (``int8_inputs.input_blocks``)."""
     s, var = 0.0, 0.0
     for u in sens.units:
-        if u.sites == (LOOKUP,):  # absent when its output projection stays in float
+        if u.is_lookup:  # absent when its output projection stays in float
             t = t_by_site.get(LOOKUP, 0.0)
         else:
             t = unit_error(t_by_site, sens.energy, Unit(u.name, u.sites, None, ()))
@@ -89,14 +89,16 @@ def int8_floor(sens: Sensitivity, blocks: Mapping[str, int]) -> tuple[float, flo
     """The loss of rounding inputs to int8 (and its standard error): per block size, the measured increase
     with every input rounded, times the share of the units' sensitivity whose input is rounded at it."""
     shares: dict[int, float] = {}
-    total = sum(max(u.alpha, 0.0) for u in sens.units if u.sites != (LOOKUP,))
+    total = sum(max(u.alpha, 0.0) for u in sens.units if not u.is_lookup)
     for u in sens.units:
         b = blocks.get(u.sites[0])
         if b is not None and total > 0:
             shares[b] = shares.get(b, 0.0) + max(u.alpha, 0.0) / total
     missing = sorted(b for b in shares if b not in sens.int8_inputs)
     if missing:
-        raise ValueError(f"no int8 input probe at block {missing[0]}: probe with int8_blocks including it")
+        raise ValueError(
+            f"no int8 input probe at block {missing[0]}: measure it with probe.probe_int8_inputs"
+        )
     value = sum(w * sens.int8_inputs[b][0] for b, w in shares.items())
     se = math.sqrt(sum((w * sens.int8_inputs[b][1]) ** 2 for b, w in shares.items()))
     return value, se

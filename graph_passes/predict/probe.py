@@ -69,6 +69,11 @@ class UnitSensitivity:
     alpha_se: float
     """Standard error of ``alpha`` over the probe sequences."""
 
+    @property
+    def is_lookup(self) -> bool:
+        """The tied token lookup (``LOOKUP``), not a group of weight sites."""
+        return self.sites == (LOOKUP,)
+
 
 @dataclasses.dataclass(frozen=True)
 class LinkPoint:
@@ -108,7 +113,7 @@ class Sensitivity:
     rounded to int8 per block of that size, as ``accuracy_level`` 4 computes (``int8_inputs.py``)."""
 
     def factor(self, unit: UnitSensitivity) -> float:
-        if unit.sites == (LOOKUP,):  # its error is computed for the method's own codes
+        if unit.is_lookup:  # its error is computed for the method's own codes
             return 1.0
         kind = unit.sites[0].rsplit(".", 1)[-1]
         return float(self.method_factors.get(kind, self.method_factors.get("*", 1.0)))

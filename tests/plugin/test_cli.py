@@ -46,28 +46,25 @@ def test_bare_invocation_runs_the_default_job(monkeypatch):
     assert calls[1].method == "rtn" and calls[1].debug
 
 
-def test_user_error_is_one_line_exit_2(monkeypatch, capsys):
+@pytest.mark.parametrize(
+    ("message", "printed"),
+    [
+        ("model.onnx: not an ONNX file", "model.onnx: not an ONNX file"),
+        # a damaged model can name a data file with a line break in it: still one line, escaped
+        (
+            "model.onnx: external data file mode\n.onnx_data or \x0c.bin is missing",
+            "model.onnx: external data file mode\\n.onnx_data or \\x0c.bin is missing",
+        ),
+    ],
+)
+def test_user_error_is_one_line_exit_2(message, printed, monkeypatch, capsys):
     def boom(args):
-        raise InvalidModelError("model.onnx: not an ONNX file")
+        raise InvalidModelError(message)
 
     _fake_command(monkeypatch, boom)
     assert cli.main(["run"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["optimum-adaround: error: model.onnx: not an ONNX file"]
-
-
-def test_a_line_break_read_from_a_file_stays_on_the_error_line(monkeypatch, capsys):
-    """A damaged model can name a data file with a line break in it: the message is still one line."""
-
-    def boom(args):
-        raise InvalidModelError("model.onnx: external data file mode\n.onnx_data or \x0c.bin is missing")
-
-    _fake_command(monkeypatch, boom)
-    assert cli.main(["run"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err == [
-        "optimum-adaround: error: model.onnx: external data file mode\\n.onnx_data or \\x0c.bin is missing"
-    ]
+    assert err == [f"optimum-adaround: error: {printed}"]
 
 
 def test_internal_error_exit_1_and_debug_reraises(monkeypatch, capsys):
