@@ -141,9 +141,9 @@ def run_measure(args: argparse.Namespace, source: Path) -> dict[str, Any]:
     return done
 
 
-def run_cost(source: Path, work: Path) -> dict[str, float]:
-    """Wall seconds, one after the other on a quiet machine: a gptq W4 g128 run, a prediction of it from
-    nothing (calibration pass + probes), and again from the profile the first prediction kept."""
+def run_cost(source: Path, work: Path) -> dict[str, Any]:
+    """Wall seconds, one after the other on a quiet machine: a gptq W4 g128 run and a prediction of it from
+    nothing (the joint probe)."""
     from optimum.adaround import quantize
     from optimum.adaround.prediction import predict
 
@@ -152,16 +152,44 @@ def run_cost(source: Path, work: Path) -> dict[str, float]:
     t0 = time.perf_counter()
     quantize(str(source), str(out), method="gptq", scheme="w4-g128", progress=False)
     t1 = time.perf_counter()
-    first = predict(str(source), method="gptq", scheme="w4-g128", progress=False)
+    joint = predict(str(source), method="gptq", scheme="w4-g128", progress=False)
     t2 = time.perf_counter()
-    profile = work / "cost-profile.json"
-    profile.write_text(json.dumps(first))
-    again = predict(str(source), method="gptq", scheme="w4-g128", sensitivity=str(profile), progress=False)
-    t3 = time.perf_counter()
+    cost = {"gptq_run": t1 - t0, "predict": t2 - t1, "predict_estimate": joint["seconds"]["estimate"],
+            "predict_probe": joint["seconds"]["probe"], "predicted_delta": joint["delta_nll"], "commit": commit()}  # fmt: skip
     shutil.rmtree(out, ignore_errors=True)
-    return {"gptq_run": t1 - t0, "predict": t2 - t1, "predict_estimate": first["seconds"]["estimate"],
-            "predict_probe": first["seconds"]["probe"], "predict_from_profile": t3 - t2,
-            "same_prediction": again["delta_nll"] == first["delta_nll"]}  # fmt: skip
+    return cost
+
+
+def run_joint(source: Path, measured: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each uniform and random row predicted by the joint probe (what ``predict`` does for one
+    configuration), with its seconds; allocations are predicted by the law that chose them."""
+    from predictor_report import _schemes
+
+    from optimum.adaround.data.text import calibration_token_ids
+    from optimum.adaround.graph_passes.model_io import load_model
+    from optimum.adaround.graph_passes.pipeline import prepare_sites
+    from optimum.adaround.graph_passes.predict.int8_inputs import input_blocks
+    from optimum.adaround.graph_passes.predict.joint import predict_joint
+    from optimum.adaround.graph_passes.rounding.base import method_config
+
+    loaded = load_model(str(source))
+    sites = prepare_sites(loaded.model, quantize_lm_head=True).sites
+    ids = calibration_token_ids(source, None, 32, 256, seed=0)
+    fp, rows = measured["fp32"]["ppl"], []
+    for name, r in measured.items():
+        if name == "fp32" or "target_bits" in r["options"]:
+            continue
+        chosen = [s for s in sites if s.name in r["site_schemes"]]
+        labels = {s.name: r["site_schemes"][s.name] for s in chosen}
+        by_label = _schemes(set(labels.values()), chosen)
+        found = predict_joint(loaded.model, chosen, {n: by_label[lab] for n, lab in labels.items()},
+                              method_config(r["options"]["method"]), ids, model_dir=loaded.directory,
+                              int8_blocks=input_blocks(labels, chosen, r["options"].get("accuracy_level", 4)))  # fmt: skip
+        rows.append({"name": name, "measured_delta": float(np.log(r["ppl"] / fp)), "predicted_delta": found.delta,
+                     "predicted_se": found.delta_se, "factor": found.factor, "seconds": dict(found.seconds),
+                     "measured_at": r.get("commit"), "predicted_at": commit()})  # fmt: skip
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
 def run_max_size(source: Path, work: Path, sizes: list[float], eval_tokens: int) -> list[dict[str, Any]]:
@@ -224,8 +252,8 @@ def run_accuracy_levels(source: Path, work: Path, eval_tokens: int) -> list[dict
 
 
 def attach_kept(result: dict[str, Any], work: Path) -> None:
-    """The --cost, --max-sizes and --accuracy-levels results kept in ``work`` (runs of their own)."""
-    for key in ("cost", "max_size", "accuracy_levels"):
+    """The --cost, --max-sizes, --accuracy-levels and --joint results kept in ``work`` (runs of their own)."""
+    for key in ("cost", "max_size", "accuracy_levels", "joint"):
         if (work / f"{key}.json").exists():
             result[key] = json.loads((work / f"{key}.json").read_text())
 
@@ -246,6 +274,11 @@ def main() -> None:
                     help="also quantize under these --max-size MB (needs the kept sensitivities of a --measure run)")  # fmt: skip
     ap.add_argument("--accuracy-levels", action="store_true",
                     help="W8 g128 at accuracy_level 0 and 4, beside the int8 input probe on 2, 8 and 32 sequences")  # fmt: skip
+    ap.add_argument(
+        "--joint",
+        action="store_true",
+        help="predict each uniform and random row by the joint probe (predict's one-configuration path)",
+    )
     ap.add_argument("--json", type=Path)
     ap.add_argument("--render-only", action="store_true", help="rewrite --md from --json")
     ap.add_argument("--md", type=Path)
@@ -281,6 +314,8 @@ def main() -> None:
     measured = (
         run_measure(args, source) if args.measure else json.loads((args.work / "measured.json").read_text())
     )
+    if args.joint:
+        (args.work / "joint.json").write_text(json.dumps(run_joint(source, measured), indent=1))
     if args.predict:
         from predictor_report import pareto, predict_rows, report, scatter
 

@@ -87,10 +87,36 @@ def _cost_lines(cost: dict[str, Any] | None) -> list[str]:
     if not cost:
         return []
     run = cost["gptq_run"]
-    return ["", f"Cost on a quiet machine, one after the other (`--cost`): gptq W4 g128 run {run:.0f} s; predicting it "
-            f"from nothing {cost['predict']:.0f} s ({cost['predict'] / run:.2f}x: estimate {cost['predict_estimate']:.0f} s, "
-            f"probes {cost['predict_probe']:.0f} s); from the kept profile {cost['predict_from_profile']:.1f} s "
-            f"({cost['predict_from_profile'] / run:.3f}x, same prediction: {cost['same_prediction']})."]  # fmt: skip
+    line = (f"Cost on a quiet machine, one after the other (`--cost`, commit {cost.get('commit', 'unrecorded')}): gptq "
+            f"W4 g128 run {run:.0f} s; predicting it from nothing (joint probe) {cost['predict']:.0f} s "
+            f"({cost['predict'] / run:.2f}x: estimate {cost['predict_estimate']:.0f} s, probes "
+            f"{cost['predict_probe']:.0f} s)")  # fmt: skip
+    if "predict_from_profile" in cost:
+        line += (f"; from the sensitivities an allocation kept (linear law) {cost['predict_from_profile']:.1f} s "
+                 f"({cost['predict_from_profile'] / run:.3f}x)")  # fmt: skip
+    return ["", line + "."]
+
+
+def joint_lines(rows: list[dict[str, Any]] | None) -> list[str]:
+    """``--joint``: the uniform and random rows predicted by the joint probe (``predict``'s one-configuration
+    path), with their accuracy over those rows."""
+    if not rows:
+        return []
+    s = stats(rows)
+    at = ", ".join(sorted({str(r.get("predicted_at")) for r in rows}))
+    out = ["", f"Joint probe (`--joint`, commit {at}): each uniform and random row predicted as `predict` does for "
+           f"one configuration. Spearman **{s['spearman']:.3f}**, median absolute relative error "
+           f"**{100 * s['median_abs_rel_error']:.1f}%** over {s['n']} configurations.", "",
+           "| row | measured d ln ppl | predicted | +/- | factor | seconds |", "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    misses = [f"{r['name']} {100 * (r['predicted_delta'] / r['measured_delta'] - 1):+.0f}%" for r in rows
+              if abs(r["predicted_delta"] / r["measured_delta"] - 1) > 0.2]  # fmt: skip
+    if misses:
+        out[1] += " Off by more than 20%: " + ", ".join(misses) + "."
+    for r in rows:
+        sec = sum(r["seconds"].values())
+        out.append(f"| {r['name']} | {r['measured_delta']:.4f} | {r['predicted_delta']:.4f} | {r['predicted_se']:.4f} | "
+                   f"{r['factor']:.3f} | {sec:.0f} |")  # fmt: skip
+    return out
 
 
 def _ranks(x: list[float]) -> np.ndarray:
@@ -145,6 +171,7 @@ def report(result: dict[str, Any]) -> str:
     """The whole markdown: predictions, allocations against uniform and peer rows, and the later runs kept."""
     lines = [
         render(result),
+        *joint_lines(result.get("joint")),
         *allocation_lines(result, result.get("peers", [])),
         *max_size_lines(result.get("max_size")),
         *accuracy_level_lines(result.get("accuracy_levels")),

@@ -252,8 +252,8 @@ class AllocationConfig(Options):
     )
     sensitivity: str | None = option(
         None,
-        "reuse the sensitivities of an earlier run or prediction (its quantization_config.json or predict "
-        "--json file) instead of probing again; they must be of the same model",
+        "reuse the sensitivities of an earlier --target-bits/--max-size run or prediction (its "
+        "quantization_config.json or predict --json file) instead of probing again; same model only",
         metavar="FILE",
     )
 

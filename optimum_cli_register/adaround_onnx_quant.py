@@ -404,8 +404,8 @@ QUANT_FLAGS: list = [
         {
             "dest": "sensitivity",
             "default": "==SUPPRESS==",
-            "help": "reuse the sensitivities of an earlier run or prediction (its quantization_config.json or predict "
-            "--json file) instead of probing again; they must be of the same model",
+            "help": "reuse the sensitivities of an earlier --target-bits/--max-size run or prediction (its "
+            "quantization_config.json or predict --json file) instead of probing again; same model only",
             "type": "str",
         },
     ),

@@ -49,20 +49,22 @@ def input_blocks(
     return out
 
 
-def round_site_inputs(graph: ir.Graph, sites: Sequence[WeightSite], block: int) -> int:
+def round_site_inputs(graph: ir.Graph, sites: Sequence[WeightSite], block: int | Mapping[str, int]) -> int:
     """Rewrite ``graph`` so that each site's MatMul reads its input rounded to int8 per ``block`` along K
-    (one rounding per activation, shared by the sites it feeds). Returns how many inputs were rounded."""
+    (or per site name -> block; sites absent from it keep their input), one rounding per activation, shared
+    by the sites it feeds (at the first one's block). Returns how many inputs were rounded."""
     by_node = {n.name: n for n in graph}
     rounded: dict[str, ir.Value] = {}
     for site in sites:
         node = by_node.get(site.node_name)
-        if node is None:
+        size = block if isinstance(block, int) else block.get(site.name)
+        if node is None or size is None:
             continue
         for i, x in enumerate(node.inputs):
             if x is None or x.name != site.activation:
                 continue
             if x.name not in rounded:
-                rounded[x.name] = _rounded(graph, node, x, site.k, block, len(rounded))
+                rounded[x.name] = _rounded(graph, node, x, site.k, size, len(rounded))
             node.replace_input_with(i, rounded[x.name])
     return len(rounded)
 

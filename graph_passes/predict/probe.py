@@ -177,9 +177,10 @@ def load_sensitivity(path: str | Path, model: ir.Model, sites: Sequence[WeightSi
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
         raise InvalidOptionError(f"sensitivity={str(path)!r}: cannot read it as JSON ({e})") from None
-    for key in ("allocation", "sensitivity"):  # a run's record nests them under allocation
-        if isinstance(data, dict) and isinstance(data.get(key), dict):
-            data = data[key]
+    if isinstance(data, dict) and "sensitivity" not in data and isinstance(data.get("allocation"), dict):
+        data = data["allocation"]  # a run's record nests them under allocation; a prediction does not
+    if isinstance(data, dict) and isinstance(data.get("sensitivity"), dict):
+        data = data["sensitivity"]
     try:
         sens = Sensitivity.from_dict(data)
     except (KeyError, TypeError, ValueError):
@@ -212,7 +213,7 @@ class _Prober:
     """
 
     def __init__(self, model: ir.Model, sites: Sequence[WeightSite], ids: np.ndarray, providers: Sequence[str],
-                 model_dir: Path | None, int8_block: int | None = None) -> None:  # fmt: skip
+                 model_dir: Path | None, int8_block: int | Mapping[str, int] | None = None) -> None:  # fmt: skip
         graph = model.graph
         specs = feed_specs(graph.inputs, folder=model_dir, capacities=window_capacities(graph))
         logits = next((v.name for v in graph.outputs if v.name == "logits"), graph.outputs[0].name)
@@ -263,8 +264,10 @@ class _Lookup:
     looked_up: np.ndarray
     """``table[ids]``, ``[n, T, hidden]``."""
     rows: np.ndarray
-    """The distinct table rows the probe text reads, ``[r, hidden]`` float32, and how often (``counts``)."""
+    """The distinct table rows the probe text reads, ``[r, hidden]`` float32 (``index``: which), and how
+    often (``counts``)."""
     counts: np.ndarray
+    index: np.ndarray
     inverse: np.ndarray
     """``ids`` as indices into ``rows``."""
 
@@ -279,7 +282,7 @@ class _Lookup:
         table = np.asarray(gather.inputs[0].const_value.numpy())
         unique, inverse, counts = np.unique(ids, return_inverse=True, return_counts=True)
         return cls(gather.outputs[0].name, np.ascontiguousarray(table[ids]),
-                   np.asarray(table[unique], np.float32), counts, inverse.reshape(ids.shape))  # fmt: skip
+                   np.asarray(table[unique], np.float32), counts, unique, inverse.reshape(ids.shape))  # fmt: skip
 
     def noise(self, t: float, kind: Noise, rng: np.random.Generator) -> np.ndarray:
         """A change of the looked-up rows with relative error ``t`` over the probe text (``lookup_error``):

@@ -17,9 +17,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "predict",
         help="predict the perplexity increase of a quantization (or of a --target-bits allocation)",
-        description="Probe each layer group's sensitivity through onnxruntime and estimate each layer's "
-        "error under the options given (those of quantize), then print the predicted increase of "
-        "perplexity over the float model; nothing is written unless --json.",
+        description="Print the predicted increase of perplexity over the float model under the options "
+        "given (those of quantize), without running it: one configuration by a joint probe through "
+        "onnxruntime (every layer moved at once by the error its rounding leaves, on a few calibration "
+        "sequences); --target-bits/--max-size by each layer group's probed sensitivity and estimated error "
+        "(reusable with --sensitivity). Nothing is written unless --json.",
     )
     p.add_argument("input", metavar="IN", help="a .onnx file or an Optimum-exported folder")
     add_config_arguments(p.add_argument_group("quantization (defaults: optimum.adaround.QuantConfig)"))

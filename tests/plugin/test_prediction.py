@@ -46,18 +46,30 @@ def test_predict_under_target_bits_reports_the_allocation(tiny_hf_onnx, tmp_path
     assert any(line.split()[0] == "lm_head" for line in text.splitlines() if line.strip())
 
 
-def test_a_prediction_from_a_kept_profile_needs_no_calibration(tiny_hf_onnx, tmp_path):
+def test_one_configuration_is_predicted_by_the_joint_probe(tiny_hf_onnx):
     from optimum.adaround.prediction import predict
 
     src = tiny_hf_onnx("llama")
-    options = {"method": "gptq", "scheme": "w3-g32", "calib_samples": 4, "seq_len": 32, "progress": False}
-    first = predict(str(src), **options)
+    found = predict(str(src), method="gptq", scheme="w3-g32", calib_samples=4, seq_len=32, progress=False)
+    assert "sensitivity" not in found and found["joint"]["tokens"] == 4 * 31
+    assert found["joint"]["factor"] > 0 and found["schemes"] == ["w3-g32-sym", "w8-g32-sym"]
+    assert found["seconds"]["estimate"] > 0 and found["seconds"]["probe"] > 0
+
+
+def test_a_prediction_from_a_kept_profile_needs_no_calibration(tiny_hf_onnx, tmp_path):
+    """An allocation's prediction keeps its sensitivities and errors; a later prediction of one of its
+    candidates from them runs no calibration pass and no probe (and is refused for another method)."""
+    from optimum.adaround.prediction import predict
+
+    src = tiny_hf_onnx("llama")
+    options = {"method": "gptq", "calib_samples": 4, "seq_len": 32, "progress": False}
+    first = predict(str(src), target_bits=5, candidates=("w3-g32", "w8-g32"), **options)
     profile = tmp_path / "profile.json"
     profile.write_text(json.dumps(first))
-    again = predict(str(src), sensitivity=str(profile), **options)
-    assert again["delta_nll"] == first["delta_nll"] and again["bits_per_weight"] == first["bits_per_weight"]
+    again = predict(str(src), sensitivity=str(profile), scheme="w3-g32", **options)
+    assert math.isfinite(again["delta_nll"]) and again["sensitivity"]["method"] == "gptq"
     assert again["seconds"]["estimate"] < 0.05 * first["seconds"]["estimate"]
     assert again["seconds"]["probe"] < 0.05 * first["seconds"]["probe"]
-    assert first["sensitivity"]["method"] == "gptq" and first["sensitivity"]["method_factors"]
+    assert first["sensitivity"]["method_factors"]
     with pytest.raises(UserError, match="measured for method 'gptq'"):
-        predict(str(src), sensitivity=str(profile), **{**options, "method": "rtn"})
+        predict(str(src), sensitivity=str(profile), **{**options, "scheme": "w3-g32", "method": "rtn"})

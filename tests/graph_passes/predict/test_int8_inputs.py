@@ -107,3 +107,21 @@ def test_int8_floor_is_the_units_sensitivity_share_of_each_blocks_probe():
     assert int8_floor(sens, {}) == (0.0, 0.0)
     with pytest.raises(ValueError, match="block 32"):
         int8_floor(sens, {"a": 32})
+
+
+def test_blocks_per_site_round_only_the_sites_named(tiny_hf_onnx):
+    """A mapping of site -> block rounds the inputs of the sites it names (at their block), no other."""
+    model = load_model(str(tiny_hf_onnx("llama"))).model
+    sites = prepare_sites(model, quantize_lm_head=True).sites
+    head = next(s for s in sites if s.kind == "lm_head")
+    downs = [s for s in sites if s.name.endswith("down_proj")]
+    blocks = {head.name: 32, **{s.name: 16 for s in downs}}
+    assert round_site_inputs(model.graph, sites, blocks) == 1 + len(downs)
+    by_node = {n.name: n for n in model.graph}
+
+    def reads_rounded(site):
+        producer = by_node[site.node_name].inputs[0].producer()
+        return producer is not None and producer.name.startswith("optimum_adaround.int8_input")
+
+    rounded = {s.name for s in sites if reads_rounded(s)}
+    assert rounded == set(blocks)
