@@ -9,6 +9,14 @@ measured on the same tokens. Size on disk beside it (a rotated model's embedding
 projection's transpose: it is stored on its own).
 
     python benchmarks/transforms.py --json benchmarks/results/transforms.json --md benchmarks/results/transforms.md
+
+``--decode-speed``: greedy decode speed through onnxruntime (CPU, KV cache) of the same scheme with each
+variant, as written by default (rtn: the graph is the same whatever the rounding; accuracy_level 4, 8-bit
+output projection), the variants interleaved over ``--rounds`` so that a busy moment hits them alike; the
+median tokens per second and its ratio to the untransformed model, measured in the same run.
+
+    python benchmarks/transforms.py --decode-speed --json benchmarks/results/transforms_decode.json \
+        --md benchmarks/results/transforms_decode.md
 """
 
 from __future__ import annotations
@@ -53,6 +61,45 @@ def row(source: Path, work: Path, scheme: str, variant: str, eval_tokens: int) -
     return rec
 
 
+def decode_rows(source: Path, work: Path, scheme: str, rounds: int, new_tokens: int) -> list[dict[str, Any]]:
+    """Median decode tokens per second of each variant (interleaved rounds) and its ratio to ``none``."""
+    import numpy as np
+    from decode_speed import decode_speed
+
+    from optimum.adaround import quantize
+    from optimum.adaround.data.text import calibration_token_ids
+
+    folders = {}
+    for variant, names in VARIANTS.items():
+        folders[variant] = work / f"decode-{scheme}-{variant.replace(' + ', '+')}"
+        shutil.rmtree(folders[variant], ignore_errors=True)
+        quantize(
+            str(source), str(folders[variant]), scheme=scheme, method="rtn", transform=names, progress=False
+        )
+    prompt = calibration_token_ids(source, None, 1, 64, seed=0)[0]
+    speeds: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    for _ in range(rounds):
+        for variant, folder in folders.items():
+            speeds[variant].append(decode_speed(folder, prompt, new_tokens)["decode_tokens_per_s"])
+    base = float(np.median(speeds["none"]))
+    return [{"scheme": scheme, "transform": v, "decode_tokens_per_s": float(np.median(x)), "rounds": x,
+             "ratio_to_none": float(np.median(x)) / base, "size_mb": size_mb(folders[v])}
+            for v, x in speeds.items()]  # fmt: skip
+
+
+def render_decode(result: dict[str, Any]) -> str:
+    p = result["provenance"]
+    lines = [f"Measured {p.get('date')} on {p.get('machine')}, commit {p.get('commit')}: greedy decode through "
+             f"onnxruntime (CPU, KV cache), 64-token prompt, {result['new_tokens']} new tokens, median of "
+             f"{result['rounds']} interleaved rounds; rtn, default output (accuracy_level 4, 8-bit output "
+             "projection).", "",
+             "| scheme | transform | size (MB) | decode tokens/s | ratio to none |", "|---|---|---|---|---|"]  # fmt: skip
+    for r in result["rows"]:
+        lines.append(f"| {r['scheme']} | {r['transform']} | {r['size_mb']:.1f} | {r['decode_tokens_per_s']:.1f} | "
+                     f"{r['ratio_to_none']:.3f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def render(result: dict[str, Any]) -> str:
     p, fp = result["provenance"], result["fp32"]
     lines = [f"Measured {p.get('date')} on {p.get('machine')}, commit {p.get('commit')}; gptq, "
@@ -73,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--eval-tokens", type=int, default=16384)
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache/optimum-adaround/bench-transforms")
+    ap.add_argument("--decode-speed", action="store_true", help="decode speed of each variant instead")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--md", type=Path)
     args = ap.parse_args(argv)
@@ -80,6 +130,13 @@ def main(argv: list[str] | None = None) -> int:
 
     source = default_onnx_dir()
     args.work.mkdir(parents=True, exist_ok=True)
+    if args.decode_speed:
+        rows = [
+            r for s in args.schemes for r in decode_rows(source, args.work, s, args.rounds, args.new_tokens)
+        ]
+        out = {"provenance": provenance(), "rounds": args.rounds, "new_tokens": args.new_tokens, "rows": rows}
+        emit(out, render_decode(out), args.json, args.md)
+        return 0
     result: dict[str, Any] = {"provenance": provenance(), "eval_tokens": args.eval_tokens,
                               "fp32": measure(source, args.eval_tokens)}  # fmt: skip
     result["rows"] = [

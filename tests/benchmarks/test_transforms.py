@@ -24,3 +24,13 @@ def test_emit_writes_json_and_markdown(measure, tmp_path, capsys):
     measure.emit(result, "TABLE", tmp_path / "r.json", tmp_path / "r.md")
     assert json.loads((tmp_path / "r.json").read_text()) == result
     assert (tmp_path / "r.md").read_text() == "TABLE\n" and "TABLE" in capsys.readouterr().out
+
+
+def test_the_decode_table_shows_each_variants_speed_and_ratio(transforms):
+    rows = [{"scheme": "w4-g128", "transform": t, "size_mb": 90.0 + i, "decode_tokens_per_s": v,
+             "ratio_to_none": v / 40.0, "rounds": [v]} for i, (t, v) in enumerate((("none", 40.0), ("rotate", 38.0)))]  # fmt: skip
+    text = transforms.render_decode({"provenance": {"date": "D", "machine": "M", "commit": "C"}, "rounds": 5,
+                                     "new_tokens": 64, "rows": rows})  # fmt: skip
+    assert "median of 5 interleaved rounds" in text and "64 new tokens" in text
+    assert "| w4-g128 | none | 90.0 | 40.0 | 1.000 |" in text
+    assert "| w4-g128 | rotate | 91.0 | 38.0 | 0.950 |" in text
