@@ -34,7 +34,12 @@ sys.path.insert(0, str(HERE))
 from deploy import DOMAINS, size_mb  # noqa: E402
 from measure import emit, provenance  # noqa: E402
 
-VARIANTS = {"none": (), "rotate": ("rotate",), "rotate + rotate_down": ("rotate", "rotate_down")}
+VARIANTS = {
+    "none": (),
+    "rotate": ("rotate",),
+    "rotate + rotate_down": ("rotate", "rotate_down"),
+    "awq": ("awq",),
+}
 FIXED = {"method": "gptq", "lm_head": "none", "embeddings": "none", "accuracy_level": 0}
 
 
@@ -46,16 +51,19 @@ def measure(folder: Path, eval_tokens: int) -> dict[str, float]:
             for d in DOMAINS}  # fmt: skip
 
 
-def row(source: Path, work: Path, scheme: str, variant: str, eval_tokens: int) -> dict[str, Any]:
+def row(
+    source: Path, work: Path, scheme: str, variant: str, eval_tokens: int, method: str = "gptq"
+) -> dict[str, Any]:
     from optimum.adaround import quantize
 
-    out = work / f"{scheme}-{variant.replace(' + ', '+')}"
+    out = work / f"{method}-{scheme}-{variant.replace(' + ', '+')}"
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
-    quantize(str(source), str(out), scheme=scheme, transform=VARIANTS[variant], progress=False, **FIXED)
+    options = {**FIXED, "method": method}
+    quantize(str(source), str(out), scheme=scheme, transform=VARIANTS[variant], progress=False, **options)
     seconds = time.perf_counter() - t0
     record = json.loads((out / "quantization_config.json").read_text())
-    rec = {"scheme": scheme, "transform": variant, "quantize_seconds": seconds, "size_mb": size_mb(out),
+    rec = {"scheme": scheme, "method": method, "transform": variant, "quantize_seconds": seconds, "size_mb": size_mb(out),
            "transforms": record.get("transforms", []), **measure(out, eval_tokens)}  # fmt: skip
     print(json.dumps(rec), flush=True)
     return rec
@@ -102,14 +110,14 @@ def render_decode(result: dict[str, Any]) -> str:
 
 def render(result: dict[str, Any]) -> str:
     p, fp = result["provenance"], result["fp32"]
-    lines = [f"Measured {p.get('date')} on {p.get('machine')}, commit {p.get('commit')}; gptq, "
+    lines = [f"Measured {p.get('date')} on {p.get('machine')}, commit {p.get('commit')}; "
              f"{result['eval_tokens']} evaluation tokens per domain. fp32: Wikipedia {fp['ppl_wikipedia']:.2f}, "
              f"news {fp['ppl_news']:.2f}.", "",
-             "| scheme | transform | size (MB) | ppl wiki | increase wiki | ppl news | increase news |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| scheme | method | transform | size (MB) | ppl wiki | increase wiki | ppl news | increase news |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in result["rows"]:
         inc = {d: r[f"ppl_{d}"] / fp[f"ppl_{d}"] - 1 for d in DOMAINS}
-        lines.append(f"| {r['scheme']} | {r['transform']} | {r['size_mb']:.1f} | {r['ppl_wikipedia']:.2f} | "
+        lines.append(f"| {r['scheme']} | {r.get('method', 'gptq')} | {r['transform']} | {r['size_mb']:.1f} | {r['ppl_wikipedia']:.2f} | "
                      f"{inc['wikipedia']:+.1%} | {r['ppl_news']:.2f} | {inc['news']:+.1%} |")  # fmt: skip
     return "\n".join(lines)
 
@@ -118,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--schemes", nargs="+", default=["w4-g128", "w3-g128", "w2-g64"])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--methods", nargs="+", default=["gptq"])
     ap.add_argument("--eval-tokens", type=int, default=16384)
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache/optimum-adaround/bench-transforms")
     ap.add_argument("--decode-speed", action="store_true", help="decode speed of each variant instead")
@@ -140,7 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {"provenance": provenance(), "eval_tokens": args.eval_tokens,
                               "fp32": measure(source, args.eval_tokens)}  # fmt: skip
     result["rows"] = [
-        row(source, args.work, s, v, args.eval_tokens) for s in args.schemes for v in args.variants
+        row(source, args.work, s, v, args.eval_tokens, m)
+        for m in args.methods
+        for s in args.schemes
+        for v in args.variants
     ]
     emit(result, render(result), args.json, args.md)
     return 0

@@ -207,11 +207,12 @@ class TransformConfig(Options):
 
     OWNER = "transform"
 
-    transform: tuple[Literal["rotate", "rotate_down"], ...] = option(
+    transform: tuple[Literal["rotate", "rotate_down", "awq"], ...] = option(
         (),
         "rotate: fold RMSNorm scales and rotate the residual stream by an orthogonal matrix in the weights; "
-        "rotate_down: a block-Hadamard rotation of the down projection's input, computed online; same float "
-        "model (checked on logits), outlier channels spread before rounding (benchmarks/results/transforms.md)",
+        "rotate_down: a block-Hadamard rotation of the down projection's input, computed online; awq: scale "
+        "the input channels of the layers an RMSNorm feeds by their activations (folded into the norm); same "
+        "float model (checked on logits), outliers tamed before rounding (benchmarks/results/transforms.md)",
         metavar="NAME",
     )
     rotation_seed: int = option(0, "seed of the rotation's random signs and orthogonal factor")

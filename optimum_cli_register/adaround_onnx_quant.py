@@ -134,7 +134,8 @@ QUANT_FLAGS: list = [
             "metavar": "NAME",
             "help": "rotate: fold RMSNorm scales and rotate the residual stream by an orthogonal matrix in the "
             "weights; rotate_down: a block-Hadamard rotation of the down projection's input, computed online; "
-            "same float model (checked on logits), outlier channels spread before rounding "
+            "awq: scale the input channels of the layers an RMSNorm feeds by their activations (folded into "
+            "the norm); same float model (checked on logits), outliers tamed before rounding "
             "(benchmarks/results/transforms.md)",
         },
     ),

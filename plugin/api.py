@@ -132,15 +132,19 @@ class QuantizationRun:
         names = self.config.transform.transform
         if not names:
             return []
-        from .graph_passes.transforms import apply_transforms, check_ids
+        from .graph_passes.transforms import DATA_AWARE, apply_transforms, check_ids
 
         if self.config.needs_calibration:
             self.token_ids, self.calib_info = calibration_ids(self.config, self.loaded, self.given_ids)
         folder = self.loaded.directory
         ids = check_ids(self.model, self.token_ids)
+        calibration = self.token_ids
+        if calibration is None and DATA_AWARE & set(names):  # rtn: the text only chooses the transform
+            calibration, _ = calibration_ids(self.config, self.loaded, self.given_ids, force=True)
         return apply_transforms(
-            self.model, names, ids, seed=self.config.transform.rotation_seed, folder=folder
-        )
+            self.model, names, ids, seed=self.config.transform.rotation_seed, folder=folder,
+            calibration=calibration, scheme=self.config.scheme,
+        )  # fmt: skip
 
     def _allocate(self, config: QuantConfig) -> QuantConfig:
         """Under ``target_bits`` or ``max_size``: the config with each layer group's chosen scheme as an

@@ -22,10 +22,13 @@ from ..embeddings import id_lookups
 from ..errors import InternalError
 from .online import HadamardDownProjPass
 from .rotate import RotateResidualPass
+from .scale import ScaleInputsPass
 
-__all__ = ["TRANSFORMS", "TransformError", "apply_transforms", "check_ids", "logit_tolerance"]
+__all__ = ["DATA_AWARE", "TRANSFORMS", "TransformError", "apply_transforms", "check_ids", "logit_tolerance"]
 
-TRANSFORMS = {"rotate": RotateResidualPass, "rotate_down": HadamardDownProjPass}
+TRANSFORMS = {"rotate": RotateResidualPass, "rotate_down": HadamardDownProjPass, "awq": ScaleInputsPass}
+DATA_AWARE = frozenset({"awq"})
+"""Transforms measured on calibration text (``apply_transforms``' ``calibration``)."""
 
 
 class TransformError(InternalError):
@@ -54,8 +57,9 @@ def _logits(model: ir.Model, feeds: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def apply_transforms(
-    model: ir.Model, names: Sequence[str], token_ids: np.ndarray, *, seed: int = 0, folder: Path | None = None
-) -> list[dict[str, Any]]:
+    model: ir.Model, names: Sequence[str], token_ids: np.ndarray, *, seed: int = 0, folder: Path | None = None,
+    calibration: np.ndarray | None = None, scheme: Any = None,
+) -> list[dict[str, Any]]:  # fmt: skip
     """Apply the transforms ``names`` to ``model`` in place and check its logits on ``token_ids``
     (``[b, T]``) against the original's. Returns one record per transform and one for the check."""
     if not names:
@@ -65,7 +69,10 @@ def apply_transforms(
     before = _logits(model, feeds)
     records: list[dict[str, Any]] = []
     for name in names:
-        transform = TRANSFORMS[name](seed=seed)
+        if name in DATA_AWARE:  # chosen on the calibration text for the run's scheme
+            transform = TRANSFORMS[name](seed=seed, token_ids=calibration, scheme=scheme, folder=folder)
+        else:
+            transform = TRANSFORMS[name](seed=seed)
         transform(model)
         records.append({"name": name, **transform.record})
     RemoveUnusedNodesPass()(model)

@@ -15,8 +15,8 @@ def _result():
 def test_the_table_shows_each_row_against_fp32(transforms):
     text = transforms.render(_result())
     assert "fp32: Wikipedia 25.00, news 40.00" in text and "commit C" in text
-    assert "| w3-g128 | none | 158.1 | 40.00 | +60.0% | 50.00 | +25.0% |" in text
-    assert "| w3-g128 | rotate | 159.1 | 39.00 | +56.0% | 51.00 | +27.5% |" in text
+    assert "| w3-g128 | gptq | none | 158.1 | 40.00 | +60.0% | 50.00 | +25.0% |" in text
+    assert "| w3-g128 | gptq | rotate | 159.1 | 39.00 | +56.0% | 51.00 | +27.5% |" in text
 
 
 def test_emit_writes_json_and_markdown(measure, tmp_path, capsys):
