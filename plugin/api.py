@@ -143,7 +143,7 @@ class QuantizationRun:
             calibration, _ = calibration_ids(self.config, self.loaded, self.given_ids, force=True)
         return apply_transforms(
             self.model, names, ids, seed=self.config.transform.rotation_seed, folder=folder,
-            calibration=calibration, scheme=self.config.scheme,
+            calibration=calibration, scheme=self.config.scheme, method=self.config.method,
         )  # fmt: skip
 
     def _allocate(self, config: QuantConfig) -> QuantConfig:

@@ -58,7 +58,7 @@ def _logits(model: ir.Model, feeds: dict[str, np.ndarray]) -> np.ndarray:
 
 def apply_transforms(
     model: ir.Model, names: Sequence[str], token_ids: np.ndarray, *, seed: int = 0, folder: Path | None = None,
-    calibration: np.ndarray | None = None, scheme: Any = None,
+    calibration: np.ndarray | None = None, scheme: Any = None, method: Any = None,
 ) -> list[dict[str, Any]]:  # fmt: skip
     """Apply the transforms ``names`` to ``model`` in place and check its logits on ``token_ids``
     (``[b, T]``) against the original's. Returns one record per transform and one for the check."""
@@ -70,7 +70,8 @@ def apply_transforms(
     records: list[dict[str, Any]] = []
     for name in names:
         if name in DATA_AWARE:  # chosen on the calibration text for the run's scheme
-            transform = TRANSFORMS[name](seed=seed, token_ids=calibration, scheme=scheme, folder=folder)
+            transform = TRANSFORMS[name](seed=seed, token_ids=calibration, scheme=scheme, folder=folder,
+                                         method=method)  # fmt: skip
         else:
             transform = TRANSFORMS[name](seed=seed)
         transform(model)

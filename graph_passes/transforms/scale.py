@@ -6,8 +6,9 @@ post-attention norm), ``y = norm(x) * g`` and ``out = y W``: with ``s > 0`` per 
 ``W <- diag(s) W`` give the same ``out``, while rounding ``diag(s) W`` spends the grid's resolution on the
 channels ``s`` enlarges. ``s = rms(y)^alpha`` (normalised to a geometric mean of 1 between its extremes),
 ``alpha`` from a grid, chosen per norm to minimise the readers' output error under the calibration
-statistics, ``sum tr(dW H dW^T)`` with ``dW = Q(diag(s) W) / s - W`` and ``Q`` round to nearest under the
-run's scheme (AWQ's objective under our ``H``; ``alpha = 0`` leaves the norm as it was). Rounding then runs
+statistics, ``sum tr(dW H dW^T)`` with ``dW = Q(diag(s) W) / s - W`` and ``Q`` the run's rounding under its
+scheme where it needs only ``H`` (gptq, on 64 rows of each weight), else round to nearest (AWQ's objective
+under our ``H``; ``alpha = 0`` leaves the norm as it was). Rounding then runs
 on the scaled graph with its own statistics. The output projection is not scaled: its table may also be the
 token lookup's.
 """
@@ -23,7 +24,7 @@ import onnx_ir as ir
 from ..calibration.engine import run_calibration
 from ..model_io import read_weight
 from ..records import QuantizedWeight, WeightSite
-from ..rounding.base import SiteStats, build_method
+from ..rounding.base import MethodConfig, RoundingMethod, SiteStats, build_method
 from ..rounding.rtn import RTNConfig
 from ..scheme import QuantScheme
 from .residual import Norm, find_rms_norms, weight_of
@@ -59,18 +60,24 @@ def scale_groups(graph: ir.Graph, sites: Sequence[WeightSite]) -> list[tuple[Nor
 
 
 def choose_scale(
-    weights: Sequence[np.ndarray], h: np.ndarray, scheme: QuantScheme, alphas: Sequence[float] = ALPHAS
-) -> tuple[float, np.ndarray, float]:
+    weights: Sequence[np.ndarray], h: np.ndarray, scheme: QuantScheme, alphas: Sequence[float] = ALPHAS,
+    method: MethodConfig | None = None,
+) -> tuple[float, np.ndarray, float]:  # fmt: skip
     """``(alpha, s, error ratio to alpha = 0)`` minimising ``sum tr(dW H dW^T)`` over ``weights``
-    (``[N, K]`` each) for ``s = rms^alpha``, ``rms`` the input channels' from ``H`` (``[K, K]``)."""
+    (``[N, K]`` each) for ``s = rms^alpha``, ``rms`` the input channels' from ``H`` (``[K, K]``). ``method``:
+    the rounding that ``dW`` is measured for (one that needs only ``H``, on ``METHOD_ROWS`` rows of each
+    weight; round to nearest when None or when it needs more)."""
     rms = np.sqrt(np.maximum(np.diag(h), 1e-12))
-    h32 = np.asarray(h, dtype=np.float32)
+    rounder = _RTN
+    if calibrated(method):
+        rounder = build_method(method)  # type: ignore[arg-type]
+        weights = [np.ascontiguousarray(w[_rows(w.shape[0])]) for w in weights]
     best: tuple[float, np.ndarray, float] | None = None
     base = 0.0
     for alpha in alphas:
         s = rms**alpha
         s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)
-        err = sum(_output_error(w, s, h32, scheme) for w in weights)
+        err = sum(_output_error(rounder, w, s, h, scheme) for w in weights)
         if alpha == 0:
             base = err
         if best is None or err < best[2]:
@@ -79,8 +86,25 @@ def choose_scale(
     return best[0], best[1], best[2] / base if base > 0 else 1.0
 
 
-def _output_error(w: np.ndarray, s: np.ndarray, h: np.ndarray, scheme: QuantScheme) -> float:
-    d = _RTN.quantize(np.ascontiguousarray(w * s), scheme).dequantize() / s - w
+def calibrated(method: MethodConfig | None) -> bool:
+    """A method whose rounding depends on ``H`` alone (gptq): the exponent is chosen for it."""
+    return method is not None and bool(method.needs) and method.needs <= {"hessian"}
+
+
+METHOD_ROWS = 64
+"""Rows of each weight a calibrated method rounds per exponent tried (rows are independent given ``H``)."""
+
+
+def _rows(n: int) -> np.ndarray:
+    return np.arange(n) if n <= METHOD_ROWS else np.linspace(0, n - 1, METHOD_ROWS).round().astype(int)
+
+
+def _output_error(
+    rounder: RoundingMethod, w: np.ndarray, s: np.ndarray, h: np.ndarray, scheme: QuantScheme
+) -> float:
+    """The output error under ``H`` of rounding ``w diag(s)`` (whose input is ``x / s``: ``H`` scaled)."""
+    stats = SiteStats(hessian=h / np.outer(s, s).astype(np.float64), n_tokens=1)
+    d = rounder.quantize(np.ascontiguousarray(w * s), scheme, stats).dequantize() / s - w
     return float(np.einsum("nk,kl,nl->", d, h, d, optimize=True))
 
 
@@ -90,9 +114,10 @@ class ScaleInputsPass(ir.passes.InPlacePass):
     nothing was done (the graph is then left as it was)."""
 
     def __init__(self, seed: int = 0, *, token_ids: np.ndarray | None = None, scheme: QuantScheme | None = None,
-                 folder: Path | None = None) -> None:  # fmt: skip
+                 folder: Path | None = None, method: MethodConfig | None = None) -> None:  # fmt: skip
         super().__init__()
         self.token_ids, self.folder = token_ids, folder
+        self.method = method if calibrated(method) else None
         self.scheme = scheme or QuantScheme.parse("w4-g128")
         self.record: dict[str, object] = {"applied": False}
 
@@ -113,6 +138,7 @@ class ScaleInputsPass(ir.passes.InPlacePass):
                 _fold(model.graph, norm, readers, s.astype(np.float64))
         alphas = [c[0] for c in chosen.values()]
         self.record = {"applied": True, "scheme": self.scheme.label, "norms": len(groups),
+                       "chosen_for": self.method.name if self.method is not None else "rtn",
                        "scaled": sum(a > 0 for a in alphas), "alphas": alphas,
                        "error_ratios": [round(c[2], 4) for c in chosen.values()]}  # fmt: skip
         return ir.passes.PassResult(model, modified=True)
@@ -126,7 +152,8 @@ class ScaleInputsPass(ir.passes.InPlacePass):
                 key = norm.output.name or ""
                 if key not in chosen and readers[0].name in stats:
                     h = np.asarray(stats[readers[0].name].hessian, dtype=np.float64)
-                    chosen[key] = choose_scale([read_weight(model, s) for s in readers], h, self.scheme)
+                    weights = [read_weight(model, s) for s in readers]
+                    chosen[key] = choose_scale(weights, h, self.scheme, method=self.method)
             return {}
 
         sites = [s for _, readers in groups for s in readers]

@@ -53,3 +53,18 @@ def test_equal_channels_give_no_scaling():
     _, s, ratio = choose_scale([w], h, W2)
     np.testing.assert_allclose(s, 1.0, rtol=1e-6)
     assert ratio == pytest.approx(1.0)
+
+
+def test_the_exponent_is_chosen_for_gptq_when_the_run_uses_it():
+    """With gptq in the objective (on sampled rows) the choice is never worse than no scaling for it."""
+    from optimum.adaround.graph_passes.rounding.base import method_config
+    from optimum.adaround.graph_passes.transforms.scale import calibrated
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2048, 64))
+    x[:, 3] *= 20
+    w = rng.standard_normal((96, 64)).astype(np.float32)
+    gptq = method_config("gptq")
+    assert calibrated(gptq) and not calibrated(method_config("rtn")) and not calibrated(None)
+    _, _, ratio = choose_scale([w], x.T @ x, W2, method=gptq)
+    assert 0 < ratio <= 1.0
