@@ -11,9 +11,9 @@ included (the session rounds each site's input per its scheme's block at ``accur
 - a calibrated method (gptq...) needs statistics: one float pass (``run_calibration``, one session) gives
   ``H`` of the sites of ``SAMPLED_BLOCKS`` evenly spaced blocks and of the sites outside the stack, where the
   method rounds the whole weights. Every other site gets round to nearest's error scaled to the method's
-  relative output error (its kind's geometric-mean ratio on the sampled sites) times ``factor``, how much
-  more the loss responds to the method's error than to the scaled one at the same relative error,
-  measured on the sampled sites. A scaled error's first-order term is not the method's, so the probes
+  relative output error (its kind's mean ratio on the sampled sites) times ``factor``, how much more the
+  loss responds to the method's error than to the scaled one at the same relative error, measured on the
+  sampled sites under ``REFERENCE`` (the same whatever the configuration's schemes). A scaled error's first-order term is not the method's, so the probes
   are two-sided (mean of ``W + dW`` and ``W - dW``), as the per-unit probes are.
 
 Cost on SmolLM2-135M: benchmarks/results/predictor.md (``--cost``).
