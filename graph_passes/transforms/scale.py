@@ -15,14 +15,16 @@ token lookup's.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 
 from ..calibration.engine import run_calibration
+from ..errors import InternalError
 from ..model_io import read_weight
+from ..predict.units import output_energy
 from ..records import QuantizedWeight, WeightSite
 from ..rounding.base import MethodConfig, RoundingMethod, SiteStats, build_method
 from ..rounding.rtn import RTNConfig
@@ -105,7 +107,7 @@ def _output_error(
     """The output error under ``H`` of rounding ``w diag(s)`` (whose input is ``x / s``: ``H`` scaled)."""
     stats = SiteStats(hessian=h / np.outer(s, s).astype(np.float64), n_tokens=1)
     d = rounder.quantize(np.ascontiguousarray(w * s), scheme, stats).dequantize() / s - w
-    return float(np.einsum("nk,kl,nl->", d, h, d, optimize=True))
+    return output_energy(d, h)
 
 
 class ScaleInputsPass(ir.passes.InPlacePass):
@@ -132,10 +134,11 @@ class ScaleInputsPass(ir.passes.InPlacePass):
             self.record = {"applied": False, "reason": "no RMSNorm whose output only linear layers read"}
             return ir.passes.PassResult(model, modified=False)
         chosen = self._choose(model, groups)
+        nodes = {n.name: n for n in model.graph}
         for norm, readers in groups:
             alpha, s, _ = chosen[norm.output.name or ""]
             if alpha > 0:
-                _fold(model.graph, norm, readers, s.astype(np.float64))
+                _fold(model.graph, nodes, norm, readers, s.astype(np.float64))
         alphas = [c[0] for c in chosen.values()]
         self.record = {"applied": True, "scheme": self.scheme.label, "norms": len(groups),
                        "chosen_for": self.method.name if self.method is not None else "rtn",
@@ -145,7 +148,6 @@ class ScaleInputsPass(ir.passes.InPlacePass):
 
     def _choose(self, model: ir.Model, groups: list[tuple[Norm, list[WeightSite]]]) -> dict[str, tuple]:
         chosen: dict[str, tuple] = {}
-        by_site = {s.name: norm.output.name or "" for norm, readers in groups for s in readers}
 
         def on_block(block: list[WeightSite], stats: dict[str, SiteStats]) -> dict[str, QuantizedWeight]:
             for norm, readers in groups:
@@ -159,15 +161,16 @@ class ScaleInputsPass(ir.passes.InPlacePass):
         sites = [s for _, readers in groups for s in readers]
         run_calibration(model, sites, np.asarray(self.token_ids, dtype=np.int64), on_block, sequential=False,
                         progress=False, model_dir=self.folder)  # fmt: skip
-        missing = sorted(set(by_site.values()) - set(chosen))
+        missing = sorted({norm.output.name or "" for norm, _ in groups} - set(chosen))
         if missing:
-            raise RuntimeError(f"awq: no statistics for {missing[0]}")
+            raise InternalError(f"awq: no statistics for {missing[0]}")
         return chosen
 
 
-def _fold(graph: ir.Graph, norm: Norm, readers: Sequence[WeightSite], s: np.ndarray) -> None:
-    """``W <- diag(s) W`` for each reader and the norm's multiplier ``(offset + g) <- (offset + g) / s``."""
-    nodes = {n.name: n for n in graph}
+def _fold(graph: ir.Graph, nodes: Mapping[str | None, ir.Node], norm: Norm, readers: Sequence[WeightSite],
+          s: np.ndarray) -> None:  # fmt: skip
+    """``W <- diag(s) W`` for each reader (``nodes``: the graph's by name) and the norm's multiplier
+    ``(offset + g) <- (offset + g) / s``."""
     for site in readers:
         node = nodes[site.node_name]
         replace_initializer(graph, node, 1, s[:, None] * weight_kn(node), weight_of(node)[0])  # type: ignore[index]
