@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from .api import run_config
@@ -65,53 +66,43 @@ def predict(
         sens, prediction, seconds = planned.sensitivity, alloc.prediction, planned.seconds
     else:
         _, schemes = plan_schemes(cfg, sites)
-        if given is None:
-            return _joint(cfg, loaded, sites, {s.name: schemes[s.name] for s in sites}, ids, progress, t0)
-        labels = {s.name: schemes[s.name].label for s in sites}
-        sens, errors, seconds = measure_profile(
-            loaded.model, sites, {schemes[s.name].label: schemes[s.name] for s in sites}, cfg.method, ids,
-            probe_samples=cfg.allocation.probe_samples, given=given,
-            progress=progress, model_dir=folder, accuracy_level=cfg.output.accuracy_level,
-        )  # fmt: skip
-        t = site_errors(labels, errors.errors, lookup_site(sites))
-        prediction = predict_law(sens, t, input_blocks(labels, sites, cfg.output.accuracy_level))
-        nbytes = sum(packed_bytes(schemes[s.name], s.k, s.n, cfg.output.accuracy_level) for s in sites)
+        by_site = {s.name: schemes[s.name] for s in sites}
+        labels = {name: scheme.label for name, scheme in by_site.items()}
+        level = cfg.output.accuracy_level
+        nbytes = sum(packed_bytes(by_site[s.name], s.k, s.n, level) for s in sites)
         result = {
             "schemes": sorted(set(labels.values())),
             "bits_per_weight": 8 * nbytes / sum(s.k * s.n for s in sites),
         }
-    ppl = math.exp(sens.base_nll)
+        if given is None:  # one configuration: the joint probe
+            found = predict_joint(
+                loaded.model, sites, by_site, cfg.method, ids, int8_blocks=input_blocks(labels, sites, level),
+                model_dir=folder, progress=progress,
+            )  # fmt: skip
+            joint = {"tokens": found.n_tokens, "factor": found.factor, "ratios": dict(found.ratios)}
+            return _answer(cfg, {**result, "joint": joint}, found.base_nll, found.delta, found.delta_se,
+                           found.seconds, t0)  # fmt: skip
+        sens, errors, seconds = measure_profile(
+            loaded.model, sites, {lab: by_site[n] for n, lab in labels.items()}, cfg.method, ids,
+            probe_samples=cfg.allocation.probe_samples, given=given,
+            progress=progress, model_dir=folder, accuracy_level=level,
+        )  # fmt: skip
+        t = site_errors(labels, errors.errors, lookup_site(sites))
+        prediction = predict_law(sens, t, input_blocks(labels, sites, level))
+    result["sensitivity"] = sens.to_dict()
+    return _answer(cfg, result, sens.base_nll, prediction.delta, prediction.delta_se, seconds, t0)
+
+
+def _answer(cfg: Any, result: dict[str, Any], base_nll: float, delta: float, delta_se: float,
+            seconds: Mapping[str, float], t0: float) -> dict[str, Any]:  # fmt: skip
+    """A prediction's record: what was predicted (``result``), the increase and the perplexities."""
+    ppl = math.exp(base_nll)
     return {
         **result,
         "method": cfg.method.name,
-        "delta_nll": prediction.delta,
-        "delta_nll_se": prediction.delta_se,
+        "delta_nll": delta,
+        "delta_nll_se": delta_se,
         "probe_perplexity": ppl,
-        "predicted_perplexity": ppl * math.exp(prediction.delta),
+        "predicted_perplexity": ppl * math.exp(delta),
         "seconds": {**seconds, "total": time.perf_counter() - t0},
-        "sensitivity": sens.to_dict(),
-    }
-
-
-def _joint(cfg: Any, loaded: Any, sites: list[Any], schemes: dict[str, Any], ids: Any, progress: bool,
-           t0: float) -> dict[str, Any]:  # fmt: skip
-    """One configuration's prediction by the joint probe."""
-    labels = {name: scheme.label for name, scheme in schemes.items()}
-    level = cfg.output.accuracy_level
-    found = predict_joint(
-        loaded.model, sites, schemes, cfg.method, ids, int8_blocks=input_blocks(labels, sites, level),
-        model_dir=loaded.directory, progress=progress,
-    )  # fmt: skip
-    nbytes = sum(packed_bytes(schemes[s.name], s.k, s.n, level) for s in sites)
-    ppl = math.exp(found.base_nll)
-    return {
-        "schemes": sorted(set(labels.values())),
-        "bits_per_weight": 8 * nbytes / sum(s.k * s.n for s in sites),
-        "method": cfg.method.name,
-        "delta_nll": found.delta,
-        "delta_nll_se": found.delta_se,
-        "probe_perplexity": ppl,
-        "predicted_perplexity": ppl * math.exp(found.delta),
-        "seconds": {**found.seconds, "total": time.perf_counter() - t0},
-        "joint": {"tokens": found.n_tokens, "factor": found.factor, "ratios": dict(found.ratios)},
     }
