@@ -41,6 +41,9 @@ VARIANTS = {
     "awq": ("awq",),
 }
 FIXED = {"method": "gptq", "lm_head": "none", "embeddings": "none", "accuracy_level": 0}
+HEAD_8 = {"lm_head": 8, "embeddings": 8}
+"""``--head 8``: the output projection (and the tied embedding reading its codes) in 8 bits, as NNCF stores
+them, for rows compared with NNCF's."""
 
 
 def measure(folder: Path, eval_tokens: int) -> dict[str, float]:
@@ -52,19 +55,36 @@ def measure(folder: Path, eval_tokens: int) -> dict[str, float]:
 
 
 def row(
-    source: Path, work: Path, scheme: str, variant: str, eval_tokens: int, method: str = "gptq"
-) -> dict[str, Any]:
+    source: Path, work: Path, scheme: str, variant: str, eval_tokens: int, method: str = "gptq",
+    head: dict[str, Any] | None = None,
+) -> dict[str, Any]:  # fmt: skip
     from optimum.adaround import quantize
 
     out = work / f"{method}-{scheme}-{variant.replace(' + ', '+')}"
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
-    options = {**FIXED, "method": method}
+    options = {**FIXED, "method": method, **(head or {})}
     quantize(str(source), str(out), scheme=scheme, transform=VARIANTS[variant], progress=False, **options)
     seconds = time.perf_counter() - t0
     record = json.loads((out / "quantization_config.json").read_text())
     rec = {"scheme": scheme, "method": method, "transform": variant, "quantize_seconds": seconds, "size_mb": size_mb(out),
            "transforms": record.get("transforms", []), **measure(out, eval_tokens)}  # fmt: skip
+    print(json.dumps(rec), flush=True)
+    return rec
+
+
+def nncf_row(source: Path, work: Path, config: str, eval_tokens: int) -> dict[str, Any]:
+    """NNCF's ``compress_weights`` under ``config`` (``nncf_peer.CONFIGS``; data-aware ones calibrate on 32
+    x 256 Wikipedia tokens, as gptq does) on the same export, scored on the same tokens as the other rows."""
+    from nncf_peer import CONFIGS, compress
+
+    out = work / f"nncf-{config}"
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    compress(source, out, **CONFIGS[config])
+    opts = CONFIGS[config]
+    rec = {"scheme": f"w4-g{opts['group_size']}", "method": f"NNCF {config}", "transform": "-",
+           "quantize_seconds": time.perf_counter() - t0, "size_mb": size_mb(out), **measure(out, eval_tokens)}  # fmt: skip
     print(json.dumps(rec), flush=True)
     return rec
 
@@ -112,7 +132,8 @@ def render(result: dict[str, Any]) -> str:
     p, fp = result["provenance"], result["fp32"]
     lines = [f"Measured {p.get('date')} on {p.get('machine')}, commit {p.get('commit')}; "
              f"{result['eval_tokens']} evaluation tokens per domain. fp32: Wikipedia {fp['ppl_wikipedia']:.2f}, "
-             f"news {fp['ppl_news']:.2f}.", "",
+             f"news {fp['ppl_news']:.2f}. Output projection and embedding of our rows: "
+             f"{'8 bits (as NNCF stores them)' if result.get('head') == '8' else 'float'}.", "",
              "| scheme | method | transform | size (MB) | ppl wiki | increase wiki | ppl news | increase news |",
              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in result["rows"]:
@@ -132,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decode-speed", action="store_true", help="decode speed of each variant instead")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--head", choices=["none", "8"], default="none", help="output projection of our rows")
+    ap.add_argument("--nncf", nargs="*", default=[], help="NNCF configurations (nncf_peer.py) as rows too")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--md", type=Path)
     args = ap.parse_args(argv)
@@ -146,14 +169,15 @@ def main(argv: list[str] | None = None) -> int:
         out = {"provenance": provenance(), "rounds": args.rounds, "new_tokens": args.new_tokens, "rows": rows}
         emit(out, render_decode(out), args.json, args.md)
         return 0
-    result: dict[str, Any] = {"provenance": provenance(), "eval_tokens": args.eval_tokens,
+    head = HEAD_8 if args.head == "8" else None
+    result: dict[str, Any] = {"provenance": provenance(), "eval_tokens": args.eval_tokens, "head": args.head,
                               "fp32": measure(source, args.eval_tokens)}  # fmt: skip
     result["rows"] = [
-        row(source, args.work, s, v, args.eval_tokens, m)
+        row(source, args.work, s, v, args.eval_tokens, m, head)
         for m in args.methods
         for s in args.schemes
         for v in args.variants
-    ]
+    ] + [nncf_row(source, args.work, c, args.eval_tokens) for c in args.nncf]
     emit(result, render(result), args.json, args.md)
     return 0
 

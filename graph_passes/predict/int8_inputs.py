@@ -49,10 +49,14 @@ def input_blocks(
     return out
 
 
-def round_site_inputs(graph: ir.Graph, sites: Sequence[WeightSite], block: int | Mapping[str, int]) -> int:
+def round_site_inputs(
+    graph: ir.Graph, sites: Sequence[WeightSite], block: int | Mapping[str, int], gate: ir.Value | None = None
+) -> int:
     """Rewrite ``graph`` so that each site's MatMul reads its input rounded to int8 per ``block`` along K
     (or per site name -> block; sites absent from it keep their input), one rounding per activation, shared
-    by the sites it feeds (at the first one's block). Returns how many inputs were rounded."""
+    by the sites it feeds (at the first one's block). ``gate`` (a float scalar the caller feeds): the input
+    read is ``x + gate * (rounded - x)``, so one session runs with (1) and without (0) the rounding.
+    Returns how many inputs were rounded."""
     by_node = {n.name: n for n in graph}
     rounded: dict[str, ir.Value] = {}
     for site in sites:
@@ -64,13 +68,14 @@ def round_site_inputs(graph: ir.Graph, sites: Sequence[WeightSite], block: int |
             if x is None or x.name != site.activation:
                 continue
             if x.name not in rounded:
-                rounded[x.name] = _rounded(graph, node, x, site.k, size, len(rounded))
+                rounded[x.name] = _rounded(graph, node, x, site.k, size, len(rounded), gate)
             node.replace_input_with(i, rounded[x.name])
     return len(rounded)
 
 
-def _rounded(graph: ir.Graph, before: ir.Node, x: ir.Value, k: int, block: int, index: int) -> ir.Value:
-    """``x`` ([..., k]) rounded to int8 per block of ``block`` along its last axis."""
+def _rounded(graph: ir.Graph, before: ir.Node, x: ir.Value, k: int, block: int, index: int,
+             gate: ir.Value | None) -> ir.Value:  # fmt: skip
+    """``x`` ([..., k]) rounded to int8 per block of ``block`` along its last axis (by ``gate``)."""
     name = f"optimum_adaround.int8_input_{index}"
     padded = -(-k // block) * block
     dtype = x.dtype.numpy() if x.dtype is not None else np.float32
@@ -100,5 +105,7 @@ def _rounded(graph: ir.Graph, before: ir.Node, x: ir.Value, k: int, block: int, 
         starts, ends = const("starts", np.array([0], np.int64)), const("ends", np.array([k], np.int64))
         back = op("Slice", back, starts, ends, const("axis", np.array([1], np.int64)))
     out = op("Reshape", back, shape)
+    if gate is not None:
+        out = op("Add", x, op("Mul", gate, op("Sub", out, x)))
     graph.insert_before(before, nodes)
     return out

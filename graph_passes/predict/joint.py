@@ -26,6 +26,7 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -44,6 +45,9 @@ __all__ = ["JOINT_SEQUENCES", "SAMPLED_BLOCKS", "JointPrediction", "MethodSample
 
 JOINT_SEQUENCES = 8
 """Calibration sequences the joint probe reads (standard error about 5-8% of the increase on SmolLM2)."""
+FACTOR_SEQUENCES = 4
+"""Of those, the ones the ``factor`` probes read (four passes: the method's error and the scaled one, each
+two-sided)."""
 SAMPLED_BLOCKS = 4
 """Blocks whose sites a calibrated method rounds whole for its error ratios and ``factor``."""
 WIDE_ROWS = 1024
@@ -207,12 +211,13 @@ def _fed(prober: _Prober, change: Mapping[str, np.ndarray], sign: int) -> dict[s
 
 
 def _measure(
-    prober: _Prober, base: np.ndarray, change: Mapping[str, np.ndarray], two_sided: bool
+    prober: _Prober, base: np.ndarray, change: Mapping[str, np.ndarray], two_sided: bool, **run: Any
 ) -> np.ndarray:
-    plus = prober.nll(_fed(prober, change, 1))
+    """The loss increase per probe sample (``run``: ``_Prober.nll``'s options; ``base`` of the same run)."""
+    plus = prober.nll(_fed(prober, change, 1), **run)
     if not two_sided:
         return plus - base
-    return (plus + prober.nll(_fed(prober, change, -1))) / 2 - base
+    return (plus + prober.nll(_fed(prober, change, -1), **run)) / 2 - base
 
 
 def _factor(prober: _Prober, base: np.ndarray, model: ir.Model, sites: Sequence[WeightSite],
@@ -220,13 +225,16 @@ def _factor(prober: _Prober, base: np.ndarray, model: ir.Model, sites: Sequence[
     """The loss response to the method's own error over that to round to nearest's scaled to the same
     relative error, both under ``REFERENCE`` on the sites rounded whole; 1 when the scaled error's response
     is within two standard errors of nothing. At the configuration's own schemes it was not transferable:
-    in a SmolLM2 mix whose sampled sites were W2/W3/W8 it read 0.59, and predicted the mix 48% low."""
+    in a SmolLM2 mix whose sampled sites were W2/W3/W8 it read 0.59, and predicted the mix 48% low.
+    On the first ``FACTOR_SEQUENCES`` probe sequences, without int8 inputs (``base``: the float model's)."""
     at_ref = MethodSample(sample.reference, sample.reference_ratios, {})
     schemes = dict.fromkeys(sample.reference, QuantScheme.parse(REFERENCE))
     only = set(sample.reference)
-    own = _measure(prober, base, joint_change(prober, model, sites, schemes, at_ref, only=only), True)
+    run = {"int8": False, "sequences": FACTOR_SEQUENCES}
+    base = base[: 4 * FACTOR_SEQUENCES]
+    own = _measure(prober, base, joint_change(prober, model, sites, schemes, at_ref, only=only), True, **run)
     scaled = _measure(
-        prober, base, joint_change(prober, model, sites, schemes, at_ref, only=only, scaled=True), True
+        prober, base, joint_change(prober, model, sites, schemes, at_ref, only=only, scaled=True), True, **run
     )
     s_mean, s_se = _mean_se(scaled)
     if s_mean <= 2 * s_se:
@@ -251,11 +259,11 @@ def predict_joint(
                                model_dir=model_dir)  # fmt: skip
     t1 = time.perf_counter()
     probed = ids[:JOINT_SEQUENCES]
-    plain = _Prober(model, sites, probed, providers, model_dir)
-    base = plain.nll()
+    # one session: the float base and the factor without the int8 inputs, the prediction with them
+    prober = _Prober(model, sites, probed, providers, model_dir, int8_blocks or None, switchable=True)
+    base = prober.nll(int8=False)
     # the factor compares weight errors alone: measured without the int8 inputs' loss, which both share
-    factor = 1.0 if sample is None else _factor(plain, base, model, sites, sample)
-    prober = _Prober(model, sites, probed, providers, model_dir, int8_blocks) if int8_blocks else plain
+    factor = 1.0 if sample is None else _factor(prober, base, model, sites, sample)
     change = joint_change(prober, model, sites, schemes, sample, factor)
     delta, se = _mean_se(_measure(prober, base, change, two_sided=sample is not None))
     ratios = {f"{lab}/{kind}": r for (lab, kind), r in (sample.ratios if sample else {}).items()}

@@ -41,6 +41,7 @@ from .int8_inputs import round_site_inputs
 from .units import LOOKUP, REFERENCE, SiteEnergy, Unit, lookup_error, lookup_site
 
 _RTN = build_method(RTNConfig())
+_GATE = "optimum_adaround.int8_gate"
 
 __all__ = [
     "LINK_LEVELS",
@@ -213,46 +214,69 @@ class _Prober:
     """
 
     def __init__(self, model: ir.Model, sites: Sequence[WeightSite], ids: np.ndarray, providers: Sequence[str],
-                 model_dir: Path | None, int8_block: int | Mapping[str, int] | None = None) -> None:  # fmt: skip
+                 model_dir: Path | None, int8_block: int | Mapping[str, int] | None = None,
+                 switchable: bool = False) -> None:  # fmt: skip
+        """``int8_block``: round the sites' inputs to int8 (``round_site_inputs``); ``switchable``: behind a
+        gate that ``nll(int8=...)`` sets per run, so one session serves the float and the int8 probes."""
         graph = model.graph
-        specs = feed_specs(graph.inputs, folder=model_dir, capacities=window_capacities(graph))
-        logits = next((v.name for v in graph.outputs if v.name == "logits"), graph.outputs[0].name)
+        self.specs = feed_specs(graph.inputs, folder=model_dir, capacities=window_capacities(graph))
+        logits = next((v for v in graph.outputs if v.name == "logits"), graph.outputs[0])
         self.lookup = _Lookup.of(model, sites, ids)
         starts = [v.name for v in graph.inputs if v.name]
         examples = {}
         if self.lookup is not None:
             starts.append(self.lookup.value)
             examples[self.lookup.value] = self.lookup.looked_up
-        part = extract_part(model, starts, [logits], examples, name="probe")
+        part = extract_part(model, starts, [logits.name], examples, name="probe")
+        self.gate: tuple[str, np.ndarray] | None = None
         if int8_block is not None:
-            round_site_inputs(part.graph, sites, int8_block)
+            gate = None
+            if switchable:
+                dtype = logits.dtype.numpy() if logits.dtype is not None else np.float32
+                gate = ir.Value(
+                    name=_GATE, type=ir.TensorType(ir.DataType.from_numpy(dtype)), shape=ir.Shape([])
+                )
+                part.graph.inputs.append(gate)
+                self.gate = (_GATE, np.dtype(dtype))
+            round_site_inputs(part.graph, sites, int8_block, gate)
         self.weights: dict[str, np.ndarray] = {}
         for s in dict.fromkeys(s.weight_name for s in sites):
             value = part.graph.initializers[s]
             part.graph.inputs.append(value)  # overridable: fed by a probe, else its stored value
             self.weights[s] = np.asarray(value.const_value.numpy())
         self.session = open_session(part, resolve_providers(providers))
-        self.logits = logits
-        wanted = {i.name for i in self.session.get_inputs()}
-        self.feeds = {k: v for k, v in make_feeds(specs, ids).items() if k in wanted}
-        if self.lookup is not None:
-            self.feeds[self.lookup.value] = self.lookup.looked_up
+        self.logits = logits.name
+        self.wanted = {i.name for i in self.session.get_inputs()}
+        self.ids = ids
+        self.feeds = self._feeds(len(ids))
         self.targets = torch.from_numpy(np.ascontiguousarray(ids[:, 1:], dtype=np.int64))
 
-    def nll(self, weights: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
-        """Mean next-token NLL of each quarter of each probe sequence (float64) with ``weights`` fed over the
-        stored ones (``LOOKUP``: a change of the looked-up rows, ``[n, T, hidden]``)."""
-        feeds = {**self.feeds, **{k: v for k, v in (weights or {}).items() if k != LOOKUP}}
+    def _feeds(self, n: int) -> dict[str, np.ndarray]:
+        feeds = {k: v for k, v in make_feeds(self.specs, self.ids[:n]).items() if k in self.wanted}
+        if self.lookup is not None:
+            feeds[self.lookup.value] = self.lookup.looked_up[:n]
+        return feeds
+
+    def nll(self, weights: Mapping[str, np.ndarray] | None = None, *, int8: bool = True,
+            sequences: int | None = None) -> np.ndarray:  # fmt: skip
+        """Mean next-token NLL of each quarter of each probe sequence (float64, sequence-major) with
+        ``weights`` fed over the stored ones (``LOOKUP``: a change of the looked-up rows, ``[n, T,
+        hidden]``); ``int8``: with the inputs' rounding of a switchable prober; ``sequences``: the first so
+        many probe sequences only (their values are the first ``4 * sequences`` of the full run's)."""
+        n = len(self.ids) if sequences is None else min(sequences, len(self.ids))
+        feeds = self.feeds if n == len(self.ids) else self._feeds(n)
+        feeds = {**feeds, **{k: v for k, v in (weights or {}).items() if k != LOOKUP}}
         if weights is not None and LOOKUP in weights and self.lookup is not None:
-            feeds[self.lookup.value] = self.lookup.looked_up + weights[LOOKUP]
+            feeds[self.lookup.value] = self.lookup.looked_up[:n] + weights[LOOKUP][:n]
+        if self.gate is not None:
+            feeds[self.gate[0]] = np.array(1 if int8 else 0, dtype=self.gate[1])
         out = self.session.run([self.logits], feeds)[0]
         logits = torch.from_numpy(np.ascontiguousarray(out[:, :-1], dtype=np.float32))
         # float32 log-sum-exp: ~1e-6 nats per token, far below the responses measured (1e-4 and up)
-        nll = torch.logsumexp(logits, dim=-1) - logits.gather(-1, self.targets[..., None])[..., 0]
+        nll = torch.logsumexp(logits, dim=-1) - logits.gather(-1, self.targets[:n, :, None])[..., 0]
         # per quarter sequence: enough samples for a standard error from two sequences
-        return np.concatenate(
-            [c.mean(dim=1).numpy() for c in torch.tensor_split(nll.to(torch.float64), 4, dim=1)]
-        )
+        quarters = [c.mean(dim=1) for c in torch.tensor_split(nll.to(torch.float64), 4, dim=1)]
+        return torch.stack(quarters, dim=1).reshape(-1).numpy()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,3 +34,14 @@ def test_the_decode_table_shows_each_variants_speed_and_ratio(transforms):
     assert "median of 5 interleaved rounds" in text and "64 new tokens" in text
     assert "| w4-g128 | none | 90.0 | 40.0 | 1.000 |" in text
     assert "| w4-g128 | rotate | 91.0 | 38.0 | 0.950 |" in text
+
+
+def test_a_run_with_an_nncf_row_says_how_its_own_rows_store_the_head(transforms):
+    result = _result()
+    result["head"] = "8"
+    result["rows"].append({"scheme": "w4-g128", "method": "NNCF int4-g128-awq-se", "transform": "-",
+                           "size_mb": 117.9, "ppl_wikipedia": 32.0, "ppl_news": 44.0})  # fmt: skip
+    text = transforms.render(result)
+    assert "embedding of our rows: 8 bits (as NNCF stores them)" in text
+    assert "| w4-g128 | NNCF int4-g128-awq-se | - | 117.9 | 32.00 | +28.0% | 44.00 | +10.0% |" in text
+    assert "embedding of our rows: float" in transforms.render(_result())

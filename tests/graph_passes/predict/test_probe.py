@@ -124,3 +124,20 @@ def test_int8_input_probes_measure_each_block_size(tiny_hf_onnx):
     assert all(np.isfinite(v) and np.isfinite(se) and se >= 0 for v, se in found.values())
     assert found[8] != found[32]  # the rounding differs with the block, so does the loss
     assert probe.probe_int8_inputs(loaded.model, sites, ids, []) == {}
+
+
+@pytest.mark.parametrize("arch", ["llama", "llama_tied"])
+def test_a_switchable_prober_is_the_float_and_the_int8_prober_in_one_session(arch, tiny_hf_onnx):
+    """Gate 0: the float model's losses; gate 1: those of a prober built with the inputs rounded; the
+    first sequences alone: the first values of the full run, noise on the tied lookup included."""
+    loaded, sites, ids, energy = _setup(tiny_hf_onnx(arch))
+    cpu = ["CPUExecutionProvider"]
+    both = probe._Prober(loaded.model, sites, ids, cpu, None, 8, switchable=True)
+    plain = probe._Prober(loaded.model, sites, ids, cpu, None)
+    rounded = probe._Prober(loaded.model, sites, ids, cpu, None, 8)
+    np.testing.assert_allclose(both.nll(int8=False), plain.nll(), rtol=1e-6)
+    np.testing.assert_allclose(both.nll(), rounded.nll(), rtol=1e-5)
+    assert np.abs(rounded.nll() - plain.nll()).max() > 1e-6  # the rounding is there to switch
+    noise = probe._noise(both, sites, energy, 1.0, np.random.default_rng(0))
+    fed = {k: d if k == LOOKUP else both.weights[k] + d for k, d in noise.items()}
+    np.testing.assert_allclose(both.nll(fed, sequences=2), both.nll(fed)[:8], rtol=1e-5)
