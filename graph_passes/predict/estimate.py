@@ -39,7 +39,7 @@ from ..model_io import read_weight
 from ..packing.base import get_packer
 from ..records import QuantizedWeight, WeightSite
 from ..rounding.base import MethodConfig, SiteStats, build_method
-from ..rounding.rtn import RTNConfig
+from ..rounding.rtn import nearest_error
 from ..scheme import QuantScheme, WeightFormat
 from .units import LOOKUP, REFERENCE, SiteEnergy, lookup_error, lookup_site, output_energy
 
@@ -112,7 +112,6 @@ def _site_errors(
     h = np.asarray(stats.hessian, dtype=np.float64)
     n_tok = max(int(stats.n_tokens), 1)
     h32 = torch.from_numpy(h.astype(np.float32))
-    rtn = build_method(RTNConfig())
     scored = np.ascontiguousarray(w[_rows(w.shape[0], RTN_ROWS, seed)])
     sig_scored = output_energy(scored, h32)
     errs, ratios = {}, {}
@@ -120,15 +119,15 @@ def _site_errors(
     sub = np.ascontiguousarray(w[rows]) if sampled else None
     rounder = build_method(method) if sampled else None
     for label, scheme in candidates.items():
-        err = output_energy(rtn.quantize(scored, scheme).dequantize() - scored, h32)
+        err = output_energy(nearest_error(scored, scheme), h32)
         errs[label] = err / sig_scored if sig_scored > 0 else 0.0
         if sub is not None and rounder is not None:
             mine = output_energy(rounder.quantize(sub, scheme, stats).dequantize() - sub, h32)
-            near = output_energy(rtn.quantize(sub, scheme).dequantize() - sub, h32)
+            near = output_energy(nearest_error(sub, scheme), h32)
             if near > 0 and mine > 0:
                 ratios[label] = mine / near
     signal = output_energy(w, h32) / n_tok
-    ref = output_energy(rtn.quantize(scored, QuantScheme.parse(REFERENCE)).dequantize() - scored, h32)
+    ref = output_energy(nearest_error(scored, QuantScheme.parse(REFERENCE)), h32)
     energy = SiteEnergy(signal=signal, trace_h=float(np.trace(h)) / n_tok, n=int(w.shape[0]),
                         ref_error=ref / sig_scored if sig_scored > 0 else 0.0)  # fmt: skip
     return energy, errs, ratios
@@ -151,16 +150,15 @@ def _lookup_errors(
     of the rows themselves on the sampled ``rows``."""
     unique, counts = np.unique(np.asarray(token_ids), return_counts=True)
     looked = np.ascontiguousarray(w[unique], dtype=np.float32)
-    rtn = build_method(RTNConfig())
     rounder = build_method(method) if method is not None and rows is not None else None
     sub = np.ascontiguousarray(w[rows], dtype=np.float32) if rounder is not None else None
     out = {}
     for label, scheme in schemes.items():
-        out[label] = lookup_error(looked, rtn.quantize(looked, scheme).dequantize(), counts)
+        out[label] = lookup_error(looked, looked + nearest_error(looked, scheme), counts)
         if rounder is not None and sub is not None:
             ones = np.ones(len(sub))
             mine = lookup_error(sub, rounder.quantize(sub, scheme, stats).dequantize(), ones)
-            near = lookup_error(sub, rtn.quantize(sub, scheme).dequantize(), ones)
+            near = lookup_error(sub, sub + nearest_error(sub, scheme), ones)
             out[label] *= mine / near if near > 0 else 1.0
     return out
 

@@ -35,7 +35,7 @@ from ..calibration.engine import run_calibration
 from ..model_io import read_weight
 from ..records import QuantizedWeight, WeightSite
 from ..rounding.base import MethodConfig, RoundingMethod, SiteStats, build_method
-from ..rounding.rtn import RTNConfig
+from ..rounding.rtn import nearest_error
 from ..scheme import QuantScheme
 from .estimate import _rows, _sampled_layers, site_kind
 from .probe import _Lookup, _mean_se, _Prober
@@ -53,8 +53,6 @@ SAMPLED_BLOCKS = 4
 WIDE_ROWS = 1024
 """Rows a calibrated method rounds of a site outside the stack (the output projection: 49152 rows on
 SmolLM2, where rounding them all took 14.5 s of a 105 s gptq run), for that site's ratio alone."""
-
-_RTN = build_method(RTNConfig())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,11 +93,6 @@ class MethodSample:
         return float(np.mean(same)) if same else 1.0
 
 
-def rounding_error(w: np.ndarray, scheme: QuantScheme) -> np.ndarray:
-    """Round to nearest's error ``Q(w) - w`` (``[N, K]`` float32)."""
-    return (_RTN.quantize(w, scheme).dequantize() - w).astype(np.float32)
-
-
 def _mean_by(keys: Sequence[tuple[str, str]], values: Sequence[float]) -> dict[tuple[str, str], float]:
     """Mean per key: the arithmetic mean, since the sites of high ratio weigh most in the loss (a geometric
     mean put SmolLM2's gptq W3 g128 16% lower than per-site ratios did)."""
@@ -115,7 +108,7 @@ def _rounded(
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """The method's error, round to nearest's, and the ratio of their output errors under ``H``."""
     mine = (rounder.quantize(w, scheme, st).dequantize() - w).astype(np.float32)
-    near = rounding_error(w, scheme)
+    near = nearest_error(w, scheme)
     h = np.asarray(st.hessian, dtype=np.float32)
     e = output_energy(near, h)
     return mine, near, output_energy(mine, h) / e if e > 0 else 1.0
@@ -193,7 +186,7 @@ def joint_change(
             d = sample.errors[site.name]
             table = d
         else:
-            near = rounding_error(read_weight(model, site), scheme)
+            near = nearest_error(read_weight(model, site), scheme)
             d, table = near, near
             if sample is not None:
                 own = sample.site_ratios.get(site.name)

@@ -34,13 +34,11 @@ from ..calibration.sessions import open_session, resolve_providers
 from ..embeddings import id_lookups
 from ..errors import CalibrationError, InvalidOptionError
 from ..records import WeightSite
-from ..rounding.base import build_method
-from ..rounding.rtn import RTNConfig
+from ..rounding.rtn import nearest_error
 from ..scheme import QuantScheme
 from .int8_inputs import round_site_inputs
 from .units import LOOKUP, REFERENCE, SiteEnergy, Unit, lookup_error, lookup_site
 
-_RTN = build_method(RTNConfig())
 _GATE = "optimum_adaround.int8_gate"
 
 __all__ = [
@@ -312,7 +310,7 @@ class _Lookup:
         """A change of the looked-up rows with relative error ``t`` over the probe text (``lookup_error``):
         round to nearest's error under ``REFERENCE`` rescaled, or Gaussian white noise."""
         if kind == "rounding":
-            d = _RTN.quantize(self.rows, QuantScheme.parse(REFERENCE)).dequantize() - self.rows
+            d = nearest_error(self.rows, QuantScheme.parse(REFERENCE))
         else:
             d = rng.standard_normal(self.rows.shape, dtype=np.float32)
         e = lookup_error(self.rows, self.rows + d, self.counts)
@@ -335,7 +333,7 @@ def _noise(
         w = prober.weights[s.weight_name]
         if kind == "rounding" and e.ref_error > 0:
             wt = np.asarray(w, np.float32) if s.transposed else np.asarray(w, np.float32).T
-            d = _RTN.quantize(np.ascontiguousarray(wt), QuantScheme.parse(REFERENCE)).dequantize() - wt
+            d = nearest_error(np.ascontiguousarray(wt), QuantScheme.parse(REFERENCE))
             d *= np.float32(math.sqrt(t / e.ref_error))
             out[s.weight_name] = np.ascontiguousarray(d if s.transposed else d.T).astype(w.dtype)
             continue

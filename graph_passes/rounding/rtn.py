@@ -31,7 +31,15 @@ from .grid import (
 )
 from .metrics import db, proxy_loss, sqnr_db
 
-__all__ = ["CLIP_GRID", "RTN", "RTNConfig", "clip_ratios", "mse_clip_search", "round_to_nearest"]
+__all__ = [
+    "CLIP_GRID",
+    "RTN",
+    "RTNConfig",
+    "clip_ratios",
+    "mse_clip_search",
+    "nearest_error",
+    "round_to_nearest",
+]
 
 _TINY = np.float32(1e-12)  # scales at or below this are all-zero blocks (as in grid.py)
 
@@ -202,3 +210,9 @@ class RTN:
         qw.metrics["sqnr_db"] = db(signal, err_sum)
         qw.metrics["clip_mean"] = clip_sum / max(n * nb, 1)
         return qw
+
+
+def nearest_error(w: np.ndarray, scheme: QuantScheme) -> np.ndarray:
+    """``Q(w) - w`` of the default ``rtn`` (min-max), ``[N, K]`` float32: the error the predictor scales and
+    the transforms score against."""
+    return (RTN(RTNConfig()).quantize(w, scheme).dequantize() - w).astype(np.float32)

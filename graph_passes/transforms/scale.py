@@ -37,8 +37,6 @@ __all__ = ["ALPHAS", "ScaleInputsPass", "choose_scale", "scale_groups"]
 ALPHAS = tuple(i / 10 for i in range(11))
 """The exponents tried (AWQ's grid of 0..1 in steps of 0.05 halved: each try rounds the group's weights)."""
 
-_RTN = build_method(RTNConfig())
-
 
 def scale_groups(graph: ir.Graph, sites: Sequence[WeightSite]) -> list[tuple[Norm, list[WeightSite]]]:
     """Each RMSNorm whose output only the given linear layers read (none of them an output projection),
@@ -70,9 +68,8 @@ def choose_scale(
     the rounding that ``dW`` is measured for (one that needs only ``H``, on ``METHOD_ROWS`` rows of each
     weight; round to nearest when None or when it needs more)."""
     rms = np.sqrt(np.maximum(np.diag(h), 1e-12))
-    rounder = _RTN
+    rounder: RoundingMethod = build_method(method if calibrated(method) else RTNConfig())  # type: ignore[arg-type]
     if calibrated(method):
-        rounder = build_method(method)  # type: ignore[arg-type]
         weights = [np.ascontiguousarray(w[_rows(w.shape[0])]) for w in weights]
     best: tuple[float, np.ndarray, float] | None = None
     base = 0.0

@@ -13,6 +13,7 @@ from optimum.adaround.graph_passes.predict import joint
 from optimum.adaround.graph_passes.predict.probe import _Prober
 from optimum.adaround.graph_passes.predict.units import LOOKUP
 from optimum.adaround.graph_passes.rounding.base import method_config
+from optimum.adaround.graph_passes.rounding.rtn import nearest_error
 
 CPU = ["CPUExecutionProvider"]
 
@@ -75,9 +76,9 @@ def test_the_change_scales_round_to_nearest_by_the_ratio_and_factor(tiny_hf_onnx
     sample = joint.MethodSample({}, {head.name: 0.25}, {(schemes[sites[0].name].label, "q_proj"): 0.5}, 4.0)
     change = joint.joint_change(prober, loaded.model, sites, schemes, sample, factor=2.0)
     q = sites[0]
-    near = joint.rounding_error(read_weight(loaded.model, q), schemes[q.name])
+    near = nearest_error(read_weight(loaded.model, q), schemes[q.name])
     stored = change[q.weight_name] if q.transposed else change[q.weight_name].T
     np.testing.assert_allclose(stored, near * np.sqrt(2.0 * 0.5), rtol=1e-5, atol=1e-7)
-    near_head = joint.rounding_error(read_weight(loaded.model, head), schemes[head.name])
+    near_head = nearest_error(read_weight(loaded.model, head), schemes[head.name])
     rows = near_head[prober.lookup.index][prober.lookup.inverse]
     np.testing.assert_allclose(change[LOOKUP], rows * 2.0, rtol=1e-5, atol=1e-7)  # sqrt(4.0)
