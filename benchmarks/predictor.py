@@ -14,6 +14,12 @@ predicted vs measured increase, and a scatter plot.
 
     python benchmarks/predictor.py --measure --predict --json benchmarks/results/predictor.json \
         --md benchmarks/results/predictor.md --plot benchmarks/results/predictor.png
+
+``--joint`` predicts the uniform and random rows as ``predict`` does; ``--measured-from RESULT.json`` takes
+their measured perplexities from an earlier result instead of ``--work``'s cache (each row's site schemes
+are planned again from its options, as the run planned them):
+
+    python benchmarks/predictor.py --joint --measured-from benchmarks/results/predictor.json
 """
 
 from __future__ import annotations
@@ -176,6 +182,7 @@ def run_joint(source: Path, measured: dict[str, Any]) -> list[dict[str, Any]]:
     sites = prepare_sites(loaded.model, quantize_lm_head=True).sites
     ids = calibration_token_ids(source, None, 32, 256, seed=0)
     fp, rows = measured["fp32"]["ppl"], []
+    at = commit()  # the code imported now: commits made while it runs do not relabel the rows
     for name, r in measured.items():
         if name == "fp32" or "target_bits" in r["options"]:
             continue
@@ -187,9 +194,35 @@ def run_joint(source: Path, measured: dict[str, Any]) -> list[dict[str, Any]]:
                               int8_blocks=input_blocks(labels, chosen, r["options"].get("accuracy_level", 4)))  # fmt: skip
         rows.append({"name": name, "measured_delta": float(np.log(r["ppl"] / fp)), "predicted_delta": found.delta,
                      "predicted_se": found.delta_se, "factor": found.factor, "seconds": dict(found.seconds),
-                     "measured_at": r.get("commit"), "predicted_at": commit()})  # fmt: skip
+                     "measured_at": r.get("commit"), "predicted_at": at})  # fmt: skip
         print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+def measured_from(path: Path, source: Path, n_mixed: int) -> dict[str, Any]:
+    """The measured rows of an earlier result (``--json``) in ``--measure``'s cache layout: each uniform and
+    random row's options, its sites' schemes as the run plans them, its perplexity and commit."""
+    from optimum.adaround.api import run_config
+    from optimum.adaround.graph_passes.config import ModuleOverride
+    from optimum.adaround.graph_passes.model_io import load_model
+    from optimum.adaround.graph_passes.pipeline import plan_schemes, prepare_sites
+
+    result = json.loads(path.read_text())
+    options = configs(units(source), n_mixed, [])
+    model = load_model(str(source)).model
+    out: dict[str, Any] = {"fp32": {"ppl": result["fp32_ppl"]}}
+    for r in (r for r in result["rows"] if r["name"] in options):
+        kw = dict(options[r["name"]])
+        if "overrides" in kw:
+            kw["overrides"] = tuple(ModuleOverride(**o) for o in kw["overrides"])
+            kw["exclude"] = tuple(kw["exclude"])
+        cfg = run_config(None, **kw)
+        sel = cfg.selection
+        sites = prepare_sites(model, sel.include, sel.exclude, sel.quantize_lm_head).sites
+        _, schemes = plan_schemes(cfg, sites)
+        out[r["name"]] = {"options": options[r["name"]], "ppl": r["ppl"], "commit": r["measured_at"],
+                          "site_schemes": {s.name: schemes[s.name].label for s in sites}}  # fmt: skip
+    return out
 
 
 def run_max_size(source: Path, work: Path, sizes: list[float], eval_tokens: int) -> list[dict[str, Any]]:
@@ -279,6 +312,7 @@ def main() -> None:
         action="store_true",
         help="predict each uniform and random row by the joint probe (predict's one-configuration path)",
     )
+    ap.add_argument("--measured-from", type=Path, help="the measured rows of this earlier --json result")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--render-only", action="store_true", help="rewrite --md from --json")
     ap.add_argument("--md", type=Path)
@@ -311,9 +345,12 @@ def main() -> None:
         cost = run_cost(source, args.work)
         (args.work / "cost.json").write_text(json.dumps(cost, indent=1))
         print(json.dumps(cost))
-    measured = (
-        run_measure(args, source) if args.measure else json.loads((args.work / "measured.json").read_text())
-    )
+    if args.measure:
+        measured = run_measure(args, source)
+    elif args.measured_from:
+        measured = measured_from(args.measured_from, source, args.mixed)
+    else:
+        measured = json.loads((args.work / "measured.json").read_text())
     if args.joint:
         (args.work / "joint.json").write_text(json.dumps(run_joint(source, measured), indent=1))
     if args.predict:
