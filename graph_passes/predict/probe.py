@@ -226,7 +226,7 @@ class _Prober:
             starts.append(self.lookup.value)
             examples[self.lookup.value] = self.lookup.looked_up
         part = extract_part(model, starts, [logits.name], examples, name="probe")
-        self.gate: tuple[str, np.ndarray] | None = None
+        self.gate: tuple[str, np.dtype] | None = None
         if int8_block is not None:
             gate = None
             if switchable:
