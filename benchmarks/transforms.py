@@ -50,8 +50,11 @@ def measure(folder: Path, eval_tokens: int) -> dict[str, float]:
     from optimum.adaround.data.text import evaluation_text
     from optimum.adaround.evaluation import perplexity
 
-    return {f"ppl_{d}": perplexity(folder, evaluation_text(d), max_tokens=eval_tokens, progress=False).perplexity
-            for d in DOMAINS}  # fmt: skip
+    out: dict[str, float] = {}
+    for d in DOMAINS:
+        res = perplexity(folder, evaluation_text(d), max_tokens=eval_tokens, progress=False)
+        out[f"ppl_{d}"], out[f"tokens_{d}"] = res.perplexity, res.tokens
+    return out
 
 
 def row(
@@ -128,10 +131,18 @@ def render_decode(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _tokens(result: dict[str, Any]) -> str:
+    """The tokens scored per domain (counted by the fp32 row when it recorded them)."""
+    fp = result["fp32"]
+    if all(f"tokens_{d}" in fp for d in DOMAINS):
+        return "evaluation tokens scored: " + ", ".join(f"{d} {fp[f'tokens_{d}']}" for d in DOMAINS)
+    return f"{result['eval_tokens']} evaluation tokens per domain"
+
+
 def render(result: dict[str, Any]) -> str:
     p, fp = result["provenance"], result["fp32"]
     lines = [f"Measured {p.get('date')} on {p.get('machine')}, commit {p.get('commit')}; "
-             f"{result['eval_tokens']} evaluation tokens per domain. fp32: Wikipedia {fp['ppl_wikipedia']:.2f}, "
+             f"{_tokens(result)}. fp32: Wikipedia {fp['ppl_wikipedia']:.2f}, "
              f"news {fp['ppl_news']:.2f}. Output projection and embedding of our rows: "
              f"{'8 bits (as NNCF stores them)' if result.get('head') == '8' else 'float'}.", "",
              "| scheme | method | transform | size (MB) | ppl wiki | increase wiki | ppl news | increase news |",

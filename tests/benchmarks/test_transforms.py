@@ -45,3 +45,10 @@ def test_a_run_with_an_nncf_row_says_how_its_own_rows_store_the_head(transforms)
     assert "embedding of our rows: 8 bits (as NNCF stores them)" in text
     assert "| w4-g128 | NNCF int4-g128-awq-se | - | 117.9 | 32.00 | +28.0% | 44.00 | +10.0% |" in text
     assert "embedding of our rows: float" in transforms.render(_result())
+
+
+def test_the_tokens_scored_are_shown_when_the_fp32_row_counted_them(transforms):
+    result = _result()
+    result["fp32"] |= {"tokens_wikipedia": 119291, "tokens_news": 20804}
+    assert "evaluation tokens scored: wikipedia 119291, news 20804." in transforms.render(result)
+    assert "16384 evaluation tokens per domain." in transforms.render(_result())
