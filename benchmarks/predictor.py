@@ -90,18 +90,25 @@ def perplexity_of(folder: Path, eval_tokens: int) -> float:
     return perplexity(folder, evaluation_text("wikipedia"), max_tokens=eval_tokens, progress=False).perplexity
 
 
-def measure_row(
-    source: Path, work: Path, name: str, options: dict[str, Any], eval_tokens: int
-) -> dict[str, Any]:
-    from optimum.adaround import quantize
+def run_options(options: dict[str, Any]) -> dict[str, Any]:
+    """A row's options (as cached: JSON) as ``quantize`` takes them: scheme overrides as ``ModuleOverride``."""
     from optimum.adaround.graph_passes.config import ModuleOverride
 
-    out = work / re.sub(r"[^a-z0-9]+", "-", name)
-    shutil.rmtree(out, ignore_errors=True)
     opts = dict(options)
     if "overrides" in opts:
         opts["overrides"] = tuple(ModuleOverride(**o) for o in opts["overrides"])
         opts["exclude"] = tuple(opts["exclude"])
+    return opts
+
+
+def measure_row(
+    source: Path, work: Path, name: str, options: dict[str, Any], eval_tokens: int
+) -> dict[str, Any]:
+    from optimum.adaround import quantize
+
+    out = work / re.sub(r"[^a-z0-9]+", "-", name)
+    shutil.rmtree(out, ignore_errors=True)
+    opts = run_options(options)
     stamp = commit()  # the code that quantizes this row (rows are cached across runs)
     sens = work / "sensitivity.json"  # the first allocation's probes serve the later budgets
     if "target_bits" in opts and sens.exists():
@@ -203,7 +210,6 @@ def measured_from(path: Path, source: Path, n_mixed: int) -> dict[str, Any]:
     """The measured rows of an earlier result (``--json``) in ``--measure``'s cache layout: each uniform and
     random row's options, its sites' schemes as the run plans them, its perplexity and commit."""
     from optimum.adaround.api import run_config
-    from optimum.adaround.graph_passes.config import ModuleOverride
     from optimum.adaround.graph_passes.model_io import load_model
     from optimum.adaround.graph_passes.pipeline import plan_schemes, prepare_sites
 
@@ -212,11 +218,7 @@ def measured_from(path: Path, source: Path, n_mixed: int) -> dict[str, Any]:
     model = load_model(str(source)).model
     out: dict[str, Any] = {"fp32": {"ppl": result["fp32_ppl"]}}
     for r in (r for r in result["rows"] if r["name"] in options):
-        kw = dict(options[r["name"]])
-        if "overrides" in kw:
-            kw["overrides"] = tuple(ModuleOverride(**o) for o in kw["overrides"])
-            kw["exclude"] = tuple(kw["exclude"])
-        cfg = run_config(None, **kw)
+        cfg = run_config(None, **run_options(options[r["name"]]))
         sel = cfg.selection
         sites = prepare_sites(model, sel.include, sel.exclude, sel.quantize_lm_head).sites
         _, schemes = plan_schemes(cfg, sites)

@@ -38,7 +38,7 @@ from ..rounding.base import MethodConfig, RoundingMethod, SiteStats, build_metho
 from ..rounding.rtn import nearest_error
 from ..scheme import QuantScheme
 from .estimate import _rows, _sampled_layers, site_kind
-from .probe import _Lookup, _mean_se, _Prober
+from .probe import SAMPLES_PER_SEQUENCE, _Lookup, _mean_se, _Prober
 from .units import LOOKUP, REFERENCE, lookup_site, output_energy
 
 __all__ = ["JOINT_SEQUENCES", "SAMPLED_BLOCKS", "JointPrediction", "MethodSample", "predict_joint"]
@@ -224,7 +224,7 @@ def _factor(prober: _Prober, base: np.ndarray, model: ir.Model, sites: Sequence[
     schemes = dict.fromkeys(sample.reference, QuantScheme.parse(REFERENCE))
     only = set(sample.reference)
     run = {"int8": False, "sequences": FACTOR_SEQUENCES}
-    base = base[: 4 * FACTOR_SEQUENCES]
+    base = base[: SAMPLES_PER_SEQUENCE * FACTOR_SEQUENCES]
     own = _measure(prober, base, joint_change(prober, model, sites, schemes, at_ref, only=only), True, **run)
     scaled = _measure(
         prober, base, joint_change(prober, model, sites, schemes, at_ref, only=only, scaled=True), True, **run

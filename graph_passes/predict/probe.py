@@ -40,6 +40,9 @@ from .int8_inputs import round_site_inputs
 from .units import LOOKUP, REFERENCE, SiteEnergy, Unit, lookup_error, lookup_site
 
 _GATE = "optimum_adaround.int8_gate"
+SAMPLES_PER_SEQUENCE = 4
+"""``_Prober.nll``'s values per probe sequence (its quarters): enough samples for a standard error from two
+sequences."""
 
 __all__ = [
     "LINK_LEVELS",
@@ -260,7 +263,8 @@ class _Prober:
         """Mean next-token NLL of each quarter of each probe sequence (float64, sequence-major) with
         ``weights`` fed over the stored ones (``LOOKUP``: a change of the looked-up rows, ``[n, T,
         hidden]``); ``int8``: with the inputs' rounding of a switchable prober; ``sequences``: the first so
-        many probe sequences only (their values are the first ``4 * sequences`` of the full run's)."""
+        many probe sequences only (their values are the first ``SAMPLES_PER_SEQUENCE * sequences`` of the
+        full run's)."""
         n = len(self.ids) if sequences is None else min(sequences, len(self.ids))
         feeds = self.feeds if n == len(self.ids) else self._feeds(n)
         feeds = {**feeds, **{k: v for k, v in (weights or {}).items() if k != LOOKUP}}
@@ -272,9 +276,8 @@ class _Prober:
         logits = torch.from_numpy(np.asarray(out, dtype=np.float32))[:, :-1]  # a view: no copy of the logits
         # float32 log-sum-exp: ~1e-6 nats per token, far below the responses measured (1e-4 and up)
         nll = torch.logsumexp(logits, dim=-1) - logits.gather(-1, self.targets[:n, :, None])[..., 0]
-        # per quarter sequence: enough samples for a standard error from two sequences
-        quarters = [c.mean(dim=1) for c in torch.tensor_split(nll.to(torch.float64), 4, dim=1)]
-        return torch.stack(quarters, dim=1).reshape(-1).numpy()
+        parts = torch.tensor_split(nll.to(torch.float64), SAMPLES_PER_SEQUENCE, dim=1)
+        return torch.stack([c.mean(dim=1) for c in parts], dim=1).reshape(-1).numpy()
 
 
 @dataclasses.dataclass(frozen=True)
