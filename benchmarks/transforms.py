@@ -57,21 +57,37 @@ def measure(folder: Path, eval_tokens: int) -> dict[str, float]:
     return out
 
 
+def tuned_blocks(record: dict[str, Any]) -> dict[str, float]:
+    """The block tuning's mean output error over the tuned blocks, before and after (empty: not tuned)."""
+    tuned = [p["tune"] for p in (record.get("calibration_report") or {}).get("parts", []) if p.get("tune")]
+    if not tuned:
+        return {}
+    return {k: sum(t[k] for t in tuned) / len(tuned) for k in ("error_before", "error_after")}
+
+
 def row(
     source: Path, work: Path, scheme: str, variant: str, eval_tokens: int, method: str = "gptq",
-    head: dict[str, Any] | None = None,
+    head: dict[str, Any] | None = None, tune_steps: int = 0, calib_samples: int | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     from optimum.adaround import quantize
 
-    out = work / f"{method}-{scheme}-{variant.replace(' + ', '+')}"
+    out = work / f"{method}-{scheme}-{variant.replace(' + ', '+')}-t{tune_steps}"
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
-    options = {**FIXED, "method": method, **(head or {})}
+    options = {
+        **FIXED,
+        "method": method,
+        **(head or {}),
+        "tune_steps": tune_steps,
+        "calib_samples": calib_samples,
+    }
     quantize(str(source), str(out), scheme=scheme, transform=VARIANTS[variant], progress=False, **options)
     seconds = time.perf_counter() - t0
     record = json.loads((out / "quantization_config.json").read_text())
-    rec = {"scheme": scheme, "method": method, "transform": variant, "quantize_seconds": seconds, "size_mb": size_mb(out),
-           "transforms": record.get("transforms", []), **measure(out, eval_tokens)}  # fmt: skip
+    rec = {"scheme": scheme, "method": method, "transform": variant, "tune_steps": tune_steps,
+           "calib_samples": (record.get("calibration") or {}).get("n_samples"),
+           "quantize_seconds": seconds, "size_mb": size_mb(out), "transforms": record.get("transforms", []),
+           "tune_error": tuned_blocks(record), **measure(out, eval_tokens)}  # fmt: skip
     print(json.dumps(rec), flush=True)
     return rec
 
@@ -139,18 +155,31 @@ def _tokens(result: dict[str, Any]) -> str:
     return f"{result['eval_tokens']} evaluation tokens per domain"
 
 
+def _tuning(r: dict[str, Any]) -> str:
+    """A row's block tuning: its steps and the blocks' mean output error before -> after."""
+    err = r.get("tune_error") or {}
+    if not r.get("tune_steps"):
+        return "-"
+    return f"{r['tune_steps']} steps ({err.get('error_before', 0):.4f} -> {err.get('error_after', 0):.4f})"
+
+
+def _seconds(r: dict[str, Any]) -> str:
+    return f"{r['quantize_seconds']:.0f}" if "quantize_seconds" in r else "-"
+
+
 def render(result: dict[str, Any]) -> str:
     p, fp = result["provenance"], result["fp32"]
     lines = [f"Measured {p.get('date')} on {p.get('machine')}, commit {p.get('commit')}; "
              f"{_tokens(result)}. fp32: Wikipedia {fp['ppl_wikipedia']:.2f}, "
              f"news {fp['ppl_news']:.2f}. Output projection and embedding of our rows: "
              f"{'8 bits (as NNCF stores them)' if result.get('head') == '8' else 'float'}.", "",
-             "| scheme | method | transform | size (MB) | ppl wiki | increase wiki | ppl news | increase news |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| scheme | method | transform | block tuning | size (MB) | quantize (s) | ppl wiki | increase wiki | "
+             "ppl news | increase news |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in result["rows"]:
         inc = {d: r[f"ppl_{d}"] / fp[f"ppl_{d}"] - 1 for d in DOMAINS}
-        lines.append(f"| {r['scheme']} | {r.get('method', 'gptq')} | {r['transform']} | {r['size_mb']:.1f} | {r['ppl_wikipedia']:.2f} | "
-                     f"{inc['wikipedia']:+.1%} | {r['ppl_news']:.2f} | {inc['news']:+.1%} |")  # fmt: skip
+        lines.append(f"| {r['scheme']} | {r.get('method', 'gptq')} | {r['transform']} | {_tuning(r)} | {r['size_mb']:.1f} | "
+                     f"{_seconds(r)} | {r['ppl_wikipedia']:.2f} | {inc['wikipedia']:+.1%} | {r['ppl_news']:.2f} | "
+                     f"{inc['news']:+.1%} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -166,6 +195,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--head", choices=["none", "8"], default="none", help="output projection of our rows")
     ap.add_argument("--nncf", nargs="*", default=[], help="NNCF configurations (nncf_peer.py) as rows too")
+    ap.add_argument(
+        "--tune-steps", type=int, nargs="+", default=[0], help="block tuning steps of our rows (0 = off)"
+    )
+    ap.add_argument(
+        "--calib-samples", type=int, help="calibration sequences of our rows (default: the run's)"
+    )
     ap.add_argument("--json", type=Path)
     ap.add_argument("--md", type=Path)
     args = ap.parse_args(argv)
@@ -184,10 +219,11 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {"provenance": provenance(), "eval_tokens": args.eval_tokens, "head": args.head,
                               "fp32": measure(source, args.eval_tokens)}  # fmt: skip
     result["rows"] = [
-        row(source, args.work, s, v, args.eval_tokens, m, head)
+        row(source, args.work, s, v, args.eval_tokens, m, head, t, args.calib_samples)
         for m in args.methods
         for s in args.schemes
         for v in args.variants
+        for t in args.tune_steps
     ] + [nncf_row(source, args.work, c, args.eval_tokens) for c in args.nncf]
     emit(result, render(result), args.json, args.md)
     return 0

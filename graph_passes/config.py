@@ -31,6 +31,7 @@ __all__ = [
     "OutputConfig",
     "QuantConfig",
     "SelectionConfig",
+    "TuneConfig",
     "flat_fields",
 ]
 
@@ -56,7 +57,8 @@ class CalibrationConfig(Options):
         None, "calibration text: a file, folder, source name or hf:NAME (default: embedded Wikipedia text)"
     )
     calib_samples: int | None = option(
-        None, "calibration sequences (default: the method's, 32; 128 for adaround and adaround_ls)"
+        None,
+        "calibration sequences (default: the method's, 32; 128 for adaround and adaround_ls and with --tune-steps)",
     )
     seq_len: int = option(256, "tokens per calibration sequence")
     sequential: bool = option(
@@ -218,6 +220,33 @@ class TransformConfig(Options):
     rotation_seed: int = option(0, "seed of the rotation's random signs and orthogonal factor")
 
 
+TUNE_CALIB_SAMPLES = 128
+"""Calibration sequences of a tuned run unless given: on 32, the tuned codes fit the training sequences and
+lose on held-out ones (SmolLM2-135M W2 g64, benchmarks/results/block_tune.md)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TuneConfig(Options):
+    """Block-wise tuning after rounding: each decoder block's codes and scales refined on the block's output."""
+
+    OWNER = "tune"
+
+    tune_steps: int = option(
+        0,
+        "Adam steps per decoder block that refine the rounded codes and scales so the block's output matches "
+        "the float block's (0 = off; calibrated methods; ~10x a gptq run on CPU): better at 2-3 bits "
+        "(benchmarks/results/block_tune.md)",
+        metavar="STEPS",
+    )
+    tune_lr: float = option(5e-3, "Adam's step size for the block tuning (grid steps and scale factors)")
+
+    def validate(self) -> None:
+        if self.tune_steps < 0:
+            self.reject("tune_steps", "use 0 (off) or a positive number of steps")
+        if not 0 < self.tune_lr <= 1:
+            self.reject("tune_lr", "use a step size in (0, 1]")
+
+
 DEFAULT_CANDIDATES = (
     "w2-g32-asym", "w2-g64-asym", "w2-g128-asym", "w3-g64", "w3-g128", "w4-g32", "w4-g64", "w4-g128", "w8-g128",
     "float",
@@ -302,6 +331,7 @@ _GROUPS: dict[str, type] = {
     "selection": SelectionConfig,
     "output": OutputConfig,
     "allocation": AllocationConfig,
+    "tune": TuneConfig,
 }
 
 
@@ -328,6 +358,7 @@ class QuantConfig(Options):
     selection: SelectionConfig = option(SelectionConfig(), "which weights, which scheme")  # noqa: RUF009 (frozen records)
     output: OutputConfig = option(OutputConfig(), "how the output is written")  # noqa: RUF009 (frozen records)
     allocation: AllocationConfig = option(AllocationConfig(), "a size to meet with per-layer schemes")  # noqa: RUF009 (frozen records)
+    tune: TuneConfig = option(TuneConfig(), "block-wise tuning after rounding")  # noqa: RUF009 (frozen records)
 
     def __post_init__(self) -> None:
         if self.method is None:
@@ -337,6 +368,11 @@ class QuantConfig(Options):
         if not isinstance(self.scheme, QuantScheme):
             raise InvalidOptionError(f"scheme={self.scheme!r}: expected a QuantScheme")
         super().__post_init__()
+        if self.tune.tune_steps and not self.method.needs:
+            raise InvalidOptionError(
+                f"tune_steps={self.tune.tune_steps}: block tuning needs a calibrated method (gptq, adaround, "
+                f"...), not {self.method.name}"
+            )
 
     # -- derived -------------------------------------------------------------------------------------------
     @property
@@ -347,7 +383,11 @@ class QuantConfig(Options):
     def calib_samples(self) -> int:
         """The calibration sequences to draw: the option, else the method's default."""
         given = self.calibration.calib_samples
-        return self.method.default_calib_samples if given is None else given
+        if given is not None:
+            return given
+        if self.tune.tune_steps:  # the offsets fit 32 sequences' noise (benchmarks/results/block_tune.md)
+            return max(self.method.default_calib_samples, TUNE_CALIB_SAMPLES)
+        return self.method.default_calib_samples
 
     # -- serialisation (nested records by their own to_dict) -------------------------------------------------
     def to_data(self) -> dict[str, Any]:
@@ -359,6 +399,7 @@ class QuantConfig(Options):
             "selection": self.selection.to_data(),
             "output": self.output.to_data(),
             "allocation": self.allocation.to_data(),
+            "tune": self.tune.to_data(),
         }
 
     @classmethod

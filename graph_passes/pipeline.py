@@ -47,6 +47,7 @@ from .rounding.base import SINK_SITES, MethodConfig, SiteStats, weight_first_pos
 from .scheme import QuantScheme, WeightFormat
 from .shapes import ShareShapeComputationsPass
 from .sites import ALREADY_QUANTIZED, find_weight_sites
+from .tune.block import TuneSettings
 
 __all__ = [
     "QuantizationResult",
@@ -610,6 +611,11 @@ def _pool(config: QuantConfig, n_workers: int) -> contextlib.AbstractContextMana
     return rounding_pool(n_workers)
 
 
+def _tune_settings(config: QuantConfig) -> TuneSettings | None:
+    steps = config.tune.tune_steps
+    return TuneSettings(steps=steps, lr=config.tune.tune_lr) if steps else None
+
+
 def _calibrated(
     model: ir.Model,
     report: SiteReport,
@@ -659,6 +665,7 @@ def _calibrated(
         providers=_PROVIDERS[config.calibration.device],
         model_dir=model_dir,
         stats_dir=stats_dir,
+        tune=_tune_settings(config),
     )
     missing = [s.name for s in report.sites if s.name not in done]
     if missing:

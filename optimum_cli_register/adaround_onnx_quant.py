@@ -162,7 +162,8 @@ QUANT_FLAGS: list = [
         {
             "dest": "calib_samples",
             "default": "==SUPPRESS==",
-            "help": "calibration sequences (default: the method's, 32; 128 for adaround and adaround_ls)",
+            "help": "calibration sequences (default: the method's, 32; 128 for adaround and adaround_ls and with "
+            "--tune-steps)",
             "type": "int",
         },
     ),
@@ -408,6 +409,26 @@ QUANT_FLAGS: list = [
             "help": "reuse the sensitivities of an earlier --target-bits/--max-size run or prediction (its "
             "quantization_config.json or predict --json file) instead of probing again; same model only",
             "type": "str",
+        },
+    ),
+    (
+        ("--tune-steps",),
+        {
+            "dest": "tune_steps",
+            "default": "==SUPPRESS==",
+            "help": "Adam steps per decoder block that refine the rounded codes and scales so the block's output "
+            "matches the float block's (0 = off; calibrated methods; ~10x a gptq run on CPU): better at 2-3 "
+            "bits (benchmarks/results/block_tune.md) (default 0)",
+            "type": "int",
+        },
+    ),
+    (
+        ("--tune-lr",),
+        {
+            "dest": "tune_lr",
+            "default": "==SUPPRESS==",
+            "help": "Adam's step size for the block tuning (grid steps and scale factors) (default 0.005)",
+            "type": "float",
         },
     ),
 ]

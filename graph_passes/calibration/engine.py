@@ -33,6 +33,8 @@ from ..memory import release_memory
 from ..records import QuantizedWeight, WeightSite
 from ..rounding.base import SiteStats
 from ..rounding.calibrated import row_slices
+from ..tune.block import NothingToTuneError, TuneSettings, tune_block
+from ..tune.torch_graph import UnsupportedGraphError
 from .blocks import Part, PartPlan, extract_part, plan_parts
 from .feeds import FeedSpec, check_token_ids, feed_specs, make_feeds, window_capacities
 from .sessions import open_session, resolve_providers, weight_bytes
@@ -75,6 +77,8 @@ class CalibrationOptions:
     stats_dir: Path | None = None
     """A folder for the sums of wide activations (``stats.MAPPED_BYTES`` and up), kept there as
     memory-mapped files instead of in this process's memory; None keeps every sum in memory."""
+    tune: TuneSettings | None = None
+    """Refine each decoder block's returned weights on the block's output (``tune.block``); None: off."""
 
     def __post_init__(self) -> None:
         size = self.batch_size
@@ -115,6 +119,8 @@ class PartReport:
     """Time inside ``on_block`` (the rounding method)."""
     requant_s: float = 0.0
     """Time of the second pass with the quantized weights (0 when nothing was substituted)."""
+    tune: dict[str, float] | None = None
+    """The block tuning's output error before and after, and its seconds (None: not tuned)."""
 
 
 @dataclasses.dataclass
@@ -354,6 +360,8 @@ def _sequential(run: _Run, totals: _Totals) -> list[PartReport]:
     by_part = _sites_by_part(plan, run.sites)
     last = max(by_part)  # parts after the last one holding sites need not run
     cache: Cache = {}
+    # the float model's own boundary values, the targets of block tuning when it asks for them
+    floats: Cache | None = {} if run.options.tune is not None and run.options.tune.float_targets else None
     reports: list[PartReport] = []
     bar = tqdm(
         total=last + 1,
@@ -366,11 +374,12 @@ def _sequential(run: _Run, totals: _Totals) -> list[PartReport]:
     with bar:
         for part in plan.parts[: last + 1]:
             bar.set_postfix_str(part.label)
-            reports.append(_run_part(run, part, by_part.get(part.index, []), cache, totals))
-            size = sum(a.nbytes for v in cache.values() for a in v)
+            reports.append(_run_part(run, part, by_part.get(part.index, []), cache, totals, floats))
+            size = sum(a.nbytes for c in (cache, floats or {}) for v in c.values() for a in v)
             totals.peak_cache_bytes = max(totals.peak_cache_bytes, size)
-            for name in [k for k in cache if plan.last_reader.get(k, -1) <= part.index]:
-                del cache[name]
+            for c in (cache, floats or {}):
+                for name in [k for k in c if plan.last_reader.get(k, -1) <= part.index]:
+                    del c[name]
             bar.update(1)
     return reports
 
@@ -385,9 +394,12 @@ def _sites_by_part(plan: PartPlan, sites: Sequence[WeightSite]) -> dict[int, lis
     return by_part
 
 
-def _run_part(run: _Run, part: Part, sites: list[WeightSite], cache: Cache, totals: _Totals) -> PartReport:
+def _run_part(
+    run: _Run, part: Part, sites: list[WeightSite], cache: Cache, totals: _Totals, floats: Cache | None = None
+) -> PartReport:
     """Statistics of ``part``'s sites, ``on_block``, and the part's outputs (with the quantized weights
-    when some came back) stored in ``cache`` for the parts after it."""
+    when some came back) stored in ``cache`` for the parts after it; with ``floats``, what the float
+    model computes there too (from ``floats``' values), stored in ``floats``."""
     acc = run.accumulator(sites)
     produced = [a for a in acc.activations if a not in part.inputs]
     outputs = list(part.outputs)
@@ -403,16 +415,65 @@ def _run_part(run: _Run, part: Part, sites: list[WeightSite], cache: Cache, tota
     t0 = time.perf_counter()
     sess = None if sub is None else open_session(sub, run.providers)
     boundary = _forward(run, sess, part, cache, outputs, produced, acc, rep)
+    targets = boundary if floats is None else _float_outputs(run, sess, part, cache, floats, boundary, rep)
     del sess  # its arena (attention scores of a whole batch) is the largest transient allocation
     release_memory()
     rep.forward_s += time.perf_counter() - t0 - rep.stats_s
     qws = run.quantize(sites, acc, rep) if sites else {}
     totals.n_quantized += len(qws)
+    if qws and boundary and part.layer is not None and run.options.tune is not None:
+        qws = _tuned(run, sub, part, sites, qws, cache, targets, rep)
+    if floats is not None:
+        floats.update(zip(outputs, targets, strict=True))
+    del targets
     if qws and outputs and sub is not None:  # ``outputs`` implies ``sub``
         del boundary  # replaced by what the quantized block computes
         boundary = _requantized(run, sub, part, sites, qws, cache, outputs, rep)
     cache.update(zip(outputs, boundary, strict=True))
     return rep
+
+
+def _float_outputs(
+    run: _Run,
+    sess: ort.InferenceSession | None,
+    part: Part,
+    cache: Cache,
+    floats: Cache,
+    boundary: list[list[np.ndarray]],
+    rep: PartReport,
+) -> list[list[np.ndarray]]:
+    """The part's boundary outputs on the float model's values: ``boundary`` itself while no earlier part
+    was quantized (the same arrays in both caches), else one more run of the float-weight session."""
+    if sess is None or all(floats.get(n) is cache.get(n) for n in part.inputs):
+        return boundary
+    return _forward(run, sess, part, floats, list(part.outputs), [], None, rep)
+
+
+def _tuned(
+    run: _Run,
+    sub: ir.Model,
+    part: Part,
+    sites: list[WeightSite],
+    qws: dict[str, QuantizedWeight],
+    cache: Cache,
+    targets: list[list[np.ndarray]],
+    rep: PartReport,
+) -> dict[str, QuantizedWeight]:
+    """``qws`` refined so that the part's boundary outputs (the block's hidden state), computed from the
+    cached inputs, match ``targets`` (per output, per batch); a part the tuner cannot run keeps ``qws``
+    (the reason is logged)."""
+    feeds = [{n: cache[n][bi] if n in cache else g[n] for n in part.inputs if n in cache or n in g}
+             for bi, g in enumerate(run.feeds(b) for b in run.batches)]  # fmt: skip
+    try:
+        tuned, rep.tune = tune_block(
+            sub.graph, sites, qws, feeds, list(zip(*targets, strict=True)), run.options.tune
+        )
+    except (UnsupportedGraphError, NothingToTuneError) as e:
+        logger.warning("%s: not tuned (%s)", part.label, e)
+        return qws
+    logger.info("%s: tuned, held-out output error %.4g -> %.4g (%s)", part.label, rep.tune["error_before"],
+                rep.tune["error_after"], "kept" if tuned is not qws else "not kept")  # fmt: skip
+    return tuned
 
 
 def _extract(run: _Run, part: Part, cache: Cache, fetch: list[str], rep: PartReport) -> ir.Model:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 
 def _result():
     rows = [{"scheme": "w3-g128", "transform": t, "size_mb": 158.1 + i, "ppl_wikipedia": 40.0 - i,
@@ -15,8 +17,24 @@ def _result():
 def test_the_table_shows_each_row_against_fp32(transforms):
     text = transforms.render(_result())
     assert "fp32: Wikipedia 25.00, news 40.00" in text and "commit C" in text
-    assert "| w3-g128 | gptq | none | 158.1 | 40.00 | +60.0% | 50.00 | +25.0% |" in text
-    assert "| w3-g128 | gptq | rotate | 159.1 | 39.00 | +56.0% | 51.00 | +27.5% |" in text
+    assert "| w3-g128 | gptq | none | - | 158.1 | - | 40.00 | +60.0% | 50.00 | +25.0% |" in text
+    assert "| w3-g128 | gptq | rotate | - | 159.1 | - | 39.00 | +56.0% | 51.00 | +27.5% |" in text
+
+
+def test_a_tuned_row_shows_its_steps_and_the_blocks_error(transforms):
+    result = _result()
+    result["rows"][0].update(tune_steps=200, quantize_seconds=1234.5,
+                             tune_error={"error_before": 0.0123, "error_after": 0.0081})  # fmt: skip
+    text = transforms.render(result)
+    assert "| w3-g128 | gptq | none | 200 steps (0.0123 -> 0.0081) | 158.1 | 1234 | 40.00 |" in text
+
+
+def test_the_blocks_tuning_error_is_averaged_from_the_record(transforms):
+    parts = [{"label": "prologue", "tune": None}, {"label": "block 0", "tune": {"error_before": 0.2, "error_after": 0.1}},
+             {"label": "block 1", "tune": {"error_before": 0.4, "error_after": 0.2}}]  # fmt: skip
+    got = transforms.tuned_blocks({"calibration_report": {"parts": parts}})
+    assert got == {"error_before": pytest.approx(0.3), "error_after": pytest.approx(0.15)}
+    assert transforms.tuned_blocks({"calibration_report": None}) == {}
 
 
 def test_emit_writes_json_and_markdown(measure, tmp_path, capsys):
@@ -43,7 +61,7 @@ def test_a_run_with_an_nncf_row_says_how_its_own_rows_store_the_head(transforms)
                            "size_mb": 117.9, "ppl_wikipedia": 32.0, "ppl_news": 44.0})  # fmt: skip
     text = transforms.render(result)
     assert "embedding of our rows: 8 bits (as NNCF stores them)" in text
-    assert "| w4-g128 | NNCF int4-g128-awq-se | - | 117.9 | 32.00 | +28.0% | 44.00 | +10.0% |" in text
+    assert "| w4-g128 | NNCF int4-g128-awq-se | - | - | 117.9 | - | 32.00 | +28.0% | 44.00 | +10.0% |" in text
     assert "embedding of our rows: float" in transforms.render(_result())
 
 

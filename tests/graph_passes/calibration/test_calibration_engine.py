@@ -11,6 +11,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
+import torch
 from conftest import weight_sites
 
 from optimum.adaround.graph_passes.calibration import engine
@@ -23,6 +24,8 @@ from optimum.adaround.graph_passes.errors import CalibrationError, InvalidOption
 from optimum.adaround.graph_passes.records import QuantizedWeight, WeightSite
 from optimum.adaround.graph_passes.rounding.grid import blockwise_minmax, codes_from_weight, grid_params
 from optimum.adaround.graph_passes.scheme import QuantScheme
+from optimum.adaround.graph_passes.tune.block import TuneSettings
+from optimum.adaround.graph_passes.tune.torch_graph import TorchGraph
 
 W2 = QuantScheme(bits=2, group_size=16, symmetric=False)
 
@@ -402,3 +405,32 @@ def test_first_position_statistics():
     flat = HessianAccumulator([site])
     flat.add("a", xs[0].reshape(-1, 6))  # no sequence axis: nothing to split
     assert FIRST_POSITION not in flat.by_site([site])["l0.up"].extra
+
+
+def _token_error(out: np.ndarray, target: np.ndarray) -> float:
+    return float(np.mean(np.sum((out - target) ** 2, -1) / np.sum(target**2, -1)))
+
+
+def test_block_tuning_targets_the_float_model_or_the_float_block(tiny_llama):
+    """With float targets, a block's error is measured against what the float model computes there (so
+    block 1's includes block 0's error); otherwise against the float block on the quantized inputs."""
+    ids = np.random.default_rng(3).integers(0, 256, (4, 12), dtype=np.int64)
+    sites = weight_sites(tiny_llama)
+    plan = engine.plan_parts(tiny_llama.graph)
+    hidden = [p.outputs[0] for p in plan.parts if p.label.startswith("block")]
+    sub = engine.extract_part(tiny_llama, [v.name for v in tiny_llama.graph.inputs], hidden, name="oracle")
+    graph = TorchGraph(sub.graph)
+    feeds = {k: torch.from_numpy(v) for k, v in llama_feeds(ids).items() if k in graph.inputs}
+    errors = {}
+    for float_targets in (False, True):
+        q = Recorder(lambda s: rtn(weight_nk(tiny_llama, s)))
+        settings = TuneSettings(steps=0, float_targets=float_targets)
+        report = run_calibration(tiny_llama, sites, ids, q, progress=False, batch_size=2, tune=settings)
+        errors[float_targets] = [p.tune["error_before"] for p in report.parts if p.tune]
+    quantized = {s.weight_name: torch.from_numpy(q.returned[s.name].dequantize().T.copy()) for s in sites}
+    with torch.no_grad():
+        fp = [t.numpy() for t in graph.run(feeds)]
+        qd = [t.numpy() for t in graph.run(feeds, quantized)]
+    assert errors[True][0] == pytest.approx(errors[False][0], rel=1e-6)  # block 0 reads the float prologue
+    assert errors[True][1] > 1.5 * errors[False][1]
+    assert errors[True][1] == pytest.approx(_token_error(qd[1], fp[1]), rel=1e-4)
