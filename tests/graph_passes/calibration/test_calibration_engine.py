@@ -424,7 +424,7 @@ def test_block_tuning_targets_the_float_model_or_the_float_block(tiny_llama):
     errors = {}
     for float_targets in (False, True):
         q = Recorder(lambda s: rtn(weight_nk(tiny_llama, s)))
-        settings = TuneSettings(steps=0, float_targets=float_targets)
+        settings = TuneSettings(steps=0, float_targets=float_targets, first_weight=1.0)
         report = run_calibration(tiny_llama, sites, ids, q, progress=False, batch_size=2, tune=settings)
         errors[float_targets] = [p.tune["error_before"] for p in report.parts if p.tune]
     quantized = {s.weight_name: torch.from_numpy(q.returned[s.name].dequantize().T.copy()) for s in sites}
