@@ -15,6 +15,7 @@ The model passed in is never modified: each part is a clone sharing the weight t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import sys
 import tempfile
@@ -359,9 +360,8 @@ def _sequential(run: _Run, totals: _Totals) -> list[PartReport]:
     plan = plan_parts(run.model.graph)
     by_part = _sites_by_part(plan, run.sites)
     last = max(by_part)  # parts after the last one holding sites need not run
-    cache: Cache = {}
-    # the float model's own boundary values, the targets of block tuning when it asks for them
-    floats: Cache | None = {} if run.options.tune is not None and run.options.tune.float_targets else None
+    tune = run.options.tune
+    caches = _Boundaries({}, {} if tune is not None and tune.float_targets else None)
     reports: list[PartReport] = []
     bar = tqdm(
         total=last + 1,
@@ -374,14 +374,32 @@ def _sequential(run: _Run, totals: _Totals) -> list[PartReport]:
     with bar:
         for part in plan.parts[: last + 1]:
             bar.set_postfix_str(part.label)
-            reports.append(_run_part(run, part, by_part.get(part.index, []), cache, totals, floats))
-            size = sum(a.nbytes for c in (cache, floats or {}) for v in c.values() for a in v)
-            totals.peak_cache_bytes = max(totals.peak_cache_bytes, size)
-            for c in (cache, floats or {}):
-                for name in [k for k in c if plan.last_reader.get(k, -1) <= part.index]:
-                    del c[name]
+            reports.append(_run_part(run, part, by_part.get(part.index, []), caches, totals))
+            totals.peak_cache_bytes = max(totals.peak_cache_bytes, caches.nbytes())
+            caches.drop_read(plan, part.index)
             bar.update(1)
     return reports
+
+
+@dataclasses.dataclass
+class _Boundaries:
+    """What later parts read: the quantized model's boundary values and, when block tuning fits the
+    float model, the float model's own (``None`` otherwise)."""
+
+    quantized: Cache
+    floats: Cache | None = None
+
+    def _all(self) -> list[Cache]:
+        return [self.quantized] if self.floats is None else [self.quantized, self.floats]
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for c in self._all() for v in c.values() for a in v)
+
+    def drop_read(self, plan: PartPlan, index: int) -> None:
+        """Forget the values no part after ``index`` reads."""
+        for c in self._all():
+            for name in [k for k in c if plan.last_reader.get(k, -1) <= index]:
+                del c[name]
 
 
 def _sites_by_part(plan: PartPlan, sites: Sequence[WeightSite]) -> dict[int, list[WeightSite]]:
@@ -395,11 +413,12 @@ def _sites_by_part(plan: PartPlan, sites: Sequence[WeightSite]) -> dict[int, lis
 
 
 def _run_part(
-    run: _Run, part: Part, sites: list[WeightSite], cache: Cache, totals: _Totals, floats: Cache | None = None
+    run: _Run, part: Part, sites: list[WeightSite], caches: _Boundaries, totals: _Totals
 ) -> PartReport:
     """Statistics of ``part``'s sites, ``on_block``, and the part's outputs (with the quantized weights
-    when some came back) stored in ``cache`` for the parts after it; with ``floats``, what the float
-    model computes there too (from ``floats``' values), stored in ``floats``."""
+    when some came back) stored in ``caches.quantized`` for the parts after it; with ``caches.floats``,
+    what the float model computes there too (from the float values), stored there."""
+    cache, floats = caches.quantized, caches.floats
     acc = run.accumulator(sites)
     produced = [a for a in acc.activations if a not in part.inputs]
     outputs = list(part.outputs)
@@ -462,8 +481,8 @@ def _tuned(
     """``qws`` refined so that the part's boundary outputs (the block's hidden state), computed from the
     cached inputs, match ``targets`` (per output, per batch); a part the tuner cannot run keeps ``qws``
     (the reason is logged)."""
-    feeds = [{n: cache[n][bi] if n in cache else g[n] for n in part.inputs if n in cache or n in g}
-             for bi, g in enumerate(run.feeds(b) for b in run.batches)]  # fmt: skip
+    wanted = [v.name for v in sub.graph.inputs]
+    feeds = [{n: _feed(part, cache, bi, run.feeds(b), n) for n in wanted} for bi, b in enumerate(run.batches)]
     try:
         tuned, rep.tune = tune_block(
             sub.graph, sites, qws, feeds, list(zip(*targets, strict=True)), run.options.tune
@@ -529,15 +548,7 @@ def _forward(
     fetch = outputs + produced
     kept: list[list[np.ndarray]] = [[] for _ in outputs]
     for bi, b in enumerate(run.batches):
-        graph_feeds = run.feeds(b)
-
-        def feed(name: str, bi: int = bi, graph_feeds: dict[str, np.ndarray] = graph_feeds) -> np.ndarray:
-            if name in cache:
-                return cache[name][bi]
-            if name in graph_feeds:
-                return graph_feeds[name]
-            raise InternalError(f"{part.label}: no feed for input {name!r}")
-
+        feed = functools.partial(_feed, part, cache, bi, run.feeds(b))
         res = sess.run(fetch, {n: feed(n) for n in wanted}) if sess is not None else []
         for j in range(len(outputs)):
             # a copy: the array onnxruntime returns can pin its session's whole memory arena
@@ -547,6 +558,15 @@ def _forward(
             _add_activations(acc, produced, res[len(outputs) :], feed)
             rep.stats_s += time.perf_counter() - t0
     return kept
+
+
+def _feed(part: Part, cache: Cache, bi: int, graph_feeds: dict[str, np.ndarray], name: str) -> np.ndarray:
+    """Input ``name`` of ``part`` for batch ``bi``: the cached boundary value, else the graph's own feed."""
+    if name in cache:
+        return cache[name][bi]
+    if name in graph_feeds:
+        return graph_feeds[name]
+    raise InternalError(f"{part.label}: no feed for input {name!r}")
 
 
 def _add_activations(
