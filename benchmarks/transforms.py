@@ -71,7 +71,7 @@ def row(
 ) -> dict[str, Any]:  # fmt: skip
     from optimum.adaround import quantize
 
-    out = work / f"{method}-{scheme}-{variant.replace(' + ', '+')}-t{tune_steps}"
+    out = work / f"{method}-{scheme}-{variant.replace(' + ', '+')}-t{tune_steps}-c{calib_samples or 'd'}"
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
     options = {
@@ -173,11 +173,12 @@ def render(result: dict[str, Any]) -> str:
              f"{_tokens(result)}. fp32: Wikipedia {fp['ppl_wikipedia']:.2f}, "
              f"news {fp['ppl_news']:.2f}. Output projection and embedding of our rows: "
              f"{'8 bits (as NNCF stores them)' if result.get('head') == '8' else 'float'}.", "",
-             "| scheme | method | transform | block tuning | size (MB) | quantize (s) | ppl wiki | increase wiki | "
-             "ppl news | increase news |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| scheme | method | transform | calibration sequences | block tuning | size (MB) | quantize (s) | "
+             "ppl wiki | increase wiki | ppl news | increase news |", "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in result["rows"]:
         inc = {d: r[f"ppl_{d}"] / fp[f"ppl_{d}"] - 1 for d in DOMAINS}
-        lines.append(f"| {r['scheme']} | {r.get('method', 'gptq')} | {r['transform']} | {_tuning(r)} | {r['size_mb']:.1f} | "
+        lines.append(f"| {r['scheme']} | {r.get('method', 'gptq')} | {r['transform']} | {r.get('calib_samples') or '-'} | "
+                     f"{_tuning(r)} | {r['size_mb']:.1f} | "
                      f"{_seconds(r)} | {r['ppl_wikipedia']:.2f} | {inc['wikipedia']:+.1%} | {r['ppl_news']:.2f} | "
                      f"{inc['news']:+.1%} |")  # fmt: skip
     return "\n".join(lines)
@@ -199,8 +200,9 @@ def main(argv: list[str] | None = None) -> int:
         "--tune-steps", type=int, nargs="+", default=[0], help="block tuning steps of our rows (0 = off)"
     )
     ap.add_argument(
-        "--calib-samples", type=int, help="calibration sequences of our rows (default: the run's)"
-    )
+        "--calib-samples", type=int, nargs="+", default=[None],
+        help="calibration sequences of our rows, one row per count (default: the run's)",
+    )  # fmt: skip
     ap.add_argument("--json", type=Path)
     ap.add_argument("--md", type=Path)
     args = ap.parse_args(argv)
@@ -219,10 +221,11 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {"provenance": provenance(), "eval_tokens": args.eval_tokens, "head": args.head,
                               "fp32": measure(source, args.eval_tokens)}  # fmt: skip
     result["rows"] = [
-        row(source, args.work, s, v, args.eval_tokens, m, head, t, args.calib_samples)
+        row(source, args.work, s, v, args.eval_tokens, m, head, t, n)
         for m in args.methods
         for s in args.schemes
         for v in args.variants
+        for n in args.calib_samples
         for t in args.tune_steps
     ] + [nncf_row(source, args.work, c, args.eval_tokens) for c in args.nncf]
     emit(result, render(result), args.json, args.md)

@@ -17,16 +17,16 @@ def _result():
 def test_the_table_shows_each_row_against_fp32(transforms):
     text = transforms.render(_result())
     assert "fp32: Wikipedia 25.00, news 40.00" in text and "commit C" in text
-    assert "| w3-g128 | gptq | none | - | 158.1 | - | 40.00 | +60.0% | 50.00 | +25.0% |" in text
-    assert "| w3-g128 | gptq | rotate | - | 159.1 | - | 39.00 | +56.0% | 51.00 | +27.5% |" in text
+    assert "| w3-g128 | gptq | none | - | - | 158.1 | - | 40.00 | +60.0% | 50.00 | +25.0% |" in text
+    assert "| w3-g128 | gptq | rotate | - | - | 159.1 | - | 39.00 | +56.0% | 51.00 | +27.5% |" in text
 
 
 def test_a_tuned_row_shows_its_steps_and_the_blocks_error(transforms):
     result = _result()
-    result["rows"][0].update(tune_steps=200, quantize_seconds=1234.5,
+    result["rows"][0].update(tune_steps=200, quantize_seconds=1234.5, calib_samples=128,
                              tune_error={"error_before": 0.0123, "error_after": 0.0081})  # fmt: skip
     text = transforms.render(result)
-    assert "| w3-g128 | gptq | none | 200 steps (0.0123 -> 0.0081) | 158.1 | 1234 | 40.00 |" in text
+    assert "| w3-g128 | gptq | none | 128 | 200 steps (0.0123 -> 0.0081) | 158.1 | 1234 | 40.00 |" in text
 
 
 def test_the_blocks_tuning_error_is_averaged_from_the_record(transforms):
@@ -61,7 +61,10 @@ def test_a_run_with_an_nncf_row_says_how_its_own_rows_store_the_head(transforms)
                            "size_mb": 117.9, "ppl_wikipedia": 32.0, "ppl_news": 44.0})  # fmt: skip
     text = transforms.render(result)
     assert "embedding of our rows: 8 bits (as NNCF stores them)" in text
-    assert "| w4-g128 | NNCF int4-g128-awq-se | - | - | 117.9 | - | 32.00 | +28.0% | 44.00 | +10.0% |" in text
+    assert (
+        "| w4-g128 | NNCF int4-g128-awq-se | - | - | - | 117.9 | - | 32.00 | +28.0% | 44.00 | +10.0% |"
+        in text
+    )
     assert "embedding of our rows: float" in transforms.render(_result())
 
 
@@ -70,3 +73,37 @@ def test_the_tokens_scored_are_shown_when_the_fp32_row_counted_them(transforms):
     result["fp32"] |= {"tokens_wikipedia": 119291, "tokens_news": 20804}
     assert "evaluation tokens scored: wikipedia 119291, news 20804." in transforms.render(result)
     assert "16384 evaluation tokens per domain." in transforms.render(_result())
+
+
+def test_each_calibration_count_and_tuning_is_a_row_of_its_own(transforms, monkeypatch, tmp_path):
+    import optimum.adaround.data.default_model as default_model
+
+    calls = []
+    monkeypatch.setattr(default_model, "default_onnx_dir", lambda: tmp_path)
+    monkeypatch.setattr(
+        transforms, "measure", lambda folder, tokens: {"ppl_wikipedia": 25.0, "ppl_news": 40.0}
+    )
+    monkeypatch.setattr(transforms, "provenance", lambda: {"date": "D", "machine": "M", "commit": "C"})
+
+    def fake_row(source, work, scheme, variant, tokens, method, head, tune_steps, calib_samples):
+        calls.append((scheme, tune_steps, calib_samples))
+        return {"scheme": scheme, "transform": variant, "tune_steps": tune_steps, "calib_samples": calib_samples,
+                "size_mb": 1.0, "ppl_wikipedia": 30.0, "ppl_news": 50.0}  # fmt: skip
+
+    monkeypatch.setattr(transforms, "row", fake_row)
+    md = tmp_path / "r.md"
+    argv = [
+        "--schemes",
+        "w3-g128",
+        "--variants",
+        "none",
+        "--calib-samples",
+        "32",
+        "128",
+        "--tune-steps",
+        "0",
+        "200",
+    ]
+    assert transforms.main([*argv, "--work", str(tmp_path / "w"), "--md", str(md)]) == 0
+    assert calls == [("w3-g128", 0, 32), ("w3-g128", 200, 32), ("w3-g128", 0, 128), ("w3-g128", 200, 128)]
+    assert "| w3-g128 | gptq | none | 128 | 200 steps (0.0000 -> 0.0000) |" in md.read_text()
