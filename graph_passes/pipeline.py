@@ -224,6 +224,8 @@ class _SiteQuantizer:
         )
         self.rewrites: list[SiteRewrite] = []
         self.results: list[SiteResult] = []
+        self.seconds: dict[str, float] = {}
+        """Rounding seconds of the sites rounded but not yet recorded (``record=False``)."""
 
     def quantize_all(
         self,
@@ -231,9 +233,11 @@ class _SiteQuantizer:
         pool: Executor | None,
         window: int = 1,
         memory: int | None = None,
+        record: bool = True,
     ) -> Iterator[tuple[WeightSite, QuantizedWeight]]:
         """Round ``items`` (in ``pool``'s worker processes when given, at most ``window`` at once, each
-        within ``memory`` bytes) and pack and record each result in the order of ``items``."""
+        within ``memory`` bytes) and pack and record each result in the order of ``items``; with
+        ``record=False`` the caller records the final weights itself (``record``)."""
         handed: dict[int, tuple[SiteStats, SiteStats]] = {}  # id -> (kept alive, its mapped copy)
         count = itertools.count()
 
@@ -251,15 +255,19 @@ class _SiteQuantizer:
             )
 
         try:
-            yield from self._collect(items, submit, window)
+            yield from self._collect(items, submit, window, record)
         finally:
             for path in self.folder.glob("round-*.npy"):
                 path.unlink(missing_ok=True)
 
     def _collect(
-        self, items: Iterable[tuple[WeightSite, SiteStats | None]], submit: Callable[..., Any], window: int
+        self,
+        items: Iterable[tuple[WeightSite, SiteStats | None]],
+        submit: Callable[..., Any],
+        window: int,
+        record: bool,
     ) -> Iterator[tuple[WeightSite, QuantizedWeight]]:
-        """The results of ``submit`` on ``items``, in order, packed and recorded."""
+        """The results of ``submit`` on ``items``, in order, packed and recorded (if ``record``)."""
         for (site, _), job in in_order(items, submit, window):
             try:
                 qw, seconds = result_of(job)  # type: ignore[misc]
@@ -277,7 +285,15 @@ class _SiteQuantizer:
                 msg = str(e).removeprefix(f"site {site.name}: ").removeprefix("site ?: ")
                 e.args = (f"{site.name} (node {site.node_name!r}, initializer {site.weight_name!r}): {msg}",)
                 raise
-            yield site, self._record(site, qw, seconds)
+            if record:
+                yield site, self._record(site, qw, seconds)
+            else:
+                self.seconds[site.name] = seconds
+                yield site, qw
+
+    def record(self, site: WeightSite, qw: QuantizedWeight) -> None:
+        """Pack and record a site's final weights (rounded earlier with ``record=False``)."""
+        self._record(site, qw, self.seconds.pop(site.name, 0.0))
 
     def _record(self, site: WeightSite, qw: QuantizedWeight, seconds: float) -> QuantizedWeight:
         t0 = time.perf_counter()
@@ -569,7 +585,7 @@ def _round_all(
     budget = None if not needs or ray else default_budget() if given is None else int(given * GB)
 
     def quantize_all(
-        items: Sequence[tuple[WeightSite, SiteStats | None]], pool: Any = None
+        items: Sequence[tuple[WeightSite, SiteStats | None]], pool: Any = None, record: bool = True
     ) -> dict[str, QuantizedWeight]:
         out = {}
         sites = [site for site, _ in items]
@@ -577,7 +593,7 @@ def _round_all(
         if ray and given is not None:  # Ray workers live outside this process tree: the budget is per task
             plan = RoundingPlan(n_workers, int(given * GB))
         window = n_workers + 1 if plan.concurrent >= n_workers else plan.concurrent
-        for site, qw in quantizer.quantize_all(items, pool, window, plan.memory):
+        for site, qw in quantizer.quantize_all(items, pool, window, plan.memory, record):
             out[site.name] = qw
             bar.set_postfix_str(site.name, refresh=False)
             bar.update()
@@ -594,7 +610,8 @@ def _round_all(
             model,
             report,
             token_ids,
-            functools.partial(quantize_all, pool=pool),
+            functools.partial(quantize_all, pool=pool, record=False),
+            quantizer.record,
             config,
             progress,
             lambda site: float(weight) if sink.search(site.name) else 1.0,
@@ -621,6 +638,7 @@ def _calibrated(
     report: SiteReport,
     token_ids: np.ndarray | None,
     quantize_all: Callable[[Sequence[tuple[WeightSite, SiteStats | None]]], dict[str, QuantizedWeight]],
+    record: Callable[[WeightSite, QuantizedWeight], None],
     config: QuantConfig,
     progress: bool,
     first_weight: Callable[[WeightSite], float],
@@ -628,8 +646,9 @@ def _calibrated(
     stats_dir: Path | None = None,
 ) -> dict[str, Any] | None:
     """Run the calibration engine, quantizing each block's sites with the statistics it hands over
-    (first positions weighted by ``first_weight(site)``, once per shared statistics record); the sums of
-    wide activations live in memory-mapped files in ``stats_dir``."""
+    (first positions weighted by ``first_weight(site)``, once per shared statistics record) and recording
+    the weights the engine settles on (block tuning may replace the method's); the sums of wide
+    activations live in memory-mapped files in ``stats_dir``."""
     from .calibration.engine import run_calibration
 
     ids = np.asarray(token_ids)
@@ -649,17 +668,24 @@ def _calibrated(
                     st = weighted.setdefault((id(st), w), weight_first_position(st, w))
                 items.append((site, st))
         out = quantize_all(items)
-        done.update(out)
         if stats_dir is not None:  # the block's wide sums are spent (unlinking keeps open maps valid)
             for path in stats_dir.glob("hessian-*.npy"):
                 path.unlink(missing_ok=True)
         return out
+
+    by_name = {s.name: s for s in report.sites}
+
+    def on_final(qws: dict[str, QuantizedWeight]) -> None:
+        for name, qw in qws.items():
+            record(by_name[name], qw)
+        done.update(qws)
 
     calib_report = run_calibration(
         model,
         report.sites,
         ids.astype(np.int64),
         on_block,
+        on_final=on_final,
         sequential=config.calibration.sequential,
         progress=progress,
         providers=_PROVIDERS[config.calibration.device],

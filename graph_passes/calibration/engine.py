@@ -45,6 +45,7 @@ __all__ = [
     "BlockCallback",
     "CalibrationOptions",
     "CalibrationReport",
+    "FinalCallback",
     "PartReport",
     "resolve_providers",
     "run_calibration",
@@ -53,6 +54,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 BlockCallback = Callable[[list[WeightSite], dict[str, SiteStats]], dict[str, QuantizedWeight]]
+FinalCallback = Callable[[dict[str, QuantizedWeight]], None]
+"""Called with each part's final weights (the method's, or block tuning's where it kept its own)."""
 
 Cache = dict[str, list[np.ndarray]]
 """Boundary tensors by value name, one array per batch."""
@@ -173,6 +176,11 @@ class _Run:
     specs: tuple[FeedSpec, ...]
     providers: tuple[str, ...]
     """The requested providers that onnxruntime has, CPU last."""
+    on_final: FinalCallback | None = None
+
+    def final(self, qws: dict[str, QuantizedWeight]) -> None:
+        if qws and self.on_final is not None:
+            self.on_final(qws)
 
     @property
     def batches(self) -> list[slice]:
@@ -210,20 +218,22 @@ def run_calibration(
     token_ids: np.ndarray,
     on_block: BlockCallback,
     options: CalibrationOptions | None = None,
+    on_final: FinalCallback | None = None,
     **overrides: Any,
 ) -> CalibrationReport:
     """Gather ``H = sum X^T X`` per activation of ``sites`` on ``token_ids`` and call ``on_block``.
 
     Sequential (default): ``on_block(block_sites, stats)`` once per part that holds sites, in execution
-    order; the returned weights (dequantized) replace that block's weights before the next block's inputs
-    are computed. One-pass (``sequential=False``): one run of the full fp model, then a single
+    order; the returned weights (dequantized; block-tuned first with ``tune``) replace that block's weights
+    before the next block's inputs are computed, and ``on_final`` gets them: what a caller writes must
+    come from ``on_final``, not from what ``on_block`` returned. One-pass (``sequential=False``): one run of the full fp model, then a single
     ``on_block(all_sites, stats)``. ``stats`` is keyed by site name; sites sharing an activation share one
     ``SiteStats``. ``model`` is not modified. ``overrides`` are ``CalibrationOptions`` fields
     (``sequential``, ``batch_size``, ``providers``, ``progress``, ``hessian_precision``, ``model_dir``)
     replacing those of ``options``.
     """
     t_start, cpu_start = time.perf_counter(), time.process_time()
-    run = _prepare(model, sites, token_ids, on_block, CalibrationOptions.build(options, overrides))
+    run = _prepare(model, sites, token_ids, on_block, CalibrationOptions.build(options, overrides), on_final)
     totals = _Totals()
     parts = _sequential(run, totals) if run.options.sequential else _one_pass(run, totals)
     report = _report(run, parts, totals, time.perf_counter() - t_start, time.process_time() - cpu_start)
@@ -258,6 +268,7 @@ def _prepare(
     token_ids: np.ndarray,
     on_block: BlockCallback,
     options: CalibrationOptions,
+    on_final: FinalCallback | None = None,
 ) -> _Run:
     """The run record, after checking everything a caller can get wrong."""
     ids = check_token_ids(token_ids)
@@ -273,7 +284,7 @@ def _prepare(
         feed_specs(model.graph.inputs, folder=options.model_dir, capacities=window_capacities(model.graph))
     )
     providers = tuple(resolve_providers(options.providers))
-    return _Run(model, tuple(sites), ids, on_block, options, specs, providers)
+    return _Run(model, tuple(sites), ids, on_block, options, specs, providers, on_final)
 
 
 def _check_returned(sites: dict[str, WeightSite], qws: dict[str, QuantizedWeight]) -> None:
@@ -348,7 +359,9 @@ def _one_pass(run: _Run, totals: _Totals) -> list[PartReport]:
     rep.forward_s = time.perf_counter() - t0 - rep.stats_s
     del sess
     release_memory()
-    totals.n_quantized = len(run.quantize(run.sites, acc, rep))
+    qws = run.quantize(run.sites, acc, rep)
+    totals.n_quantized = len(qws)
+    run.final(qws)
     return [rep]
 
 
@@ -442,6 +455,7 @@ def _run_part(
     totals.n_quantized += len(qws)
     if qws and boundary and part.layer is not None and run.options.tune is not None:
         qws = _tuned(run, sub, part, sites, qws, cache, targets, rep)
+    run.final(qws)
     if floats is not None:
         floats.update(zip(outputs, targets, strict=True))
     del targets
