@@ -225,9 +225,9 @@ def run_calibration(
 
     Sequential (default): ``on_block(block_sites, stats)`` once per part that holds sites, in execution
     order; the returned weights (dequantized; block-tuned first with ``tune``) replace that block's weights
-    before the next block's inputs are computed, and ``on_final`` gets them: what a caller writes must
-    come from ``on_final``, not from what ``on_block`` returned. One-pass (``sequential=False``): one run of the full fp model, then a single
-    ``on_block(all_sites, stats)``. ``stats`` is keyed by site name; sites sharing an activation share one
+    before the next block's inputs are computed. One-pass (``sequential=False``): one run of the full fp
+    model, then a single ``on_block(all_sites, stats)``. Either way ``on_final`` gets each part's final
+    weights: what a caller writes must come from it, not from what ``on_block`` returned. ``stats`` is keyed by site name; sites sharing an activation share one
     ``SiteStats``. ``model`` is not modified. ``overrides`` are ``CalibrationOptions`` fields
     (``sequential``, ``batch_size``, ``providers``, ``progress``, ``hessian_precision``, ``model_dir``)
     replacing those of ``options``.
