@@ -68,10 +68,12 @@ def tuned_blocks(record: dict[str, Any]) -> dict[str, float]:
 def row(
     source: Path, work: Path, scheme: str, variant: str, eval_tokens: int, method: str = "gptq",
     head: dict[str, Any] | None = None, tune_steps: int = 0, calib_samples: int | None = None,
+    tune_targets: str = "quantized",
 ) -> dict[str, Any]:  # fmt: skip
     from optimum.adaround import quantize
 
-    out = work / f"{method}-{scheme}-{variant.replace(' + ', '+')}-t{tune_steps}-c{calib_samples or 'd'}"
+    name = f"{method}-{scheme}-{variant.replace(' + ', '+')}-t{tune_steps}{tune_targets[0]}-c{calib_samples or 'd'}"
+    out = work / name
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
     options = {
@@ -79,12 +81,14 @@ def row(
         "method": method,
         **(head or {}),
         "tune_steps": tune_steps,
+        "tune_targets": tune_targets,
         "calib_samples": calib_samples,
     }
     quantize(str(source), str(out), scheme=scheme, transform=VARIANTS[variant], progress=False, **options)
     seconds = time.perf_counter() - t0
     record = json.loads((out / "quantization_config.json").read_text())
     rec = {"scheme": scheme, "method": method, "transform": variant, "tune_steps": tune_steps,
+           "tune_targets": tune_targets,
            "calib_samples": (record.get("calibration") or {}).get("n_samples"),
            "quantize_seconds": seconds, "size_mb": size_mb(out), "transforms": record.get("transforms", []),
            "tune_error": tuned_blocks(record), **measure(out, eval_tokens)}  # fmt: skip
@@ -156,11 +160,14 @@ def _tokens(result: dict[str, Any]) -> str:
 
 
 def _tuning(r: dict[str, Any]) -> str:
-    """A row's block tuning: its steps and the blocks' mean output error before -> after."""
+    """A row's block tuning: its steps (and targets, when the float model's) and the blocks' mean output
+    error before -> after."""
     err = r.get("tune_error") or {}
     if not r.get("tune_steps"):
         return "-"
-    return f"{r['tune_steps']} steps ({err.get('error_before', 0):.4f} -> {err.get('error_after', 0):.4f})"
+    targets = ", float targets" if r.get("tune_targets") == "float" else ""
+    return (f"{r['tune_steps']} steps{targets} ({err.get('error_before', 0):.4f} -> "
+            f"{err.get('error_after', 0):.4f})")  # fmt: skip
 
 
 def _seconds(r: dict[str, Any]) -> str:
@@ -200,6 +207,10 @@ def main(argv: list[str] | None = None) -> int:
         "--tune-steps", type=int, nargs="+", default=[0], help="block tuning steps of our rows (0 = off)"
     )
     ap.add_argument(
+        "--tune-targets", nargs="+", default=["quantized"], choices=["quantized", "float"],
+        help="what tuned rows fit each block to, one row per choice (--tune-targets)",
+    )  # fmt: skip
+    ap.add_argument(
         "--calib-samples", type=int, nargs="+", default=[None],
         help="calibration sequences of our rows, one row per count (default: the run's)",
     )  # fmt: skip
@@ -221,12 +232,13 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {"provenance": provenance(), "eval_tokens": args.eval_tokens, "head": args.head,
                               "fp32": measure(source, args.eval_tokens)}  # fmt: skip
     result["rows"] = [
-        row(source, args.work, s, v, args.eval_tokens, m, head, t, n)
+        row(source, args.work, s, v, args.eval_tokens, m, head, t, n, g)
         for m in args.methods
         for s in args.schemes
         for v in args.variants
         for n in args.calib_samples
         for t in args.tune_steps
+        for g in (args.tune_targets if t else ["quantized"])
     ] + [nncf_row(source, args.work, c, args.eval_tokens) for c in args.nncf]
     emit(result, render(result), args.json, args.md)
     return 0

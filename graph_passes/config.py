@@ -240,6 +240,11 @@ class TuneConfig(Options):
         metavar="STEPS",
     )
     tune_lr: float = option(5e-3, "Adam's step size for the block tuning (grid steps and scale factors)")
+    tune_targets: Literal["quantized", "float"] = option(
+        "quantized",
+        "what each tuned block's output is fitted to: the float block on the quantized model's inputs, or the "
+        "float model's own values there (also makes up for the blocks before it)",
+    )
 
     def validate(self) -> None:
         if self.tune_steps < 0:

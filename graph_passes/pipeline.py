@@ -630,7 +630,11 @@ def _pool(config: QuantConfig, n_workers: int) -> contextlib.AbstractContextMana
 
 def _tune_settings(config: QuantConfig) -> TuneSettings | None:
     steps = config.tune.tune_steps
-    return TuneSettings(steps=steps, lr=config.tune.tune_lr) if steps else None
+    if not steps:
+        return None
+    return TuneSettings(
+        steps=steps, lr=config.tune.tune_lr, float_targets=config.tune.tune_targets == "float"
+    )
 
 
 def _calibrated(

@@ -431,6 +431,16 @@ QUANT_FLAGS: list = [
             "type": "float",
         },
     ),
+    (
+        ("--tune-targets",),
+        {
+            "dest": "tune_targets",
+            "default": "==SUPPRESS==",
+            "help": "what each tuned block's output is fitted to: the float block on the quantized model's inputs, or "
+            "the float model's own values there (also makes up for the blocks before it) (default quantized)",
+            "choices": ["quantized", "float"],
+        },
+    ),
 ]
 
 # Flags of this command that are not quantization options.

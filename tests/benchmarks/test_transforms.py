@@ -85,10 +85,10 @@ def test_each_calibration_count_and_tuning_is_a_row_of_its_own(transforms, monke
     )
     monkeypatch.setattr(transforms, "provenance", lambda: {"date": "D", "machine": "M", "commit": "C"})
 
-    def fake_row(source, work, scheme, variant, tokens, method, head, tune_steps, calib_samples):
-        calls.append((scheme, tune_steps, calib_samples))
+    def fake_row(source, work, scheme, variant, tokens, method, head, tune_steps, calib_samples, targets):
+        calls.append((scheme, tune_steps, calib_samples, targets))
         return {"scheme": scheme, "transform": variant, "tune_steps": tune_steps, "calib_samples": calib_samples,
-                "size_mb": 1.0, "ppl_wikipedia": 30.0, "ppl_news": 50.0}  # fmt: skip
+                "tune_targets": targets, "size_mb": 1.0, "ppl_wikipedia": 30.0, "ppl_news": 50.0}  # fmt: skip
 
     monkeypatch.setattr(transforms, "row", fake_row)
     md = tmp_path / "r.md"
@@ -103,7 +103,14 @@ def test_each_calibration_count_and_tuning_is_a_row_of_its_own(transforms, monke
         "--tune-steps",
         "0",
         "200",
+        "--tune-targets",
+        "quantized",
+        "float",
     ]
     assert transforms.main([*argv, "--work", str(tmp_path / "w"), "--md", str(md)]) == 0
-    assert calls == [("w3-g128", 0, 32), ("w3-g128", 200, 32), ("w3-g128", 0, 128), ("w3-g128", 200, 128)]
-    assert "| w3-g128 | gptq | none | 128 | 200 steps (0.0000 -> 0.0000) |" in md.read_text()
+    q, f = "quantized", "float"
+    assert calls == [("w3-g128", 0, 32, q), ("w3-g128", 200, 32, q), ("w3-g128", 200, 32, f),
+                     ("w3-g128", 0, 128, q), ("w3-g128", 200, 128, q), ("w3-g128", 200, 128, f)]  # fmt: skip
+    text = md.read_text()
+    assert "| w3-g128 | gptq | none | 128 | 200 steps (0.0000 -> 0.0000) |" in text
+    assert "| w3-g128 | gptq | none | 128 | 200 steps, float targets (0.0000 -> 0.0000) |" in text
