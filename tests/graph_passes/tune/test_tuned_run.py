@@ -21,12 +21,51 @@ def _run(model_dir, **options):
         return result.calibration, {s.name: s for s in result.sites}
 
 
+@pytest.mark.parametrize(("arch", "targets"), [("llama", "quantized"), ("gemma3_text", "float")])
+def test_every_block_is_tuned_and_its_error_recorded(tiny_hf_onnx, arch, targets):
+    report, sites = _run(tiny_hf_onnx(arch), tune_steps=8, tune_targets=targets)
+    blocks = [p for p in report["parts"] if p["label"].startswith("block")]
+    assert len(blocks) == 2
+    for part in blocks:
+        tune = part["tune"]
+        assert tune is not None and tune["seconds"] > 0
+        assert 0 < tune["error_after"] <= tune["error_before"]
+    assert all(p["tune"] is None for p in report["parts"] if not p["label"].startswith("block"))
+    untuned, untuned_sites = _run(tiny_hf_onnx(arch))
+    assert all(p["tune"] is None for p in untuned["parts"])
+    assert sites.keys() == untuned_sites.keys()
+
+
+def test_float_targets_reach_the_tuner(tiny_hf_onnx, monkeypatch):
+    """``tune_targets="float"`` fits block 1 to the float model's values: its error before tuning then
+    includes block 0's, so it exceeds the same block's error against the float block on quantized inputs."""
+    from optimum.adaround.graph_passes.calibration import engine
+
+    seen = []
+    real = engine.tune_block
+
+    def spy(graph, sites, qws, feeds, targets, settings):
+        seen.append(settings.float_targets)
+        return real(graph, sites, qws, feeds, targets, settings)
+
+    monkeypatch.setattr(engine, "tune_block", spy)
+    before = {}
+    for targets in ("quantized", "float"):
+        report, _ = _run(tiny_hf_onnx("llama"), tune_steps=1, tune_targets=targets)
+        before[targets] = [
+            p["tune"]["error_before"] for p in report["parts"] if p["label"].startswith("block")
+        ]
+    assert seen == [False, False, True, True]
+    assert before["float"][0] == pytest.approx(before["quantized"][0], rel=1e-5)  # same inputs at block 0
+    assert before["float"][1] > before["quantized"][1]
+
+
 def test_tuning_needs_a_calibrated_method():
     with pytest.raises(InvalidOptionError, match="tune_steps=5: block tuning needs a calibrated method"):
         QuantConfig().with_overrides(method="rtn", tune_steps=5)
 
 
-@pytest.mark.parametrize(("key", "value"), [("tune_steps", -1), ("tune_lr", 0.0)])
+@pytest.mark.parametrize(("key", "value"), [("tune_steps", -1), ("tune_lr", 0.0), ("tune_targets", "both")])
 def test_bad_tuning_options_are_named(key, value):
     with pytest.raises(InvalidOptionError, match=f"tune option {key}"):
         QuantConfig().with_overrides(**{key: value})
