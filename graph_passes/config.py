@@ -235,15 +235,16 @@ class TuneConfig(Options):
     tune_steps: int = option(
         0,
         "Adam steps per decoder block that refine the rounded codes and scales so the block's output matches "
-        "the float block's (0 = off; calibrated methods; ~10x a gptq run on CPU): W2 g64 gptq 142.0 -> 119.7 "
-        "(benchmarks/results/block_tune.md)",
+        "the float model's (0 = off; calibrated methods; ~5x a gptq run on CPU): W2 g64 gptq 142.0 -> 102.5 "
+        "(benchmarks/results/block_tune_targets.md)",
         metavar="STEPS",
     )
     tune_lr: float = option(5e-3, "Adam's step size for the block tuning (grid steps and scale factors)")
-    tune_targets: Literal["quantized", "float"] = option(
-        "quantized",
-        "what each tuned block's output is fitted to: the float block on the quantized model's inputs, or the "
-        "float model's own values there (also makes up for the blocks before it)",
+    tune_targets: Literal["float", "quantized"] = option(
+        "float",
+        "what each tuned block's output is fitted to: the float model's own values there (also makes up for "
+        "the blocks before it), or the float block on the quantized inputs: W2 g64 102.5 against 119.7 "
+        "(benchmarks/results/block_tune_targets.md)",
     )
 
     def validate(self) -> None:

@@ -417,8 +417,8 @@ QUANT_FLAGS: list = [
             "dest": "tune_steps",
             "default": "==SUPPRESS==",
             "help": "Adam steps per decoder block that refine the rounded codes and scales so the block's output "
-            "matches the float block's (0 = off; calibrated methods; ~10x a gptq run on CPU): W2 g64 gptq "
-            "142.0 -> 119.7 (benchmarks/results/block_tune.md) (default 0)",
+            "matches the float model's (0 = off; calibrated methods; ~5x a gptq run on CPU): W2 g64 gptq "
+            "142.0 -> 102.5 (benchmarks/results/block_tune_targets.md) (default 0)",
             "type": "int",
         },
     ),
@@ -436,9 +436,10 @@ QUANT_FLAGS: list = [
         {
             "dest": "tune_targets",
             "default": "==SUPPRESS==",
-            "help": "what each tuned block's output is fitted to: the float block on the quantized model's inputs, or "
-            "the float model's own values there (also makes up for the blocks before it) (default quantized)",
-            "choices": ["quantized", "float"],
+            "help": "what each tuned block's output is fitted to: the float model's own values there (also makes up "
+            "for the blocks before it), or the float block on the quantized inputs: W2 g64 102.5 against "
+            "119.7 (benchmarks/results/block_tune_targets.md) (default float)",
+            "choices": ["float", "quantized"],
         },
     ),
 ]

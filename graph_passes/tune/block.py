@@ -44,7 +44,7 @@ class TuneSettings:
     """Adam's step for the offsets (grid steps) and the scale factors."""
     micro_batch: int = 2
     """Calibration sequences per step."""
-    float_targets: bool = False
+    float_targets: bool = True
     """Fit each block to what the float model computes there (from the float model's own inputs), so that it
     also makes up for the error of the blocks before it; else to the float block on the quantized inputs."""
     offsets: bool = True
