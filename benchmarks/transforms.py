@@ -68,7 +68,7 @@ def tuned_blocks(record: dict[str, Any]) -> dict[str, float]:
 def row(
     source: Path, work: Path, scheme: str, variant: str, eval_tokens: int, method: str = "gptq",
     head: dict[str, Any] | None = None, tune_steps: int = 0, calib_samples: int | None = None,
-    tune_targets: str = "quantized",
+    tune_targets: str = "float",
 ) -> dict[str, Any]:  # fmt: skip
     from optimum.adaround import quantize
 
@@ -207,8 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         "--tune-steps", type=int, nargs="+", default=[0], help="block tuning steps of our rows (0 = off)"
     )
     ap.add_argument(
-        "--tune-targets", nargs="+", default=["quantized"], choices=["quantized", "float"],
-        help="what tuned rows fit each block to, one row per choice (--tune-targets)",
+        "--tune-targets", nargs="+", default=None, choices=["quantized", "float"],
+        help="what tuned rows fit each block to, one row per choice (default: the run's, --tune-targets)",
     )  # fmt: skip
     ap.add_argument(
         "--calib-samples", type=int, nargs="+", default=[None],
@@ -218,8 +218,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--md", type=Path)
     args = ap.parse_args(argv)
     from optimum.adaround.data.default_model import default_onnx_dir
+    from optimum.adaround.graph_passes.config import TuneConfig
 
     source = default_onnx_dir()
+    targets = args.tune_targets or [TuneConfig().tune_targets]
     args.work.mkdir(parents=True, exist_ok=True)
     if args.decode_speed:
         rows = [
@@ -238,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         for v in args.variants
         for n in args.calib_samples
         for t in args.tune_steps
-        for g in (args.tune_targets if t else ["quantized"])
+        for g in (targets if t else targets[:1])  # an untuned row has no targets to vary
     ] + [nncf_row(source, args.work, c, args.eval_tokens) for c in args.nncf]
     emit(result, render(result), args.json, args.md)
     return 0

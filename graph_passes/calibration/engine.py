@@ -227,10 +227,10 @@ def run_calibration(
     order; the returned weights (dequantized; block-tuned first with ``tune``) replace that block's weights
     before the next block's inputs are computed. One-pass (``sequential=False``): one run of the full fp
     model, then a single ``on_block(all_sites, stats)``. Either way ``on_final`` gets each part's final
-    weights: what a caller writes must come from it, not from what ``on_block`` returned. ``stats`` is keyed by site name; sites sharing an activation share one
-    ``SiteStats``. ``model`` is not modified. ``overrides`` are ``CalibrationOptions`` fields
-    (``sequential``, ``batch_size``, ``providers``, ``progress``, ``hessian_precision``, ``model_dir``)
-    replacing those of ``options``.
+    weights: what a caller writes must come from it, not from what ``on_block`` returned. ``stats`` is
+    keyed by site name; sites sharing an activation share one ``SiteStats``. ``model`` is not modified.
+    ``overrides`` are ``CalibrationOptions`` fields (``sequential``, ``batch_size``, ``providers``,
+    ``progress``, ``hessian_precision``, ``model_dir``) replacing those of ``options``.
     """
     t_start, cpu_start = time.perf_counter(), time.process_time()
     run = _prepare(model, sites, token_ids, on_block, CalibrationOptions.build(options, overrides), on_final)
